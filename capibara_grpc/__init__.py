@@ -1,0 +1,1 @@
+"""Capibara mesh: a gRPC service mesh for multi-model LLM chat."""

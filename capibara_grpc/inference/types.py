@@ -1,0 +1,58 @@
+"""Plain Python types of the inference domain, shared by the inference core and its clients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ROLES = ("system", "user", "assistant")
+FINISH_REASONS = ("stop", "length", "stop_sequence")
+
+
+@dataclass
+class Message:
+    role: str
+    content: str
+
+
+@dataclass
+class SamplingParams:
+    """Explicit per-request parameters; None means "the model's configured default"."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    repeat_penalty: float | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    top_k: int | None = None
+
+
+@dataclass
+class Token:
+    text: str
+    index: int
+
+
+@dataclass
+class Finished:
+    finish_reason: str  # one of FINISH_REASONS
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    time_to_first_token_ms: float = 0.0
+    prompt_ms: float = 0.0
+    generation_ms: float = 0.0
+    tokens_per_second: float = 0.0
+    total_ms: float = 0.0
+    model_id: str = ""
+    backend_model: str = ""
+
+
+@dataclass
+class ModelStatus:
+    model_id: str
+    backend_url: str
+    protocol: str
+    chat_template: str
+    healthy: bool
+    status: str
+    context_window: int = 0

@@ -1,0 +1,119 @@
+"""Builds and runs the gRPC servers of the mesh; one or several services per process.
+
+Each service listens on its own port (services.<name>.port) with grpc.health.v1, server
+reflection and the error-mapping interceptor. The gateway's reflection describes every service of
+the mesh, so `grpcurl localhost:5001 list` through Envoy shows them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import AsyncExitStack
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from capibara_grpc.config import IMPLEMENTED_SERVICES, MeshConfig
+from capibara_grpc.errors import ErrorMappingInterceptor
+from capibara_grpc.gateway.core import ChatGateway
+from capibara_grpc.gateway.health import MeshHealth
+from capibara_grpc.gateway.servicer import ChatServicer, MeshServicer
+from capibara_grpc.inference.client import InferenceClient
+from capibara_grpc.inference.core import InferenceEngine
+from capibara_grpc.inference.servicer import SERVICE as INFERENCE_SERVICE
+from capibara_grpc.inference.servicer import InferenceServicer, publish_health
+from capibara_grpc.stubs import MESH_SERVICE, SERVICE_FULL_NAMES, gateway_pb2_grpc, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+]
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def _new_server() -> grpc.aio.Server:
+    return grpc.aio.server(interceptors=[ErrorMappingInterceptor()], options=SERVER_OPTIONS)
+
+
+def _listen(server: grpc.aio.Server, config: MeshConfig, service: str) -> None:
+    address = config.services.address(service)
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen on {address} for the {service} service (port in use?)")
+
+
+class MeshServers:
+    """The services of this process, started together and stopped together."""
+
+    def __init__(self, config: MeshConfig, services: list[str]):
+        unknown = [s for s in services if s not in IMPLEMENTED_SERVICES]
+        if unknown:
+            raise ValueError(
+                f"service(s) {', '.join(unknown)} not implemented yet (available: {', '.join(IMPLEMENTED_SERVICES)})"
+            )
+        self.config = config
+        self.services = services
+        self._stack = AsyncExitStack()
+        self.servers: list[grpc.aio.Server] = []
+
+    async def start(self) -> "MeshServers":
+        try:
+            for service in self.services:
+                await getattr(self, f"_start_{service}")()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        await asyncio.gather(*(server.stop(grace_s) for server in self.servers), return_exceptions=True)
+        self.servers.clear()
+        await self._stack.aclose()
+
+    async def wait(self) -> None:
+        await asyncio.gather(*(server.wait_for_termination() for server in self.servers))
+
+    def _register(self, server: grpc.aio.Server, health: HealthServicer, reflected: list[str]) -> None:
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        reflection.enable_server_reflection(reflected + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+        self.servers.append(server)
+
+    async def _start_inference(self) -> None:
+        engine = InferenceEngine(self.config)
+        health = HealthServicer()
+        publish_health(engine, health)
+        await engine.start()
+        self._stack.push_async_callback(engine.stop)
+        server = _new_server()
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(engine), server)
+        self._register(server, health, [INFERENCE_SERVICE])
+        _listen(server, self.config, "inference")
+        await server.start()
+        log.info("inference service on %s", self.config.services.address("inference"))
+
+    async def _start_gateway(self) -> None:
+        channels = {
+            name: grpc.aio.insecure_channel(self.config.services.address(name))
+            for name in IMPLEMENTED_SERVICES
+        }
+        for channel in channels.values():
+            self._stack.push_async_callback(channel.close)
+        gateway = ChatGateway(self.config, InferenceClient(channels["inference"]).generate)
+        mesh_health = MeshHealth(self.config, list(IMPLEMENTED_SERVICES), channels)
+        health = HealthServicer()
+        server = _new_server()
+        gateway_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(gateway), server)
+        gateway_pb2_grpc.add_MeshServiceServicer_to_server(MeshServicer(mesh_health), server)
+        # The front door describes the whole mesh, including services declared but not deployed.
+        self._register(server, health, list(SERVICE_FULL_NAMES.values()) + [MESH_SERVICE])
+        _listen(server, self.config, "gateway")
+        await server.start()
+        await health.set(SERVICE_FULL_NAMES["gateway"], SERVING)
+        await health.set(MESH_SERVICE, SERVING)
+        await health.set("", SERVING)
+        log.info("gateway service on %s", self.config.services.address("gateway"))

@@ -1,0 +1,48 @@
+"""The one import point for the generated protobuf and gRPC stubs.
+
+`make protos` (buf generate) writes them to capibara_grpc/generated/ with import paths rooted at
+`capibara/...`, as protoc does; that folder is put on sys.path here so the generated modules can
+import each other. Never edit the generated files: change protos/ and run `make protos`.
+"""
+
+import pathlib
+import sys
+
+_GENERATED = pathlib.Path(__file__).resolve().parent / "generated"
+if not (_GENERATED / "capibara").is_dir():
+    raise ImportError(f"generated stubs missing in {_GENERATED}: run `make protos`")
+if str(_GENERATED) not in sys.path:
+    sys.path.insert(0, str(_GENERATED))
+
+from capibara.consensus.v1 import consensus_pb2, consensus_pb2_grpc  # noqa: E402
+from capibara.context.v1 import context_pb2, context_pb2_grpc  # noqa: E402
+from capibara.gateway.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
+from capibara.inference.v1 import inference_pb2, inference_pb2_grpc  # noqa: E402
+from capibara.router.v1 import router_pb2, router_pb2_grpc  # noqa: E402
+from capibara.speech.v1 import speech_pb2, speech_pb2_grpc  # noqa: E402
+
+# Full names of every service declared in protos/, by short service name.
+SERVICE_FULL_NAMES = {
+    "gateway": "capibara.gateway.v1.ChatService",
+    "router": "capibara.router.v1.RouterService",
+    "context": "capibara.context.v1.ContextService",
+    "inference": "capibara.inference.v1.InferenceService",
+    "consensus": "capibara.consensus.v1.ConsensusService",
+    "speech": "capibara.speech.v1.SpeechService",
+}
+MESH_SERVICE = "capibara.gateway.v1.MeshService"
+
+PROTO_MODULES = (
+    gateway_pb2,
+    router_pb2,
+    context_pb2,
+    inference_pb2,
+    consensus_pb2,
+    speech_pb2,
+)
+
+__all__ = [
+    "consensus_pb2", "consensus_pb2_grpc", "context_pb2", "context_pb2_grpc", "gateway_pb2",
+    "gateway_pb2_grpc", "inference_pb2", "inference_pb2_grpc", "router_pb2", "router_pb2_grpc",
+    "speech_pb2", "speech_pb2_grpc", "SERVICE_FULL_NAMES", "MESH_SERVICE", "PROTO_MODULES",
+]
