@@ -164,9 +164,12 @@ class _Where:
         return ConfigError(f"{self.source}:{node.start_mark.line + 1}: {message}")
 
 
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
 def _scalar(where: _Where, node: yaml.Node, kind: type, path: str):
     if not isinstance(node, yaml.ScalarNode):
-        raise where.error(node, f"{path} must be a {kind.__name__}")
+        raise where.error(node, f"{path} must be {_KIND_NAMES[kind]}")
     value = yaml.safe_load(yaml.serialize(node))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -175,7 +178,7 @@ def _scalar(where: _Where, node: yaml.Node, kind: type, path: str):
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise where.error(node, f"{path} must be a {kind.__name__}, got {value!r}")
+        raise where.error(node, f"{path} must be {_KIND_NAMES[kind]}, got {value!r}")
     return value
 
 

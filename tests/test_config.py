@@ -1,0 +1,71 @@
+"""Configuration validation: a bad file stops startup with a message naming the line to fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import pathlib
+
+import pytest
+
+from capibara_grpc.config import ConfigError, load_config, parse_config
+
+GOOD = """\
+models:
+  phi:
+    backend: {url: "http://127.0.0.1:8081", protocol: llama_cpp}
+    launch: {model_path: smollm2}
+gateway:
+  default_model: phi
+"""
+
+
+def test_the_shipped_default_config_is_valid():
+    config = load_config()
+    assert set(config.models) == {"gpt-oss-20b", "phi", "mixtral"}
+    assert config.services.address("gateway") == "127.0.0.1:50050"
+    assert config.edge.listen_address == "0.0.0.0" and config.edge.admin_address == "127.0.0.1"
+    # The original deployment's sampling defaults.
+    defaults = {m: (c.defaults.max_tokens, c.defaults.temperature, c.defaults.top_p, c.defaults.repeat_penalty)
+                for m, c in config.models.items()}
+    assert defaults == {"gpt-oss-20b": (200, 0.7, 0.9, 1.2), "phi": (80, 0.5, 0.85, 1.2), "mixtral": (250, 0.7, 0.95, 1.1)}
+
+
+def test_a_good_config_loads_into_typed_objects():
+    config = parse_config(GOOD, source="mesh.yaml")
+    assert config.models["phi"].backend.protocol == "llama_cpp"
+    assert config.models["phi"].host_port == ("127.0.0.1", 8081)
+    assert config.gateway.max_message_bytes == 16384
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (GOOD.replace("default_model: phi", "default_model: gpt5"),
+         "mesh.yaml:6: gateway.default_model 'gpt5' is not a model defined under 'models' (defined: phi)"),
+        (GOOD.replace("protocol: llama_cpp", "protocol: grpc"), "mesh.yaml:3: models.phi.backend.protocol 'grpc'"),
+        (GOOD.replace("model_path: smollm2", "model_path: /nowhere/model.gguf"),
+         "mesh.yaml:4: models.phi.launch.model_path: model file '/nowhere/model.gguf' not found"),
+        (GOOD + "services:\n  router: {port: 50050}\n", "mesh.yaml:8: services.router.port uses port 50050, already used by services.gateway.port"),
+        (GOOD + "edge:\n  port: 8081\n", "models.phi (launched llama-server) uses port 8081, already used by edge.port"),
+        (GOOD + "gatway:\n  x: 1\n", "mesh.yaml:7: unknown key 'gatway' in the top level"),
+        (GOOD + "edge:\n  port: many\n", "mesh.yaml:8: edge.port must be an integer, got 'many'"),
+        (GOOD.replace('url: "http://127.0.0.1:8081"', 'url: "127.0.0.1:8081"'), "backend.url must be an http(s) URL"),
+        ("models: {}\n", "no models defined"),
+        ("models: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_names_the_line_to_fix(text, message):
+    with pytest.raises(ConfigError) as error:
+        parse_config(text, source="mesh.yaml")
+    assert message in str(error.value)
+
+
+def test_capibara_up_refuses_a_bad_config_before_starting_anything(tmp_path):
+    bad = tmp_path / "config" / "mesh.yaml"
+    bad.parent.mkdir()
+    bad.write_text(GOOD.replace("default_model: phi", "default_model: gpt5"))
+    capibara = pathlib.Path(sys.executable).parent / "capibara"
+    result = subprocess.run([str(capibara), "--config", str(bad), "up"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"{bad}:6: gateway.default_model 'gpt5'" in result.stderr

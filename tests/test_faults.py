@@ -1,0 +1,99 @@
+"""Backends that are down or die mid-stream, and a clean Ctrl-C. Uses a mesh of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import aiohttp
+import pytest
+
+from conftest import launched_model, mesh_config, processes_using, start_mesh, stop_mesh
+from sse import read_events
+
+
+@pytest.fixture(scope="module")
+def faulty_mesh(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("faulty")
+    config = mesh_config(
+        tmp / "state",
+        26000,
+        {
+            "fragile": launched_model(26080, max_tokens=1000),
+            "steady": launched_model(26081),
+            # Nothing listens on this port: a backend that is down.
+            "ghost": {"backend": {"url": "http://127.0.0.1:26099", "protocol": "llama_cpp"}},
+        },
+    )
+    running = start_mesh(tmp, config)
+    yield running
+    stop_mesh(running)
+
+
+def llama_server_pid(port: int) -> int:
+    (line,) = [p for p in processes_using(f"--port {port}") if "llama-server" in p]
+    return int(line.split(":", 1)[0])
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/api/chat/stream"])
+def test_backend_down_is_503_naming_the_model(faulty_mesh, path):
+    status, error, _ = faulty_mesh.request("POST", path, {"message": "hola", "model": "ghost"})
+    assert status == 503, error
+    assert "ghost" in error["message"] and "unavailable" in error["message"]
+
+
+def test_health_is_503_and_names_what_is_down(faulty_mesh):
+    status, error, _ = faulty_mesh.request("GET", "/health")
+    assert status == 503, error
+    assert "InferenceService/ghost NOT_SERVING" in error["message"]
+    assert "fragile" not in error["message"] and "steady" not in error["message"]
+
+
+def test_models_report_the_down_backend(faulty_mesh):
+    status, body, _ = faulty_mesh.request("GET", "/api/models")
+    assert status == 200
+    models = {m["model_id"]: m for m in body["models"]}
+    assert models["ghost"]["healthy"] is False and "unreachable" in models["ghost"]["status"]
+    assert models["fragile"]["healthy"] is True
+
+
+async def test_backend_dying_mid_stream_ends_with_an_in_band_error(faulty_mesh):
+    port = 26080
+    killed = False
+    events = []
+
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            faulty_mesh.base_url + "/api/chat/stream",
+            json={"message": "Write a long story.", "model": "fragile"},
+            ssl=faulty_mesh.ssl_context(),
+        ) as response:
+            assert response.status == 200
+            async for line in response.content:
+                if line.startswith(b"data:"):
+                    events.append(json.loads(line[5:]))
+                    if len(events) == 3 and not killed:
+                        os.kill(llama_server_pid(port), signal.SIGKILL)
+                        killed = True
+    kinds = [next(iter(e)) for e in events]
+    assert kinds[0] == "routing" and "token" in kinds
+    assert kinds[-1] == "error" and "done" not in kinds
+    assert events[-1]["error"]["code"] == "UNAVAILABLE"
+    assert "fragile" in events[-1]["error"]["message"]
+    # And the next request says the model is down instead of pretending.
+    status, error, _ = faulty_mesh.request("POST", "/api/chat", {"message": "hola", "model": "fragile"})
+    assert status == 503 and "fragile" in error["message"]
+
+
+def test_ctrl_c_stops_every_process_it_started(faulty_mesh):
+    started = {
+        "llama-server": "--port 26081",
+        "envoy": faulty_mesh.config["state_dir"],
+        "capibara up": str(faulty_mesh.config_path),
+    }
+    for what, marker in started.items():
+        assert processes_using(marker), f"{what} is not running"
+    assert stop_mesh(faulty_mesh) == 0
+    for what, marker in started.items():
+        assert processes_using(marker) == [], f"{what} left behind"
