@@ -9,7 +9,7 @@ import signal
 import aiohttp
 import pytest
 
-from conftest import launched_model, mesh_config, processes_using, start_mesh, stop_mesh
+from capibara_grpc.meshproc import launched_model, mesh_config, processes_using, start_mesh, stop_mesh
 from sse import read_events
 
 

@@ -23,7 +23,8 @@ async def test_chat_streams_over_native_grpc_through_envoy(mesh):
         events = [e async for e in stub.Chat(gateway_pb2.ChatRequest(message="hola", max_tokens=12, model="phi"), timeout=60)]
     kinds = [e.WhichOneof("event") for e in events]
     assert kinds[0] == "routing" and kinds[-1] == "done"
-    assert kinds.count("token") == events[-1].done.usage.completion_tokens >= 1
+    # A delta may carry more than one token (llama-server holds back incomplete UTF-8).
+    assert 1 <= kinds.count("token") <= events[-1].done.usage.completion_tokens
     assert events[0].routing.model_id == "phi"
     assert events[-1].done.timings.time_to_first_token_ms > 0
 
@@ -88,7 +89,7 @@ def test_grpcurl_streams_chat_tokens(mesh):
     out = grpcurl(mesh, "-d", '{"message": "hola", "max_tokens": 5}', mesh.edge, "capibara.gateway.v1.ChatService/Chat")
     messages = [json.loads(chunk) for chunk in out.replace("}\n{", "}\x00{").split("\x00")]
     assert "routing" in messages[0] and "done" in messages[-1]
-    assert sum("token" in m for m in messages) == 5
+    assert 1 <= sum("token" in m for m in messages) <= 5
 
 
 async def _tokenize(backend_url: str, text: str) -> int:
@@ -119,7 +120,8 @@ async def test_generate_applies_the_models_chat_template(mesh, model_id):
         chunks = [c async for c in stub.Generate(request, timeout=60)]
     done = chunks[-1].done
     assert chunks[-1].WhichOneof("chunk") == "done"
-    assert done.usage.completion_tokens == 4 == sum(c.WhichOneof("chunk") == "token" for c in chunks)
+    assert done.usage.completion_tokens == 4
+    assert 1 <= sum(c.WhichOneof("chunk") == "token" for c in chunks) <= 4
     # The prompt the model saw is the templated conversation (<|im_start|>system ...), token for token.
     url = mesh.backend_url(model_id)
     templated = await _apply_template(url, messages)

@@ -1,0 +1,137 @@
+"""Run a whole mesh as a child process (`capibara up --config ...`), for tests and benchmarks.
+
+The mesh gets its own ports and state directory, so it never collides with `make run`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+import yaml
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+VENV_BIN = pathlib.Path(sys.executable).parent
+SERVICES = ["gateway", "router", "context", "inference", "consensus", "speech"]
+
+
+def mesh_config(state_dir: pathlib.Path, base_port: int, models: dict) -> dict:
+    """A mesh config dict: edge on base+1, admin on base+901, services on base+50.., loopback only."""
+    return {
+        "state_dir": str(state_dir),
+        "edge": {"listen_address": "127.0.0.1", "port": base_port + 1, "admin_port": base_port + 901},
+        "services": {name: {"port": base_port + 50 + i} for i, name in enumerate(SERVICES)},
+        "gateway": {"default_model": next(iter(models))},
+        "models": models,
+    }
+
+
+def launched_model(port: int, protocol: str = "llama_cpp", parallel: int = 2, **defaults) -> dict:
+    """A model served by a llama-server that the mesh starts, on the shipped SmolLM2 GGUF."""
+    return {
+        "backend": {"url": f"http://127.0.0.1:{port}", "protocol": protocol},
+        "defaults": {"max_tokens": 40, "temperature": 0.7, **defaults},
+        "launch": {"model_path": "smollm2", "parallel": parallel, "ctx_size": 2048 * parallel, "threads": 2},
+    }
+
+
+@dataclass
+class RunningMesh:
+    config_path: pathlib.Path
+    config: dict
+    process: subprocess.Popen
+    log_path: pathlib.Path
+
+    @property
+    def edge(self) -> str:
+        return f"127.0.0.1:{self.config['edge']['port']}"
+
+    @property
+    def base_url(self) -> str:
+        return f"https://localhost:{self.config['edge']['port']}"
+
+    @property
+    def cert(self) -> pathlib.Path:
+        return pathlib.Path(self.config["state_dir"]) / "tls" / "edge.crt"
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.cert))
+
+    def backend_url(self, model_id: str) -> str:
+        return self.config["models"][model_id]["backend"]["url"]
+
+    def service_address(self, service: str) -> str:
+        return f"127.0.0.1:{self.config['services'][service]['port']}"
+
+    def request(self, method: str, path: str, body=None, raw: bytes | None = None, timeout: float = 120):
+        """(status, parsed JSON or text, headers) of one REST call through Envoy."""
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.base_url + path, data=data, method=method,
+                                     headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, context=self.ssl_context(), timeout=timeout) as response:
+                status, payload, headers = response.status, response.read(), response.headers
+        except urllib.error.HTTPError as exc:
+            status, payload, headers = exc.code, exc.read(), exc.headers
+        text = payload.decode()
+        try:
+            return status, json.loads(text), headers
+        except json.JSONDecodeError:
+            return status, text, headers
+
+
+def start_mesh(directory: pathlib.Path, config: dict, timeout_s: float = 240) -> RunningMesh:
+    config_path = directory / "capibara.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    log_path = directory / "up.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [str(VENV_BIN / "capibara"), "--config", str(config_path), "up"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+        )
+    mesh = RunningMesh(config_path, config, process, log_path)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"capibara up exited with {process.returncode}:\n{log_path.read_text()}")
+        if "mesh is up" in log_path.read_text(errors="replace"):
+            return mesh
+        time.sleep(0.3)
+    stop_mesh(mesh)
+    raise RuntimeError(f"mesh did not come up:\n{log_path.read_text()}")
+
+
+def stop_mesh(mesh: RunningMesh) -> int:
+    """Ctrl-C, as a user would; returns the exit status."""
+    if mesh.process.poll() is None:
+        mesh.process.send_signal(signal.SIGINT)
+        try:
+            mesh.process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(mesh.process.pid, signal.SIGKILL)
+            mesh.process.wait()
+    return mesh.process.returncode
+
+
+def processes_using(marker: str) -> list[str]:
+    """'pid: command line' of running processes whose command line contains `marker`."""
+    found = []
+    for proc in pathlib.Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            found.append(f"{proc.name}: {cmdline}")
+    return found
