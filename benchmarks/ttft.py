@@ -28,7 +28,7 @@ import grpc
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from capibara_grpc.meshproc import launched_model, mesh_config, start_mesh, stop_mesh  # noqa: E402
+from capibara_grpc.meshproc import launched_model, running_mesh  # noqa: E402
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc  # noqa: E402
 
 PROMPT = "Explain in a few sentences why the sky is blue."
@@ -113,12 +113,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        directory = pathlib.Path(tmp)
-        mesh = start_mesh(directory, mesh_config(directory / "state", 28000, {"bench": launched_model(28080)}))
-        try:
+        with running_mesh(pathlib.Path(tmp), 28000, {"bench": launched_model(28080)}) as mesh:
             results = asyncio.run(measure(mesh, args.runs, args.max_tokens))
-        finally:
-            stop_mesh(mesh)
     print(f"\nSmolLM2-135M Q4_1 on llama-server, {args.runs} runs per path, {args.max_tokens} tokens, "
           f"temperature 0, one request at a time; {platform.machine()}, {platform.node()}, "
           f"{time.strftime('%Y-%m-%d')}")

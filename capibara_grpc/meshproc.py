@@ -5,6 +5,7 @@ The mesh gets its own ports and state directory, so it never collides with `make
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -135,3 +136,13 @@ def processes_using(marker: str) -> list[str]:
         if marker in cmdline:
             found.append(f"{proc.name}: {cmdline}")
     return found
+
+
+@contextlib.contextmanager
+def running_mesh(directory: pathlib.Path, base_port: int, models: dict):
+    """A mesh on ports base_port+..., state in directory/state; stopped (Ctrl-C) on exit."""
+    mesh = start_mesh(directory, mesh_config(directory / "state", base_port, models))
+    try:
+        yield mesh
+    finally:
+        stop_mesh(mesh)

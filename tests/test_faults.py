@@ -9,26 +9,20 @@ import signal
 import aiohttp
 import pytest
 
-from capibara_grpc.meshproc import launched_model, mesh_config, processes_using, start_mesh, stop_mesh
+from capibara_grpc.meshproc import launched_model, processes_using, running_mesh, stop_mesh
 from sse import read_events
 
 
 @pytest.fixture(scope="module")
 def faulty_mesh(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("faulty")
-    config = mesh_config(
-        tmp / "state",
-        26000,
-        {
-            "fragile": launched_model(26080, max_tokens=1000),
-            "steady": launched_model(26081),
-            # Nothing listens on this port: a backend that is down.
-            "ghost": {"backend": {"url": "http://127.0.0.1:26099", "protocol": "llama_cpp"}},
-        },
-    )
-    running = start_mesh(tmp, config)
-    yield running
-    stop_mesh(running)
+    models = {
+        "fragile": launched_model(26080, max_tokens=1000),
+        "steady": launched_model(26081),
+        # Nothing listens on this port: a backend that is down.
+        "ghost": {"backend": {"url": "http://127.0.0.1:26099", "protocol": "llama_cpp"}},
+    }
+    with running_mesh(tmp_path_factory.mktemp("faulty"), 26000, models) as running:
+        yield running
 
 
 def llama_server_pid(port: int) -> int:
