@@ -32,6 +32,8 @@ async def _chat(args, config) -> int:
     request = gateway_pb2.ChatRequest(message=args.message, model=args.model or "")
     if args.max_tokens:
         request.max_tokens = args.max_tokens
+    if args.temperature is not None:
+        request.temperature = args.temperature
     async with _edge_channel(config, args.target) as channel:
         stub = gateway_pb2_grpc.ChatServiceStub(channel)
         try:
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("message")
     chat.add_argument("--model", help="model id (default: routed)")
     chat.add_argument("--max-tokens", type=int)
+    chat.add_argument("--temperature", type=float)
     chat.add_argument("--target", help="edge host:port (default: localhost:<edge.port>)")
     chat.add_argument("--timeout", type=float, default=120.0)
     envoy = commands.add_parser("envoy-config", help="write Envoy's config, descriptor and certificate")

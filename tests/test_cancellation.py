@@ -9,10 +9,8 @@ import aiohttp
 import grpc
 
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
-from grpc_helpers import edge_channel
+from grpc_helpers import LONG, edge_channel
 from sse import read_events
-
-LONG = {"message": "Write a very long story about the history of rivers.", "max_tokens": 1500, "temperature": 0.8}
 
 
 async def busy_slots(backend_url: str) -> int:

@@ -15,7 +15,7 @@ def capibara(mesh, *args: str, timeout: float = 120) -> subprocess.CompletedProc
 
 
 def test_chat_streams_an_answer_in_the_terminal(mesh):
-    result = capibara(mesh, "chat", "¿Qué es un capibara?", "--model", "phi", "--max-tokens", "10")
+    result = capibara(mesh, "chat", "¿Qué es un capibara?", "--model", "phi", "--max-tokens", "10", "--temperature", "0")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert "[phi" in result.stderr and "10 tokens" in result.stderr

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc, inference_pb2, inference_pb2_grpc
-from grpc_helpers import edge_channel, service_channel
+from grpc_helpers import LONG, edge_channel, service_channel
 
 GRPCURL = str(pathlib.Path(sys.executable).parent / "grpcurl")
 
@@ -20,7 +20,7 @@ GRPCURL = str(pathlib.Path(sys.executable).parent / "grpcurl")
 async def test_chat_streams_over_native_grpc_through_envoy(mesh):
     async with edge_channel(mesh) as channel:
         stub = gateway_pb2_grpc.ChatServiceStub(channel)
-        events = [e async for e in stub.Chat(gateway_pb2.ChatRequest(message="hola", max_tokens=12, model="phi"), timeout=60)]
+        events = [e async for e in stub.Chat(gateway_pb2.ChatRequest(message="hola", max_tokens=12, model="phi", temperature=0), timeout=60)]
     kinds = [e.WhichOneof("event") for e in events]
     assert kinds[0] == "routing" and kinds[-1] == "done"
     # A delta may carry more than one token (llama-server holds back incomplete UTF-8).
@@ -32,7 +32,7 @@ async def test_chat_streams_over_native_grpc_through_envoy(mesh):
 async def test_complete_over_native_grpc(mesh):
     async with edge_channel(mesh) as channel:
         stub = gateway_pb2_grpc.ChatServiceStub(channel)
-        response = await stub.Complete(gateway_pb2.CompleteRequest(message="Say hello.", max_tokens=8), timeout=60)
+        response = await stub.Complete(gateway_pb2.CompleteRequest(message="Say hello.", max_tokens=8, temperature=0), timeout=60)
     assert response.response and response.model_id == "gpt-oss-20b"
     assert response.usage.completion_tokens <= 8
 
@@ -60,7 +60,7 @@ async def test_client_deadline_is_enforced(mesh):
     async with edge_channel(mesh) as channel:
         stub = gateway_pb2_grpc.ChatServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as error:
-            await stub.Complete(gateway_pb2.CompleteRequest(message="Write a long essay.", max_tokens=1500), timeout=0.5)
+            await stub.Complete(gateway_pb2.CompleteRequest(**LONG), timeout=0.5)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
@@ -86,7 +86,7 @@ def test_reflection_through_envoy_lists_every_service(mesh):
 
 
 def test_grpcurl_streams_chat_tokens(mesh):
-    out = grpcurl(mesh, "-d", '{"message": "hola", "max_tokens": 5}', mesh.edge, "capibara.gateway.v1.ChatService/Chat")
+    out = grpcurl(mesh, "-d", '{"message": "hola", "max_tokens": 5, "temperature": 0}', mesh.edge, "capibara.gateway.v1.ChatService/Chat")
     messages = [json.loads(chunk) for chunk in out.replace("}\n{", "}\x00{").split("\x00")]
     assert "routing" in messages[0] and "done" in messages[-1]
     assert 1 <= sum("token" in m for m in messages) <= 5

@@ -31,7 +31,7 @@ async def test_stream_sends_routing_then_tokens_one_by_one_then_done(mesh):
 
 
 def test_complete_returns_the_whole_answer_as_one_object(mesh):
-    status, body, headers = mesh.request("POST", "/api/chat", {"message": "What is Python?", "model": "phi"})
+    status, body, headers = mesh.request("POST", "/api/chat", {"message": "What is Python?", "model": "phi", "temperature": 0})
     assert status == 200, body
     assert headers["content-type"] == "application/json"
     assert body["response"].strip()
