@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--temperature", type=float)
     chat.add_argument("--target", help="edge host:port (default: localhost:<edge.port>)")
     chat.add_argument("--timeout", type=float, default=120.0)
+    evaluation = commands.add_parser("router-eval", help="router accuracy, confusion and calibration on a labelled set")
+    evaluation.add_argument("--set", dest="eval_set", help="YAML with queries: [{route, lang, text}] (default: tests/data/router_eval.yaml)")
     envoy = commands.add_parser("envoy-config", help="write Envoy's config, descriptor and certificate")
     envoy.add_argument("--print", action="store_true", help="print the YAML")
     envoy.add_argument("--routes", action="store_true", help="list REST paths and the gRPC method of each")
@@ -108,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     if args.command == "chat":
         return asyncio.run(_chat(args, config))
+    if args.command == "router-eval":
+        from capibara_grpc.router import evaluate
+
+        return evaluate.main(config, args.eval_set)
     if args.command == "envoy-config":
         from capibara_grpc.edge import descriptor, envoy_config
 

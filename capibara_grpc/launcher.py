@@ -19,7 +19,7 @@ import time
 
 import aiohttp
 
-from capibara_grpc.config import IMPLEMENTED_SERVICES, MeshConfig, ModelConfig, resolve_model_file
+from capibara_grpc.config import MeshConfig, ModelConfig, resolve_model_file
 from capibara_grpc.edge import envoy_config
 from capibara_grpc.server import MeshServers
 
@@ -126,7 +126,7 @@ class Mesh:
         wanted = [(self.config.edge.listen_address, self.config.edge.port, "edge"),
                   (self.config.edge.admin_address, self.config.edge.admin_port, "Envoy admin")]
         wanted += [(self.config.services.host, getattr(self.config.services, s).port, f"{s} service")
-                   for s in IMPLEMENTED_SERVICES]
+                   for s in self.config.deployed_services]
         wanted += [(*m.host_port, f"llama-server for {m.model_id}") for m in self.config.models.values() if m.launch]
         busy = [f"{what} port {host}:{port}" for host, port, what in wanted if not port_is_free(host, port)]
         if busy:
@@ -142,7 +142,7 @@ class Mesh:
             self.children.append(child)
         envoy_yaml = envoy_config.write(self.config)
         await self._wait_for_backends(launched)
-        self.servers = await MeshServers(self.config, list(IMPLEMENTED_SERVICES)).start()
+        self.servers = await MeshServers(self.config, self.config.deployed_services).start()
         envoy = ChildProcess("envoy", [envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn",
                                        "--disable-hot-restart"], self.logs / "envoy.log")
         envoy.start()

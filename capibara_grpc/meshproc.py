@@ -25,9 +25,11 @@ VENV_BIN = pathlib.Path(sys.executable).parent
 SERVICES = ["gateway", "router", "context", "inference", "consensus", "speech"]
 
 
-def mesh_config(state_dir: pathlib.Path, base_port: int, models: dict) -> dict:
-    """A mesh config dict: edge on base+1, admin on base+901, services on base+50.., loopback only."""
+def mesh_config(state_dir: pathlib.Path, base_port: int, models: dict, router: bool = True) -> dict:
+    """A mesh config dict: edge on base+1, admin on base+901, services on base+50.., loopback only.
+    With `router`, the repository's routes file is used, so `models` must hold its model ids."""
     return {
+        "router": {"enabled": router, "routes_file": str(REPO / "config" / "routes.yaml")},
         "state_dir": str(state_dir),
         "edge": {"listen_address": "127.0.0.1", "port": base_port + 1, "admin_port": base_port + 901},
         "services": {name: {"port": base_port + 50 + i} for i, name in enumerate(SERVICES)},
@@ -139,9 +141,9 @@ def processes_using(marker: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def running_mesh(directory: pathlib.Path, base_port: int, models: dict):
+def running_mesh(directory: pathlib.Path, base_port: int, models: dict, router: bool = True):
     """A mesh on ports base_port+..., state in directory/state; stopped (Ctrl-C) on exit."""
-    mesh = start_mesh(directory, mesh_config(directory / "state", base_port, models))
+    mesh = start_mesh(directory, mesh_config(directory / "state", base_port, models, router))
     try:
         yield mesh
     finally:

@@ -25,7 +25,8 @@ from capibara_grpc.inference.client import InferenceClient
 from capibara_grpc.inference.core import InferenceEngine
 from capibara_grpc.inference.servicer import SERVICE as INFERENCE_SERVICE
 from capibara_grpc.inference.servicer import InferenceServicer, publish_health
-from capibara_grpc.stubs import MESH_SERVICE, SERVICE_FULL_NAMES, gateway_pb2_grpc, inference_pb2_grpc
+from capibara_grpc.router.client import RouterClient
+from capibara_grpc.stubs import MESH_SERVICE, SERVICE_FULL_NAMES, gateway_pb2_grpc, inference_pb2_grpc, router_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,18 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 5000),
 ]
 SERVING = health_pb2.HealthCheckResponse.SERVING
+START_ORDER = ["inference", "router", "context", "consensus", "speech", "gateway"]
+# A service that restarts is found again within a couple of seconds, not after gRPC's default
+# reconnect backoff (up to 2 minutes).
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
+def internal_channel(config: MeshConfig, service: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(config.services.address(service), options=CHANNEL_OPTIONS)
 
 
 def _new_server() -> grpc.aio.Server:
@@ -63,7 +76,8 @@ class MeshServers:
 
     async def start(self) -> "MeshServers":
         try:
-            for service in self.services:
+            # Dependencies first, so the gateway's first call finds inference and router listening.
+            for service in sorted(self.services, key=START_ORDER.index):
                 await getattr(self, f"_start_{service}")()
         except BaseException:
             await self.stop()
@@ -96,15 +110,45 @@ class MeshServers:
         await server.start()
         log.info("inference service on %s", self.config.services.address("inference"))
 
+    async def _start_router(self) -> None:
+        # Imported here: loading torch and sentence-transformers takes seconds and memory, which
+        # processes without a router should not pay.
+        from capibara_grpc.config import load_routes
+        from capibara_grpc.router.core import Router
+        from capibara_grpc.router.encoder import MicroBatcher, SentenceEncoder
+        from capibara_grpc.router.servicer import ModelHealthWatcher, RouterServicer
+
+        settings = self.config.router
+        encoder = await asyncio.to_thread(SentenceEncoder, settings.encoder, settings.cache_size)
+        batcher = MicroBatcher(encoder, settings.batch_max, settings.batch_wait_ms)
+        self._stack.push_async_callback(batcher.close)
+        inference = internal_channel(self.config, "inference")
+        self._stack.push_async_callback(inference.close)
+        watcher = ModelHealthWatcher(inference, sorted(self.config.models), settings.health_interval_s)
+        watcher.start()
+        self._stack.push_async_callback(watcher.stop)
+        router = Router(self.config, load_routes(self.config), batcher.embed, watcher.is_healthy)
+        await asyncio.to_thread(router.fit, encoder.encode)
+        health = HealthServicer()
+        server = _new_server()
+        router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(router), server)
+        self._register(server, health, [SERVICE_FULL_NAMES["router"]])
+        _listen(server, self.config, "router")
+        await server.start()
+        await health.set(SERVICE_FULL_NAMES["router"], SERVING)
+        await health.set("", SERVING)
+        log.info("router service on %s", self.config.services.address("router"))
+
     async def _start_gateway(self) -> None:
         channels = {
-            name: grpc.aio.insecure_channel(self.config.services.address(name))
-            for name in IMPLEMENTED_SERVICES
+            name: internal_channel(self.config, name)
+            for name in self.config.deployed_services
         }
         for channel in channels.values():
             self._stack.push_async_callback(channel.close)
-        gateway = ChatGateway(self.config, InferenceClient(channels["inference"]).generate)
-        mesh_health = MeshHealth(self.config, list(IMPLEMENTED_SERVICES), channels)
+        router = RouterClient(channels["router"]).route if "router" in self.config.deployed_services else None
+        gateway = ChatGateway(self.config, InferenceClient(channels["inference"]).generate, router)
+        mesh_health = MeshHealth(self.config, self.config.deployed_services, channels)
         health = HealthServicer()
         server = _new_server()
         gateway_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(gateway), server)

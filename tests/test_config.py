@@ -17,6 +17,8 @@ models:
     launch: {model_path: smollm2}
 gateway:
   default_model: phi
+router:
+  enabled: false
 """
 
 
@@ -46,10 +48,10 @@ def test_a_good_config_loads_into_typed_objects():
         (GOOD.replace("protocol: llama_cpp", "protocol: grpc"), "mesh.yaml:3: models.phi.backend.protocol 'grpc'"),
         (GOOD.replace("model_path: smollm2", "model_path: /nowhere/model.gguf"),
          "mesh.yaml:4: models.phi.launch.model_path: model file '/nowhere/model.gguf' not found"),
-        (GOOD + "services:\n  router: {port: 50050}\n", "mesh.yaml:8: services.router.port uses port 50050, already used by services.gateway.port"),
+        (GOOD + "services:\n  router: {port: 50050}\n", "mesh.yaml:10: services.router.port uses port 50050, already used by services.gateway.port"),
         (GOOD + "edge:\n  port: 8081\n", "models.phi (launched llama-server) uses port 8081, already used by edge.port"),
-        (GOOD + "gatway:\n  x: 1\n", "mesh.yaml:7: unknown key 'gatway' in the top level"),
-        (GOOD + "edge:\n  port: many\n", "mesh.yaml:8: edge.port must be an integer, got 'many'"),
+        (GOOD + "gatway:\n  x: 1\n", "mesh.yaml:9: unknown key 'gatway' in the top level"),
+        (GOOD + "edge:\n  port: many\n", "mesh.yaml:10: edge.port must be an integer, got 'many'"),
         (GOOD.replace('url: "http://127.0.0.1:8081"', 'url: "127.0.0.1:8081"'), "backend.url must be an http(s) URL"),
         ("models: {}\n", "no models defined"),
         ("models: [\n", "not valid YAML"),

@@ -21,7 +21,7 @@ def faulty_mesh(tmp_path_factory):
         # Nothing listens on this port: a backend that is down.
         "ghost": {"backend": {"url": "http://127.0.0.1:26099", "protocol": "llama_cpp"}},
     }
-    with running_mesh(tmp_path_factory.mktemp("faulty"), 26000, models) as running:
+    with running_mesh(tmp_path_factory.mktemp("faulty"), 26000, models, router=False) as running:
         yield running
 
 

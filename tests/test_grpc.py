@@ -33,7 +33,8 @@ async def test_complete_over_native_grpc(mesh):
     async with edge_channel(mesh) as channel:
         stub = gateway_pb2_grpc.ChatServiceStub(channel)
         response = await stub.Complete(gateway_pb2.CompleteRequest(message="Say hello.", max_tokens=8, temperature=0), timeout=60)
-    assert response.response and response.model_id == "gpt-oss-20b"
+    assert response.response and response.model_id == response.routing.model_id
+    assert response.routing.source == "router"
     assert response.usage.completion_tokens <= 8
 
 

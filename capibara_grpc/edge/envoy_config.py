@@ -12,7 +12,7 @@ import pathlib
 
 import yaml
 
-from capibara_grpc.config import IMPLEMENTED_SERVICES, SERVICE_NAMES, MeshConfig
+from capibara_grpc.config import SERVICE_NAMES, MeshConfig
 from capibara_grpc.edge import descriptor
 from capibara_grpc.edge.tls import ensure_certificate
 from capibara_grpc.stubs import MESH_SERVICE, SERVICE_FULL_NAMES
@@ -113,7 +113,7 @@ def _local_reply_config() -> dict:
 
 def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path, key: pathlib.Path) -> dict:
     host = config.services.host
-    deployed = [s for s in SERVICE_NAMES if s in IMPLEMENTED_SERVICES]
+    deployed = config.deployed_services
     routes = [
         _to_cluster(f"/{MESH_SERVICE}/", "gateway"),
         # Reflection and health of the front door are the gateway's: it describes the whole mesh.

@@ -7,10 +7,11 @@ something, any failure (bad input, unknown model, backend down) is still a plain
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.errors import (
@@ -23,11 +24,15 @@ from capibara_grpc.errors import (
 )
 from capibara_grpc.inference.core import validate_params
 from capibara_grpc.inference.types import Finished, Message, SamplingParams, Token
+from capibara_grpc.router.core import RouteDecision as RouterDecision
 
 log = logging.getLogger(__name__)
 
 # (model_id, messages, params, timeout_s) -> stream of tokens then one Finished
 GenerateFn = Callable[[str, list[Message], SamplingParams, float], AsyncIterator[Token | Finished]]
+# (query, recent user turns, timeout_s) -> the router's decision
+RouteFn = Callable[[str, list[str], float], Awaitable["RouterDecision"]]
+ROUTER_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -67,6 +72,27 @@ class StreamFailure:
 ChatEvent = RoutingDecision | Token | ChatDone | StreamFailure
 
 
+class RecentTurns:
+    """The last few user messages of recent conversations, so the router can keep a
+    conversation's route for short follow-ups. Bounded: old conversations are forgotten."""
+
+    def __init__(self, turns: int = 4, conversations: int = 10000):
+        self.turns = turns
+        self.conversations = conversations
+        self._recent: collections.OrderedDict[str, list[str]] = collections.OrderedDict()
+
+    def get(self, conversation_id: str) -> list[str]:
+        return list(self._recent.get(conversation_id, [])) if conversation_id else []
+
+    def add(self, conversation_id: str, message: str) -> None:
+        if not conversation_id:
+            return
+        turns = self._recent.pop(conversation_id, [])
+        self._recent[conversation_id] = (turns + [message])[-self.turns:]
+        while len(self._recent) > self.conversations:
+            self._recent.popitem(last=False)
+
+
 @dataclass
 class CompleteResult:
     response: str
@@ -75,9 +101,11 @@ class CompleteResult:
 
 
 class ChatGateway:
-    def __init__(self, config: MeshConfig, generate: GenerateFn):
+    def __init__(self, config: MeshConfig, generate: GenerateFn, route: RouteFn | None = None):
         self.config = config
         self.generate = generate
+        self.route_with_router = route
+        self.recent = RecentTurns()
 
     def validate(self, chat: ChatInput) -> None:
         if not chat.message.strip():
@@ -92,16 +120,25 @@ class ChatGateway:
             raise Unimplemented("consensus is not available: the consensus service is not deployed in this mesh yet")
         validate_params(chat.params)
 
-    def route(self, chat: ChatInput) -> RoutingDecision:
+    async def route(self, chat: ChatInput) -> RoutingDecision:
         if chat.model:
             return RoutingDecision(chat.model, "explicit", 1.0, "request", "the request named the model")
         default = self.config.gateway.default_model
-        why = (
-            "use_router is false: configured default model"
-            if not chat.use_router
-            else "no router service is deployed: configured default model"
+        if not chat.use_router:
+            return RoutingDecision(default, "default", 1.0, "default", "use_router is false: configured default model")
+        if self.route_with_router is None:
+            return RoutingDecision(default, "default", 1.0, "default", "no router service is deployed: configured default model")
+        try:
+            decision = await self.route_with_router(chat.message, self.recent.get(chat.conversation_id), ROUTER_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - routing must not fail the chat; the event says so
+            error = as_mesh_error(exc) or MeshError(type(exc).__name__)
+            return RoutingDecision(default, "default", 0.0, "default",
+                                   f"router unavailable ({error.code.name}: {error.message}): configured default model",
+                                   fallback=True)
+        return RoutingDecision(
+            decision.model_id, decision.route_name, decision.confidence, "router", decision.reasoning,
+            fallback=decision.fallback, scores=[(route, score) for route, _, score in decision.scores],
         )
-        return RoutingDecision(default, "default", 1.0, "default", why)
 
     def messages(self, chat: ChatInput) -> list[Message]:
         system = self.config.gateway.system_prompt if chat.system_prompt is None else chat.system_prompt
@@ -112,7 +149,8 @@ class ChatGateway:
     async def chat(self, chat: ChatInput, timeout_s: float) -> AsyncIterator[ChatEvent]:
         started = time.perf_counter()
         self.validate(chat)
-        decision = self.route(chat)
+        decision = await self.route(chat)
+        self.recent.add(chat.conversation_id, chat.message)
         stream = self.generate(decision.model_id, self.messages(chat), chat.params, timeout_s).__aiter__()
         try:
             # Errors before the first item propagate as a status: nothing has been sent yet.

@@ -1,0 +1,114 @@
+"""Route classifier fitted on the routes file's examples. Pure Python and scikit-learn, no gRPC.
+
+Three signals, stacked:
+- meaning: logistic regression on sentence embeddings (all-MiniLM-L6-v2 by default);
+- spelling: logistic regression on character n-grams of accent-free lowercase text, which copes
+  with typos, missing accents and Spanish words the English encoder knows poorly;
+- keywords: hits of each route's keywords.
+A second logistic regression, fitted on out-of-fold outputs of the first two, weighs them and
+gives calibrated probabilities. The fallback threshold is fitted on out-of-fold decisions too.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import sparse
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+DEFAULT = "default"
+_NON_WORD = re.compile(r"[^\w+#]+")
+
+
+def normalize(text: str) -> str:
+    """Lowercase, accents removed, punctuation folded to spaces ('¿Cómo estás?' -> 'como estas')."""
+    decomposed = unicodedata.normalize("NFKD", text.lower())
+    plain = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return " ".join(_NON_WORD.sub(" ", plain).split())
+
+
+@dataclass
+class FitReport:
+    threshold: float
+    oof_accuracy: float
+    examples: int
+
+
+class RouteClassifier:
+    def __init__(self, keywords: dict[str, list[str]], route_models: dict[str, str], default_model: str):
+        self.keywords = {label: [normalize(k) for k in words if normalize(k)] for label, words in keywords.items()}
+        self.route_models = {**route_models, DEFAULT: default_model}
+        self.labels: list[str] = []
+        self.threshold = 0.0
+
+    # -- features ----------------------------------------------------------------------------
+
+    def _keyword_hits(self, texts: list[str]) -> np.ndarray:
+        hits = np.zeros((len(texts), len(self.labels)))
+        for row, text in enumerate(texts):
+            padded = f" {normalize(text)} "
+            for column, label in enumerate(self.labels):
+                hits[row, column] = sum(f" {word} " in padded for word in self.keywords.get(label, ()))
+        return np.minimum(hits, 2.0)
+
+    def _lexical(self, texts: list[str]):
+        normalized = [normalize(t) for t in texts]
+        return sparse.hstack([self._chars.transform(normalized), self._words.transform(normalized)]).tocsr()
+
+    def _stack(self, lexical_proba, meaning_proba, keyword_hits) -> np.ndarray:
+        return np.hstack([np.log(lexical_proba + 1e-6), np.log(meaning_proba + 1e-6), keyword_hits])
+
+    # -- fitting -----------------------------------------------------------------------------
+
+    def fit(self, texts: list[str], labels: list[str], embeddings: np.ndarray, threshold: float | None = None) -> FitReport:
+        self.labels = sorted(set(labels))
+        y = np.array([self.labels.index(label) for label in labels])
+        normalized = [normalize(t) for t in texts]
+        self._chars = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True).fit(normalized)
+        self._words = TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True,
+                                      token_pattern=r"[\w+#]+").fit(normalized)
+        lexical = self._lexical(texts)
+        self._lexical_model = LogisticRegression(C=20.0, max_iter=5000)
+        self._meaning_model = LogisticRegression(C=20.0, max_iter=5000)
+        folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=0)
+        lexical_oof = cross_val_predict(self._lexical_model, lexical, y, cv=folds, method="predict_proba")
+        meaning_oof = cross_val_predict(self._meaning_model, embeddings, y, cv=folds, method="predict_proba")
+        self._lexical_model.fit(lexical, y)
+        self._meaning_model.fit(embeddings, y)
+        stacked = self._stack(lexical_oof, meaning_oof, self._keyword_hits(texts))
+        self._combiner = LogisticRegression(C=1.0, max_iter=5000)
+        combined_oof = cross_val_predict(self._combiner, stacked, y, cv=folds, method="predict_proba")
+        self._combiner.fit(stacked, y)
+        self.threshold = self._fit_threshold(combined_oof, y) if threshold is None else threshold
+        accuracy = float(np.mean(combined_oof.argmax(axis=1) == y))
+        return FitReport(self.threshold, accuracy, len(texts))
+
+    def _fit_threshold(self, proba: np.ndarray, y: np.ndarray) -> float:
+        """The threshold that makes the most right model choices on out-of-fold decisions; a
+        fallback is right when the default model is the one the true route would have used."""
+        default_model = self.route_models[DEFAULT]
+        true_models = [self.route_models[self.labels[i]] for i in y]
+        predicted_models = [self.route_models[self.labels[i]] for i in proba.argmax(axis=1)]
+        confidence = proba.max(axis=1)
+        best, best_score = 0.0, -1.0
+        for threshold in np.arange(0.0, 0.61, 0.02):
+            chosen = [default_model if c < threshold else m for c, m in zip(confidence, predicted_models)]
+            score = np.mean([c == t for c, t in zip(chosen, true_models)])
+            if score > best_score + 1e-9:
+                best, best_score = float(threshold), score
+        return round(best, 2)
+
+    # -- prediction --------------------------------------------------------------------------
+
+    def predict_proba(self, texts: list[str], embeddings: np.ndarray) -> np.ndarray:
+        stacked = self._stack(
+            self._lexical_model.predict_proba(self._lexical(texts)),
+            self._meaning_model.predict_proba(embeddings),
+            self._keyword_hits(texts),
+        )
+        return self._combiner.predict_proba(stacked)

@@ -1,0 +1,119 @@
+"""Router core: query (+ recent turns) -> route, model, calibrated confidence. No gRPC in here."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import numpy as np
+
+from capibara_grpc.config import MeshConfig, RoutesFile
+from capibara_grpc.errors import InvalidArgument
+from capibara_grpc.router.classifier import DEFAULT, FitReport, RouteClassifier, normalize
+
+log = logging.getLogger(__name__)
+
+# A follow-up is short; its own meaning is weighed against the conversation's by its confidence.
+FOLLOW_UP_MAX_WORDS = 5
+FOLLOW_UP_MAX_CONFIDENCE = 0.8
+
+Embed = Callable[[str], Awaitable[np.ndarray]]
+
+
+@dataclass
+class RouteDecision:
+    model_id: str
+    route_name: str
+    confidence: float
+    fallback: bool
+    reasoning: str
+    # (route name, model id, probability) for every route, best first.
+    scores: list[tuple[str, str, float]] = field(default_factory=list)
+
+
+class Router:
+    def __init__(
+        self,
+        config: MeshConfig,
+        routes: RoutesFile,
+        embed: Embed,
+        is_healthy: Callable[[str], bool] = lambda model_id: True,
+    ):
+        self.config = config
+        self.routes = routes
+        self.embed = embed
+        self.is_healthy = is_healthy
+        self.classifier = RouteClassifier(
+            keywords={name: route.keywords for name, route in routes.routes.items()},
+            route_models={name: route.model for name, route in routes.routes.items()},
+            default_model=routes.default.model,
+        )
+        self.report: FitReport | None = None
+
+    def training_set(self) -> tuple[list[str], list[str]]:
+        texts, labels = [], []
+        for name, route in self.routes.routes.items():
+            texts += route.examples
+            labels += [name] * len(route.examples)
+        texts += self.routes.default.examples
+        labels += [DEFAULT] * len(self.routes.default.examples)
+        return texts, labels
+
+    def fit(self, encode: Callable[[list[str]], np.ndarray]) -> FitReport:
+        started = time.perf_counter()
+        texts, labels = self.training_set()
+        threshold = None if self.config.router.threshold == "auto" else float(self.config.router.threshold)
+        self.report = self.classifier.fit(texts, labels, encode(texts), threshold=threshold)
+        log.info("router fitted on %d examples in %.1f s: threshold %.2f, out-of-fold accuracy %.3f",
+                 self.report.examples, time.perf_counter() - started, self.report.threshold, self.report.oof_accuracy)
+        return self.report
+
+    def model_of(self, label: str) -> str:
+        return self.classifier.route_models[label]
+
+    async def _proba(self, text: str) -> np.ndarray:
+        text = text[: self.config.router.max_query_chars]
+        vector = await self.embed(text)
+        return self.classifier.predict_proba([text], vector.reshape(1, -1))[0]
+
+    async def route(self, query: str, history: list[str] | None = None) -> RouteDecision:
+        if not query.strip():
+            raise InvalidArgument("query must not be empty")
+        labels = self.classifier.labels
+        proba = await self._proba(query.strip())
+        reasons = []
+        recent = [turn for turn in (history or []) if turn.strip()][-2:]
+        words = len(normalize(query).split())
+        if recent and words <= FOLLOW_UP_MAX_WORDS and proba.max() < FOLLOW_UP_MAX_CONFIDENCE:
+            context = await self._proba(" ".join(recent))
+            weight = float(proba.max())
+            mixed = weight * proba + (1 - weight) * context
+            if labels[int(mixed.argmax())] != labels[int(proba.argmax())]:
+                reasons.append(f"short follow-up: kept the conversation's route '{labels[int(context.argmax())]}'")
+            proba = mixed
+        order = [int(i) for i in np.argsort(-proba)]
+        scores = [(labels[i], self.model_of(labels[i]), float(proba[i])) for i in order]
+        best = labels[order[0]]
+        # Confidence is in a route: for noise that is low, however sure the noise verdict is.
+        confidence = max(p for label, _, p in scores if label != DEFAULT)
+        threshold = self.classifier.threshold
+        fallback = best == DEFAULT or confidence < threshold
+        if best == DEFAULT:
+            reasons.append(f"no route fits (looks like noise; best route only {confidence:.2f}): default route")
+        elif confidence < threshold:
+            reasons.append(f"'{best}' at {confidence:.2f} is below the threshold {threshold:.2f}: default route")
+        else:
+            reasons.append(f"'{best}' with confidence {confidence:.2f}")
+        route_name = DEFAULT if fallback else best
+        model_id = self.model_of(route_name)
+        if not self.is_healthy(model_id):
+            for label, candidate, _ in scores:
+                if candidate != model_id and self.is_healthy(candidate):
+                    reasons.append(f"model '{model_id}' is unavailable: next best healthy is '{label}' on '{candidate}'")
+                    route_name, model_id = label, candidate
+                    break
+            else:
+                reasons.append(f"model '{model_id}' is unavailable and no other model is healthy")
+        return RouteDecision(model_id, route_name, confidence, fallback, "; ".join(reasons), scores)
