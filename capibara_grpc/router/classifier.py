@@ -4,7 +4,7 @@ Three signals, stacked:
 - meaning: logistic regression on sentence embeddings (all-MiniLM-L6-v2 by default);
 - spelling: logistic regression on character n-grams of accent-free lowercase text, which copes
   with typos, missing accents and Spanish words the English encoder knows poorly;
-- keywords: hits of each route's keywords.
+- keywords: hits of each route's keywords, and whether the text holds an arithmetic expression.
 A second logistic regression, fitted on out-of-fold outputs of the first two, weighs them and
 gives calibrated probabilities. The fallback threshold is fitted on out-of-fold decisions too.
 """
@@ -23,6 +23,10 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 DEFAULT = "default"
 _NON_WORD = re.compile(r"[^\w+#]+")
+# "2+2", "7 por 8", "15% of 80", "x^2 - 4", "3/8": numbers joined by an operator.
+_ARITHMETIC = re.compile(
+    r"\d\s*(?:[-+*/^x×÷%=]|por|entre|mas|menos|times|plus|minus|divided by|of|de)\s*[\d(x]", re.IGNORECASE
+)
 
 
 def normalize(text: str) -> str:
@@ -48,13 +52,21 @@ class RouteClassifier:
 
     # -- features ----------------------------------------------------------------------------
 
+    def keyword_hits(self, text: str, label: str) -> int:
+        padded = f" {normalize(text)} "
+        return sum(f" {word} " in padded for word in self.keywords.get(label, ()))
+
     def _keyword_hits(self, texts: list[str]) -> np.ndarray:
-        hits = np.zeros((len(texts), len(self.labels)))
+        hits = np.zeros((len(texts), len(self.labels) + 1))
         for row, text in enumerate(texts):
-            padded = f" {normalize(text)} "
             for column, label in enumerate(self.labels):
-                hits[row, column] = sum(f" {word} " in padded for word in self.keywords.get(label, ()))
+                hits[row, column] = self.keyword_hits(text, label)
+            hits[row, -1] = 2.0 if _ARITHMETIC.search(text.lower()) else 0.0
         return np.minimum(hits, 2.0)
+
+    def has_evidence(self, text: str, label: str) -> bool:
+        """Explicit signs of `label` in the text itself: its keywords (or, for math, arithmetic)."""
+        return self.keyword_hits(text, label) > 0 or (label == "math" and bool(_ARITHMETIC.search(text.lower())))
 
     def _lexical(self, texts: list[str]):
         normalized = [normalize(t) for t in texts]

@@ -18,6 +18,12 @@ log = logging.getLogger(__name__)
 # A follow-up is short; its own meaning is weighed against the conversation's by its confidence.
 FOLLOW_UP_MAX_WORDS = 5
 FOLLOW_UP_MAX_CONFIDENCE = 0.8
+# Words that open a message referring back to the previous one ("¿y en Java?", "another one",
+# "otro más corto"): such a message leans on the conversation even when it sounds confident.
+FOLLOW_UP_OPENERS = {
+    "y", "e", "and", "otro", "otra", "otros", "otras", "another", "more", "mas", "again", "tambien",
+    "also", "ahora", "now", "same", "igual", "pero", "but",
+}
 
 Embed = Callable[[str], Awaitable[np.ndarray]]
 
@@ -86,9 +92,14 @@ class Router:
         reasons = []
         recent = [turn for turn in (history or []) if turn.strip()][-2:]
         words = len(normalize(query).split())
-        if recent and words <= FOLLOW_UP_MAX_WORDS and proba.max() < FOLLOW_UP_MAX_CONFIDENCE:
+        opener = normalize(query).split()[:1]
+        own_best = labels[int(proba.argmax())]
+        refers_back = (
+            bool(opener) and opener[0] in FOLLOW_UP_OPENERS and not self.classifier.has_evidence(query, own_best)
+        )
+        if recent and words <= FOLLOW_UP_MAX_WORDS and (refers_back or proba.max() < FOLLOW_UP_MAX_CONFIDENCE):
             context = await self._proba(" ".join(recent))
-            weight = float(proba.max())
+            weight = float(proba.max()) * (0.3 if refers_back else 1.0)
             mixed = weight * proba + (1 - weight) * context
             if labels[int(mixed.argmax())] != labels[int(proba.argmax())]:
                 reasons.append(f"short follow-up: kept the conversation's route '{labels[int(context.argmax())]}'")
