@@ -115,20 +115,19 @@ class MeshServers:
         # processes without a router should not pay.
         from capibara_grpc.config import load_routes
         from capibara_grpc.router.core import Router
-        from capibara_grpc.router.encoder import MicroBatcher, SentenceEncoder
+        from capibara_grpc.router.encoder import SentenceEncoder
         from capibara_grpc.router.servicer import ModelHealthWatcher, RouterServicer
 
         settings = self.config.router
         encoder = await asyncio.to_thread(SentenceEncoder, settings.encoder, settings.cache_size)
-        batcher = MicroBatcher(encoder, settings.batch_max, settings.batch_wait_ms)
-        self._stack.push_async_callback(batcher.close)
         inference = internal_channel(self.config, "inference")
         self._stack.push_async_callback(inference.close)
         watcher = ModelHealthWatcher(inference, sorted(self.config.models), settings.health_interval_s)
         watcher.start()
         self._stack.push_async_callback(watcher.stop)
-        router = Router(self.config, load_routes(self.config), batcher.embed, watcher.is_healthy)
-        await asyncio.to_thread(router.fit, encoder.encode)
+        router = Router(self.config, load_routes(self.config), encoder.encode, watcher.is_healthy)
+        self._stack.push_async_callback(router.close)
+        await asyncio.to_thread(router.fit)
         health = HealthServicer()
         server = _new_server()
         router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(router), server)

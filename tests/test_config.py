@@ -71,3 +71,46 @@ def test_capibara_up_refuses_a_bad_config_before_starting_anything(tmp_path):
     result = subprocess.run([str(capibara), "--config", str(bad), "up"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert f"{bad}:6: gateway.default_model 'gpt5'" in result.stderr
+
+
+ROUTES = """\
+default:
+  model: phi
+  examples: ["asdf", "qwer", "zxcv"]
+routes:
+  chat:
+    model: phi
+    examples: ["hola", "hello", "buenos dias"]
+  code:
+    model: gpt-oss-20b
+    examples: ["write a function", "fix my bug", "sql query"]
+"""
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (ROUTES, "routes.yaml:9: routes.code.model 'gpt-oss-20b' is not a model of the mesh (defined: phi)"),
+        (ROUTES.replace("model: phi\n  examples", "model: gpt4\n  examples"), "routes.yaml:2: default.model 'gpt4'"),
+        (ROUTES.replace('examples: ["hola", "hello", "buenos dias"]', 'examples: ["hola"]'), "routes.chat needs at least 3 examples"),
+        (ROUTES.replace("routes:", "rutas:"), "routes.yaml:4: unknown key 'rutas'"),
+    ],
+)
+def test_bad_routes_file_names_the_line_to_fix(text, message):
+    from capibara_grpc.config import parse_routes
+
+    config = parse_config(GOOD, source="mesh.yaml")
+    with pytest.raises(ConfigError) as error:
+        parse_routes(text, config, source="routes.yaml")
+    assert message in str(error.value)
+
+
+def test_the_shipped_routes_cover_seven_routes_and_the_default():
+    from capibara_grpc.config import load_routes
+
+    routes = load_routes(load_config())
+    assert {n: r.model for n, r in routes.routes.items()} == {
+        "programming": "gpt-oss-20b", "creative_writing": "mixtral", "quick_facts": "phi", "analysis": "gpt-oss-20b",
+        "conversation": "phi", "math": "gpt-oss-20b", "translation": "mixtral",
+    }
+    assert routes.default.model == "gpt-oss-20b"

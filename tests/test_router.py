@@ -185,3 +185,11 @@ async def test_router_rejects_empty_query_over_grpc(mesh):
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await stub.Route(router_pb2.RouteRequest(query=""), timeout=10)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_concurrent_queries_are_scored_in_batches(router):
+    queries = [f"translate 'number {i}' into French" for i in range(32)]
+    before = router.batcher.batches
+    decisions = await asyncio.gather(*(router.route(q) for q in queries))
+    assert all(d.route_name == "translation" for d in decisions)
+    assert router.batcher.batches - before <= 4  # 32 concurrent queries, a handful of scoring calls

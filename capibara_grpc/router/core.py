@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Callable
 
 import numpy as np
 
 from capibara_grpc.config import MeshConfig, RoutesFile
 from capibara_grpc.errors import InvalidArgument
 from capibara_grpc.router.classifier import DEFAULT, FitReport, RouteClassifier, normalize
+from capibara_grpc.router.encoder import MicroBatcher
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ FOLLOW_UP_OPENERS = {
     "also", "ahora", "now", "same", "igual", "pero", "but",
 }
 
-Embed = Callable[[str], Awaitable[np.ndarray]]
+Encode = Callable[[list[str]], np.ndarray]
 
 
 @dataclass
@@ -44,13 +45,14 @@ class Router:
         self,
         config: MeshConfig,
         routes: RoutesFile,
-        embed: Embed,
+        encode: Encode,
         is_healthy: Callable[[str], bool] = lambda model_id: True,
     ):
         self.config = config
         self.routes = routes
-        self.embed = embed
+        self.encode = encode
         self.is_healthy = is_healthy
+        self.batcher = MicroBatcher(self.predict_batch, config.router.batch_max, config.router.batch_wait_ms)
         self.classifier = RouteClassifier(
             keywords={name: route.keywords for name, route in routes.routes.items()},
             route_models={name: route.model for name, route in routes.routes.items()},
@@ -67,22 +69,27 @@ class Router:
         labels += [DEFAULT] * len(self.routes.default.examples)
         return texts, labels
 
-    def fit(self, encode: Callable[[list[str]], np.ndarray]) -> FitReport:
+    def fit(self) -> FitReport:
         started = time.perf_counter()
         texts, labels = self.training_set()
         threshold = None if self.config.router.threshold == "auto" else float(self.config.router.threshold)
-        self.report = self.classifier.fit(texts, labels, encode(texts), threshold=threshold)
-        log.info("router fitted on %d examples in %.1f s: threshold %.2f, out-of-fold accuracy %.3f",
-                 self.report.examples, time.perf_counter() - started, self.report.threshold, self.report.oof_accuracy)
+        self.report = self.classifier.fit(texts, labels, self.encode(texts), threshold=threshold)
+        log.info("router fitted on %d examples in %.1f s: %s", self.report.examples,
+                 time.perf_counter() - started, self.report)
         return self.report
+
+    def predict_batch(self, texts: list[str]) -> np.ndarray:
+        """Route probabilities for a batch of texts (blocking: runs in the batcher's thread)."""
+        return self.classifier.predict_proba([t[: self.config.router.max_query_chars] for t in texts], self.encode)
+
+    async def close(self) -> None:
+        await self.batcher.close()
 
     def model_of(self, label: str) -> str:
         return self.classifier.route_models[label]
 
     async def _proba(self, text: str) -> np.ndarray:
-        text = text[: self.config.router.max_query_chars]
-        vector = await self.embed(text)
-        return self.classifier.predict_proba([text], vector.reshape(1, -1))[0]
+        return await self.batcher.submit(text)
 
     async def route(self, query: str, history: list[str] | None = None) -> RouteDecision:
         if not query.strip():

@@ -1,8 +1,7 @@
-"""Sentence encoder with micro-batching and an embedding cache.
+"""Sentence encoder with an embedding cache, and the micro-batcher that feeds it.
 
-Concurrent queries are encoded in one forward pass: the first query waits at most `wait_ms` for
-others to join (up to `batch_max`). The forward pass runs in a worker thread so the event loop
-keeps serving. Embeddings of recent distinct queries are cached.
+Concurrent queries are scored in one call (one encoder forward pass for all of them) in a worker
+thread, so the event loop keeps serving. Embeddings of recent distinct queries are cached.
 """
 
 from __future__ import annotations
@@ -11,10 +10,12 @@ import asyncio
 import collections
 import os
 import threading
+from typing import Callable, Generic, Sequence, TypeVar
 
 import numpy as np
 
 MINILM = "minilm"
+Result = TypeVar("Result")
 
 
 def resolve_encoder(name: str) -> str:
@@ -62,22 +63,31 @@ class SentenceEncoder:
         return np.vstack(rows)
 
 
-class MicroBatcher:
-    """Collects concurrent `embed` calls into batches for one encoder."""
+class MicroBatcher(Generic[Result]):
+    """Collects concurrent `submit` calls into one call of `work(batch)`, run in a worker thread.
 
-    def __init__(self, encoder: SentenceEncoder, batch_max: int = 32, wait_ms: float = 2.0):
-        self.encoder = encoder
+    A batch waits at most `wait_ms` for more items, and only while other calls are known to be
+    coming (more submitted than collected), so a lone request never waits."""
+
+    def __init__(self, work: Callable[[list[str]], Sequence[Result]], batch_max: int = 32, wait_ms: float = 2.0):
+        self.work = work
         self.batch_max = batch_max
         self.wait_s = wait_ms / 1000
         self._queue: asyncio.Queue[tuple[str, asyncio.Future]] = asyncio.Queue()
         self._worker: asyncio.Task | None = None
+        self._submitted = 0
         self.batches = 0
 
-    async def embed(self, text: str) -> np.ndarray:
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.create_task(self._run())
-        future = asyncio.get_running_loop().create_future()
-        await self._queue.put((text, future))
+    async def submit(self, text: str) -> Result:
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
+            # A queue and a worker belong to one event loop; start afresh in a new one.
+            self._queue = asyncio.Queue()
+            self._submitted = 0
+            self._worker = loop.create_task(self._run())
+        future = loop.create_future()
+        self._submitted += 1
+        self._queue.put_nowait((text, future))
         return await future
 
     async def close(self) -> None:
@@ -87,30 +97,35 @@ class MicroBatcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        collected = 0
         while True:
             batch = [await self._queue.get()]
+            collected += 1
             deadline = loop.time() + self.wait_s
             while len(batch) < self.batch_max:
+                if not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                    collected += 1
+                    continue
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                if remaining <= 0 or self._submitted == collected:
                     break
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    collected += 1
                 except asyncio.TimeoutError:
                     break
-            while len(batch) < self.batch_max and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
             live = [(text, future) for text, future in batch if not future.cancelled()]
             if not live:
                 continue
             self.batches += 1
             try:
-                vectors = await asyncio.to_thread(self.encoder.encode, [text for text, _ in live])
+                results = await asyncio.to_thread(self.work, [text for text, _ in live])
             except Exception as exc:  # noqa: BLE001 - hand the failure to every waiting caller
                 for _, future in live:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for (_, future), vector in zip(live, vectors):
+            for (_, future), result in zip(live, results):
                 if not future.done():
-                    future.set_result(vector)
+                    future.set_result(result)

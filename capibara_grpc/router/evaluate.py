@@ -126,12 +126,8 @@ def leaked_examples(router: Router, queries: list[dict]) -> list[str]:
 
 def build_router(config: MeshConfig, encoder: SentenceEncoder | None = None) -> Router:
     encoder = encoder or SentenceEncoder(config.router.encoder, config.router.cache_size)
-
-    async def embed(text: str) -> np.ndarray:
-        return encoder.encode([text])[0]
-
-    router = Router(config, load_routes(config), embed)
-    router.fit(encoder.encode)
+    router = Router(config, load_routes(config), encoder.encode)
+    router.fit()
     return router
 
 
