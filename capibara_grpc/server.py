@@ -25,8 +25,16 @@ from capibara_grpc.inference.client import InferenceClient
 from capibara_grpc.inference.core import InferenceEngine
 from capibara_grpc.inference.servicer import SERVICE as INFERENCE_SERVICE
 from capibara_grpc.inference.servicer import InferenceServicer, publish_health
+from capibara_grpc.context.client import ContextClient
 from capibara_grpc.router.client import RouterClient
-from capibara_grpc.stubs import MESH_SERVICE, SERVICE_FULL_NAMES, gateway_pb2_grpc, inference_pb2_grpc, router_pb2_grpc
+from capibara_grpc.stubs import (
+    MESH_SERVICE,
+    SERVICE_FULL_NAMES,
+    context_pb2_grpc,
+    gateway_pb2_grpc,
+    inference_pb2_grpc,
+    router_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +146,29 @@ class MeshServers:
         await health.set("", SERVING)
         log.info("router service on %s", self.config.services.address("router"))
 
+    async def _start_context(self) -> None:
+        import aiohttp
+
+        from capibara_grpc.context.core import ContextEngine
+        from capibara_grpc.context.memory import ConversationStore
+        from capibara_grpc.context.servicer import ContextServicer
+        from capibara_grpc.context.tokens import ModelTokens
+
+        store = ConversationStore(self.config.state_path / self.config.context.database)
+        self._stack.callback(store.close)
+        session = aiohttp.ClientSession()
+        self._stack.push_async_callback(session.close)
+        engine = ContextEngine(self.config, store, ModelTokens(self.config, session))
+        health = HealthServicer()
+        server = _new_server()
+        context_pb2_grpc.add_ContextServiceServicer_to_server(ContextServicer(engine), server)
+        self._register(server, health, [SERVICE_FULL_NAMES["context"]])
+        _listen(server, self.config, "context")
+        await server.start()
+        await health.set(SERVICE_FULL_NAMES["context"], SERVING)
+        await health.set("", SERVING)
+        log.info("context service on %s", self.config.services.address("context"))
+
     async def _start_gateway(self) -> None:
         channels = {
             name: internal_channel(self.config, name)
@@ -146,7 +177,8 @@ class MeshServers:
         for channel in channels.values():
             self._stack.push_async_callback(channel.close)
         router = RouterClient(channels["router"]).route if "router" in self.config.deployed_services else None
-        gateway = ChatGateway(self.config, InferenceClient(channels["inference"]).generate, router)
+        context = ContextClient(channels["context"]) if "context" in self.config.deployed_services else None
+        gateway = ChatGateway(self.config, InferenceClient(channels["inference"]).generate, router, context)
         mesh_health = MeshHealth(self.config, self.config.deployed_services, channels)
         health = HealthServicer()
         server = _new_server()

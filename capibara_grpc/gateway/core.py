@@ -33,6 +33,7 @@ GenerateFn = Callable[[str, list[Message], SamplingParams, float], AsyncIterator
 # (query, recent user turns, timeout_s) -> the router's decision
 RouteFn = Callable[[str, list[str], float], Awaitable["RouterDecision"]]
 ROUTER_TIMEOUT_S = 2.0
+CONTEXT_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -101,10 +102,12 @@ class CompleteResult:
 
 
 class ChatGateway:
-    def __init__(self, config: MeshConfig, generate: GenerateFn, route: RouteFn | None = None):
+    def __init__(self, config: MeshConfig, generate: GenerateFn, route: RouteFn | None = None, context=None):
         self.config = config
         self.generate = generate
         self.route_with_router = route
+        # The context service client (enrich, append_turn), or None: plain system + user messages.
+        self.context = context
         self.recent = RecentTurns()
 
     def validate(self, chat: ChatInput) -> None:
@@ -151,7 +154,14 @@ class ChatGateway:
         self.validate(chat)
         decision = await self.route(chat)
         self.recent.add(chat.conversation_id, chat.message)
-        stream = self.generate(decision.model_id, self.messages(chat), chat.params, timeout_s).__aiter__()
+        messages = self.messages(chat)
+        remember = self.context is not None and bool(chat.conversation_id)
+        if self.context is not None and chat.system_prompt is None:
+            messages = await self.context.enrich(chat.message, chat.conversation_id, decision.model_id, CONTEXT_TIMEOUT_S)
+        if remember:
+            await self.context.append_turn(chat.conversation_id, "user", chat.message, "", CONTEXT_TIMEOUT_S)
+        answer: list[str] = []
+        stream = self.generate(decision.model_id, messages, chat.params, timeout_s).__aiter__()
         try:
             # Errors before the first item propagate as a status: nothing has been sent yet.
             first = await stream.__anext__()
@@ -159,8 +169,17 @@ class ChatGateway:
             item = first
             while True:
                 if isinstance(item, Finished):
+                    if remember:
+                        try:
+                            await self.context.append_turn(chat.conversation_id, "assistant", "".join(answer),
+                                                           item.model_id or decision.model_id, CONTEXT_TIMEOUT_S)
+                        except Exception as exc:  # noqa: BLE001 - the client must know it was not stored
+                            error = as_mesh_error(exc) or MeshError(type(exc).__name__)
+                            yield StreamFailure(error.code.name, f"the answer was not stored: {error.message}")
+                            return
                     yield ChatDone(item, (time.perf_counter() - started) * 1000)
                     return
+                answer.append(item.text)
                 yield item
                 try:
                     item = await stream.__anext__()

@@ -1,0 +1,28 @@
+"""The context service as seen by the gateway: a gRPC client returning plain Python."""
+
+from __future__ import annotations
+
+import grpc
+
+from capibara_grpc.inference import convert
+from capibara_grpc.inference.types import Message
+from capibara_grpc.stubs import context_pb2, context_pb2_grpc
+
+
+class ContextClient:
+    def __init__(self, channel: grpc.aio.Channel):
+        self.stub = context_pb2_grpc.ContextServiceStub(channel)
+
+    async def enrich(self, message: str, conversation_id: str, model_id: str, timeout_s: float) -> list[Message]:
+        response = await self.stub.Enrich(
+            context_pb2.EnrichRequest(message=message, conversation_id=conversation_id, model_id=model_id),
+            timeout=timeout_s,
+        )
+        return convert.messages_from_pb(response.messages)
+
+    async def append_turn(self, conversation_id: str, role: str, content: str, model_id: str, timeout_s: float) -> None:
+        await self.stub.AppendTurn(
+            context_pb2.AppendTurnRequest(conversation_id=conversation_id, role=convert.ROLE_TO_PB[role],
+                                          content=content, model_id=model_id),
+            timeout=timeout_s,
+        )

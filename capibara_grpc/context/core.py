@@ -1,0 +1,143 @@
+"""Context core: builds the messages a model sees (facts it needs, data, memory). No gRPC."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import toon_format
+
+from capibara_grpc.config import MeshConfig
+from capibara_grpc.context import providers
+from capibara_grpc.context.memory import ConversationStore, Turn
+from capibara_grpc.context.providers import Addition
+from capibara_grpc.context.tokens import ModelTokens
+from capibara_grpc.errors import InvalidArgument, NotFound
+from capibara_grpc.inference.types import Message
+
+# Chat templates add a few tokens around every message.
+PER_MESSAGE_OVERHEAD = 8
+NO_DATA = object()
+
+
+@dataclass
+class EnrichResult:
+    messages: list[Message]
+    added: list[Addition]
+
+    @property
+    def prompt(self) -> str:
+        return "\n\n".join(f"[{m.role}] {m.content}" for m in self.messages)
+
+
+@dataclass
+class ToonEncoding:
+    toon: str
+    json_tokens: int
+    toon_tokens: int
+
+    @property
+    def savings(self) -> float:
+        return 1 - self.toon_tokens / self.json_tokens if self.json_tokens else 0.0
+
+
+def plain(value):
+    """JSON from protobuf Values has only floats: give integral numbers back their int form."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+def compact_json(value) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class ContextEngine:
+    def __init__(self, config: MeshConfig, store: ConversationStore, tokens: ModelTokens):
+        self.config = config
+        self.settings = config.context
+        self.store = store
+        self.tokens = tokens
+
+    def _model(self, model_id: str) -> str:
+        model_id = model_id or self.config.gateway.default_model
+        if model_id not in self.config.models:
+            raise NotFound(f"unknown model '{model_id}' (available: {', '.join(sorted(self.config.models))})")
+        return model_id
+
+    async def toon_encode(self, value, model_id: str = "") -> ToonEncoding:
+        model_id = self._model(model_id)
+        value = plain(value)
+        toon = toon_format.encode(value)
+        return ToonEncoding(toon, await self.tokens.count(model_id, compact_json(value)),
+                            await self.tokens.count(model_id, toon))
+
+    @staticmethod
+    def toon_decode(text: str):
+        if not text.strip():
+            raise InvalidArgument("toon must not be empty")
+        try:
+            return toon_format.decode(text)
+        except toon_format.ToonDecodeError as exc:
+            raise InvalidArgument(f"TOON does not parse: {exc}") from exc
+
+    async def _data(self, data, model_id: str) -> Addition:
+        encoding = await self.toon_encode(data, model_id)
+        budget = self.settings.max_data_tokens
+        if encoding.toon_tokens <= encoding.json_tokens:
+            text, tokens, form = encoding.toon, encoding.toon_tokens, "TOON"
+        else:
+            text, tokens, form = compact_json(plain(data)), encoding.json_tokens, "compact JSON"
+        if tokens > budget:
+            raise InvalidArgument(f"data is {tokens} tokens as {form}, over the budget of {budget} tokens")
+        return Addition("data", f"Data ({form}):\n{text}",
+                        f"data passed with the request, as {form}: {tokens} tokens "
+                        f"(TOON {encoding.toon_tokens}, JSON {encoding.json_tokens})")
+
+    async def enrich(self, message: str, conversation_id: str = "", data=NO_DATA, model_id: str = "",
+                     system_prompt: str | None = None) -> EnrichResult:
+        if not message.strip():
+            raise InvalidArgument("message must not be empty or only whitespace")
+        model_id = self._model(model_id)
+        added = [a for a in (
+            providers.datetime_context(message, self.settings.timezone),
+            providers.identity_context(message, self.settings.assistant_name, self.settings.assistant_description),
+            providers.arithmetic_context(message),
+        ) if a]
+        if data is not NO_DATA and data is not None:
+            added.append(await self._data(data, model_id))
+        system = self.config.gateway.system_prompt if system_prompt is None else system_prompt
+        system = "\n\n".join([system] * bool(system.strip()) + [a.content for a in added])
+        head = [Message("system", system)] if system else []
+        user = Message("user", message)
+        history = await self._history(conversation_id, model_id, head + [user])
+        if history:
+            kept, total = history
+            added.append(Addition("history", f"{len(kept)} earlier turns",
+                                  f"conversation memory: the newest {len(kept)} of {total} turns fit the context window"))
+            head += [Message(t.role, t.content) for t in kept]
+        return EnrichResult(head + [user], added)
+
+    async def _history(self, conversation_id: str, model_id: str, fixed: list[Message]):
+        if not conversation_id:
+            return None
+        turns = await self.store.turns(conversation_id)
+        if not turns:
+            return None
+        window = await self.tokens.context_window(model_id)
+        reserve = self.config.models[model_id].defaults.max_tokens
+        used = sum([await self.tokens.count(model_id, m.content) + PER_MESSAGE_OVERHEAD for m in fixed])
+        budget = window - reserve - used
+        kept: list[Turn] = []
+        for turn in reversed(turns):  # newest first
+            cost = await self.tokens.count(model_id, turn.content) + PER_MESSAGE_OVERHEAD
+            if cost > budget:
+                break
+            budget -= cost
+            kept.append(turn)
+        kept.reverse()
+        return (kept, len(turns)) if kept else None

@@ -1,0 +1,131 @@
+"""Context providers: each decides on its own whether a message needs what it knows.
+
+Pure functions of the message (and the clock, the configured identity): no I/O, no gRPC.
+"""
+
+from __future__ import annotations
+
+import ast
+import datetime
+import operator
+import re
+import zoneinfo
+from dataclasses import dataclass
+
+from capibara_grpc.router.classifier import normalize
+
+
+@dataclass
+class Addition:
+    kind: str
+    content: str
+    reason: str
+
+
+# -- date and time ------------------------------------------------------------------------------
+
+_DATE_PATTERNS = [
+    r"\b(que|what)\s+(dia|day|fecha|date|hora|time)\s+(es|is)\b",
+    r"\b(hoy|today|tonight|esta noche|manana|tomorrow|ayer|yesterday)\b.*\b(dia|day|fecha|date|es|is|sera|was|fue)\b",
+    r"\b(dia|day|fecha|date)\b.*\b(hoy|today)\b",
+    r"\bque hora\b|\bwhat time\b|\bhora actual\b|\bcurrent (time|date)\b",
+    r"\b(cuantos|cuantas|how many)\s+(dias|days|semanas|weeks|meses|months|horas|hours)\s+(faltan|quedan|until|till|left|hasta|before)\b",
+    r"\b(en que|what|which)\s+(ano|year|mes|month)\s+(estamos|is it|are we)\b",
+    r"\bdia de la semana\b|\bday of the week\b",
+    r"\b(cuanto falta|how long until|how long till)\b",
+]
+_DATE_RE = [re.compile(p) for p in _DATE_PATTERNS]
+
+
+def datetime_context(message: str, tz: str, now: datetime.datetime | None = None) -> Addition | None:
+    text = normalize(message)
+    if not any(p.search(text) for p in _DATE_RE):
+        return None
+    zone = zoneinfo.ZoneInfo(tz)
+    now = (now or datetime.datetime.now(datetime.timezone.utc)).astimezone(zone)
+    content = f"Current date and time: {now.strftime('%A %Y-%m-%d %H:%M')} ({tz})."
+    return Addition("datetime", content, "the question depends on the current date or time")
+
+
+# -- identity ----------------------------------------------------------------------------------
+
+_IDENTITY_PATTERNS = [
+    r"\b(quien|que) eres\b", r"\bwho are you\b", r"\bwhat are you\b",
+    r"\bcomo te llamas\b", r"\btu nombre\b", r"\byour name\b",
+    r"\beres (un|una) (robot|ia|bot|persona|humano|maquina)\b", r"\bare you (a|an) (robot|ai|bot|human|person|machine)\b",
+    r"\bquien te (creo|hizo|programo|entreno)\b", r"\bwho (made|created|built|trained) you\b",
+    r"\bque (puedes|sabes) hacer\b", r"\bwhat can you do\b", r"\bpresentate\b", r"\bintroduce yourself\b",
+    r"\bhablame de ti\b", r"\btell me about yourself\b",
+]
+_IDENTITY_RE = [re.compile(p) for p in _IDENTITY_PATTERNS]
+
+
+def identity_context(message: str, name: str, description: str) -> Addition | None:
+    text = normalize(message)
+    if not any(p.search(text) for p in _IDENTITY_RE):
+        return None
+    return Addition("identity", f"You are {name}. {description}".strip(), "the user asks about the assistant")
+
+
+# -- arithmetic --------------------------------------------------------------------------------
+
+_OPERATORS = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+    ast.USub: operator.neg, ast.UAdd: operator.pos,
+}
+_WORDS = [(r"\bpor\b|\btimes\b|×", "*"), (r"\bentre\b|\bdivided by\b|÷", "/"), (r"\bmas\b|\bplus\b", "+"),
+          (r"\bmenos\b|\bminus\b", "-"), (r"\^", "**")]
+_EXPRESSION = re.compile(r"[-+(]*\d[\d.,]*(?:\s*(?:\*\*|[-+*/%])\s*[-+(]*\d[\d.,]*\)*)+")
+MAX_EXPONENT = 100
+MAX_MAGNITUDE = 1e100
+
+
+class _Unsafe(ValueError):
+    pass
+
+
+def safe_eval(expression: str) -> float | int:
+    """Evaluate + - * / // % ** and parentheses on numbers only; anything else is refused."""
+
+    def walk(node):
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
+            return _OPERATORS[type(node.op)](walk(node.operand))
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+            left, right = walk(node.left), walk(node.right)
+            if isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT:
+                raise _Unsafe("exponent too large")
+            value = _OPERATORS[type(node.op)](left, right)
+            if abs(value) > MAX_MAGNITUDE:
+                raise _Unsafe("result too large")
+            return value
+        raise _Unsafe(f"not arithmetic: {type(node).__name__}")
+
+    return walk(ast.parse(expression, mode="eval"))
+
+
+def arithmetic_context(message: str) -> Addition | None:
+    text = message.lower()
+    for pattern, symbol in _WORDS:
+        text = re.sub(pattern, f" {symbol} ", text)
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)  # 1,000 -> 1000
+    text = re.sub(r"(?<=\d),(?=\d)", ".", text)  # 2,5 -> 2.5
+    facts = []
+    for match in _EXPRESSION.finditer(text):
+        expression = " ".join(match.group(0).split())
+        if not re.search(r"\d\s*(\*\*|[-+*/%])\s*[-+(]*\d", expression) or re.fullmatch(r"\d{4}-\d{1,2}(-\d{1,2})?", expression):
+            continue  # a lone number or a date
+        try:
+            value = safe_eval(expression)
+        except (_Unsafe, SyntaxError, ZeroDivisionError, OverflowError, ValueError):
+            continue
+        shown = f"{value:.10g}" if isinstance(value, float) else str(value)
+        facts.append(f"{expression} = {shown}")
+    if not facts:
+        return None
+    return Addition("arithmetic", "Verified arithmetic: " + "; ".join(facts) + ".",
+                    "the message contains arithmetic, computed exactly instead of left to the model")
