@@ -100,10 +100,24 @@ class MeshServers:
     async def wait(self) -> None:
         await asyncio.gather(*(server.wait_for_termination() for server in self.servers))
 
-    def _register(self, server: grpc.aio.Server, health: HealthServicer, reflected: list[str]) -> None:
+    async def _serve(self, service: str, add_servicers, reflected: list[str], health: HealthServicer | None = None,
+                     serving: list[str] = ()) -> None:
+        """Start one service's server: its servicers, grpc.health.v1, reflection, the port.
+        `serving` names are marked SERVING at once (with ""); a service that publishes its own
+        health (inference) passes its HealthServicer instead."""
+        health = health or HealthServicer()
+        server = _new_server()
+        add_servicers(server)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        reflection.enable_server_reflection(reflected + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+        reflection.enable_server_reflection(
+            reflected + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+        )
         self.servers.append(server)
+        _listen(server, self.config, service)
+        await server.start()
+        for name in [*serving, ""] if serving else []:
+            await health.set(name, SERVING)
+        log.info("%s service on %s", service, self.config.services.address(service))
 
     async def _start_inference(self) -> None:
         engine = InferenceEngine(self.config)
@@ -111,12 +125,9 @@ class MeshServers:
         publish_health(engine, health)
         await engine.start()
         self._stack.push_async_callback(engine.stop)
-        server = _new_server()
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(engine), server)
-        self._register(server, health, [INFERENCE_SERVICE])
-        _listen(server, self.config, "inference")
-        await server.start()
-        log.info("inference service on %s", self.config.services.address("inference"))
+        servicer = InferenceServicer(engine)
+        await self._serve("inference", lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server),
+                          [INFERENCE_SERVICE], health=health)
 
     async def _start_router(self) -> None:
         # Imported here: loading torch and sentence-transformers takes seconds and memory, which
@@ -136,15 +147,10 @@ class MeshServers:
         router = Router(self.config, load_routes(self.config), encoder.encode, watcher.is_healthy)
         self._stack.push_async_callback(router.close)
         await asyncio.to_thread(router.fit)
-        health = HealthServicer()
-        server = _new_server()
-        router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(router), server)
-        self._register(server, health, [SERVICE_FULL_NAMES["router"]])
-        _listen(server, self.config, "router")
-        await server.start()
-        await health.set(SERVICE_FULL_NAMES["router"], SERVING)
-        await health.set("", SERVING)
-        log.info("router service on %s", self.config.services.address("router"))
+        servicer = RouterServicer(router)
+        name = SERVICE_FULL_NAMES["router"]
+        await self._serve("router", lambda server: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server),
+                          [name], serving=[name])
 
     async def _start_context(self) -> None:
         import aiohttp
@@ -158,37 +164,24 @@ class MeshServers:
         self._stack.callback(store.close)
         session = aiohttp.ClientSession()
         self._stack.push_async_callback(session.close)
-        engine = ContextEngine(self.config, store, ModelTokens(self.config, session))
-        health = HealthServicer()
-        server = _new_server()
-        context_pb2_grpc.add_ContextServiceServicer_to_server(ContextServicer(engine), server)
-        self._register(server, health, [SERVICE_FULL_NAMES["context"]])
-        _listen(server, self.config, "context")
-        await server.start()
-        await health.set(SERVICE_FULL_NAMES["context"], SERVING)
-        await health.set("", SERVING)
-        log.info("context service on %s", self.config.services.address("context"))
+        servicer = ContextServicer(ContextEngine(self.config, store, ModelTokens(self.config, session)))
+        name = SERVICE_FULL_NAMES["context"]
+        await self._serve("context", lambda server: context_pb2_grpc.add_ContextServiceServicer_to_server(servicer, server),
+                          [name], serving=[name])
 
     async def _start_gateway(self) -> None:
-        channels = {
-            name: internal_channel(self.config, name)
-            for name in self.config.deployed_services
-        }
+        channels = {name: internal_channel(self.config, name) for name in self.config.deployed_services}
         for channel in channels.values():
             self._stack.push_async_callback(channel.close)
         router = RouterClient(channels["router"]).route if "router" in self.config.deployed_services else None
         context = ContextClient(channels["context"]) if "context" in self.config.deployed_services else None
-        gateway = ChatGateway(self.config, InferenceClient(channels["inference"]).generate, router, context)
-        mesh_health = MeshHealth(self.config, self.config.deployed_services, channels)
-        health = HealthServicer()
-        server = _new_server()
-        gateway_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(gateway), server)
-        gateway_pb2_grpc.add_MeshServiceServicer_to_server(MeshServicer(mesh_health), server)
+        chat = ChatServicer(ChatGateway(self.config, InferenceClient(channels["inference"]).generate, router, context))
+        mesh = MeshServicer(MeshHealth(self.config, self.config.deployed_services, channels))
+
+        def add(server):
+            gateway_pb2_grpc.add_ChatServiceServicer_to_server(chat, server)
+            gateway_pb2_grpc.add_MeshServiceServicer_to_server(mesh, server)
+
         # The front door describes the whole mesh, including services declared but not deployed.
-        self._register(server, health, list(SERVICE_FULL_NAMES.values()) + [MESH_SERVICE])
-        _listen(server, self.config, "gateway")
-        await server.start()
-        await health.set(SERVICE_FULL_NAMES["gateway"], SERVING)
-        await health.set(MESH_SERVICE, SERVING)
-        await health.set("", SERVING)
-        log.info("gateway service on %s", self.config.services.address("gateway"))
+        await self._serve("gateway", add, list(SERVICE_FULL_NAMES.values()) + [MESH_SERVICE],
+                          serving=[SERVICE_FULL_NAMES["gateway"], MESH_SERVICE])
