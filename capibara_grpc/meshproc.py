@@ -38,12 +38,13 @@ def mesh_config(state_dir: pathlib.Path, base_port: int, models: dict, router: b
     }
 
 
-def launched_model(port: int, protocol: str = "llama_cpp", parallel: int = 2, **defaults) -> dict:
-    """A model served by a llama-server that the mesh starts, on the shipped SmolLM2 GGUF."""
+def launched_model(port: int, protocol: str = "llama_cpp", parallel: int = 2, threads: int = 1, **defaults) -> dict:
+    """A model served by a llama-server that the mesh starts, on the shipped SmolLM2 GGUF.
+    One thread each: several llama-servers with several threads on 2 cores thrash (see config)."""
     return {
         "backend": {"url": f"http://127.0.0.1:{port}", "protocol": protocol},
         "defaults": {"max_tokens": 40, "temperature": 0.7, **defaults},
-        "launch": {"model_path": "smollm2", "parallel": parallel, "ctx_size": 2048 * parallel, "threads": 2},
+        "launch": {"model_path": "smollm2", "parallel": parallel, "ctx_size": 2048 * parallel, "threads": threads},
     }
 
 

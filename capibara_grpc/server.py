@@ -25,11 +25,13 @@ from capibara_grpc.inference.client import InferenceClient
 from capibara_grpc.inference.core import InferenceEngine
 from capibara_grpc.inference.servicer import SERVICE as INFERENCE_SERVICE
 from capibara_grpc.inference.servicer import InferenceServicer, publish_health
+from capibara_grpc.consensus.client import ConsensusClient
 from capibara_grpc.context.client import ContextClient
 from capibara_grpc.router.client import RouterClient
 from capibara_grpc.stubs import (
     MESH_SERVICE,
     SERVICE_FULL_NAMES,
+    consensus_pb2_grpc,
     context_pb2_grpc,
     gateway_pb2_grpc,
     inference_pb2_grpc,
@@ -81,9 +83,17 @@ class MeshServers:
         self.services = services
         self._stack = AsyncExitStack()
         self.servers: list[grpc.aio.Server] = []
+        self._unstarted: dict[str, grpc.aio.Server] = {}
 
     async def start(self) -> "MeshServers":
         try:
+            # Every port is bound before any service opens outbound connections: the default
+            # ports (50050-50055) lie in Linux's ephemeral range, where an outgoing connection
+            # could otherwise take one first.
+            for service in self.services:
+                server = _new_server()
+                _listen(server, self.config, service)
+                self._unstarted[service] = server
             # Dependencies first, so the gateway's first call finds inference and router listening.
             for service in sorted(self.services, key=START_ORDER.index):
                 await getattr(self, f"_start_{service}")()
@@ -93,8 +103,10 @@ class MeshServers:
         return self
 
     async def stop(self, grace_s: float = 2.0) -> None:
-        await asyncio.gather(*(server.stop(grace_s) for server in self.servers), return_exceptions=True)
+        servers = self.servers + list(self._unstarted.values())
+        await asyncio.gather(*(server.stop(grace_s) for server in servers), return_exceptions=True)
         self.servers.clear()
+        self._unstarted.clear()
         await self._stack.aclose()
 
     async def wait(self) -> None:
@@ -106,14 +118,13 @@ class MeshServers:
         `serving` names are marked SERVING at once (with ""); a service that publishes its own
         health (inference) passes its HealthServicer instead."""
         health = health or HealthServicer()
-        server = _new_server()
+        server = self._unstarted.pop(service)
         add_servicers(server)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(
             reflected + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
         )
         self.servers.append(server)
-        _listen(server, self.config, service)
         await server.start()
         for name in [*serving, ""] if serving else []:
             await health.set(name, SERVING)
@@ -134,11 +145,11 @@ class MeshServers:
         # processes without a router should not pay.
         from capibara_grpc.config import load_routes
         from capibara_grpc.router.core import Router
-        from capibara_grpc.router.encoder import SentenceEncoder
+        from capibara_grpc.router.encoder import shared_encoder
         from capibara_grpc.router.servicer import ModelHealthWatcher, RouterServicer
 
         settings = self.config.router
-        encoder = await asyncio.to_thread(SentenceEncoder, settings.encoder, settings.cache_size)
+        encoder = await asyncio.to_thread(shared_encoder, settings.encoder, settings.cache_size)
         inference = internal_channel(self.config, "inference")
         self._stack.push_async_callback(inference.close)
         watcher = ModelHealthWatcher(inference, sorted(self.config.models), settings.health_interval_s)
@@ -169,13 +180,28 @@ class MeshServers:
         await self._serve("context", lambda server: context_pb2_grpc.add_ContextServiceServicer_to_server(servicer, server),
                           [name], serving=[name])
 
+    async def _start_consensus(self) -> None:
+        from capibara_grpc.consensus.core import ConsensusEngine
+        from capibara_grpc.consensus.servicer import ConsensusServicer
+        from capibara_grpc.router.encoder import shared_encoder
+
+        encoder = await asyncio.to_thread(shared_encoder, self.config.consensus.encoder, self.config.router.cache_size)
+        inference = internal_channel(self.config, "inference")
+        self._stack.push_async_callback(inference.close)
+        servicer = ConsensusServicer(ConsensusEngine(self.config, InferenceClient(inference).generate, encoder.encode))
+        name = SERVICE_FULL_NAMES["consensus"]
+        await self._serve("consensus", lambda server: consensus_pb2_grpc.add_ConsensusServiceServicer_to_server(servicer, server),
+                          [name], serving=[name])
+
     async def _start_gateway(self) -> None:
         channels = {name: internal_channel(self.config, name) for name in self.config.deployed_services}
         for channel in channels.values():
             self._stack.push_async_callback(channel.close)
         router = RouterClient(channels["router"]).route if "router" in self.config.deployed_services else None
         context = ContextClient(channels["context"]) if "context" in self.config.deployed_services else None
-        chat = ChatServicer(ChatGateway(self.config, InferenceClient(channels["inference"]).generate, router, context))
+        consensus = ConsensusClient(channels["consensus"]).decide if "consensus" in self.config.deployed_services else None
+        chat = ChatServicer(ChatGateway(self.config, InferenceClient(channels["inference"]).generate, router, context,
+                                        consensus))
         mesh = MeshServicer(MeshHealth(self.config, self.config.deployed_services, channels))
 
         def add(server):

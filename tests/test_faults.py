@@ -11,6 +11,7 @@ import pytest
 
 from capibara_grpc.meshproc import launched_model, processes_using, running_mesh, stop_mesh
 from sse import read_events
+from sse import read_events
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,29 @@ async def test_backend_dying_mid_stream_ends_with_an_in_band_error(faulty_mesh):
     assert status == 503 and "fragile" in error["message"]
 
 
+def test_consensus_tolerates_a_down_model_when_the_quorum_is_met(faulty_mesh):
+    status, body, _ = faulty_mesh.request("POST", "/api/consensus", {
+        "prompt": "hola", "models": ["steady", "ghost"], "quorum": 1, "params": {"max_tokens": 5, "temperature": 0}})
+    assert status == 200, body
+    assert [c["model_id"] for c in body["candidates"]] == ["steady"]
+    assert body["failures"][0]["model_id"] == "ghost" and body["failures"][0]["code"] == "UNAVAILABLE"
+    assert body["final"]["chosen_model_id"] == "steady"
+
+
+async def test_consensus_below_quorum_is_unavailable_naming_the_failed_model(faulty_mesh):
+    status, error, _ = faulty_mesh.request("POST", "/api/consensus", {
+        "prompt": "hola", "models": ["steady", "ghost"], "quorum": 2, "params": {"max_tokens": 5}})
+    assert status == 503, error
+    assert "quorum not met" in error["message"] and "ghost" in error["message"]
+    status, events, _ = await read_events(faulty_mesh, "/api/consensus/stream", {
+        "prompt": "hola", "models": ["steady", "ghost"], "quorum": 2, "params": {"max_tokens": 5}})
+    assert status == 200
+    kinds = [next(iter(e)) for _, e in events]
+    assert kinds[-1] == "error" and "final" not in kinds
+    assert events[-1][1]["error"]["code"] == "UNAVAILABLE" and "ghost" in events[-1][1]["error"]["message"]
+
+
+# Last: it stops the module's mesh.
 def test_ctrl_c_stops_every_process_it_started(faulty_mesh):
     started = {
         "llama-server": "--port 26081",

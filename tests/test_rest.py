@@ -102,7 +102,6 @@ def test_models_lists_every_model_with_live_health(mesh):
         ({"message": 5}, 400, "message"),
         ({"message": "hola", "temperature": -1}, 400, "temperature"),
         ({"message": "hola", "max_tokens": 0}, 400, "max_tokens"),
-        ({"message": "hola", "consensus": True}, 501, "consensus"),
     ],
 )
 def test_bad_input_gets_a_clear_json_error(mesh, path, body, status, words):

@@ -23,13 +23,11 @@ from capibara_grpc.errors import (
     error_from_status_name,
 )
 from capibara_grpc.inference.core import validate_params
-from capibara_grpc.inference.types import Finished, Message, SamplingParams, Token
+from capibara_grpc.inference.types import Finished, GenerateFn, Message, SamplingParams, Token
 from capibara_grpc.router.core import RouteDecision as RouterDecision
 
 log = logging.getLogger(__name__)
 
-# (model_id, messages, params, timeout_s) -> stream of tokens then one Finished
-GenerateFn = Callable[[str, list[Message], SamplingParams, float], AsyncIterator[Token | Finished]]
 # (query, recent user turns, timeout_s) -> the router's decision
 RouteFn = Callable[[str, list[str], float], Awaitable["RouterDecision"]]
 ROUTER_TIMEOUT_S = 2.0
@@ -102,12 +100,15 @@ class CompleteResult:
 
 
 class ChatGateway:
-    def __init__(self, config: MeshConfig, generate: GenerateFn, route: RouteFn | None = None, context=None):
+    def __init__(self, config: MeshConfig, generate: GenerateFn, route: RouteFn | None = None, context=None,
+                 consensus=None):
         self.config = config
         self.generate = generate
         self.route_with_router = route
         # The context service client (enrich, append_turn), or None: plain system + user messages.
         self.context = context
+        # (prompt, params, timeout_s) -> ConsensusAnswer, or None when no consensus service runs.
+        self.consensus = consensus
         self.recent = RecentTurns()
 
     def validate(self, chat: ChatInput) -> None:
@@ -119,8 +120,8 @@ class ChatGateway:
             raise InvalidArgument(f"message is {size} bytes, over the limit of {limit} bytes")
         if chat.model and chat.model not in self.config.models:
             raise NotFound(f"unknown model '{chat.model}' (available: {', '.join(sorted(self.config.models))})")
-        if chat.consensus:
-            raise Unimplemented("consensus is not available: the consensus service is not deployed in this mesh yet")
+        if chat.consensus and self.consensus is None:
+            raise Unimplemented("consensus is not available: the consensus service is not deployed in this mesh")
         validate_params(chat.params)
 
     async def route(self, chat: ChatInput) -> RoutingDecision:
@@ -152,6 +153,10 @@ class ChatGateway:
     async def chat(self, chat: ChatInput, timeout_s: float) -> AsyncIterator[ChatEvent]:
         started = time.perf_counter()
         self.validate(chat)
+        if chat.consensus:
+            async for event in self._consensus(chat, timeout_s, started):
+                yield event
+            return
         decision = await self.route(chat)
         self.recent.add(chat.conversation_id, chat.message)
         messages = self.messages(chat)
@@ -195,6 +200,17 @@ class ChatGateway:
                     return
         finally:
             await stream.aclose()
+
+    async def _consensus(self, chat: ChatInput, timeout_s: float, started: float) -> AsyncIterator[ChatEvent]:
+        """Every model answers, the consensus service combines (vote); the combined answer comes
+        as one token delta, since it is only known once all candidates are in."""
+        answer = await self.consensus(chat.message, chat.params, timeout_s)
+        yield RoutingDecision(answer.chosen_model_id, "consensus", answer.agreement, "consensus", answer.reasoning,
+                              scores=answer.scores)
+        yield Token(answer.text, 0)
+        finished = Finished("stop", prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens,
+                            model_id=answer.chosen_model_id)
+        yield ChatDone(finished, (time.perf_counter() - started) * 1000)
 
     async def complete(self, chat: ChatInput, timeout_s: float) -> CompleteResult:
         parts: list[str] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
 
 ROLES = ("system", "user", "assistant")
 FINISH_REASONS = ("stop", "length", "stop_sequence")
@@ -56,3 +57,7 @@ class ModelStatus:
     healthy: bool
     status: str
     context_window: int = 0
+
+
+# (model_id, messages, params, timeout_s) -> stream of tokens then one Finished
+GenerateFn = Callable[[str, list[Message], SamplingParams, float], AsyncIterator[Token | Finished]]

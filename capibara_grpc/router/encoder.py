@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import os
 import threading
 from typing import Callable, Generic, Sequence, TypeVar
@@ -61,6 +62,12 @@ class SentenceEncoder:
                 self._cache.move_to_end(text)
                 rows.append(self._cache[text])
         return np.vstack(rows)
+
+
+@functools.lru_cache(maxsize=None)
+def shared_encoder(name: str = MINILM, cache_size: int = 10000) -> SentenceEncoder:
+    """One encoder per model in a process, shared by the services that run in it."""
+    return SentenceEncoder(name, cache_size)
 
 
 class MicroBatcher(Generic[Result]):
