@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -10,7 +11,9 @@ import aiohttp
 import pytest
 
 from capibara_grpc.meshproc import launched_model, processes_using, running_mesh, stop_mesh
+from grpc_helpers import LONG
 from sse import read_events
+from test_cancellation import wait_until_idle
 from sse import read_events
 
 
@@ -19,6 +22,7 @@ def faulty_mesh(tmp_path_factory):
     models = {
         "fragile": launched_model(26080, max_tokens=1000),
         "steady": launched_model(26081),
+        "doomed": launched_model(26082),
         # Nothing listens on this port: a backend that is down.
         "ghost": {"backend": {"url": "http://127.0.0.1:26099", "protocol": "llama_cpp"}},
     }
@@ -101,6 +105,32 @@ async def test_consensus_below_quorum_is_unavailable_naming_the_failed_model(fau
     kinds = [next(iter(e)) for _, e in events]
     assert kinds[-1] == "error" and "final" not in kinds
     assert events[-1][1]["error"]["code"] == "UNAVAILABLE" and "ghost" in events[-1][1]["error"]["message"]
+
+
+
+async def test_consensus_survives_a_backend_stopped_mid_call(faulty_mesh):
+    """Kill one candidate's llama-server while both generate: quorum 1 still answers."""
+    events = []
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            faulty_mesh.base_url + "/api/consensus/stream",
+            json={"prompt": LONG["message"], "models": ["steady", "doomed"], "quorum": 1,
+                  "params": {"max_tokens": 300, "temperature": 0, "repeat_penalty": 1.0}},
+            ssl=faulty_mesh.ssl_context(),
+        ) as response:
+            assert response.status == 200
+            async for line in response.content:
+                if line.startswith(b"data:"):
+                    events.append(json.loads(line[5:]))
+                    if sum("started" in e for e in events) == 2 and len(events) == 2:
+                        await asyncio.sleep(0.5)  # both are generating
+                        os.kill(llama_server_pid(26082), signal.SIGKILL)
+    kinds = [next(iter(e)) for e in events]
+    assert kinds[-1] == "final", kinds
+    (failed,) = [e["failed"] for e in events if "failed" in e]
+    assert failed["model_id"] == "doomed" and failed["code"] == "UNAVAILABLE"
+    assert events[-1]["final"]["chosen_model_id"] == "steady"
+    await wait_until_idle(faulty_mesh.backend_url("steady"))
 
 
 # Last: it stops the module's mesh.
