@@ -57,24 +57,25 @@ def test_models_report_the_down_backend(faulty_mesh):
     assert models["fragile"]["healthy"] is True
 
 
-async def test_backend_dying_mid_stream_ends_with_an_in_band_error(faulty_mesh):
-    port = 26080
-    killed = False
+async def stream_killing_backend(mesh, path: str, body: dict, port: int, after_events: int, wait_s: float = 0.0):
+    """Read an SSE stream and SIGKILL the llama-server on `port` once `after_events` events have
+    arrived; return every event."""
     events = []
-
     async with aiohttp.ClientSession() as session:
-        async with session.post(
-            faulty_mesh.base_url + "/api/chat/stream",
-            json={"message": "Write a long story.", "model": "fragile"},
-            ssl=faulty_mesh.ssl_context(),
-        ) as response:
+        async with session.post(mesh.base_url + path, json=body, ssl=mesh.ssl_context()) as response:
             assert response.status == 200
             async for line in response.content:
                 if line.startswith(b"data:"):
                     events.append(json.loads(line[5:]))
-                    if len(events) == 3 and not killed:
+                    if len(events) == after_events:
+                        await asyncio.sleep(wait_s)
                         os.kill(llama_server_pid(port), signal.SIGKILL)
-                        killed = True
+    return events
+
+
+async def test_backend_dying_mid_stream_ends_with_an_in_band_error(faulty_mesh):
+    events = await stream_killing_backend(faulty_mesh, "/api/chat/stream",
+                                          {"message": "Write a long story.", "model": "fragile"}, 26080, 3)
     kinds = [next(iter(e)) for e in events]
     assert kinds[0] == "routing" and "token" in kinds
     assert kinds[-1] == "error" and "done" not in kinds
@@ -110,21 +111,10 @@ async def test_consensus_below_quorum_is_unavailable_naming_the_failed_model(fau
 
 async def test_consensus_survives_a_backend_stopped_mid_call(faulty_mesh):
     """Kill one candidate's llama-server while both generate: quorum 1 still answers."""
-    events = []
-    async with aiohttp.ClientSession() as session:
-        async with session.post(
-            faulty_mesh.base_url + "/api/consensus/stream",
-            json={"prompt": LONG["message"], "models": ["steady", "doomed"], "quorum": 1,
-                  "params": {"max_tokens": 300, "temperature": 0, "repeat_penalty": 1.0}},
-            ssl=faulty_mesh.ssl_context(),
-        ) as response:
-            assert response.status == 200
-            async for line in response.content:
-                if line.startswith(b"data:"):
-                    events.append(json.loads(line[5:]))
-                    if sum("started" in e for e in events) == 2 and len(events) == 2:
-                        await asyncio.sleep(0.5)  # both are generating
-                        os.kill(llama_server_pid(26082), signal.SIGKILL)
+    body = {"prompt": LONG["message"], "models": ["steady", "doomed"], "quorum": 1,
+            "params": {"max_tokens": 300, "temperature": 0, "repeat_penalty": 1.0}}
+    # After the two "started" events, give both half a second of generating.
+    events = await stream_killing_backend(faulty_mesh, "/api/consensus/stream", body, 26082, 2, wait_s=0.5)
     kinds = [next(iter(e)) for e in events]
     assert kinds[-1] == "final", kinds
     (failed,) = [e["failed"] for e in events if "failed" in e]
