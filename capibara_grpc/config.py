@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from capibara_grpc.errors import NotFound
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "capibara.yaml"
 
@@ -193,7 +195,11 @@ class MeshConfig:
         return [s for s in SERVICE_NAMES if s in IMPLEMENTED_SERVICES and (s != "router" or self.router.enabled)]
 
     def model(self, model_id: str) -> ModelConfig:
-        return self.models[model_id]
+        """The model's configuration; NOT_FOUND naming the available models if there is none."""
+        try:
+            return self.models[model_id]
+        except KeyError:
+            raise NotFound(f"unknown model '{model_id}' (available: {', '.join(sorted(self.models))})") from None
 
 
 @dataclass

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import aiohttp
-import grpc
 import pytest
 
 from capibara_grpc.consensus.core import final_answer_key
@@ -44,7 +42,7 @@ def test_vote_groups_different_answers_and_reports_the_share(mesh):
     agreement = body["final"]["agreement"]
     assert any(abs(agreement - k / 3) < 1e-6 for k in (1, 2, 3))
     assert body["final"]["text"] in {c["text"] for c in body["candidates"]}
-    assert f"of 3 answers agree" in body["final"]["reasoning"]
+    assert "of 3 answers agree" in body["final"]["reasoning"]
 
 
 def test_judge_picks_a_candidate_or_falls_back_to_vote_and_says_so(mesh):

@@ -177,7 +177,7 @@ async def test_history_is_trimmed_to_the_context_window_keeping_the_newest(mesh)
                                    timeout=60)
     (history,) = [a for a in result.added_context if a.kind == "history"]
     kept = int(history.content.split()[0])
-    assert 5 < kept < 40 and f"of 40 turns" in history.reason
+    assert 5 < kept < 40 and "of 40 turns" in history.reason
     history_messages = list(result.messages)[1:-1]
     assert len(history_messages) == kept
     assert history_messages[-1].content.startswith("turn 39:")  # the newest turn is kept

@@ -14,7 +14,6 @@ from capibara_grpc.meshproc import launched_model, processes_using, running_mesh
 from grpc_helpers import LONG
 from sse import read_events
 from test_cancellation import wait_until_idle
-from sse import read_events
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from typing import AsyncIterator, Callable
 import numpy as np
 
 from capibara_grpc.config import MeshConfig
-from capibara_grpc.errors import InvalidArgument, MeshError, NotFound, as_mesh_error
+from capibara_grpc.errors import InvalidArgument, MeshError, as_mesh_error
 from capibara_grpc.inference.types import Finished, GenerateFn, Message, SamplingParams, Token
 from capibara_grpc.router.classifier import normalize
 
@@ -110,8 +110,7 @@ class ConsensusEngine:
             raise InvalidArgument(f"unknown strategy '{request.strategy}' (one of {', '.join(STRATEGIES)})")
         models = request.models or sorted(self.config.models)
         for model_id in models:
-            if model_id not in self.config.models:
-                raise NotFound(f"unknown model '{model_id}' (available: {', '.join(sorted(self.config.models))})")
+            self.config.model(model_id)
         if request.strategy == "self_consistency":
             k = request.samples or self.settings.default_samples
             if k < 2 or k > MAX_CANDIDATES:

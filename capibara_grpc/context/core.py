@@ -12,7 +12,7 @@ from capibara_grpc.context import providers
 from capibara_grpc.context.memory import ConversationStore, Turn
 from capibara_grpc.context.providers import Addition
 from capibara_grpc.context.tokens import ModelTokens
-from capibara_grpc.errors import InvalidArgument, NotFound
+from capibara_grpc.errors import InvalidArgument
 from capibara_grpc.inference.types import Message
 
 # Chat templates add a few tokens around every message.
@@ -65,8 +65,7 @@ class ContextEngine:
 
     def _model(self, model_id: str) -> str:
         model_id = model_id or self.config.gateway.default_model
-        if model_id not in self.config.models:
-            raise NotFound(f"unknown model '{model_id}' (available: {', '.join(sorted(self.config.models))})")
+        self.config.model(model_id)
         return model_id
 
     async def toon_encode(self, value, model_id: str = "") -> ToonEncoding:

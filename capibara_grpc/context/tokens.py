@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 
 from capibara_grpc.config import MeshConfig
-from capibara_grpc.errors import NotFound, Unavailable
+from capibara_grpc.errors import Unavailable
 
 
 class ModelTokens:
@@ -17,9 +17,7 @@ class ModelTokens:
         self._windows: dict[str, int] = {}
 
     def _url(self, model_id: str) -> str:
-        if model_id not in self.config.models:
-            raise NotFound(f"unknown model '{model_id}' (available: {', '.join(sorted(self.config.models))})")
-        return self.config.models[model_id].backend.url.rstrip("/")
+        return self.config.model(model_id).backend.url.rstrip("/")
 
     async def _call(self, model_id: str, method: str, path: str, body: dict | None = None) -> dict:
         url = self._url(model_id) + path

@@ -17,7 +17,6 @@ from capibara_grpc.config import MeshConfig
 from capibara_grpc.errors import (
     InvalidArgument,
     MeshError,
-    NotFound,
     Unimplemented,
     as_mesh_error,
     error_from_status_name,
@@ -118,8 +117,8 @@ class ChatGateway:
         limit = self.config.gateway.max_message_bytes
         if size > limit:
             raise InvalidArgument(f"message is {size} bytes, over the limit of {limit} bytes")
-        if chat.model and chat.model not in self.config.models:
-            raise NotFound(f"unknown model '{chat.model}' (available: {', '.join(sorted(self.config.models))})")
+        if chat.model:
+            self.config.model(chat.model)
         if chat.consensus and self.consensus is None:
             raise Unimplemented("consensus is not available: the consensus service is not deployed in this mesh")
         validate_params(chat.params)

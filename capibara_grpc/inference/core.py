@@ -9,7 +9,7 @@ from typing import AsyncIterator, Awaitable, Callable
 import aiohttp
 
 from capibara_grpc.config import MeshConfig
-from capibara_grpc.errors import InvalidArgument, NotFound
+from capibara_grpc.errors import InvalidArgument
 from capibara_grpc.inference.backends import ModelBackend, make_backend
 from capibara_grpc.inference.types import ROLES, Finished, Message, ModelStatus, SamplingParams, Token
 
@@ -82,12 +82,8 @@ class InferenceEngine:
     def backend(self, model_id: str) -> ModelBackend:
         if not model_id:
             raise InvalidArgument("model_id is required")
-        try:
-            return self.backends[model_id]
-        except KeyError:
-            raise NotFound(
-                f"unknown model '{model_id}' (available: {', '.join(sorted(self.backends))})"
-            ) from None
+        self.config.model(model_id)
+        return self.backends[model_id]
 
     async def generate(
         self, model_id: str, messages: list[Message], params: SamplingParams
