@@ -67,11 +67,17 @@ def as_mesh_error(exc: BaseException) -> MeshError | None:
     return None
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str):
+def to_mesh_error(exc: BaseException, where: str) -> MeshError:
+    """The MeshError an exception stands for; a bug is logged and becomes INTERNAL."""
     error = as_mesh_error(exc)
     if error is None:
-        log.exception("unexpected error in %s", method)
-        error = MeshError(f"internal error in {method}: {type(exc).__name__}")
+        log.exception("unexpected error in %s", where)
+        error = MeshError(f"internal error in {where}: {type(exc).__name__}")
+    return error
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str):
+    error = to_mesh_error(exc, method)
     await context.abort(error.code, error.message)
 
 
@@ -112,3 +118,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 unary_stream, handler.request_deserializer, handler.response_serializer
             )
         return handler
+
+
+def remaining_s(context: grpc.aio.ServicerContext, default_s: float) -> float:
+    """Seconds left of the caller's deadline, or `default_s` when the caller set none."""
+    remaining = context.time_remaining()
+    return remaining if remaining is not None else default_s

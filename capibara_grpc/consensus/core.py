@@ -23,7 +23,7 @@ from typing import AsyncIterator, Callable
 import numpy as np
 
 from capibara_grpc.config import MeshConfig
-from capibara_grpc.errors import InvalidArgument, MeshError, as_mesh_error
+from capibara_grpc.errors import InvalidArgument, to_mesh_error
 from capibara_grpc.inference.types import Finished, GenerateFn, Message, SamplingParams, Token
 from capibara_grpc.router.classifier import normalize
 
@@ -166,9 +166,8 @@ class ConsensusEngine:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - one candidate failing is an event, not a crash
-                error = as_mesh_error(exc) or MeshError(type(exc).__name__)
-                code = "DEADLINE_EXCEEDED" if isinstance(exc, TimeoutError) else error.code.name
-                await queue.put(CandidateFailed(label, code, error.message))
+                error = to_mesh_error(exc, f"candidate {label}")
+                await queue.put(CandidateFailed(label, error.code.name, error.message))
 
         tasks = []
         try:
@@ -292,7 +291,6 @@ class ConsensusEngine:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
-            error = as_mesh_error(exc) or MeshError(type(exc).__name__)
-            code = "DEADLINE_EXCEEDED" if isinstance(exc, TimeoutError) else error.code.name
-            yield Failure(code, f"combining failed: {error.message}")
+            error = to_mesh_error(exc, "combining")
+            yield Failure(error.code.name, f"combining failed: {error.message}")
 

@@ -11,7 +11,7 @@ from capibara_grpc.consensus.core import (
     Request,
     Started,
 )
-from capibara_grpc.errors import error_from_status_name
+from capibara_grpc.errors import error_from_status_name, remaining_s
 from capibara_grpc.inference import convert
 from capibara_grpc.inference.types import Token
 from capibara_grpc.stubs import consensus_pb2 as pb
@@ -68,8 +68,7 @@ class ConsensusServicer(consensus_pb2_grpc.ConsensusServiceServicer):
         self.engine = engine
 
     def _deadline(self, context) -> float:
-        remaining = context.time_remaining()
-        return remaining if remaining is not None else self.engine.config.gateway.default_deadline_s
+        return remaining_s(context, self.engine.config.gateway.default_deadline_s)
 
     async def Combine(self, request, context):
         async for event in self.engine.combine(request_from_pb(request), self._deadline(context)):

@@ -8,7 +8,6 @@ something, any failure (bad input, unknown model, backend down) is still a plain
 from __future__ import annotations
 
 import collections
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
@@ -16,16 +15,14 @@ from typing import AsyncIterator, Awaitable, Callable
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.errors import (
     InvalidArgument,
-    MeshError,
     Unimplemented,
-    as_mesh_error,
     error_from_status_name,
+    to_mesh_error,
 )
 from capibara_grpc.inference.core import validate_params
 from capibara_grpc.inference.types import Finished, GenerateFn, Message, SamplingParams, Token
 from capibara_grpc.router.core import RouteDecision as RouterDecision
 
-log = logging.getLogger(__name__)
 
 # (query, recent user turns, timeout_s) -> the router's decision
 RouteFn = Callable[[str, list[str], float], Awaitable["RouterDecision"]]
@@ -134,7 +131,7 @@ class ChatGateway:
         try:
             decision = await self.route_with_router(chat.message, self.recent.get(chat.conversation_id), ROUTER_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - routing must not fail the chat; the event says so
-            error = as_mesh_error(exc) or MeshError(type(exc).__name__)
+            error = to_mesh_error(exc, "routing")
             return RoutingDecision(default, "default", 0.0, "default",
                                    f"router unavailable ({error.code.name}: {error.message}): configured default model",
                                    fallback=True)
@@ -178,7 +175,7 @@ class ChatGateway:
                             await self.context.append_turn(chat.conversation_id, "assistant", "".join(answer),
                                                            item.model_id or decision.model_id, CONTEXT_TIMEOUT_S)
                         except Exception as exc:  # noqa: BLE001 - the client must know it was not stored
-                            error = as_mesh_error(exc) or MeshError(type(exc).__name__)
+                            error = to_mesh_error(exc, "storing the answer")
                             yield StreamFailure(error.code.name, f"the answer was not stored: {error.message}")
                             return
                     yield ChatDone(item, (time.perf_counter() - started) * 1000)
@@ -191,10 +188,7 @@ class ChatGateway:
                     yield StreamFailure("INTERNAL", "the inference stream ended without a final event")
                     return
                 except Exception as exc:  # noqa: BLE001 - reported in-band, the stream has started
-                    error = as_mesh_error(exc)
-                    if error is None:
-                        log.exception("chat stream failed")
-                        error = MeshError(f"internal error: {type(exc).__name__}")
+                    error = to_mesh_error(exc, "chat stream")
                     yield StreamFailure(error.code.name, error.message)
                     return
         finally:

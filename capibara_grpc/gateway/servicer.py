@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import grpc
-
-from capibara_grpc.errors import Unavailable
+from capibara_grpc.errors import Unavailable, remaining_s
 from capibara_grpc.gateway.core import ChatDone, ChatGateway, ChatInput, RoutingDecision, StreamFailure
 from capibara_grpc.gateway.health import MeshHealth
 from capibara_grpc.inference import convert
@@ -63,9 +61,8 @@ class ChatServicer(gateway_pb2_grpc.ChatServiceServicer):
     def __init__(self, gateway: ChatGateway):
         self.gateway = gateway
 
-    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
-        remaining = context.time_remaining()
-        return remaining if remaining is not None else self.gateway.config.gateway.default_deadline_s
+    def _timeout(self, context) -> float:
+        return remaining_s(context, self.gateway.config.gateway.default_deadline_s)
 
     async def Chat(self, request, context):
         async for event in self.gateway.chat(chat_input_from_pb(request), self._timeout(context)):
