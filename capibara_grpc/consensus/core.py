@@ -134,19 +134,24 @@ class ConsensusEngine:
 
     # -- running candidates ----------------------------------------------------------------
 
-    async def _collect(self, model_id: str, messages: list[Message], params: SamplingParams, timeout_s: float):
-        started = time.perf_counter()
-        parts, finished = [], None
+    async def _stream(self, model_id: str, messages: list[Message], params: SamplingParams, timeout_s: float):
+        """One generation, bounded by `timeout_s`; its upstream call is closed however it ends."""
         async with asyncio.timeout(timeout_s):
             stream = self.generate(model_id, messages, params, timeout_s)
             try:
                 async for item in stream:
-                    if isinstance(item, Token):
-                        parts.append(item.text)
-                    elif isinstance(item, Finished):
-                        finished = item
+                    yield item
             finally:
                 await stream.aclose()
+
+    async def _collect(self, model_id: str, messages: list[Message], params: SamplingParams, timeout_s: float):
+        started = time.perf_counter()
+        parts, finished = [], None
+        async for item in self._stream(model_id, messages, params, timeout_s):
+            if isinstance(item, Token):
+                parts.append(item.text)
+            elif isinstance(item, Finished):
+                finished = item
         return "".join(parts), (time.perf_counter() - started) * 1000, finished
 
     async def combine(self, request: Request, deadline_s: float) -> AsyncIterator[Event]:
@@ -260,15 +265,10 @@ class ConsensusEngine:
                   "Write one answer that combines what is correct in them, in the language of the question.")
         parts = []
         timeout = max(0.01, deadline - time.monotonic())
-        async with asyncio.timeout(timeout):
-            stream = self.generate(aggregator, [Message("user", prompt)], request.params, timeout)
-            try:
-                async for item in stream:
-                    if isinstance(item, Token):
-                        parts.append(item.text)
-                        yield item
-            finally:
-                await stream.aclose()
+        async for item in self._stream(aggregator, [Message("user", prompt)], request.params, timeout):
+            if isinstance(item, Token):
+                parts.append(item.text)
+                yield item
         fused = "".join(parts)
         vectors = self.encode([fused or "(empty answer)"] + [c.text or "(empty answer)" for c in done])
         scores = [(c.model_id, float(vectors[0] @ vectors[i + 1])) for i, c in enumerate(done)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 
 import aiohttp
 
@@ -15,6 +16,9 @@ class ModelTokens:
         self.config = config
         self.session = session
         self._windows: dict[str, int] = {}
+        # Conversation history is counted again on every request: remember recent counts.
+        self._counts: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
+        self._counts_max = 20000
 
     def _url(self, model_id: str) -> str:
         return self.config.model(model_id).backend.url.rstrip("/")
@@ -31,11 +35,18 @@ class ModelTokens:
 
     async def count(self, model_id: str, text: str) -> int:
         """Tokens of `text` for the model (llama-server /tokenize; vLLM's answers with `count`)."""
-        model = self.config.models.get(model_id)
-        body = {"content": text, "prompt": text, "model": (model.backend.model_name if model else "") or model_id,
-                "add_special": False}
+        key = (model_id, text)
+        if key in self._counts:
+            self._counts.move_to_end(key)
+            return self._counts[key]
+        model = self.config.model(model_id)
+        body = {"content": text, "prompt": text, "model": model.backend.model_name or model_id, "add_special": False}
         result = await self._call(model_id, "POST", "/tokenize", body)
-        return int(result["count"]) if "count" in result else len(result.get("tokens", []))
+        count = int(result["count"]) if "count" in result else len(result.get("tokens", []))
+        self._counts[key] = count
+        while len(self._counts) > self._counts_max:
+            self._counts.popitem(last=False)
+        return count
 
     async def context_window(self, model_id: str) -> int:
         if model_id not in self._windows:
