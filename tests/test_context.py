@@ -122,6 +122,20 @@ def test_bad_context_input_is_400_or_404_with_a_reason(mesh, path, body, words):
     assert words in error["message"]
 
 
+@pytest.mark.parametrize("data_text, where, what", [
+    ('{\n    "rows": [1, 2,, 3]\n  }', "line 5, column 19", "unexpected ','"),
+    ("{\n    \"name\": 'Ana'\n  }", "line 5, column 13", "double quotes"),
+    ('{\n    "a": 1,\n  }', "line 6, column 3", "field name in double quotes"),
+    ('{\n    "note": "no closing quote\n  }', "line 5, column 30", "control character"),
+])
+def test_invalid_json_in_data_names_line_and_column(mesh, data_text, where, what):
+    raw = ('{\n  "message": "resume esto",\n  "model_id": "phi",\n  "data": ' + data_text + "\n}").encode()
+    status, error, headers = mesh.request("POST", "/api/context/enrich", raw=raw)
+    assert status == 400, error
+    assert headers["content-type"].startswith("application/json")
+    assert where in error["message"] and what in error["message"], error["message"]
+
+
 def test_chat_turns_are_remembered_read_and_erased(mesh):
     conversation = "memory-test-1"
     for message in ("Me llamo Ana y vivo en Quito.", "¿Cómo me llamo?"):

@@ -1,47 +1,130 @@
 -- REST guard for the edge (envoy_config.py prepends the ALLOWED_FIELDS table).
--- Rejects REST bodies that carry fields the API does not have: the transcoder would drop them
--- silently, and a misspelt "max_token" would then quietly be ignored. The reply is a local one,
--- so local_reply_config turns it into the same JSON error body as every other 400.
+-- Rejects REST bodies that are not JSON (naming line and column) or that carry fields the API
+-- does not have: the transcoder would drop those silently, and a misspelt "max_token" would then
+-- quietly be ignored. The reply is a local one, so local_reply_config turns it into the same JSON
+-- error body as every other 400.
 
-local function top_level_keys(text)
-  local keys = {}
-  local i, n, depth = 1, #text, 0
-  local object_at_top, expect_key = false, false
-  while i <= n do
-    local c = text:sub(i, i)
-    if c == '"' then
-      local j = i + 1
-      while j <= n do
-        local d = text:sub(j, j)
-        if d == "\\" then
-          j = j + 2
-        elseif d == '"' then
-          break
-        else
-          j = j + 1
-        end
+-- A small JSON checker: Envoy's transcoder would also reject malformed JSON, but its message
+-- marks a byte offset, while someone fixing a pasted document needs the line and column.
+-- It returns the top-level object's keys, or nil and an error naming where the body breaks.
+local function json_top_level_keys(text)
+  local pos, keys = 1, {}
+  local fail
+
+  local function where(at)
+    local line, column_start = 1, 1
+    for newline in text:sub(1, at - 1):gmatch("()\n") do
+      line, column_start = line + 1, newline + 1
+    end
+    return "line " .. line .. ", column " .. (at - column_start + 1)
+  end
+
+  local function error_at(at, what)
+    fail = "invalid JSON at " .. where(at) .. ": " .. what
+    error(fail, 0)
+  end
+
+  local function skip_space()
+    pos = text:find("[^ \t\r\n]", pos) or (#text + 1)
+  end
+
+  local function read_string()
+    local i = pos + 1
+    while true do
+      local stop = text:find('[\"\\%c]', i)
+      if stop == nil then
+        error_at(pos, "string is not closed")
       end
-      if depth == 1 and object_at_top and expect_key then
-        keys[#keys + 1] = text:sub(i + 1, j - 1)
-        expect_key = false
+      local c = text:sub(stop, stop)
+      if c == '"' then
+        local value = text:sub(pos + 1, stop - 1)
+        pos = stop + 1
+        return value
+      elseif c == "\\" then
+        i = stop + 2
+      else
+        error_at(stop, "control character (a raw line break?) inside a string")
       end
-      i = j + 1
-    else
-      if c == "{" or c == "[" then
-        depth = depth + 1
-        if depth == 1 then
-          object_at_top = (c == "{")
-          expect_key = object_at_top
-        end
-      elseif c == "}" or c == "]" then
-        depth = depth - 1
-      elseif c == "," and depth == 1 then
-        expect_key = true
-      end
-      i = i + 1
     end
   end
+
+  local read_value
+
+  local function read_container(close, on_item)
+    pos = pos + 1
+    skip_space()
+    if text:sub(pos, pos) == close then
+      pos = pos + 1
+      return
+    end
+    while true do
+      on_item()
+      skip_space()
+      local c = text:sub(pos, pos)
+      if c == close then
+        pos = pos + 1
+        return
+      elseif c ~= "," then
+        error_at(pos, "expected ',' or '" .. close .. "'")
+      end
+      pos = pos + 1
+      skip_space()
+    end
+  end
+
+  read_value = function(depth)
+    skip_space()
+    local c = text:sub(pos, pos)
+    if c == "{" then
+      read_container("}", function()
+        if text:sub(pos, pos) ~= '"' then
+          error_at(pos, "expected a field name in double quotes")
+        end
+        local key = read_string()
+        if depth == 0 then
+          keys[#keys + 1] = key
+        end
+        skip_space()
+        if text:sub(pos, pos) ~= ":" then
+          error_at(pos, "expected ':' after a field name")
+        end
+        pos = pos + 1
+        read_value(depth + 1)
+      end)
+    elseif c == "[" then
+      read_container("]", function() read_value(depth + 1) end)
+    elseif c == '"' then
+      read_string()
+    else
+      local token = text:match("^-?%d+%.?%d*[eE]?[-+]?%d*", pos)
+        or text:match("^true", pos) or text:match("^false", pos) or text:match("^null", pos)
+      if token == nil then
+        if c == "" then
+          error_at(pos, "the body ends too early")
+        elseif c == "'" then
+          error_at(pos, "single quote: JSON strings and field names take double quotes")
+        end
+        error_at(pos, "unexpected '" .. c .. "'")
+      end
+      pos = pos + #token
+    end
+  end
+
+  local ok = pcall(function()
+    read_value(0)
+    skip_space()
+    if pos <= #text then
+      error_at(pos, "unexpected text after the end of the JSON value")
+    end
+  end)
+  if not ok then
+    return nil, fail or "invalid JSON"
+  end
   return keys
+end
+
+local function reject(handle, message)
+  handle:respond({ [":status"] = "400", ["content-type"] = "text/plain" }, message)
 end
 
 function envoy_on_request(handle)
@@ -62,13 +145,15 @@ function envoy_on_request(handle)
   if body == nil or body:length() == 0 then
     return
   end
-  for _, key in ipairs(top_level_keys(body:getBytes(0, body:length()))) do
+  local keys, problem = json_top_level_keys(body:getBytes(0, body:length()))
+  if keys == nil then
+    reject(handle, problem)
+    return
+  end
+  for _, key in ipairs(keys) do
     if not allowed.fields[key] then
       local shown = key:gsub("[^%w_%-%.]", "?"):sub(1, 64)
-      handle:respond(
-        { [":status"] = "400", ["content-type"] = "text/plain" },
-        "unknown field '" .. shown .. "' (accepted: " .. allowed.listing .. ")"
-      )
+      reject(handle, "unknown field '" .. shown .. "' (accepted: " .. allowed.listing .. ")")
       return
     end
   end
