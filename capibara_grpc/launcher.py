@@ -19,7 +19,7 @@ import time
 
 import aiohttp
 
-from capibara_grpc.config import MeshConfig, ModelConfig, resolve_model_file
+from capibara_grpc.config import REPO_ROOT, MeshConfig, ModelConfig, resolve_model_file
 from capibara_grpc.edge import envoy_config
 from capibara_grpc.server import MeshServers
 
@@ -60,17 +60,19 @@ def port_is_free(host: str, port: int) -> bool:
 
 
 class ChildProcess:
-    def __init__(self, name: str, argv: list[str], log_path: pathlib.Path):
+    def __init__(self, name: str, argv: list[str], log_path: pathlib.Path, env: dict[str, str] | None = None):
         self.name = name
         self.argv = argv
         self.log_path = log_path
+        self.env = {**os.environ, **env} if env else None
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                env=self.env,
             )
 
     def exited(self) -> int | None:
@@ -115,6 +117,20 @@ def llama_server_argv(config: MeshConfig, model: ModelConfig) -> list[str]:
     ]
 
 
+def speech_in_own_process(config: MeshConfig) -> bool:
+    """A Coqui model needs coqui-tts's environment (its own torch); the speech service then runs
+    as `capibara serve speech` under that environment's Python."""
+    return "speech" in config.deployed_services and config.speech.coqui.configured
+
+
+def speech_service_argv(config: MeshConfig) -> list[str]:
+    python = config.resolve_path(config.speech.coqui.python)
+    if not python.is_file():
+        raise StartupError(f"speech.coqui.python: '{python}' not found; the Coqui environment is made by "
+                           "`make coqui` (requirements-coqui.txt)")
+    return [str(python), "-m", "capibara_grpc.cli", "--config", config.source, "serve", "speech"]
+
+
 class Mesh:
     """Everything `capibara up` runs, as one unit."""
 
@@ -143,9 +159,18 @@ class Mesh:
                                  self.logs / f"llama-server-{model.model_id}.log")
             child.start()
             self.children.append(child)
+        in_process = list(self.config.deployed_services)
+        if speech_in_own_process(self.config):
+            in_process.remove("speech")
+            speech = ChildProcess("speech", speech_service_argv(self.config), self.logs / "speech.log",
+                                  env={"PYTHONPATH": str(REPO_ROOT)})
+            speech.start()
+            self.children.append(speech)
         envoy_yaml = envoy_config.write(self.config)
         await self._wait_for_backends(launched)
-        self.servers = await MeshServers(self.config, self.config.deployed_services).start()
+        self.servers = await MeshServers(self.config, in_process).start()
+        if speech_in_own_process(self.config):
+            await self._wait_grpc_serving(self.children[-1], self.config.services.address("speech"))
         envoy = ChildProcess("envoy", [envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn",
                                        "--disable-hot-restart"], self.logs / "envoy.log")
         envoy.start()
@@ -157,6 +182,23 @@ class Mesh:
             self._wait_http(child, model.backend.url.rstrip("/") + "/health", timeout_s)
             for child, model in zip(self.children, models)
         ))
+
+    async def _wait_grpc_serving(self, child: ChildProcess, address: str, timeout_s: float = 120.0) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + timeout_s
+        async with grpc.aio.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if child.exited() is not None:
+                    raise StartupError(f"{child.name} exited with status {child.exited()}:\n{child.tail()}")
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                await asyncio.sleep(0.3)
+        raise StartupError(f"{child.name} not serving at {address} after {timeout_s:.0f} s; log: {child.log_path}")
 
     async def _wait_http(self, child: ChildProcess, url: str, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s

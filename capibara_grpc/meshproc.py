@@ -77,7 +77,7 @@ class RunningMesh:
         return f"127.0.0.1:{self.config['services'][service]['port']}"
 
     def request(self, method: str, path: str, body=None, raw: bytes | None = None, timeout: float = 120):
-        """(status, parsed JSON or text, headers) of one REST call through Envoy."""
+        """(status, parsed JSON, text or audio bytes, headers) of one REST call through Envoy."""
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         req = urllib.request.Request(self.base_url + path, data=data, method=method,
                                      headers={"content-type": "application/json"})
@@ -86,6 +86,8 @@ class RunningMesh:
                 status, payload, headers = response.status, response.read(), response.headers
         except urllib.error.HTTPError as exc:
             status, payload, headers = exc.code, exc.read(), exc.headers
+        if headers.get("content-type", "").startswith("audio/"):
+            return status, payload, headers
         text = payload.decode()
         try:
             return status, json.loads(text), headers

@@ -28,6 +28,7 @@ from capibara_grpc.inference.servicer import InferenceServicer, publish_health
 from capibara_grpc.consensus.client import ConsensusClient
 from capibara_grpc.context.client import ContextClient
 from capibara_grpc.router.client import RouterClient
+from capibara_grpc.speech.client import SpeechClient
 from capibara_grpc.stubs import (
     MESH_SERVICE,
     SERVICE_FULL_NAMES,
@@ -36,6 +37,7 @@ from capibara_grpc.stubs import (
     gateway_pb2_grpc,
     inference_pb2_grpc,
     router_pb2_grpc,
+    speech_pb2_grpc,
 )
 
 log = logging.getLogger(__name__)
@@ -193,6 +195,17 @@ class MeshServers:
         await self._serve("consensus", lambda server: consensus_pb2_grpc.add_ConsensusServiceServicer_to_server(servicer, server),
                           [name], serving=[name])
 
+    async def _start_speech(self) -> None:
+        from capibara_grpc.speech.core import Speech, build_engines
+        from capibara_grpc.speech.servicer import SpeechServicer
+
+        # A Coqui model takes seconds to load: off the event loop.
+        engines = await asyncio.to_thread(build_engines, self.config)
+        servicer = SpeechServicer(Speech(self.config, engines))
+        name = SERVICE_FULL_NAMES["speech"]
+        await self._serve("speech", lambda server: speech_pb2_grpc.add_SpeechServiceServicer_to_server(servicer, server),
+                          [name], serving=[name])
+
     async def _start_gateway(self) -> None:
         channels = {name: internal_channel(self.config, name) for name in self.config.deployed_services}
         for channel in channels.values():
@@ -200,8 +213,9 @@ class MeshServers:
         router = RouterClient(channels["router"]).route if "router" in self.config.deployed_services else None
         context = ContextClient(channels["context"]) if "context" in self.config.deployed_services else None
         consensus = ConsensusClient(channels["consensus"]).decide if "consensus" in self.config.deployed_services else None
+        speech = SpeechClient(channels["speech"]) if "speech" in self.config.deployed_services else None
         chat = ChatServicer(ChatGateway(self.config, InferenceClient(channels["inference"]).generate, router, context,
-                                        consensus))
+                                        consensus, speech))
         mesh = MeshServicer(MeshHealth(self.config, self.config.deployed_services, channels))
 
         def add(server):

@@ -20,6 +20,9 @@ from capibara_grpc.stubs import MESH_SERVICE, SERVICE_FULL_NAMES
 LUA_FILTER = pathlib.Path(__file__).with_name("rest_guard.lua")
 # Request body limit for REST calls (the gateway applies its own, smaller message limit).
 MAX_REQUEST_BYTES = 1024 * 1024
+# Unary REST responses are buffered by the transcoder; the largest is a spoken WAV (3000
+# characters of speech at 22-24 kHz is about 10 MB).
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 
 
 def _cluster(name: str, host: str, port: int) -> dict:
@@ -140,6 +143,7 @@ def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path,
         },
         "convert_grpc_status": True,
         "max_request_body_size": MAX_REQUEST_BYTES,
+        "max_response_body_size": MAX_RESPONSE_BYTES,
         "request_validation_options": {"reject_unknown_method": False, "reject_unknown_query_parameters": True},
     }
     hcm = {

@@ -8,6 +8,7 @@ something, any failure (bad input, unknown model, backend down) is still a plain
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
@@ -15,13 +16,16 @@ from typing import AsyncIterator, Awaitable, Callable
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.errors import (
     InvalidArgument,
+    NotFound,
     Unimplemented,
     error_from_status_name,
     to_mesh_error,
 )
 from capibara_grpc.inference.core import validate_params
 from capibara_grpc.inference.types import Finished, GenerateFn, Message, SamplingParams, Token
+from capibara_grpc.gateway.speaking import SpokenAnswer
 from capibara_grpc.router.core import RouteDecision as RouterDecision
+from capibara_grpc.speech.core import AudioChunk
 
 
 # (query, recent user turns, timeout_s) -> the router's decision
@@ -39,6 +43,8 @@ class ChatInput:
     consensus: bool = False
     params: SamplingParams = field(default_factory=SamplingParams)
     system_prompt: str | None = None
+    speak: bool = False
+    voice: str = ""
 
 
 @dataclass
@@ -64,7 +70,7 @@ class StreamFailure:
     message: str
 
 
-ChatEvent = RoutingDecision | Token | ChatDone | StreamFailure
+ChatEvent = RoutingDecision | Token | ChatDone | StreamFailure | AudioChunk
 
 
 class RecentTurns:
@@ -97,7 +103,7 @@ class CompleteResult:
 
 class ChatGateway:
     def __init__(self, config: MeshConfig, generate: GenerateFn, route: RouteFn | None = None, context=None,
-                 consensus=None):
+                 consensus=None, speech=None):
         self.config = config
         self.generate = generate
         self.route_with_router = route
@@ -105,6 +111,8 @@ class ChatGateway:
         self.context = context
         # (prompt, params, timeout_s) -> ConsensusAnswer, or None when no consensus service runs.
         self.consensus = consensus
+        # The speech service client (voice_ids, synthesize), or None when no speech service runs.
+        self.speech = speech
         self.recent = RecentTurns()
 
     def validate(self, chat: ChatInput) -> None:
@@ -118,6 +126,8 @@ class ChatGateway:
             self.config.model(chat.model)
         if chat.consensus and self.consensus is None:
             raise Unimplemented("consensus is not available: the consensus service is not deployed in this mesh")
+        if (chat.speak or chat.voice) and self.speech is None:
+            raise Unimplemented("speak is not available: the speech service is not deployed in this mesh")
         validate_params(chat.params)
 
     async def route(self, chat: ChatInput) -> RoutingDecision:
@@ -149,10 +159,34 @@ class ChatGateway:
     async def chat(self, chat: ChatInput, timeout_s: float) -> AsyncIterator[ChatEvent]:
         started = time.perf_counter()
         self.validate(chat)
-        if chat.consensus:
-            async for event in self._consensus(chat, timeout_s, started):
-                yield event
-            return
+        if chat.voice:
+            voices = await self.speech.voice_ids(CONTEXT_TIMEOUT_S)
+            if chat.voice not in voices:
+                raise NotFound(f"unknown voice '{chat.voice[:80]}' (available: {', '.join(voices)})")
+        answer = self._consensus(chat, timeout_s, started) if chat.consensus else self._generate(chat, timeout_s, started)
+        spoken = SpokenAnswer(self.speech.synthesize, chat.voice, timeout_s) if chat.speak else None
+        # aclosing: a client that goes away stops generation upstream at once, not at garbage collection.
+        async with contextlib.aclosing(answer):
+            try:
+                async for event in answer:
+                    if spoken and isinstance(event, Token):
+                        spoken.feed(event.text)
+                    yield event
+                    if isinstance(event, StreamFailure):
+                        return
+                if spoken:
+                    spoken.finish()
+                    try:
+                        async for chunk in spoken.audio():
+                            yield chunk
+                    except Exception as exc:  # noqa: BLE001 - the text is out; the speech failure is in-band
+                        error = to_mesh_error(exc, "speech")
+                        yield StreamFailure(error.code.name, f"the answer could not be spoken: {error.message}")
+            finally:
+                if spoken:
+                    await spoken.aclose()
+
+    async def _generate(self, chat: ChatInput, timeout_s: float, started: float) -> AsyncIterator[ChatEvent]:
         decision = await self.route(chat)
         self.recent.add(chat.conversation_id, chat.message)
         messages = self.messages(chat)

@@ -7,6 +7,7 @@ from capibara_grpc.gateway.core import ChatDone, ChatGateway, ChatInput, Routing
 from capibara_grpc.gateway.health import MeshHealth
 from capibara_grpc.inference import convert
 from capibara_grpc.inference.types import Token
+from capibara_grpc.speech.core import AudioChunk
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
 
 
@@ -20,6 +21,9 @@ def chat_input_from_pb(request) -> ChatInput:
         consensus=request.consensus,
         params=convert.params_from_pb(request),
         system_prompt=request.system_prompt if request.HasField("system_prompt") else None,
+        # Only ChatRequest can speak: a unary Complete has no audio events to carry.
+        speak=getattr(request, "speak", False),
+        voice=getattr(request, "voice", ""),
     )
 
 
@@ -54,6 +58,9 @@ def event_to_pb(event) -> gateway_pb2.ChatResponse:
         return gateway_pb2.ChatResponse(done=done_to_pb(event))
     if isinstance(event, StreamFailure):
         return gateway_pb2.ChatResponse(error=gateway_pb2.StreamError(code=event.code, message=event.message))
+    if isinstance(event, AudioChunk):
+        return gateway_pb2.ChatResponse(audio=gateway_pb2.SpokenAudio(
+            pcm16=event.pcm, sample_rate=event.sample_rate, sentence_index=event.sentence_index, sentence=event.sentence))
     raise TypeError(f"unknown chat event {event!r}")
 
 

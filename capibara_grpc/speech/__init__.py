@@ -1,0 +1,1 @@
+"""Speech service: text to audio, sentence by sentence (espeak-ng or Coqui TTS)."""
