@@ -9,7 +9,7 @@ import sys
 
 import grpc
 
-from capibara_grpc.config import IMPLEMENTED_SERVICES, ConfigError, load_config
+from capibara_grpc.config import IMPLEMENTED_SERVICES, SERVICE_NAMES, ConfigError, load_config
 
 
 def _edge_channel(config, target: str | None) -> grpc.aio.Channel:
@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     try:
-        config = load_config(args.config)
+        services = args.services if args.command == "serve" else SERVICE_NAMES
+        config = load_config(args.config, services=services)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

@@ -398,17 +398,22 @@ def _line(obj, key: str | None = None) -> int | str:
     return _NODE_LINES.get(id(obj), "?")
 
 
-def load_config(path: str | os.PathLike | None = None, *, check_files: bool = True) -> MeshConfig:
+def load_config(path: str | os.PathLike | None = None, *, check_files: bool = True,
+                services: typing.Iterable[str] = SERVICE_NAMES) -> MeshConfig:
     """Load and validate the mesh configuration.
 
-    `path` defaults to $CAPIBARA_CONFIG, then config/capibara.yaml in the repository.
+    `path` defaults to $CAPIBARA_CONFIG, then config/capibara.yaml in the repository. With
+    `check_files`, the files that `services` read must exist (router: the routes file; inference:
+    launched models' GGUF; speech: espeak-ng, Coqui model files). A process checks only those of
+    the services it runs: the speech service in the Coqui environment has no llama.cpp model.
     """
     path = pathlib.Path(path or os.environ.get("CAPIBARA_CONFIG") or DEFAULT_CONFIG_PATH).resolve()
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from exc
-    return parse_config(text, source=str(path), base_dir=path.parent.parent, check_files=check_files)
+    checked = set(services) if check_files else set()
+    return parse_config(text, source=str(path), base_dir=path.parent.parent, check_files=checked)
 
 
 def _parse_yaml(text: str, kind, source: str):
@@ -420,14 +425,15 @@ def _parse_yaml(text: str, kind, source: str):
 
 
 def parse_config(
-    text: str, *, source: str = "<string>", base_dir: pathlib.Path = REPO_ROOT, check_files: bool = True
+    text: str, *, source: str = "<string>", base_dir: pathlib.Path = REPO_ROOT,
+    check_files: bool | set[str] = True,
 ) -> MeshConfig:
     config = _parse_yaml(text, MeshConfig, source)
     config.source = source
     config.base_dir = base_dir
     for model_id, model in config.models.items():
         model.model_id = model_id
-    _validate(config, check_files=check_files)
+    _validate(config, check_files=set(SERVICE_NAMES) if check_files is True else set(check_files or ()))
     return config
 
 
@@ -459,7 +465,7 @@ def _validate_speech(config: MeshConfig, fail, check_files: bool) -> None:
             fail(_line(coqui, key), f"speech.coqui.{key}: file '{value}' not found")
 
 
-def _validate(config: MeshConfig, *, check_files: bool) -> None:
+def _validate(config: MeshConfig, *, check_files: set[str]) -> None:
     src = config.source
 
     def fail(line, message):
@@ -491,9 +497,9 @@ def _validate(config: MeshConfig, *, check_files: bool) -> None:
         value = getattr(config.consensus, key)
         if value and value not in config.models:
             fail(_line(config.consensus, key), f"consensus.{key} '{value}' is not a model defined under 'models' (defined: {defined})")
-    if check_files and config.router.enabled:
+    if "router" in check_files and config.router.enabled:
         load_routes(config)
-    _validate_speech(config, fail, check_files)
+    _validate_speech(config, fail, "speech" in check_files)
     if config.gateway.max_message_bytes <= 0:
         fail(_line(config.gateway, "max_message_bytes"), "gateway.max_message_bytes must be positive")
 
@@ -534,7 +540,7 @@ def _validate(config: MeshConfig, *, check_files: bool) -> None:
             fail(_line(model.defaults, "max_tokens"), f"models.{model_id}.defaults.max_tokens must be positive")
         if model.launch is not None:
             claim(host, port, f"models.{model_id} (launched llama-server)", _line(model, "launch"))
-            if check_files:
+            if "inference" in check_files:
                 model_file = resolve_model_file(config, model.launch)
                 if model_file is None or not model_file.is_file():
                     fail(_line(model.launch, "model_path"),

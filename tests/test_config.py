@@ -53,6 +53,12 @@ def test_a_good_config_loads_into_typed_objects():
         (GOOD + "gatway:\n  x: 1\n", "mesh.yaml:9: unknown key 'gatway' in the top level"),
         (GOOD + "edge:\n  port: many\n", "mesh.yaml:10: edge.port must be an integer, got 'many'"),
         (GOOD.replace('url: "http://127.0.0.1:8081"', 'url: "127.0.0.1:8081"'), "backend.url must be an http(s) URL"),
+        (GOOD + "speech:\n  engine: festival\n", "mesh.yaml:10: speech.engine 'festival' must be one of espeak, coqui"),
+        (GOOD + "speech:\n  engine: coqui\n", "mesh.yaml:10: speech.engine is coqui but speech.coqui names no model_name or model_path"),
+        (GOOD + "speech:\n  coqui:\n    model_path: /nowhere/model.pth\n    config_path: /nowhere/config.json\n",
+         "mesh.yaml:11: speech.coqui.model_path: file '/nowhere/model.pth' not found"),
+        (GOOD + "speech:\n  espeak: {binary: no-such-espeak}\n",
+         "speech.engine is espeak but 'no-such-espeak' is not installed"),
         ("models: {}\n", "no models defined"),
         ("models: [\n", "not valid YAML"),
     ],
@@ -61,6 +67,15 @@ def test_bad_config_names_the_line_to_fix(text, message):
     with pytest.raises(ConfigError) as error:
         parse_config(text, source="mesh.yaml")
     assert message in str(error.value)
+
+
+def test_a_process_checks_only_the_files_of_the_services_it_runs(tmp_path):
+    path = tmp_path / "mesh.yaml"
+    path.write_text(GOOD.replace("model_path: smollm2", "model_path: /nowhere/model.gguf"))
+    with pytest.raises(ConfigError, match="model file '/nowhere/model.gguf' not found"):
+        load_config(path)
+    # The speech service (in the Coqui environment, say) never opens a llama.cpp model.
+    assert load_config(path, services=["speech"]).speech.engine == "espeak"
 
 
 def test_capibara_up_refuses_a_bad_config_before_starting_anything(tmp_path):
