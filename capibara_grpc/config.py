@@ -197,6 +197,9 @@ class ModelConfig:
     chat_template: str = "server"
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
     launch: typing.Optional[LaunchConfig] = None
+    # Models to try, in order, when this one's backend is down or fails before its first token
+    # (then the router's next-best). A request that names this model never fails over.
+    fallbacks: list[str] = field(default_factory=list)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -536,6 +539,10 @@ def _validate(config: MeshConfig, *, check_files: set[str]) -> None:
             host, port = model.host_port
         except ValueError:
             fail(_line(model.backend, "url"), f"models.{model_id}.backend.url needs an explicit port")
+        for fallback in model.fallbacks:
+            if fallback not in config.models or fallback == model_id:
+                fail(_line(model, "fallbacks"),
+                     f"models.{model_id}.fallbacks: '{fallback}' is not another model defined under 'models' (defined: {defined})")
         if model.defaults.max_tokens <= 0:
             fail(_line(model.defaults, "max_tokens"), f"models.{model_id}.defaults.max_tokens must be positive")
         if model.launch is not None:

@@ -59,6 +59,8 @@ def test_a_good_config_loads_into_typed_objects():
          "mesh.yaml:11: speech.coqui.model_path: file '/nowhere/model.pth' not found"),
         (GOOD + "speech:\n  espeak: {binary: no-such-espeak}\n",
          "speech.engine is espeak but 'no-such-espeak' is not installed"),
+        (GOOD.replace("launch: {model_path: smollm2}", "launch: {model_path: smollm2}\n    fallbacks: [gpt5]"),
+         "mesh.yaml:5: models.phi.fallbacks: 'gpt5' is not another model defined under 'models' (defined: phi)"),
         ("models: {}\n", "no models defined"),
         ("models: [\n", "not valid YAML"),
     ],

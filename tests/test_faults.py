@@ -6,6 +6,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import time
 
 import aiohttp
 import pytest
@@ -19,11 +21,11 @@ from test_cancellation import wait_until_idle
 @pytest.fixture(scope="module")
 def faulty_mesh(tmp_path_factory):
     models = {
+        # The default model (first), and down: requests that name no model fail over to steady.
+        "ghost": {"backend": {"url": "http://127.0.0.1:26099", "protocol": "llama_cpp"}, "fallbacks": ["steady"]},
         "fragile": launched_model(26080, max_tokens=1000),
         "steady": launched_model(26081),
         "doomed": launched_model(26082),
-        # Nothing listens on this port: a backend that is down.
-        "ghost": {"backend": {"url": "http://127.0.0.1:26099", "protocol": "llama_cpp"}},
     }
     with running_mesh(tmp_path_factory.mktemp("faulty"), 26000, models, router=False) as running:
         yield running
@@ -120,6 +122,55 @@ async def test_consensus_survives_a_backend_stopped_mid_call(faulty_mesh):
     assert failed["model_id"] == "doomed" and failed["code"] == "UNAVAILABLE"
     assert events[-1]["final"]["chosen_model_id"] == "steady"
     await wait_until_idle(faulty_mesh.backend_url("steady"))
+
+
+async def test_a_down_model_fails_over_before_the_first_token_and_says_so(faulty_mesh):
+    status, events, _ = await read_events(faulty_mesh, "/api/chat/stream", {"message": "hola", "max_tokens": 5})
+    assert status == 200, events
+    routing = events[0][1]["routing"]
+    assert routing["model_id"] == "steady" and routing["failed_models"] == ["ghost"] and routing["fallback"]
+    assert "failed over to steady" in routing["reasoning"] and "ghost (UNAVAILABLE" in routing["reasoning"]
+    assert "done" in events[-1][1]
+    # Complete says the same.
+    status, body, _ = faulty_mesh.request("POST", "/api/chat", {"message": "hola", "max_tokens": 5})
+    assert status == 200 and body["model_id"] == "steady" and body["routing"]["failed_models"] == ["ghost"]
+
+
+async def test_a_restarted_backend_is_used_again_within_10_s(faulty_mesh):
+    from capibara_grpc.config import load_config
+    from capibara_grpc.launcher import llama_server_argv
+
+    port = 26082
+    if any("llama-server" in p for p in processes_using(f"--port {port}")):
+        os.kill(llama_server_pid(port), signal.SIGKILL)
+    await asyncio.sleep(0.5)
+    status, error, _ = faulty_mesh.request("POST", "/api/chat", {"message": "hola", "model": "doomed", "max_tokens": 3})
+    assert status == 503, error
+    config = load_config(faulty_mesh.config_path)
+    argv = llama_server_argv(config, config.models["doomed"])
+    backend = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(300):  # llama-server loads the model
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/health") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        up_at = time.monotonic()
+        while time.monotonic() - up_at < 10:
+            status, body, _ = faulty_mesh.request("POST", "/api/chat", {"message": "hola", "model": "doomed", "max_tokens": 3})
+            if status == 200:
+                break
+            await asyncio.sleep(0.5)
+        assert status == 200, body
+        status, models, _ = faulty_mesh.request("GET", "/api/models")
+        assert {m["model_id"]: m["healthy"] for m in models["models"]}["doomed"] is True
+    finally:
+        backend.kill()
+        backend.wait()
 
 
 # Last: it stops the module's mesh.

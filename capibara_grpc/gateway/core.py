@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
+
+import grpc
 
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.errors import (
@@ -31,6 +34,9 @@ from capibara_grpc.speech.core import AudioChunk
 # (query, recent user turns, timeout_s) -> the router's decision
 RouteFn = Callable[[str, list[str], float], Awaitable["RouterDecision"]]
 ROUTER_TIMEOUT_S = 2.0
+# Failures of a model that another model may not share: its backend is down, full or broken.
+FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL,
+                  grpc.StatusCode.UNKNOWN}
 CONTEXT_TIMEOUT_S = 10.0
 
 
@@ -56,6 +62,10 @@ class RoutingDecision:
     reasoning: str
     fallback: bool = False
     scores: list[tuple[str, float]] = field(default_factory=list)
+    # The router's other models, best first: failover candidates after the configured fallbacks.
+    next_best: list[str] = field(default_factory=list)
+    # Models tried first whose backends failed before answering.
+    failed_models: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -114,6 +124,7 @@ class ChatGateway:
         # The speech service client (voice_ids, synthesize), or None when no speech service runs.
         self.speech = speech
         self.recent = RecentTurns()
+        self.failovers = 0
 
     def validate(self, chat: ChatInput) -> None:
         if not chat.message.strip():
@@ -148,6 +159,7 @@ class ChatGateway:
         return RoutingDecision(
             decision.model_id, decision.route_name, decision.confidence, "router", decision.reasoning,
             fallback=decision.fallback, scores=[(route, score) for route, _, score in decision.scores],
+            next_best=[model for _, model, _ in sorted(decision.scores, key=lambda s: -s[2])],
         )
 
     def messages(self, chat: ChatInput) -> list[Message]:
@@ -189,17 +201,14 @@ class ChatGateway:
     async def _generate(self, chat: ChatInput, timeout_s: float, started: float) -> AsyncIterator[ChatEvent]:
         decision = await self.route(chat)
         self.recent.add(chat.conversation_id, chat.message)
-        messages = self.messages(chat)
         remember = self.context is not None and bool(chat.conversation_id)
-        if self.context is not None and chat.system_prompt is None:
-            messages = await self.context.enrich(chat.message, chat.conversation_id, decision.model_id, CONTEXT_TIMEOUT_S)
-        if remember:
-            await self.context.append_turn(chat.conversation_id, "user", chat.message, "", CONTEXT_TIMEOUT_S)
+        stream, first, decision = await self._first_item_with_failover(chat, decision, timeout_s)
         answer: list[str] = []
-        stream = self.generate(decision.model_id, messages, chat.params, timeout_s).__aiter__()
         try:
-            # Errors before the first item propagate as a status: nothing has been sent yet.
-            first = await stream.__anext__()
+            if remember:
+                # Stored once the answer has started: a request that fails before that returns an
+                # error status, and the client's retry must not store the message twice.
+                await self.context.append_turn(chat.conversation_id, "user", chat.message, "", CONTEXT_TIMEOUT_S)
             yield decision
             item = first
             while True:
@@ -227,6 +236,47 @@ class ChatGateway:
                     return
         finally:
             await stream.aclose()
+
+    def candidates(self, decision: RoutingDecision) -> list[str]:
+        """Models to try in order: the decision, its configured fallbacks, then the router's
+        next-best. A model the client named is the only candidate."""
+        if decision.source == "request":
+            return [decision.model_id]
+        order = [decision.model_id, *self.config.models[decision.model_id].fallbacks, *decision.next_best]
+        return [m for m in dict.fromkeys(order) if m in self.config.models]
+
+    async def _first_item_with_failover(self, chat: ChatInput, decision: RoutingDecision, timeout_s: float):
+        """(open stream, its first item, the decision actually used). A model whose backend is
+        down or fails before its first token is skipped for the next candidate, and the decision
+        says so; once a token is out, the model is never switched."""
+        failures: list[str] = []
+        candidates = self.candidates(decision)
+        for attempt, model_id in enumerate(candidates):
+            stream = None
+            try:
+                if self.context is not None and chat.system_prompt is None:
+                    messages = await self.context.enrich(chat.message, chat.conversation_id, model_id, CONTEXT_TIMEOUT_S)
+                else:
+                    messages = self.messages(chat)
+                stream = self.generate(model_id, messages, chat.params, timeout_s).__aiter__()
+                first = await stream.__anext__()
+            except Exception as exc:
+                if stream is not None:
+                    await stream.aclose()
+                error = to_mesh_error(exc, f"model {model_id}")
+                if error.code not in FAILOVER_CODES or attempt == len(candidates) - 1:
+                    if failures:
+                        error.message += f" (after failing over from {', '.join(failures)})"
+                    raise error from exc
+                failures.append(f"{model_id} ({error.code.name}: {error.message})")
+                self.failovers += 1
+                continue
+            if failures:
+                decision = dataclasses.replace(
+                    decision, model_id=model_id, fallback=True, failed_models=[f.split(" ", 1)[0] for f in failures],
+                    reasoning=f"{decision.reasoning}; failed over to {model_id}: " + "; ".join(failures))
+            return stream, first, decision
+        raise AssertionError("no candidate model")  # candidates() always holds the decision's model
 
     async def _consensus(self, chat: ChatInput, timeout_s: float, started: float) -> AsyncIterator[ChatEvent]:
         """Every model answers, the consensus service combines (vote); the combined answer comes

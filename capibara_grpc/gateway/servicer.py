@@ -36,6 +36,7 @@ def routing_to_pb(decision: RoutingDecision) -> gateway_pb2.Routing:
         fallback=decision.fallback,
         reasoning=decision.reasoning,
         source=decision.source,
+        failed_models=decision.failed_models,
     )
 
 
