@@ -200,6 +200,14 @@ class ModelConfig:
     # Models to try, in order, when this one's backend is down or fails before its first token
     # (then the router's next-best). A request that names this model never fails over.
     fallbacks: list[str] = field(default_factory=list)
+    # Admission: at most max_concurrent generations at the backend (0 = launch.parallel, else 4),
+    # at most max_queued waiting behind them; beyond that RESOURCE_EXHAUSTED / 429 + Retry-After.
+    max_concurrent: int = 0
+    max_queued: int = 16
+
+    @property
+    def slots(self) -> int:
+        return self.max_concurrent or (self.launch.parallel if self.launch else 4)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -543,6 +551,9 @@ def _validate(config: MeshConfig, *, check_files: set[str]) -> None:
             if fallback not in config.models or fallback == model_id:
                 fail(_line(model, "fallbacks"),
                      f"models.{model_id}.fallbacks: '{fallback}' is not another model defined under 'models' (defined: {defined})")
+        if model.max_concurrent < 0 or model.max_queued < 0:
+            fail(_line(model, "max_concurrent" if model.max_concurrent < 0 else "max_queued"),
+                 f"models.{model_id}: max_concurrent and max_queued must not be negative")
         if model.defaults.max_tokens <= 0:
             fail(_line(model.defaults, "max_tokens"), f"models.{model_id}.defaults.max_tokens must be positive")
         if model.launch is not None:

@@ -14,6 +14,9 @@ import grpc
 
 log = logging.getLogger(__name__)
 
+# gRPC metadata key; Envoy forwards it as the HTTP Retry-After header of REST replies.
+RETRY_AFTER = "retry-after"
+
 
 class MeshError(Exception):
     code = grpc.StatusCode.INTERNAL
@@ -43,12 +46,24 @@ class Unimplemented(MeshError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
+class ResourceExhausted(MeshError):
+    """Too busy now; the client may retry after `retry_after_s` (sent as `retry-after` metadata,
+    which Envoy passes on as the Retry-After header of the 429)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: int | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class UpstreamError(MeshError):
     """An error returned by another service of the mesh, passed on with its own status."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: int | None = None):
         super().__init__(message)
         self.code = code
+        self.retry_after_s = retry_after_s
 
 
 def error_from_status_name(name: str, message: str) -> MeshError:
@@ -61,7 +76,9 @@ def as_mesh_error(exc: BaseException) -> MeshError | None:
     if isinstance(exc, MeshError):
         return exc
     if isinstance(exc, grpc.aio.AioRpcError):
-        return UpstreamError(exc.code(), exc.details() or exc.code().name)
+        retry_after = dict(exc.trailing_metadata() or ()).get(RETRY_AFTER)
+        return UpstreamError(exc.code(), exc.details() or exc.code().name,
+                             int(retry_after) if retry_after and retry_after.isdigit() else None)
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return DeadlineExceeded("deadline exceeded")
     return None
@@ -78,7 +95,8 @@ def to_mesh_error(exc: BaseException, where: str) -> MeshError:
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str):
     error = to_mesh_error(exc, method)
-    await context.abort(error.code, error.message)
+    retry_after = getattr(error, "retry_after_s", None)
+    await context.abort(error.code, error.message, trailing_metadata=((RETRY_AFTER, str(retry_after)),) if retry_after else ())
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):

@@ -26,6 +26,8 @@ def faulty_mesh(tmp_path_factory):
         "fragile": launched_model(26080, max_tokens=1000),
         "steady": launched_model(26081),
         "doomed": launched_model(26082),
+        # One generation at a time, one waiting: the third concurrent request is turned away.
+        "narrow": {**launched_model(26083, parallel=1), "max_concurrent": 1, "max_queued": 1},
     }
     with running_mesh(tmp_path_factory.mktemp("faulty"), 26000, models, router=False) as running:
         yield running
@@ -171,6 +173,38 @@ async def test_a_restarted_backend_is_used_again_within_10_s(faulty_mesh):
     finally:
         backend.kill()
         backend.wait()
+
+
+async def test_a_full_queue_is_429_with_retry_after_and_nothing_hangs(faulty_mesh):
+    long = {**LONG, "model": "narrow", "max_tokens": 400}
+    async with aiohttp.ClientSession() as session:
+        async def chat(body):
+            async with session.post(faulty_mesh.base_url + "/api/chat", json=body, ssl=faulty_mesh.ssl_context()) as r:
+                return r.status, await r.json(content_type=None), r.headers.get("retry-after")
+
+        busy = [asyncio.create_task(chat(long)), asyncio.create_task(chat(long))]
+        await asyncio.sleep(1.0)  # one generating, one queued
+        status, error, retry_after = await chat({"message": "hola", "model": "narrow", "max_tokens": 3})
+        assert status == 429, error
+        assert "'narrow' is busy" in error["message"] and error["code"] == 8
+        assert retry_after is not None and int(retry_after) >= 1
+        # gRPC callers get RESOURCE_EXHAUSTED with the same hint.
+        from grpc_helpers import edge_channel
+        from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
+        import grpc
+
+        async with edge_channel(faulty_mesh) as channel:
+            call = gateway_pb2_grpc.ChatServiceStub(channel).Chat(
+                gateway_pb2.ChatRequest(message="hola", model="narrow", max_tokens=3), timeout=30)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                async for _ in call:
+                    pass
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert int(dict(refused.value.trailing_metadata())["retry-after"]) >= 1
+        # The accepted two both finish.
+        assert [s for s, _, _ in await asyncio.gather(*busy)] == [200, 200]
+    status, body, _ = faulty_mesh.request("POST", "/api/chat", {"message": "hola", "model": "narrow", "max_tokens": 3})
+    assert status == 200, body
 
 
 # Last: it stops the module's mesh.

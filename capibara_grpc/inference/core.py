@@ -10,6 +10,7 @@ import aiohttp
 
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.errors import InvalidArgument
+from capibara_grpc.inference.admission import Admission
 from capibara_grpc.inference.backends import ModelBackend, make_backend
 from capibara_grpc.inference.types import ROLES, Finished, Message, ModelStatus, SamplingParams, Token
 
@@ -41,6 +42,7 @@ class InferenceEngine:
         self.health_interval_s = health_interval_s
         self._session: aiohttp.ClientSession | None = None
         self.backends: dict[str, ModelBackend] = {}
+        self.admission: dict[str, Admission] = {}
         self.last_status: dict[str, ModelStatus] = {}
         self._watchers: list[Callable[[dict[str, ModelStatus]], Awaitable[None]]] = []
         self._health_task: asyncio.Task | None = None
@@ -50,6 +52,7 @@ class InferenceEngine:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=64)
         self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
         self.backends = {mid: make_backend(model, self._session) for mid, model in self.config.models.items()}
+        self.admission = {mid: Admission(mid, model.slots, model.max_queued) for mid, model in self.config.models.items()}
         await self.refresh_health()
         self._health_task = asyncio.create_task(self._watch_health())
 
@@ -97,8 +100,9 @@ class InferenceEngine:
         if not any(m.role == "user" and m.content.strip() for m in messages):
             raise InvalidArgument("messages need at least one non-empty user message")
         validate_params(params)
-        async for item in backend.generate(messages, params):
-            yield item
+        async with self.admission[model_id].slot():
+            async for item in backend.generate(messages, params):
+                yield item
 
     async def list_models(self) -> list[ModelStatus]:
         statuses = await self.refresh_health()
