@@ -10,6 +10,7 @@ import dataclasses
 import importlib.util
 import os
 import pathlib
+import re
 import shutil
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +36,12 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class RateLimitConfig:
+    chat: int = 10
+    other: int = 600
+
+
+@dataclass
 class EdgeConfig:
     listen_address: str = "0.0.0.0"
     port: int = 5001
@@ -43,6 +50,16 @@ class EdgeConfig:
     tls_cert: str = ""
     tls_key: str = ""
     stream_idle_timeout_s: float = 300.0
+    # API keys: one per line in this file ('#' starts a comment), plus the comma-separated
+    # $CAPIBARA_API_KEYS. With any key, every call but /health needs `Authorization: Bearer <key>`
+    # or `x-api-key: <key>`; without keys the mesh is open (fine on a laptop, not on a network).
+    api_keys_file: str = ""
+    # Browser origins allowed to call the API (CORS), e.g. "https://chat.example.com"; none = same origin only.
+    cors_origins: list[str] = field(default_factory=list)
+    # Per client address, requests per minute; 0 = no limit. `chat` covers what generates (chat
+    # and consensus, REST and gRPC); `other` every other call except health.
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+
 
 
 @dataclass
@@ -476,6 +493,31 @@ def _validate_speech(config: MeshConfig, fail, check_files: bool) -> None:
             fail(_line(coqui, key), f"speech.coqui.{key}: file '{value}' not found")
 
 
+_API_KEY = re.compile(r"^[A-Za-z0-9._~+/=-]{16,256}$")
+
+
+def api_keys(config: MeshConfig) -> list[str]:
+    """The configured API keys (file and environment); ConfigError for a malformed one."""
+    lines: list[tuple[str, str]] = []
+    if config.edge.api_keys_file:
+        path = config.resolve_path(config.edge.api_keys_file)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"{config.source}:{_line(config.edge, 'api_keys_file')}: edge.api_keys_file: "
+                              f"cannot read '{path}': {exc.strerror}") from None
+        lines += [(f"{path}:{n}", line.split("#", 1)[0].strip()) for n, line in enumerate(text.splitlines(), 1)]
+    lines += [("$CAPIBARA_API_KEYS", key.strip()) for key in os.environ.get("CAPIBARA_API_KEYS", "").split(",")]
+    keys = []
+    for where, key in lines:
+        if not key:
+            continue
+        if not _API_KEY.match(key):
+            raise ConfigError(f"{where}: an API key must be 16 to 256 characters of A-Z a-z 0-9 . _ ~ + / = -")
+        keys.append(key)
+    return list(dict.fromkeys(keys))
+
+
 def _validate(config: MeshConfig, *, check_files: set[str]) -> None:
     src = config.source
 
@@ -511,6 +553,14 @@ def _validate(config: MeshConfig, *, check_files: set[str]) -> None:
     if "router" in check_files and config.router.enabled:
         load_routes(config)
     _validate_speech(config, fail, "speech" in check_files)
+    for key in ("chat", "other"):
+        if getattr(config.edge.rate_limit, key) < 0:
+            fail(_line(config.edge.rate_limit, key), f"edge.rate_limit.{key} must be 0 (no limit) or a positive number")
+    for origin in config.edge.cors_origins:
+        if not re.match(r"^https?://[^/\s]+$", origin):
+            fail(_line(config.edge, "cors_origins"), f"edge.cors_origins: '{origin}' is not an origin such as https://chat.example.com")
+    if "gateway" in check_files:
+        api_keys(config)
     if config.gateway.max_message_bytes <= 0:
         fail(_line(config.gateway, "max_message_bytes"), "gateway.max_message_bytes must be positive")
 

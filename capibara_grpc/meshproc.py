@@ -31,7 +31,9 @@ def mesh_config(state_dir: pathlib.Path, base_port: int, models: dict, router: b
     return {
         "router": {"enabled": router, "routes_file": str(REPO / "config" / "routes.yaml")},
         "state_dir": str(state_dir),
-        "edge": {"listen_address": "127.0.0.1", "port": base_port + 1, "admin_port": base_port + 901},
+        # No per-client rate limit: every test call comes from 127.0.0.1 (test_edge_policies sets one).
+        "edge": {"listen_address": "127.0.0.1", "port": base_port + 1, "admin_port": base_port + 901,
+                 "rate_limit": {"chat": 0, "other": 0}},
         "services": {name: {"port": base_port + 50 + i} for i, name in enumerate(SERVICES)},
         "gateway": {"default_model": next(iter(models))},
         "models": models,
@@ -76,11 +78,12 @@ class RunningMesh:
     def service_address(self, service: str) -> str:
         return f"127.0.0.1:{self.config['services'][service]['port']}"
 
-    def request(self, method: str, path: str, body=None, raw: bytes | None = None, timeout: float = 120):
+    def request(self, method: str, path: str, body=None, raw: bytes | None = None, timeout: float = 120,
+                headers: dict[str, str] | None = None):
         """(status, parsed JSON, text or audio bytes, headers) of one REST call through Envoy."""
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         req = urllib.request.Request(self.base_url + path, data=data, method=method,
-                                     headers={"content-type": "application/json"})
+                                     headers={"content-type": "application/json", **(headers or {})})
         try:
             with urllib.request.urlopen(req, context=self.ssl_context(), timeout=timeout) as response:
                 status, payload, headers = response.status, response.read(), response.headers

@@ -61,6 +61,8 @@ def test_a_good_config_loads_into_typed_objects():
          "speech.engine is espeak but 'no-such-espeak' is not installed"),
         (GOOD.replace("launch: {model_path: smollm2}", "launch: {model_path: smollm2}\n    fallbacks: [gpt5]"),
          "mesh.yaml:5: models.phi.fallbacks: 'gpt5' is not another model defined under 'models' (defined: phi)"),
+        (GOOD + "edge:\n  cors_origins: ['*']\n", "mesh.yaml:10: edge.cors_origins: '*' is not an origin"),
+        (GOOD + "edge:\n  rate_limit: {chat: -1}\n", "edge.rate_limit.chat must be 0 (no limit) or a positive number"),
         ("models: {}\n", "no models defined"),
         ("models: [\n", "not valid YAML"),
     ],

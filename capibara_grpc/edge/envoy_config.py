@@ -8,11 +8,12 @@ the route table then sends each gRPC service to its own cluster.
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 import yaml
 
-from capibara_grpc.config import SERVICE_NAMES, MeshConfig
+from capibara_grpc.config import SERVICE_NAMES, MeshConfig, api_keys
 from capibara_grpc.edge import descriptor
 from capibara_grpc.edge.tls import ensure_certificate
 from capibara_grpc.stubs import MESH_SERVICE, SERVICE_FULL_NAMES
@@ -80,12 +81,62 @@ def _allowed_fields() -> dict[str, tuple[list[str], list[str]]]:
     return allowed
 
 
-def _lua_source() -> str:
+def _lua_table(entries: list[str]) -> str:
+    return "{\n" + ",\n".join(f"  {e}" for e in entries) + "\n}"
+
+
+def _lua_source(keys: list[str]) -> str:
     entries = []
     for path, (accepted, listing) in sorted(_allowed_fields().items()):
         names = ", ".join(f"[{json.dumps(n)}] = true" for n in accepted)
-        entries.append(f'  [{json.dumps(path)}] = {{fields = {{{names}}}, listing = {json.dumps(", ".join(listing))}}}')
-    return "ALLOWED_FIELDS = {\n" + ",\n".join(entries) + "\n}\n\n" + LUA_FILTER.read_text()
+        entries.append(f'[{json.dumps(path)}] = {{fields = {{{names}}}, listing = {json.dumps(", ".join(listing))}}}')
+    # Keys are checked to be plain ASCII (config.api_keys), so json.dumps is a valid Lua literal.
+    return (f"ALLOWED_FIELDS = {_lua_table(entries)}\n\n"
+            f"API_KEYS = {_lua_table([f'[{json.dumps(k)}] = true' for k in keys])}\n\n"
+            f"OPEN_PATHS = {_lua_table([f'[{json.dumps(p)}] = true' for p in OPEN_PATHS])}\n\n"
+            + LUA_FILTER.read_text())
+
+
+# Open without an API key and never rate limited: load balancers and probes must see health.
+OPEN_PATHS = ["/health", f"/{MESH_SERVICE}/GetHealth", "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"]
+# Calls that generate (and so cost a model's time): the tighter per-client limit.
+GENERATING_SERVICES = ("gateway", "consensus")
+
+
+def _rate_limit(per_minute: int) -> dict:
+    """Per client address: a bucket of `per_minute` tokens, one back every 60/per_minute s."""
+    if per_minute <= 0:
+        return {}
+    refill_s = 60.0 / per_minute
+    bucket = {"max_tokens": per_minute, "tokens_per_fill": 1, "fill_interval": f"{refill_s:.3f}s"}
+    return {"envoy.filters.http.local_ratelimit": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+        "stat_prefix": "client_rate_limit",
+        # The route-wide bucket is never the limit; the per-client descriptor below is.
+        "token_bucket": {"max_tokens": 1_000_000_000, "tokens_per_fill": 1_000_000_000, "fill_interval": "1s"},
+        "filter_enabled": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+        "filter_enforced": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+        "descriptors": [{"entries": [{"key": "remote_address"}], "token_bucket": bucket}],
+        "max_dynamic_descriptors": 100_000,
+        "rate_limits": [{"actions": [{"remote_address": {}}]}],
+        # gRPC callers get RESOURCE_EXHAUSTED (as from a full model queue), not UNAVAILABLE.
+        "rate_limited_as_resource_exhausted": True,
+        "response_headers_to_add": [{"append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                                     "header": {"key": "retry-after", "value": str(max(1, math.ceil(refill_s)))}}],
+    }}
+
+
+def _cors_policy(origins: list[str]) -> dict:
+    return {"envoy.filters.http.cors": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        "allow_origin_string_match": [{"exact": origin} for origin in origins],
+        "allow_methods": "GET, POST, DELETE, OPTIONS",
+        "allow_headers": "authorization, x-api-key, content-type, grpc-timeout, x-grpc-web, x-user-agent, x-request-id",
+        "expose_headers": "retry-after, grpc-status, grpc-message, x-request-id",
+        "max_age": "600",
+        # No cookies: the API authenticates with keys in headers.
+        "allow_credentials": False,
+    }}
 
 
 # Envoy's own replies get the same JSON body as the services' errors, with the gRPC code that
@@ -125,10 +176,22 @@ def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path,
     ]
     for service in SERVICE_NAMES:
         full_name = SERVICE_FULL_NAMES[service]
-        routes.append(
-            _to_cluster(f"/{full_name}/", service) if service in deployed else _not_deployed(f"/{full_name}/", full_name)
-        )
+        if service not in deployed:
+            routes.append(_not_deployed(f"/{full_name}/", full_name))
+            continue
+        route = _to_cluster(f"/{full_name}/", service)
+        limits = config.edge.rate_limit
+        limit = _rate_limit(limits.chat if service in GENERATING_SERVICES else limits.other)
+        if limit:
+            route["typed_per_filter_config"] = limit
+        routes.append(route)
     routes.append({"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {"inline_string": "no such path"}}})
+    if config.edge.cors_origins:
+        # Preflight requests carry REST paths, which no route above matches before transcoding;
+        # the CORS filter answers them only on a route that forwards, so they get one (first).
+        preflight = _to_cluster("/", "gateway")
+        preflight["match"]["headers"] = [{"name": ":method", "string_match": {"exact": "OPTIONS"}}]
+        routes.insert(0, preflight)
 
     transcoder = {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
@@ -153,16 +216,27 @@ def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path,
         "use_remote_address": True,
         "stream_idle_timeout": f"{int(config.edge.stream_idle_timeout_s)}s",
         "request_timeout": "0s",
-        "route_config": {"name": "edge", "virtual_hosts": [{"name": "mesh", "domains": ["*"], "routes": routes}]},
+        "route_config": {"name": "edge", "virtual_hosts": [{
+            "name": "mesh", "domains": ["*"], "routes": routes,
+            **({"typed_per_filter_config": _cors_policy(config.edge.cors_origins)} if config.edge.cors_origins else {}),
+        }]},
         "http_filters": [
             {
                 "name": "envoy.filters.http.lua",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-                    "default_source_code": {"inline_string": _lua_source()},
+                    "default_source_code": {"inline_string": _lua_source(api_keys(config))},
                 },
             },
             {"name": "envoy.filters.http.grpc_json_transcoder", "typed_config": transcoder},
+            # CORS after the transcoder: a transcoded call has its gRPC route, and so the policy.
+            # Preflight requests pass the guard (no key needed) and the transcoder (no such method).
+            {"name": "envoy.filters.http.cors",
+             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"}},
+            # After the transcoder, so REST and gRPC calls of one method share one route and one limit.
+            {"name": "envoy.filters.http.local_ratelimit",
+             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+                              "stat_prefix": "client_rate_limit"}},
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
@@ -210,6 +284,9 @@ def write(config: MeshConfig) -> pathlib.Path:
     descriptor_path.write_bytes(descriptor.descriptor_set().SerializeToString())
     cert, key = ensure_certificate(config)
     envoy_yaml = state / "envoy.yaml"
+    # It holds the API keys: readable by this user only.
+    envoy_yaml.touch(mode=0o600)
+    envoy_yaml.chmod(0o600)
     envoy_yaml.write_text(
         "# Generated by `capibara envoy-config` from " + config.source + "; do not edit.\n"
         + yaml.safe_dump(build(config, descriptor_path, cert, key), sort_keys=False, width=120)

@@ -1,4 +1,5 @@
--- REST guard for the edge (envoy_config.py prepends the ALLOWED_FIELDS table).
+-- Guard for the edge (envoy_config.py prepends the ALLOWED_FIELDS, API_KEYS and OPEN_PATHS tables).
+-- With API keys configured, rejects calls without a valid key (401; UNAUTHENTICATED for gRPC).
 -- Rejects REST bodies that are not JSON (naming line and column) or that carry fields the API
 -- does not have: the transcoder would drop those silently, and a misspelt "max_token" would then
 -- quietly be ignored. The reply is a local one, so local_reply_config turns it into the same JSON
@@ -127,8 +128,29 @@ local function reject(handle, message)
   handle:respond({ [":status"] = "400", ["content-type"] = "text/plain" }, message)
 end
 
+local function presented_key(headers)
+  local key = headers:get("x-api-key")
+  if key == nil then
+    local authorization = headers:get("authorization")
+    key = authorization and authorization:match("^[Bb][Ee][Aa][Rr][Ee][Rr]%s+(%S+)%s*$")
+  end
+  return key
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
+  if next(API_KEYS) ~= nil and headers:get(":method") ~= "OPTIONS" then
+    local bare_path = (headers:get(":path") or ""):gsub("%?.*$", "")
+    local key = presented_key(headers)
+    if not OPEN_PATHS[bare_path] and (key == nil or not API_KEYS[key]) then
+      handle:respond(
+        { [":status"] = "401", ["content-type"] = "text/plain", ["www-authenticate"] = 'Bearer realm="capibara"' },
+        key == nil and "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
+          or "invalid API key"
+      )
+      return
+    end
+  end
   if headers:get(":method") ~= "POST" then
     return
   end
