@@ -65,6 +65,12 @@ class EdgeConfig:
 @dataclass
 class ServiceEndpoint:
     port: int = 0
+    # Prometheus GET /metrics (plain HTTP, services.host); 0 = port + 1000.
+    metrics_port: int = 0
+
+    @property
+    def metrics(self) -> int:
+        return self.metrics_port or self.port + 1000
 
 
 @dataclass
@@ -581,6 +587,7 @@ def _validate(config: MeshConfig, *, check_files: set[str]) -> None:
     for name in SERVICE_NAMES:
         endpoint = getattr(config.services, name)
         claim(config.services.host, endpoint.port, f"services.{name}.port", _line(endpoint, "port"))
+        claim(config.services.host, endpoint.metrics, f"services.{name}.metrics_port", _line(endpoint, "metrics_port"))
 
     for model_id, model in config.models.items():
         line = _line(model)

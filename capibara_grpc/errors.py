@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 
 import grpc
+
+from capibara_grpc import metrics
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +96,20 @@ def to_mesh_error(exc: BaseException, where: str) -> MeshError:
     return error
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str):
-    error = to_mesh_error(exc, method)
+async def _abort(context: grpc.aio.ServicerContext, error: MeshError):
     retry_after = getattr(error, "retry_after_s", None)
     await context.abort(error.code, error.message, trailing_metadata=((RETRY_AFTER, str(retry_after)),) if retry_after else ())
 
 
+def _aborted_code(context: grpc.aio.ServicerContext) -> str:
+    code = context.code() if hasattr(context, "code") else None
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """The one place where exceptions become status codes; it also counts every call and its
+    duration by method and final code (capibara_grpc_requests_total / _request_seconds)."""
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
@@ -109,12 +119,21 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary
 
             async def unary_unary(request, context):
+                started, code = time.perf_counter(), "OK"
                 try:
                     return await inner(request, context)
-                except (asyncio.CancelledError, grpc.aio.AbortError):
+                except asyncio.CancelledError:
+                    code = "CANCELLED"
+                    raise
+                except grpc.aio.AbortError:
+                    code = _aborted_code(context)
                     raise
                 except Exception as exc:  # noqa: BLE001 - this is the one mapping point
-                    await _abort(context, exc, method)
+                    error = to_mesh_error(exc, method)
+                    code = error.code.name
+                    await _abort(context, error)
+                finally:
+                    metrics.observe_call(method, code, started)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, handler.request_deserializer, handler.response_serializer
@@ -124,13 +143,22 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             inner_stream = handler.unary_stream
 
             async def unary_stream(request, context):
+                started, code = time.perf_counter(), "OK"
                 try:
                     async for response in inner_stream(request, context):
                         yield response
-                except (asyncio.CancelledError, grpc.aio.AbortError):
+                except (asyncio.CancelledError, GeneratorExit):
+                    code = "CANCELLED"
+                    raise
+                except grpc.aio.AbortError:
+                    code = _aborted_code(context)
                     raise
                 except Exception as exc:  # noqa: BLE001
-                    await _abort(context, exc, method)
+                    error = to_mesh_error(exc, method)
+                    code = error.code.name
+                    await _abort(context, error)
+                finally:
+                    metrics.observe_call(method, code, started)
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, handler.request_deserializer, handler.response_serializer

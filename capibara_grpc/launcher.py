@@ -144,8 +144,10 @@ class Mesh:
     def _check_ports(self) -> None:
         wanted = [(self.config.edge.listen_address, self.config.edge.port, "edge"),
                   (self.config.edge.admin_address, self.config.edge.admin_port, "Envoy admin")]
-        wanted += [(self.config.services.host, getattr(self.config.services, s).port, f"{s} service")
-                   for s in self.config.deployed_services]
+        for service in self.config.deployed_services:
+            endpoint = getattr(self.config.services, service)
+            wanted += [(self.config.services.host, endpoint.port, f"{service} service"),
+                       (self.config.services.host, endpoint.metrics, f"{service} metrics")]
         wanted += [(*m.host_port, f"llama-server for {m.model_id}") for m in self.config.models.values() if m.launch]
         busy = [f"{what} port {host}:{port}" for host, port, what in wanted if not port_is_free(host, port)]
         if busy:

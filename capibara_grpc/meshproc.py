@@ -34,7 +34,8 @@ def mesh_config(state_dir: pathlib.Path, base_port: int, models: dict, router: b
         # No per-client rate limit: every test call comes from 127.0.0.1 (test_edge_policies sets one).
         "edge": {"listen_address": "127.0.0.1", "port": base_port + 1, "admin_port": base_port + 901,
                  "rate_limit": {"chat": 0, "other": 0}},
-        "services": {name: {"port": base_port + 50 + i} for i, name in enumerate(SERVICES)},
+        "services": {name: {"port": base_port + 50 + i, "metrics_port": base_port + 70 + i}
+                     for i, name in enumerate(SERVICES)},
         "gateway": {"default_model": next(iter(models))},
         "models": models,
     }
@@ -77,6 +78,9 @@ class RunningMesh:
 
     def service_address(self, service: str) -> str:
         return f"127.0.0.1:{self.config['services'][service]['port']}"
+
+    def metrics_url(self, service: str) -> str:
+        return f"http://127.0.0.1:{self.config['services'][service]['metrics_port']}/metrics"
 
     def request(self, method: str, path: str, body=None, raw: bytes | None = None, timeout: float = 120,
                 headers: dict[str, str] | None = None):

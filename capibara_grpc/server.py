@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from capibara_grpc import metrics
 from capibara_grpc.config import IMPLEMENTED_SERVICES, MeshConfig
 from capibara_grpc.errors import ErrorMappingInterceptor
 from capibara_grpc.gateway.core import ChatGateway
@@ -128,6 +129,8 @@ class MeshServers:
         )
         self.servers.append(server)
         await server.start()
+        runner = await metrics.serve_metrics(self.config.services.host, getattr(self.config.services, service).metrics)
+        self._stack.push_async_callback(runner.cleanup)
         for name in [*serving, ""] if serving else []:
             await health.set(name, SERVING)
         log.info("%s service on %s", service, self.config.services.address(service))

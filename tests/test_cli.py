@@ -71,7 +71,7 @@ def test_serve_runs_a_single_service_as_its_own_process(mesh, tmp_path):
 
     config = yaml.safe_load(mesh.config_path.read_text())
     for i, name in enumerate(config["services"]):
-        config["services"][name]["port"] = 27050 + i
+        config["services"][name].update(port=27050 + i, metrics_port=27070 + i)
     config["edge"] = {"port": 27001, "admin_port": 27901, "listen_address": "127.0.0.1"}
     path = tmp_path / "capibara.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 
 import aiohttp
 import pytest
@@ -133,6 +134,8 @@ async def test_a_down_model_fails_over_before_the_first_token_and_says_so(faulty
     assert routing["model_id"] == "steady" and routing["failed_models"] == ["ghost"] and routing["fallback"]
     assert "failed over to steady" in routing["reasoning"] and "ghost (UNAVAILABLE" in routing["reasoning"]
     assert "done" in events[-1][1]
+    with urllib.request.urlopen(faulty_mesh.metrics_url("gateway"), timeout=10) as response:
+        assert 'capibara_failovers_total{from_model="ghost",to_model="steady"}' in response.read().decode()
     # Complete says the same.
     status, body, _ = faulty_mesh.request("POST", "/api/chat", {"message": "hola", "max_tokens": 5})
     assert status == 200 and body["model_id"] == "steady" and body["routing"]["failed_models"] == ["ghost"]

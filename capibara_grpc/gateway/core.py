@@ -16,6 +16,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
 
+from capibara_grpc import metrics
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.errors import (
     InvalidArgument,
@@ -124,7 +125,6 @@ class ChatGateway:
         # The speech service client (voice_ids, synthesize), or None when no speech service runs.
         self.speech = speech
         self.recent = RecentTurns()
-        self.failovers = 0
 
     def validate(self, chat: ChatInput) -> None:
         if not chat.message.strip():
@@ -203,6 +203,7 @@ class ChatGateway:
         self.recent.add(chat.conversation_id, chat.message)
         remember = self.context is not None and bool(chat.conversation_id)
         stream, first, decision = await self._first_item_with_failover(chat, decision, timeout_s)
+        metrics.ROUTING_DECISIONS.labels(decision.route_name, decision.model_id, decision.source).inc()
         answer: list[str] = []
         try:
             if remember:
@@ -269,8 +270,9 @@ class ChatGateway:
                         error.message += f" (after failing over from {', '.join(failures)})"
                     raise error from exc
                 failures.append(f"{model_id} ({error.code.name}: {error.message})")
-                self.failovers += 1
                 continue
+            for failed in failures:
+                metrics.FAILOVERS.labels(failed.split(" ", 1)[0], model_id).inc()
             if failures:
                 decision = dataclasses.replace(
                     decision, model_id=model_id, fallback=True, failed_models=[f.split(" ", 1)[0] for f in failures],

@@ -12,6 +12,7 @@ import contextlib
 import math
 import time
 
+from capibara_grpc import metrics
 from capibara_grpc.errors import ResourceExhausted
 
 
@@ -37,16 +38,21 @@ class Admission:
                 f"(at most {self.max_queued}); retry in {self.retry_after_s()} s",
                 self.retry_after_s(),
             )
+        queue_depth, active = metrics.QUEUE_DEPTH.labels(self.model_id), metrics.ACTIVE_GENERATIONS.labels(self.model_id)
         self.queued += 1
+        queue_depth.inc()
         try:
             await self._semaphore.acquire()
         finally:
             self.queued -= 1
+            queue_depth.dec()
         self.active += 1
+        active.inc()
         started = time.monotonic()
         try:
             yield
         finally:
             self.active -= 1
+            active.dec()
             self._semaphore.release()
             self._mean_hold_s = 0.8 * self._mean_hold_s + 0.2 * (time.monotonic() - started)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 
+from capibara_grpc import metrics
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.errors import InvalidArgument
 from capibara_grpc.inference.admission import Admission
@@ -101,7 +103,15 @@ class InferenceEngine:
             raise InvalidArgument("messages need at least one non-empty user message")
         validate_params(params)
         async with self.admission[model_id].slot():
+            started, first = time.perf_counter(), True
             async for item in backend.generate(messages, params):
+                if first:
+                    metrics.TIME_TO_FIRST_TOKEN.labels(model_id).observe(time.perf_counter() - started)
+                    first = False
+                if isinstance(item, Finished):
+                    metrics.GENERATED_TOKENS.labels(model_id).inc(item.completion_tokens)
+                    if item.tokens_per_second:
+                        metrics.TOKENS_PER_SECOND.labels(model_id).observe(item.tokens_per_second)
                 yield item
 
     async def list_models(self) -> list[ModelStatus]:

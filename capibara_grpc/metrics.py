@@ -1,0 +1,55 @@
+"""Prometheus metrics of the mesh, and the /metrics endpoint each service serves.
+
+Every metric is defined here, once; the services only call them. A process that hosts several
+services exports them all on each service's metrics port (labels say which service).
+"""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+REQUESTS = Counter("capibara_grpc_requests_total", "gRPC calls handled, by method and status code",
+                   ["service", "method", "code"])
+REQUEST_SECONDS = Histogram("capibara_grpc_request_seconds", "Duration of gRPC calls (whole stream for streams)",
+                            ["service", "method", "code"], buckets=_LATENCY_BUCKETS)
+TIME_TO_FIRST_TOKEN = Histogram("capibara_time_to_first_token_seconds", "From a generation's start to its first token",
+                                ["model"], buckets=_LATENCY_BUCKETS)
+TOKENS_PER_SECOND = Histogram("capibara_tokens_per_second", "Generation speed of finished answers", ["model"],
+                              buckets=(1, 5, 10, 20, 40, 60, 80, 100, 150, 200, 400))
+GENERATED_TOKENS = Counter("capibara_generated_tokens_total", "Tokens generated", ["model"])
+ROUTING_DECISIONS = Counter("capibara_routing_decisions_total", "Chat routing decisions", ["route", "model", "source"])
+FAILOVERS = Counter("capibara_failovers_total", "Chats moved to another model before their first token",
+                    ["from_model", "to_model"])
+QUEUE_DEPTH = Gauge("capibara_queue_depth", "Generations waiting for a slot of the model's backend", ["model"])
+ACTIVE_GENERATIONS = Gauge("capibara_active_generations", "Generations holding a slot of the model's backend", ["model"])
+
+
+def split_method(full_method: str) -> tuple[str, str]:
+    """'/capibara.router.v1.RouterService/Route' -> ('capibara.router.v1.RouterService', 'Route')."""
+    service, _, method = full_method.lstrip("/").partition("/")
+    return service, method
+
+
+def observe_call(full_method: str, code: str, started: float) -> None:
+    service, method = split_method(full_method)
+    REQUESTS.labels(service, method, code).inc()
+    REQUEST_SECONDS.labels(service, method, code).observe(time.perf_counter() - started)
+
+
+async def _metrics(_request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def serve_metrics(host: str, port: int) -> web.AppRunner:
+    """GET /metrics on host:port; the caller cleans the returned runner up."""
+    app = web.Application()
+    app.router.add_get("/metrics", _metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner

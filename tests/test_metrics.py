@@ -1,0 +1,66 @@
+"""Prometheus metrics: /metrics on every service's metrics port, and Envoy's /stats/prometheus."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+
+import pytest
+
+from capibara_grpc.meshproc import SERVICES
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.headers["content-type"].startswith("text/plain")
+        return response.read().decode()
+
+
+def value(text: str, name: str, **labels) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(rf"^{re.escape(name)}\{{(.*)\}} (\S+)$", line)
+        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_service_serves_metrics(mesh, service):
+    assert "capibara_grpc_requests_total" in scrape(mesh.metrics_url(service))
+
+
+def test_calls_are_counted_by_method_and_code_with_latency(mesh):
+    before = scrape(mesh.metrics_url("gateway"))
+    assert mesh.request("POST", "/api/chat", {"message": "hola", "model": "phi", "max_tokens": 3})[0] == 200
+    assert mesh.request("POST", "/api/chat", {"message": " "})[0] == 400
+    after = scrape(mesh.metrics_url("gateway"))
+    for code in ("OK", "INVALID_ARGUMENT"):
+        labels = {"service": "capibara.gateway.v1.ChatService", "method": "Complete", "code": code}
+        assert value(after, "capibara_grpc_requests_total", **labels) == value(before, "capibara_grpc_requests_total", **labels) + 1
+        assert value(after, "capibara_grpc_request_seconds_count", **labels) >= 1
+
+
+def test_generation_metrics_per_model(mesh):
+    assert mesh.request("POST", "/api/chat", {"message": "hola", "model": "phi", "max_tokens": 5, "temperature": 0})[0] == 200
+    text = scrape(mesh.metrics_url("inference"))
+    assert value(text, "capibara_time_to_first_token_seconds_count", model="phi") >= 1
+    assert value(text, "capibara_tokens_per_second_count", model="phi") >= 1
+    assert value(text, "capibara_generated_tokens_total", model="phi") >= 1
+    assert 'capibara_queue_depth{model="phi"} 0.0' in text
+    assert 'capibara_active_generations{model="phi"} 0.0' in text
+
+
+def test_routing_decisions_are_counted_by_route(mesh):
+    before = value(scrape(mesh.metrics_url("gateway")), "capibara_routing_decisions_total", route="math", source="router")
+    status, body, _ = mesh.request("POST", "/api/chat", {"message": "¿Cuánto es 17 por 23?", "max_tokens": 3})
+    assert status == 200 and body["routing"]["route_name"] == "math", body
+    after = value(scrape(mesh.metrics_url("gateway")), "capibara_routing_decisions_total", route="math", source="router")
+    assert after == before + 1
+
+
+def test_envoy_exports_prometheus_stats(mesh):
+    admin = mesh.config["edge"]["admin_port"]
+    text = scrape(f"http://127.0.0.1:{admin}/stats/prometheus")
+    assert value(text, "envoy_cluster_upstream_rq_total", envoy_cluster_name="gateway") >= 1
