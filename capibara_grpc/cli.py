@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
 import grpc
@@ -90,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     envoy.add_argument("--print", action="store_true", help="print the YAML")
     envoy.add_argument("--routes", action="store_true", help="list REST paths and the gRPC method of each")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from capibara_grpc.tracing import configure_logging
+
+    configure_logging(json_lines=args.command in ("up", "serve"))
 
     try:
         services = args.services if args.command == "serve" else SERVICE_NAMES

@@ -13,9 +13,11 @@ import time
 
 import grpc
 
-from capibara_grpc import metrics
+from capibara_grpc import metrics, tracing
 
 log = logging.getLogger(__name__)
+# One line per finished call: method, code, duration, request id.
+calls_log = logging.getLogger("capibara.calls")
 
 # gRPC metadata key; Envoy forwards it as the HTTP Retry-After header of REST replies.
 RETRY_AFTER = "retry-after"
@@ -101,14 +103,20 @@ async def _abort(context: grpc.aio.ServicerContext, error: MeshError):
     await context.abort(error.code, error.message, trailing_metadata=((RETRY_AFTER, str(retry_after)),) if retry_after else ())
 
 
+def _finished(method: str, code: str, started: float) -> None:
+    metrics.observe_call(method, code, started)
+    calls_log.info("%s %s", method, code, extra={"fields": {
+        "method": method, "code": code, "ms": round((time.perf_counter() - started) * 1000, 1)}})
+
+
 def _aborted_code(context: grpc.aio.ServicerContext) -> str:
     code = context.code() if hasattr(context, "code") else None
     return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """The one place where exceptions become status codes; it also counts every call and its
-    duration by method and final code (capibara_grpc_requests_total / _request_seconds)."""
+    """The one place where exceptions become status codes. It also takes the call's request id
+    (tracing), counts every call and its duration by method and final code, and logs it."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -120,6 +128,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_unary(request, context):
                 started, code = time.perf_counter(), "OK"
+                tracing.current_request_id.set(tracing.request_id_from(context))
                 try:
                     return await inner(request, context)
                 except asyncio.CancelledError:
@@ -133,7 +142,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                     code = error.code.name
                     await _abort(context, error)
                 finally:
-                    metrics.observe_call(method, code, started)
+                    _finished(method, code, started)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, handler.request_deserializer, handler.response_serializer
@@ -144,6 +153,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_stream(request, context):
                 started, code = time.perf_counter(), "OK"
+                tracing.current_request_id.set(tracing.request_id_from(context))
                 try:
                     async for response in inner_stream(request, context):
                         yield response
@@ -158,7 +168,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                     code = error.code.name
                     await _abort(context, error)
                 finally:
-                    metrics.observe_call(method, code, started)
+                    _finished(method, code, started)
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, handler.request_deserializer, handler.response_serializer

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from capibara_grpc import metrics
+from capibara_grpc import metrics, tracing
 from capibara_grpc.config import IMPLEMENTED_SERVICES, MeshConfig
 from capibara_grpc.errors import ErrorMappingInterceptor
 from capibara_grpc.gateway.core import ChatGateway
@@ -60,7 +60,8 @@ CHANNEL_OPTIONS = [
 
 
 def internal_channel(config: MeshConfig, service: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(config.services.address(service), options=CHANNEL_OPTIONS)
+    return grpc.aio.insecure_channel(config.services.address(service), options=CHANNEL_OPTIONS,
+                                     interceptors=tracing.client_interceptors())
 
 
 def _new_server() -> grpc.aio.Server:

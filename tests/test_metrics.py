@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import re
 import urllib.request
 
@@ -64,3 +65,33 @@ def test_envoy_exports_prometheus_stats(mesh):
     admin = mesh.config["edge"]["admin_port"]
     text = scrape(f"http://127.0.0.1:{admin}/stats/prometheus")
     assert value(text, "envoy_cluster_upstream_rq_total", envoy_cluster_name="gateway") >= 1
+
+
+def test_a_request_id_travels_through_every_hop_into_json_logs(mesh):
+    import json
+    import time
+    import uuid
+
+    request_id = f"trace-{uuid.uuid4().hex}"
+    status, body, headers = mesh.request("POST", "/api/chat", {"message": "¿Qué hora es?", "conversation_id": request_id,
+                                                               "max_tokens": 3}, headers={"x-request-id": request_id})
+    assert status == 200, body
+    assert headers["x-request-id"] == request_id
+    expected = {"/capibara.gateway.v1.ChatService/Complete", "/capibara.router.v1.RouterService/Route",
+                "/capibara.context.v1.ContextService/Enrich", "/capibara.context.v1.ContextService/AppendTurn",
+                "/capibara.inference.v1.InferenceService/Generate"}
+    for _ in range(50):
+        lines = [json.loads(line) for line in mesh.log_path.read_text().splitlines()
+                 if line.startswith("{") and request_id in line]
+        if expected <= {line.get("method") for line in lines}:
+            break
+        time.sleep(0.1)
+    assert expected <= {line.get("method") for line in lines}, lines
+    assert all(line["request_id"] == request_id and line["code"] == "OK" for line in lines if "method" in line)
+    envoy_log = pathlib.Path(mesh.config["state_dir"]) / "logs" / "envoy.log"
+    for _ in range(100):  # Envoy flushes its access log every few seconds
+        access = [json.loads(line) for line in envoy_log.read_text().splitlines() if request_id in line]
+        if access:
+            break
+        time.sleep(0.1)
+    assert access and access[0]["path"] == "/api/chat" and access[0]["status"] == 200

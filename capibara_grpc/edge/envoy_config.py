@@ -214,6 +214,22 @@ def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path,
         "stat_prefix": "edge",
         "codec_type": "AUTO",
         "use_remote_address": True,
+        # Every request gets an x-request-id (a client may bring its own, to correlate); it goes to
+        # the services as gRPC metadata, back to the client, and into this access log.
+        "preserve_external_request_id": True,
+        "always_set_request_id_in_response": True,
+        "access_log": [{
+            "name": "envoy.access_loggers.stdout",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                "log_format": {"json_format": {
+                    "ts": "%START_TIME%", "request_id": "%REQ(X-REQUEST-ID)%", "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+                    "method": "%REQ(:METHOD)%", "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%", "status": "%RESPONSE_CODE%",
+                    "grpc_status": "%GRPC_STATUS%", "flags": "%RESPONSE_FLAGS%", "ms": "%DURATION%",
+                    "upstream": "%UPSTREAM_CLUSTER%",
+                }},
+            },
+        }],
         "stream_idle_timeout": f"{int(config.edge.stream_idle_timeout_s)}s",
         "request_timeout": "0s",
         "route_config": {"name": "edge", "virtual_hosts": [{
