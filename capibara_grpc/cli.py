@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="capibara", description="Capibara mesh: multi-model LLM chat over gRPC.")
     parser.add_argument("--config", help="mesh YAML (default: $CAPIBARA_CONFIG or config/capibara.yaml)")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("up", help="start llama-servers, services and Envoy; Ctrl-C stops all")
+    up = commands.add_parser("up", help="start llama-servers, services and Envoy; Ctrl-C stops all")
+    up.add_argument("--split", action="store_true",
+                    help="run each service as its own `capibara serve` process (as deployed), not all in one")
     serve = commands.add_parser("serve", help="run one or more services in this process")
     serve.add_argument("services", nargs="+", choices=IMPLEMENTED_SERVICES)
     chat = commands.add_parser("chat", help="stream an answer in the terminal (through Envoy)")
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         from capibara_grpc.launcher import run_until_signalled
 
-        return asyncio.run(run_until_signalled(config))
+        return asyncio.run(run_until_signalled(config, split=args.split))
     if args.command == "serve":
         try:
             return asyncio.run(_serve(args.services, config))

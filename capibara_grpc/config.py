@@ -50,6 +50,10 @@ class EdgeConfig:
     tls_cert: str = ""
     tls_key: str = ""
     stream_idle_timeout_s: float = 300.0
+    # The mesh listener: plaintext gRPC on loopback through which the services call each other
+    # (services.via_envoy), with health-checked clusters, retries and outlier detection.
+    mesh_address: str = "127.0.0.1"
+    mesh_port: int = 5002
     # API keys: one per line in this file ('#' starts a comment), plus the comma-separated
     # $CAPIBARA_API_KEYS. With any key, every call but /health needs `Authorization: Bearer <key>`
     # or `x-api-key: <key>`; without keys the mesh is open (fine on a laptop, not on a network).
@@ -76,6 +80,8 @@ class ServiceEndpoint:
 @dataclass
 class ServicesConfig:
     host: str = "127.0.0.1"
+    # true: services call each other through Envoy's mesh listener (edge.mesh_port); false: directly.
+    via_envoy: bool = True
     gateway: ServiceEndpoint = field(default_factory=lambda: ServiceEndpoint(50050))
     router: ServiceEndpoint = field(default_factory=lambda: ServiceEndpoint(50051))
     context: ServiceEndpoint = field(default_factory=lambda: ServiceEndpoint(50052))
@@ -84,6 +90,7 @@ class ServicesConfig:
     speech: ServiceEndpoint = field(default_factory=lambda: ServiceEndpoint(50055))
 
     def address(self, service: str) -> str:
+        """Where the service itself listens."""
         return f"{self.host}:{getattr(self, service).port}"
 
 
@@ -584,6 +591,8 @@ def _validate(config: MeshConfig, *, check_files: set[str]) -> None:
 
     claim(config.edge.listen_address, config.edge.port, "edge.port", _line(config.edge, "port"))
     claim(config.edge.admin_address, config.edge.admin_port, "edge.admin_port", _line(config.edge, "admin_port"))
+    if config.services.via_envoy:
+        claim(config.edge.mesh_address, config.edge.mesh_port, "edge.mesh_port", _line(config.edge, "mesh_port"))
     for name in SERVICE_NAMES:
         endpoint = getattr(config.services, name)
         claim(config.services.host, endpoint.port, f"services.{name}.port", _line(endpoint, "port"))

@@ -134,8 +134,10 @@ def speech_service_argv(config: MeshConfig) -> list[str]:
 class Mesh:
     """Everything `capibara up` runs, as one unit."""
 
-    def __init__(self, config: MeshConfig, log=print):
+    def __init__(self, config: MeshConfig, log=print, split: bool = False):
         self.config = config
+        # split: every service in its own `capibara serve <svc>` process, as in a deployment.
+        self.split = split
         self.log = log
         self.children: list[ChildProcess] = []
         self.servers: MeshServers | None = None
@@ -161,18 +163,21 @@ class Mesh:
                                  self.logs / f"llama-server-{model.model_id}.log")
             child.start()
             self.children.append(child)
-        in_process = list(self.config.deployed_services)
-        if speech_in_own_process(self.config):
-            in_process.remove("speech")
-            speech = ChildProcess("speech", speech_service_argv(self.config), self.logs / "speech.log",
-                                  env={"PYTHONPATH": str(REPO_ROOT)})
-            speech.start()
-            self.children.append(speech)
+        own_process = {s: self._service_argv(s) for s in self.config.deployed_services
+                       if self.split or (s == "speech" and speech_in_own_process(self.config))}
+        service_children = {}
+        for service, argv in own_process.items():
+            child = ChildProcess(service, argv, self.logs / f"{service}.log", env={"PYTHONPATH": str(REPO_ROOT)})
+            child.start()
+            self.children.append(child)
+            service_children[service] = child
         envoy_yaml = envoy_config.write(self.config)
         await self._wait_for_backends(launched)
-        self.servers = await MeshServers(self.config, in_process).start()
-        if speech_in_own_process(self.config):
-            await self._wait_grpc_serving(self.children[-1], self.config.services.address("speech"))
+        in_process = [s for s in self.config.deployed_services if s not in own_process]
+        if in_process:
+            self.servers = await MeshServers(self.config, in_process).start()
+        await asyncio.gather(*(self._wait_grpc_serving(child, self.config.services.address(service))
+                               for service, child in service_children.items()))
         envoy = ChildProcess("envoy", [envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn",
                                        "--disable-hot-restart"], self.logs / "envoy.log")
         envoy.start()
@@ -184,6 +189,11 @@ class Mesh:
             self._wait_http(child, model.backend.url.rstrip("/") + "/health", timeout_s)
             for child, model in zip(self.children, models)
         ))
+
+    def _service_argv(self, service: str) -> list[str]:
+        if service == "speech" and speech_in_own_process(self.config):
+            return speech_service_argv(self.config)
+        return [sys.executable, "-m", "capibara_grpc.cli", "--config", self.config.source, "serve", service]
 
     async def _wait_grpc_serving(self, child: ChildProcess, address: str, timeout_s: float = 120.0) -> None:
         import grpc
@@ -239,8 +249,8 @@ class Mesh:
         ]
 
 
-async def run_until_signalled(config: MeshConfig) -> int:
-    mesh = Mesh(config)
+async def run_until_signalled(config: MeshConfig, split: bool = False) -> int:
+    mesh = Mesh(config, split=split)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

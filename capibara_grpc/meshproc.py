@@ -33,6 +33,7 @@ def mesh_config(state_dir: pathlib.Path, base_port: int, models: dict, router: b
         "state_dir": str(state_dir),
         # No per-client rate limit: every test call comes from 127.0.0.1 (test_edge_policies sets one).
         "edge": {"listen_address": "127.0.0.1", "port": base_port + 1, "admin_port": base_port + 901,
+                 "mesh_port": base_port + 2,
                  "rate_limit": {"chat": 0, "other": 0}},
         "services": {name: {"port": base_port + 50 + i, "metrics_port": base_port + 70 + i}
                      for i, name in enumerate(SERVICES)},
@@ -102,13 +103,13 @@ class RunningMesh:
             return status, text, headers
 
 
-def start_mesh(directory: pathlib.Path, config: dict, timeout_s: float = 240) -> RunningMesh:
+def start_mesh(directory: pathlib.Path, config: dict, timeout_s: float = 240, split: bool = False) -> RunningMesh:
     config_path = directory / "capibara.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log_path = directory / "up.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [str(VENV_BIN / "capibara"), "--config", str(config_path), "up"],
+            [str(VENV_BIN / "capibara"), "--config", str(config_path), "up", *(["--split"] if split else [])],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
         )
     mesh = RunningMesh(config_path, config, process, log_path)

@@ -60,8 +60,17 @@ CHANNEL_OPTIONS = [
 
 
 def internal_channel(config: MeshConfig, service: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(config.services.address(service), options=CHANNEL_OPTIONS,
-                                     interceptors=tracing.client_interceptors())
+    """A channel to another service: through Envoy's mesh listener (health-checked, retried,
+    load-balanced over replicas) or, with services.via_envoy false, straight to its port."""
+    target = (f"{config.edge.mesh_address}:{config.edge.mesh_port}" if config.services.via_envoy
+              else config.services.address(service))
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors())
+
+
+def health_channel(config: MeshConfig, service: str) -> grpc.aio.Channel:
+    """Straight to the service: grpc.health.v1 asks about one process, and every service's
+    Health/Check has the same path, so Envoy could not route it to the right one."""
+    return grpc.aio.insecure_channel(config.services.address(service), options=CHANNEL_OPTIONS)
 
 
 def _new_server() -> grpc.aio.Server:
@@ -72,6 +81,30 @@ def _listen(server: grpc.aio.Server, config: MeshConfig, service: str) -> None:
     address = config.services.address(service)
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot listen on {address} for the {service} service (port in use?)")
+
+
+# Without these the gateway cannot answer a chat; router, consensus and speech only degrade it.
+REQUIRED_BY_GATEWAY = ("inference", "context")
+
+
+async def _watch_required(mesh_health: MeshHealth, health: HealthServicer, interval_s: float = 2.0) -> None:
+    """The gateway is NOT_SERVING while a service it needs is down, so Envoy's health checks and
+    orchestrators see it; it is SERVING again as soon as they are back."""
+    names = ["", SERVICE_FULL_NAMES["gateway"]]
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            serving = await mesh_health.services_serving(REQUIRED_BY_GATEWAY)
+        except Exception:  # noqa: BLE001 - a health probe must never kill the service
+            log.exception("dependency health check failed")
+            continue
+        for name in names:
+            await health.set(name, SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+async def _cancel(task: asyncio.Task) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 class MeshServers:
@@ -156,7 +189,7 @@ class MeshServers:
 
         settings = self.config.router
         encoder = await asyncio.to_thread(shared_encoder, settings.encoder, settings.cache_size)
-        inference = internal_channel(self.config, "inference")
+        inference = health_channel(self.config, "inference")
         self._stack.push_async_callback(inference.close)
         watcher = ModelHealthWatcher(inference, sorted(self.config.models), settings.health_interval_s)
         watcher.start()
@@ -220,12 +253,19 @@ class MeshServers:
         speech = SpeechClient(channels["speech"]) if "speech" in self.config.deployed_services else None
         chat = ChatServicer(ChatGateway(self.config, InferenceClient(channels["inference"]).generate, router, context,
                                         consensus, speech))
-        mesh = MeshServicer(MeshHealth(self.config, self.config.deployed_services, channels))
+        health_channels = {name: health_channel(self.config, name) for name in self.config.deployed_services}
+        for channel in health_channels.values():
+            self._stack.push_async_callback(channel.close)
+        mesh_health = MeshHealth(self.config, self.config.deployed_services, health_channels)
+        mesh = MeshServicer(mesh_health)
+        gateway_health = HealthServicer()
 
         def add(server):
             gateway_pb2_grpc.add_ChatServiceServicer_to_server(chat, server)
             gateway_pb2_grpc.add_MeshServiceServicer_to_server(mesh, server)
 
         # The front door describes the whole mesh, including services declared but not deployed.
-        await self._serve("gateway", add, list(SERVICE_FULL_NAMES.values()) + [MESH_SERVICE],
+        await self._serve("gateway", add, list(SERVICE_FULL_NAMES.values()) + [MESH_SERVICE], health=gateway_health,
                           serving=[SERVICE_FULL_NAMES["gateway"], MESH_SERVICE])
+        watcher = asyncio.create_task(_watch_required(mesh_health, gateway_health))
+        self._stack.push_async_callback(_cancel, watcher)

@@ -42,8 +42,10 @@ def test_only_the_edge_listens_outside_by_default(tmp_path):
 
     config = load_config()
     built = envoy_config.build(config, tmp_path / "d.pb", tmp_path / "c.pem", tmp_path / "k.pem")
-    (listener,) = built["static_resources"]["listeners"]
+    listener, mesh_listener = built["static_resources"]["listeners"]
     assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 5001}
+    # The mesh listener, through which the services call each other, is loopback only.
+    assert mesh_listener["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 5002}
     assert built["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
     for cluster in built["static_resources"]["clusters"]:
         (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
@@ -72,7 +74,7 @@ def test_serve_runs_a_single_service_as_its_own_process(mesh, tmp_path):
     config = yaml.safe_load(mesh.config_path.read_text())
     for i, name in enumerate(config["services"]):
         config["services"][name].update(port=27050 + i, metrics_port=27070 + i)
-    config["edge"] = {"port": 27001, "admin_port": 27901, "listen_address": "127.0.0.1"}
+    config["edge"] = {"port": 27001, "admin_port": 27901, "mesh_port": 27002, "listen_address": "127.0.0.1"}
     path = tmp_path / "capibara.yaml"
     path.write_text(yaml.safe_dump(config))
     process = subprocess.Popen([str(BIN / "capibara"), "--config", str(path), "serve", "inference"],

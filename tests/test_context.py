@@ -203,7 +203,7 @@ def test_history_survives_a_restart_of_the_service(mesh, tmp_path):
     config["state_dir"] = str(tmp_path / "state")
     for i, name in enumerate(config["services"]):
         config["services"][name].update(port=27150 + i, metrics_port=27170 + i)
-    config["edge"] = {"port": 27101, "admin_port": 27191, "listen_address": "127.0.0.1"}
+    config["edge"] = {"port": 27101, "admin_port": 27191, "mesh_port": 27102, "listen_address": "127.0.0.1"}
     path = tmp_path / "capibara.yaml"
     path.write_text(yaml.safe_dump(config))
     address = f"127.0.0.1:{config['services']['context']['port']}"

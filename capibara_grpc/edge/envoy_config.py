@@ -31,7 +31,20 @@ def _cluster(name: str, host: str, port: int) -> dict:
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
-        "lb_policy": "ROUND_ROBIN",
+        "lb_policy": "LEAST_REQUEST",
+        # grpc.health.v1 of the service itself: a replica that says NOT_SERVING (or does not
+        # answer) gets no new calls. With every replica down Envoy still tries them (panic mode),
+        # so callers get the service's own error instead of a bare "no healthy upstream".
+        "health_checks": [{
+            "timeout": "1s", "interval": "2s", "unhealthy_threshold": 2, "healthy_threshold": 1,
+            "no_traffic_interval": "2s",
+            "grpc_health_check": {"service_name": SERVICE_FULL_NAMES[name]},
+        }],
+        # A replica that keeps failing with 5xx / connection errors is ejected for a while.
+        "outlier_detection": {"consecutive_gateway_failure": 3, "consecutive_5xx": 5, "interval": "2s",
+                              "base_ejection_time": "5s", "max_ejection_percent": 100},
+        "circuit_breakers": {"thresholds": [{"max_connections": 4096, "max_pending_requests": 4096,
+                                             "max_requests": 4096, "max_retries": 64}]},
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -49,7 +62,14 @@ def _socket(host: str, port: int) -> dict:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def _to_cluster(prefix: str, cluster: str) -> dict:
+# Retried: a call the replica refused or could not take (UNAVAILABLE, connection failure or reset).
+# Envoy retries only before it has passed any response on, so a stream that has started streaming
+# is never replayed.
+RETRY_POLICY = {"retry_on": "unavailable,connect-failure,reset", "num_retries": 2,
+                "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.5s"}}
+
+
+def _to_cluster(prefix: str, cluster: str, retry: bool = False) -> dict:
     return {
         "match": {"prefix": prefix},
         "route": {
@@ -58,7 +78,29 @@ def _to_cluster(prefix: str, cluster: str) -> dict:
             # is passed on to the services, which enforce it; if Envoy enforced it too it would
             # reset a started stream instead of ending it with DEADLINE_EXCEEDED.
             "timeout": "0s",
+            **({"retry_policy": RETRY_POLICY} if retry else {}),
         },
+    }
+
+
+def _mesh_listener(config: MeshConfig) -> dict:
+    """Loopback, plaintext h2: how the services reach each other (services.via_envoy)."""
+    routes = [_to_cluster(f"/{SERVICE_FULL_NAMES[s]}/", s, retry=True) for s in config.deployed_services]
+    routes.append({"match": {"prefix": "/"}, "direct_response": {"status": 404}})
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "mesh",
+        "codec_type": "HTTP2",
+        "stream_idle_timeout": "0s",
+        "request_timeout": "0s",
+        "route_config": {"name": "mesh", "virtual_hosts": [{"name": "services", "domains": ["*"], "routes": routes}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+    }
+    return {
+        "name": "mesh",
+        "address": _socket(config.edge.mesh_address, config.edge.mesh_port),
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     }
 
 
@@ -285,7 +327,8 @@ def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path,
                             "transport_socket": tls,
                         }
                     ],
-                }
+                },
+                *([_mesh_listener(config)] if config.services.via_envoy else []),
             ],
             "clusters": [_cluster(s, host, getattr(config.services, s).port) for s in deployed],
         },

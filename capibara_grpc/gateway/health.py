@@ -52,6 +52,12 @@ class MeshHealth:
             status = "SERVICE_UNKNOWN" if exc.code() == grpc.StatusCode.NOT_FOUND else "UNREACHABLE"
             return ServiceHealth(name, status, exc.details() or exc.code().name)
 
+    async def services_serving(self, services: tuple[str, ...]) -> bool:
+        """Whether each of `services` that this mesh deploys says SERVING."""
+        wanted = [s for s in services if s in self.services]
+        results = await asyncio.gather(*(self._check(s, SERVICE_FULL_NAMES[s]) for s in wanted))
+        return all(r.status == "SERVING" for r in results)
+
     async def check(self) -> HealthReport:
         results = await asyncio.gather(*(self._check(svc, name) for svc, name in self._checks()))
         return HealthReport(list(results))
