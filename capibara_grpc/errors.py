@@ -123,14 +123,25 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
+        deserialize = handler.request_deserializer
+
+        def parse(raw: bytes):
+            # Parsed here, not by grpc: a malformed message (or a string that is not UTF-8) is
+            # the caller's mistake, INVALID_ARGUMENT, where grpc itself would answer INTERNAL.
+            try:
+                return deserialize(raw) if deserialize else raw
+            except Exception as exc:  # noqa: BLE001 - any parse failure is the request's fault
+                raise InvalidArgument(f"the request is not a valid {method.rsplit('/', 1)[-1]} request message "
+                                      f"({type(exc).__name__})") from None
+
         if handler.unary_unary:
             inner = handler.unary_unary
 
-            async def unary_unary(request, context):
+            async def unary_unary(raw, context):
                 started, code = time.perf_counter(), "OK"
                 tracing.current_request_id.set(tracing.request_id_from(context))
                 try:
-                    return await inner(request, context)
+                    return await inner(parse(raw), context)
                 except asyncio.CancelledError:
                     code = "CANCELLED"
                     raise
@@ -144,18 +155,16 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 finally:
                     _finished(method, code, started)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
+            return grpc.unary_unary_rpc_method_handler(unary_unary, None, handler.response_serializer)
         # Streams written with context.write() (grpc.health's Watch) are left as they are.
         if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
             inner_stream = handler.unary_stream
 
-            async def unary_stream(request, context):
+            async def unary_stream(raw, context):
                 started, code = time.perf_counter(), "OK"
                 tracing.current_request_id.set(tracing.request_id_from(context))
                 try:
-                    async for response in inner_stream(request, context):
+                    async for response in inner_stream(parse(raw), context):
                         yield response
                 except (asyncio.CancelledError, GeneratorExit):
                     code = "CANCELLED"
@@ -170,9 +179,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 finally:
                     _finished(method, code, started)
 
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
-            )
+            return grpc.unary_stream_rpc_method_handler(unary_stream, None, handler.response_serializer)
         return handler
 
 

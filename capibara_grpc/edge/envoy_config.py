@@ -274,6 +274,8 @@ def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path,
         }],
         "stream_idle_timeout": f"{int(config.edge.stream_idle_timeout_s)}s",
         "request_timeout": "0s",
+        # A client that trickles its request headers (slowloris) is cut off.
+        "request_headers_timeout": "10s",
         "route_config": {"name": "edge", "virtual_hosts": [{
             "name": "mesh", "domains": ["*"], "routes": routes,
             **({"typed_per_filter_config": _cors_policy(config.edge.cors_origins)} if config.edge.cors_origins else {}),
