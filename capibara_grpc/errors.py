@@ -103,15 +103,42 @@ async def _abort(context: grpc.aio.ServicerContext, error: MeshError):
     await context.abort(error.code, error.message, trailing_metadata=((RETRY_AFTER, str(retry_after)),) if retry_after else ())
 
 
-def _finished(method: str, code: str, started: float) -> None:
-    metrics.observe_call(method, code, started)
-    calls_log.info("%s %s", method, code, extra={"fields": {
-        "method": method, "code": code, "ms": round((time.perf_counter() - started) * 1000, 1)}})
-
-
 def _aborted_code(context: grpc.aio.ServicerContext) -> str:
     code = context.code() if hasattr(context, "code") else None
     return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+
+class _Call:
+    """One call, unary or streaming: its request id, its error mapped to a status, and its final
+    code counted, timed and logged."""
+
+    def __init__(self, method: str, context: grpc.aio.ServicerContext):
+        self.method = method
+        self.context = context
+
+    async def __aenter__(self) -> None:
+        self.started = time.perf_counter()
+        tracing.current_request_id.set(tracing.request_id_from(self.context))
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        code = "OK"
+        try:
+            if exc is None:
+                return False
+            if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+                code = "CANCELLED"
+                return False
+            if isinstance(exc, grpc.aio.AbortError):
+                code = _aborted_code(self.context)
+                return False
+            error = to_mesh_error(exc, self.method)
+            code = error.code.name
+            await _abort(self.context, error)  # raises AbortError, which ends the call
+            return False
+        finally:
+            metrics.observe_call(self.method, code, self.started)
+            calls_log.info("%s %s", self.method, code, extra={"fields": {
+                "method": self.method, "code": code, "ms": round((time.perf_counter() - self.started) * 1000, 1)}})
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
@@ -138,22 +165,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary
 
             async def unary_unary(raw, context):
-                started, code = time.perf_counter(), "OK"
-                tracing.current_request_id.set(tracing.request_id_from(context))
-                try:
+                async with _Call(method, context):
                     return await inner(parse(raw), context)
-                except asyncio.CancelledError:
-                    code = "CANCELLED"
-                    raise
-                except grpc.aio.AbortError:
-                    code = _aborted_code(context)
-                    raise
-                except Exception as exc:  # noqa: BLE001 - this is the one mapping point
-                    error = to_mesh_error(exc, method)
-                    code = error.code.name
-                    await _abort(context, error)
-                finally:
-                    _finished(method, code, started)
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, None, handler.response_serializer)
         # Streams written with context.write() (grpc.health's Watch) are left as they are.
@@ -161,23 +174,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             inner_stream = handler.unary_stream
 
             async def unary_stream(raw, context):
-                started, code = time.perf_counter(), "OK"
-                tracing.current_request_id.set(tracing.request_id_from(context))
-                try:
+                async with _Call(method, context):
                     async for response in inner_stream(parse(raw), context):
                         yield response
-                except (asyncio.CancelledError, GeneratorExit):
-                    code = "CANCELLED"
-                    raise
-                except grpc.aio.AbortError:
-                    code = _aborted_code(context)
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    error = to_mesh_error(exc, method)
-                    code = error.code.name
-                    await _abort(context, error)
-                finally:
-                    _finished(method, code, started)
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, None, handler.response_serializer)
         return handler
