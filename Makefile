@@ -17,7 +17,7 @@ GENERATED := capibara_grpc/generated/.stamp
 PROTOS := $(shell find protos -name '*.proto')
 LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 
-.PHONY: all install coqui protos run test lint bench clean
+.PHONY: all install coqui protos breaking run test lint bench clean
 
 all: install protos
 
@@ -54,19 +54,29 @@ $(GENERATED): $(INSTALLED) $(PROTOS) buf.yaml buf.gen.yaml tools/grpc_tools_plug
 	$(PY) tools/proto_deps.py .build/proto-deps
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/buf generate
+	$(VENV)/bin/capibara protoset
 	touch $@
 
 run: install protos
 	$(VENV)/bin/capibara up
 
-test: install coqui protos
+# buf breaking (WIRE_JSON) against the previous commit of main (see tools/buf_breaking.py).
+breaking: protos
+	$(PY) tools/buf_breaking.py
+
+test: install coqui protos breaking
 	$(PY) -m pytest
 
 lint: install protos
 	$(VENV)/bin/buf lint
 
+BENCH_PACKAGES := nghttp2-client wrk
+
 bench: install protos
+	@missing=$$(for p in $(BENCH_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get install -y -q $$missing; fi
 	$(PY) benchmarks/ttft.py
+	$(PY) benchmarks/api_throughput.py
 
 clean:
 	rm -rf .build .state .test-state capibara_grpc/generated

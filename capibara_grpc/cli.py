@@ -8,7 +8,9 @@ import sys
 
 import grpc
 
-from capibara_grpc.config import IMPLEMENTED_SERVICES, SERVICE_NAMES, ConfigError, load_config
+from capibara_grpc.config import IMPLEMENTED_SERVICES, REPO_ROOT, SERVICE_NAMES, ConfigError, load_config
+
+OPENAPI_PATH = REPO_ROOT / "docs" / "openapi.json"
 
 
 def _edge_channel(config, target: str | None) -> grpc.aio.Channel:
@@ -90,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     envoy = commands.add_parser("envoy-config", help="write Envoy's config, descriptor and certificate")
     envoy.add_argument("--print", action="store_true", help="print the YAML")
     envoy.add_argument("--routes", action="store_true", help="list REST paths and the gRPC method of each")
+    protoset = commands.add_parser("protoset", help="write the descriptor set of every service (for ghz, grpcurl)")
+    protoset.add_argument("path", nargs="?", default=str(REPO_ROOT / ".build" / "capibara.protoset"))
+    openapi = commands.add_parser("openapi", help="write the OpenAPI document of the REST surface (docs/openapi.json)")
+    openapi.add_argument("--check", action="store_true", help="fail if the file differs from what the protos give")
     args = parser.parse_args(argv)
     from capibara_grpc.tracing import configure_logging
 
@@ -126,6 +132,28 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         path = envoy_config.write(config)
         print(path.read_text() if args.print else path)
+        return 0
+    if args.command == "protoset":
+        import pathlib
+
+        from capibara_grpc.edge import descriptor
+
+        target = pathlib.Path(args.path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(descriptor.descriptor_set().SerializeToString())
+        print(target)
+        return 0
+    if args.command == "openapi":
+        from capibara_grpc.edge import openapi
+
+        current = openapi.render()
+        if args.check:
+            if OPENAPI_PATH.read_text() != current:
+                print(f"{OPENAPI_PATH} is out of date with the protos: run `capibara openapi`", file=sys.stderr)
+                return 1
+            return 0
+        OPENAPI_PATH.write_text(current)
+        print(OPENAPI_PATH)
         return 0
     return 2
 

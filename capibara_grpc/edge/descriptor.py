@@ -52,6 +52,7 @@ def http_rules() -> list[dict]:
                         "grpc_path": f"/{service.full_name}/{method.name}",
                         "service": service.full_name,
                         "input": method.input_type,
+                        "output": method.output_type,
                         "body": rule.body,
                         "server_streaming": method.server_streaming,
                     }

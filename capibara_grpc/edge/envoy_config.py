@@ -19,6 +19,8 @@ from capibara_grpc.edge.tls import ensure_certificate
 from capibara_grpc.stubs import MESH_SERVICE, SERVICE_FULL_NAMES
 
 LUA_FILTER = pathlib.Path(__file__).with_name("rest_guard.lua")
+# Written by `capibara openapi` from the protos; served at GET /api/openapi.json.
+OPENAPI_DOCUMENT = pathlib.Path(__file__).resolve().parent.parent.parent / "docs" / "openapi.json"
 # Request body limit for REST calls (the gateway applies its own, smaller message limit).
 MAX_REQUEST_BYTES = 1024 * 1024
 # Unary REST responses are buffered by the transcoder; the largest is a spoken WAV (3000
@@ -139,8 +141,9 @@ def _lua_source(keys: list[str]) -> str:
             + LUA_FILTER.read_text())
 
 
-# Open without an API key and never rate limited: load balancers and probes must see health.
-OPEN_PATHS = ["/health", f"/{MESH_SERVICE}/GetHealth", "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"]
+# Open without an API key and never rate limited: load balancers and probes must see health, and
+# anyone may read the API's description.
+OPEN_PATHS = ["/health", "/api/openapi.json", f"/{MESH_SERVICE}/GetHealth", "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"]
 # Calls that generate (and so cost a model's time): the tighter per-client limit.
 GENERATING_SERVICES = ("gateway", "consensus")
 
@@ -204,7 +207,14 @@ def _local_reply_config() -> dict:
         }
         for http, grpc in LOCAL_REPLY_GRPC_CODES.items()
     ]
-    return {"mappers": mappers, "body_format": body(2)}
+    # Any other error status: UNKNOWN. Not a body_format for every local reply: direct responses
+    # (the OpenAPI document) are local replies too, and must go out as they are.
+    mappers.append({
+        "filter": {"status_code_filter": {"comparison": {
+            "op": "GE", "value": {"default_value": 400, "runtime_key": "capibara.local_reply.any_error"}}}},
+        "body_format_override": body(2),
+    })
+    return {"mappers": mappers}
 
 
 def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path, key: pathlib.Path) -> dict:
@@ -227,6 +237,12 @@ def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path,
         if limit:
             route["typed_per_filter_config"] = limit
         routes.append(route)
+    routes.append({
+        "match": {"path": "/api/openapi.json"},
+        "direct_response": {"status": 200, "body": {"filename": str(OPENAPI_DOCUMENT)}},
+        "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"},
+                                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+    })
     routes.append({"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {"inline_string": "no such path"}}})
     if config.edge.cors_origins:
         # Preflight requests carry REST paths, which no route above matches before transcoding;
@@ -276,7 +292,7 @@ def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path,
         "request_timeout": "0s",
         # A client that trickles its request headers (slowloris) is cut off.
         "request_headers_timeout": "10s",
-        "route_config": {"name": "edge", "virtual_hosts": [{
+        "route_config": {"name": "edge", "max_direct_response_body_size_bytes": 4 * 1024 * 1024, "virtual_hosts": [{
             "name": "mesh", "domains": ["*"], "routes": routes,
             **({"typed_per_filter_config": _cors_policy(config.edge.cors_origins)} if config.edge.cors_origins else {}),
         }]},
