@@ -51,7 +51,7 @@ def h2load_route(mesh, directory: pathlib.Path, seconds: float, clients: int, st
     log = directory / "h2load.log"
     port = mesh.edge.split(":")[1]
     subprocess.run(
-        ["h2load", "-D", str(seconds), "-c", str(clients), "-m", str(streams), "-t", "1", "-d", str(frame),
+        ["h2load", "-D", f"{int(seconds)}", "-c", str(clients), "-m", str(streams), "-t", "1", "-d", str(frame),
          "-H", "content-type: application/grpc", "-H", "te: trailers", "--log-file", str(log),
          f"https://localhost:{port}/capibara.router.v1.RouterService/Route"],
         check=True, capture_output=True, text=True,
@@ -75,7 +75,7 @@ def wrk_route(mesh, directory: pathlib.Path, seconds: float, connections: int) -
     script = directory / "post.lua"
     script.write_text('wrk.method = "POST"\nwrk.headers["content-type"] = "application/json"\n'
                       f'wrk.body = \'{{"query": "{QUERY}"}}\'\n')
-    out = subprocess.run(["wrk", "-t", "2", "-c", str(connections), "-d", f"{int(seconds)}s", "--latency",
+    out = subprocess.run(["wrk", "-t", str(min(2, connections)), "-c", str(connections), "-d", f"{int(seconds)}s", "--latency",
                           "-s", str(script), mesh.base_url + "/api/router/test"],
                          check=True, capture_output=True, text=True).stdout
     rps = float(next(line.split()[1] for line in out.splitlines() if line.startswith("Requests/sec")))
@@ -103,7 +103,9 @@ async def chat_level(mesh, concurrency: int, runs: int, max_tokens: int):
 
 
 async def direct_level(url: str, runs: int, max_tokens: int):
-    async with aiohttp.ClientSession() as session:
+    # A new connection per request: llama-server closes a connection after a streamed answer, and
+    # reusing it back to back races that close.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
         await direct(session, url, 4)
         return [await direct(session, url, max_tokens) for _ in range(runs)]
 
@@ -122,17 +124,6 @@ def main() -> None:
               "mixtral": launched_model(PORT_BASE + 82, parallel=4)}
     with tempfile.TemporaryDirectory() as tmp, running_mesh(pathlib.Path(tmp), PORT_BASE, models) as mesh:
         directory = pathlib.Path(tmp)
-        print(f"\nThrough Envoy (TLS) on {platform.machine()} {platform.node()}, {time.strftime('%Y-%m-%d')}, "
-              f"{args.seconds:.0f} s per row")
-        print(f"{'what':52} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}")
-        for clients, streams in ((1, 1), (4, 8), (8, 16)):
-            rps, latencies = h2load_route(mesh, directory, args.seconds, clients, streams)
-            print(f"{f'Route, gRPC h2load, {clients * streams} in flight':52} {rps:8.0f} "
-                  f"{percentile(latencies, .5):8.1f} {percentile(latencies, .9):8.1f} {percentile(latencies, .99):8.1f}")
-        for connections in (1, 32):
-            rps, latency = wrk_route(mesh, directory, args.seconds, connections)
-            print(f"{f'Route, REST wrk, {connections} connections':52} {rps:8.0f} "
-                  f"{latency['50%']:8.1f} {latency['90%']:8.1f} {latency['99%']:8.1f}")
         print(f"\nChat ({args.max_tokens} tokens, temperature 0), gRPC through Envoy; direct = llama-server "
               f"/apply-template + /completion")
         print(f"{'what':52} {'TTFT p50':>8} {'TTFT p90':>8} {'tok/s p50':>9}")
@@ -147,6 +138,17 @@ def main() -> None:
                   f"{statistics.median(s.tokens_per_s for s in samples):9.1f}")
         overhead = statistics.median(s.ttft for s in rows[1][1]) - statistics.median(s.ttft for s in base)
         print(f"\nmesh overhead on time to first token at concurrency 1: {overhead * 1000:.1f} ms")
+        print(f"\nThrough Envoy (TLS) on {platform.machine()} {platform.node()}, {time.strftime('%Y-%m-%d')}, "
+              f"{args.seconds:.0f} s per row")
+        print(f"{'what':52} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}")
+        for clients, streams in ((1, 1), (4, 8), (8, 16)):
+            rps, latencies = h2load_route(mesh, directory, args.seconds, clients, streams)
+            print(f"{f'Route, gRPC h2load, {clients * streams} in flight':52} {rps:8.0f} "
+                  f"{percentile(latencies, .5):8.1f} {percentile(latencies, .9):8.1f} {percentile(latencies, .99):8.1f}")
+        for connections in (1, 32):
+            rps, latency = wrk_route(mesh, directory, args.seconds, connections)
+            print(f"{f'Route, REST wrk, {connections} connections':52} {rps:8.0f} "
+                  f"{latency['50%']:8.1f} {latency['90%']:8.1f} {latency['99%']:8.1f}")
 
 
 if __name__ == "__main__":
