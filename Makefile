@@ -10,8 +10,8 @@ INSTALLED := .build/installed.stamp
 COQUI_VENV := .venv-coqui
 COQUI_INSTALLED := .build/coqui.stamp
 SYSTEM_INSTALLED := .build/system.stamp
-# Debian packages: espeak-ng is the embedded speech engine.
-DEBIAN_PACKAGES := espeak-ng
+# Debian packages: espeak-ng is the embedded speech engine; chromium runs the browser tests.
+DEBIAN_PACKAGES := espeak-ng chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 GENERATED := capibara_grpc/generated/.stamp
 PROTOS := $(shell find protos -name '*.proto')

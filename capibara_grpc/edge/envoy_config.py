@@ -141,9 +141,32 @@ def _lua_source(keys: list[str]) -> str:
             + LUA_FILTER.read_text())
 
 
+WEB = pathlib.Path(__file__).resolve().parent.parent / "gateway" / "web"
+# Files Envoy serves itself: the web chat page (no CDN, works offline) and the API description.
+STATIC_FILES = {
+    "/": (WEB / "index.html", "text/html; charset=utf-8"),
+    "/app.js": (WEB / "app.js", "text/javascript; charset=utf-8"),
+    "/style.css": (WEB / "style.css", "text/css; charset=utf-8"),
+    "/api/openapi.json": (OPENAPI_DOCUMENT, "application/json"),
+}
+# The page loads nothing from elsewhere and runs no inline code.
+_PAGE_HEADERS = {"content-security-policy": "default-src 'self'; media-src 'self' blob:; connect-src 'self' blob:; img-src 'self' data:",
+                 "x-content-type-options": "nosniff", "referrer-policy": "no-referrer"}
+
+
+def _static_file(path: str, file: pathlib.Path, content_type: str) -> dict:
+    headers = {"content-type": content_type, **_PAGE_HEADERS}
+    return {
+        "match": {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+        "direct_response": {"status": 200, "body": {"filename": str(file)}},
+        "response_headers_to_add": [{"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                                    for k, v in headers.items()],
+    }
+
+
 # Open without an API key and never rate limited: load balancers and probes must see health, and
-# anyone may read the API's description.
-OPEN_PATHS = ["/health", "/api/openapi.json", f"/{MESH_SERVICE}/GetHealth", "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"]
+# anyone may load the page and read the API's description (the page asks for a key itself).
+OPEN_PATHS = ["/health", *STATIC_FILES, f"/{MESH_SERVICE}/GetHealth", "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"]
 # Calls that generate (and so cost a model's time): the tighter per-client limit.
 GENERATING_SERVICES = ("gateway", "consensus")
 
@@ -237,12 +260,7 @@ def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path,
         if limit:
             route["typed_per_filter_config"] = limit
         routes.append(route)
-    routes.append({
-        "match": {"path": "/api/openapi.json"},
-        "direct_response": {"status": 200, "body": {"filename": str(OPENAPI_DOCUMENT)}},
-        "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"},
-                                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
-    })
+    routes += [_static_file(path, file, content_type) for path, (file, content_type) in STATIC_FILES.items()]
     routes.append({"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {"inline_string": "no such path"}}})
     if config.edge.cors_origins:
         # Preflight requests carry REST paths, which no route above matches before transcoding;
