@@ -23,7 +23,7 @@ all: install protos
 
 install: $(INSTALLED) $(SYSTEM_INSTALLED)
 
-$(SYSTEM_INSTALLED):
+$(SYSTEM_INSTALLED): Makefile
 	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		$(SUDO) apt-get install -y -q $$missing || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $$missing; }; \
