@@ -191,6 +191,26 @@ class SpeechConfig:
 
 
 @dataclass
+class CacheConfig:
+    """The gateway's response cache (see capibara_grpc/gateway/cache.py)."""
+
+    enabled: bool = True
+    # `memory` (per gateway process) or `redis` (shared by gateway replicas).
+    backend: str = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    ttl_s: float = 3600.0
+    # memory backend: answers kept at most (least recently used go first)
+    max_entries: int = 10000
+    # Longer answers are not cached.
+    max_answer_chars: int = 20000
+    # Cache answers sampled with temperature > 0 too (by default they bypass the cache).
+    cache_sampled: bool = False
+    # Routes whose questions may hit a differently worded cached question, with the minimum cosine
+    # similarity; never math, and never questions with digits, code or quotes.
+    semantic_routes: dict[str, float] = field(default_factory=lambda: {"conversation": 0.95, "quick_facts": 0.95})
+
+
+@dataclass
 class SamplingDefaults:
     max_tokens: int = 200
     temperature: float = 0.7
@@ -256,6 +276,7 @@ class MeshConfig:
     context: ContextConfig = field(default_factory=ContextConfig)
     consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
     speech: SpeechConfig = field(default_factory=SpeechConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     models: dict[str, ModelConfig] = field(default_factory=dict)
     # Where the file was read from, for messages and relative paths.
     source: str = "<defaults>"
@@ -566,6 +587,13 @@ def _validate(config: MeshConfig, *, check_files: set[str]) -> None:
     if "router" in check_files and config.router.enabled:
         load_routes(config)
     _validate_speech(config, fail, "speech" in check_files)
+    if config.cache.backend not in ("memory", "redis"):
+        fail(_line(config.cache, "backend"), f"cache.backend '{config.cache.backend}' must be memory or redis")
+    for route, threshold in config.cache.semantic_routes.items():
+        if not 0.5 <= threshold <= 1.0:
+            fail(_line(config.cache, "semantic_routes"), f"cache.semantic_routes.{route}: {threshold} is not a similarity in [0.5, 1]")
+        if route == "math":
+            fail(_line(config.cache, "semantic_routes"), "cache.semantic_routes: math answers depend on every digit; they are never matched by meaning")
     for key in ("chat", "other"):
         if getattr(config.edge.rate_limit, key) < 0:
             fail(_line(config.edge.rate_limit, key), f"edge.rate_limit.{key} must be 0 (no limit) or a positive number")

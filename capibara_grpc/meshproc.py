@@ -38,6 +38,8 @@ def mesh_config(state_dir: pathlib.Path, base_port: int, models: dict, router: b
         "services": {name: {"port": base_port + 50 + i, "metrics_port": base_port + 70 + i}
                      for i, name in enumerate(SERVICES)},
         "gateway": {"default_model": next(iter(models))},
+        # Off, so that repeated test prompts reach the models; test_cache turns it on.
+        "cache": {"enabled": False},
         "models": models,
     }
 

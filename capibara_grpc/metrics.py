@@ -25,6 +25,8 @@ GENERATED_TOKENS = Counter("capibara_generated_tokens_total", "Tokens generated"
 ROUTING_DECISIONS = Counter("capibara_routing_decisions_total", "Chat routing decisions", ["route", "model", "source"])
 FAILOVERS = Counter("capibara_failovers_total", "Chats moved to another model before their first token",
                     ["from_model", "to_model"])
+CACHE_REQUESTS = Counter("capibara_cache_requests_total", "Response cache lookups: exact_hit, semantic_hit or miss",
+                         ["result", "route"])
 QUEUE_DEPTH = Gauge("capibara_queue_depth", "Generations waiting for a slot of the model's backend", ["model"])
 ACTIVE_GENERATIONS = Gauge("capibara_active_generations", "Generations holding a slot of the model's backend", ["model"])
 

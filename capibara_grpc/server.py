@@ -243,6 +243,22 @@ class MeshServers:
         await self._serve("speech", lambda server: speech_pb2_grpc.add_SpeechServiceServicer_to_server(servicer, server),
                           [name], serving=[name])
 
+    async def _response_cache(self):
+        from capibara_grpc.gateway.cache import MemoryStore, RedisStore, ResponseCache, encoder_for
+
+        settings = self.config.cache
+        if not settings.enabled:
+            return None
+        if settings.backend == "redis":
+            store = RedisStore(settings.redis_url)
+            self._stack.push_async_callback(store.close)
+        else:
+            store = MemoryStore(settings.max_entries)
+        encode = None
+        if settings.semantic_routes:
+            encode = await asyncio.to_thread(encoder_for, self.config.router.encoder, self.config.router.cache_size)
+        return ResponseCache(settings, store, encode)
+
     async def _start_gateway(self) -> None:
         channels = {name: internal_channel(self.config, name) for name in self.config.deployed_services}
         for channel in channels.values():
@@ -251,8 +267,9 @@ class MeshServers:
         context = ContextClient(channels["context"]) if "context" in self.config.deployed_services else None
         consensus = ConsensusClient(channels["consensus"]).decide if "consensus" in self.config.deployed_services else None
         speech = SpeechClient(channels["speech"]) if "speech" in self.config.deployed_services else None
+        cache = await self._response_cache()
         chat = ChatServicer(ChatGateway(self.config, InferenceClient(channels["inference"]).generate, router, context,
-                                        consensus, speech))
+                                        consensus, speech, cache))
         health_channels = {name: health_channel(self.config, name) for name in self.config.deployed_services}
         for channel in health_channels.values():
             self._stack.push_async_callback(channel.close)

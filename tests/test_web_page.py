@@ -44,7 +44,7 @@ def test_page_is_served_offline_with_a_strict_policy(web_mesh):
 def test_chat_page_in_a_real_browser(web_mesh):
     result = browser(web_mesh, "main")
     assert result.returncode == 0, result.stdout + result.stderr
-    for name in ("1-streaming", "2-answer", "3-reloaded", "4-audio", "5-consensus", "6-erased"):
+    for name in ("1-sent", "2-answer", "3-reloaded", "4-audio", "5-consensus", "6-erased"):
         assert (SCREENSHOTS / f"main-{name}.png").stat().st_size > 1000
 
 

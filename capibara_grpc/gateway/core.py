@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
@@ -27,6 +28,7 @@ from capibara_grpc.errors import (
 )
 from capibara_grpc.inference.core import validate_params
 from capibara_grpc.inference.types import Finished, GenerateFn, Message, SamplingParams, Token
+from capibara_grpc.gateway.cache import CachedAnswer, ResponseCache
 from capibara_grpc.gateway.speaking import SpokenAnswer
 from capibara_grpc.router.core import RouteDecision as RouterDecision
 from capibara_grpc.speech.core import AudioChunk
@@ -34,6 +36,7 @@ from capibara_grpc.speech.core import AudioChunk
 
 # (query, recent user turns, timeout_s) -> the router's decision
 RouteFn = Callable[[str, list[str], float], Awaitable["RouterDecision"]]
+log = logging.getLogger(__name__)
 ROUTER_TIMEOUT_S = 2.0
 # Failures of a model that another model may not share: its backend is down, full or broken.
 FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL,
@@ -84,6 +87,13 @@ class StreamFailure:
 ChatEvent = RoutingDecision | Token | ChatDone | StreamFailure | AudioChunk
 
 
+async def _replay(answer: CachedAnswer) -> AsyncIterator[Token | Finished]:
+    """A cached answer as the same stream a live one is: its tokens, then the final event."""
+    for index, text in enumerate(answer.tokens):
+        yield Token(text, index)
+    yield answer.finished
+
+
 class RecentTurns:
     """The last few user messages of recent conversations, so the router can keep a
     conversation's route for short follow-ups. Bounded: old conversations are forgotten."""
@@ -114,7 +124,7 @@ class CompleteResult:
 
 class ChatGateway:
     def __init__(self, config: MeshConfig, generate: GenerateFn, route: RouteFn | None = None, context=None,
-                 consensus=None, speech=None):
+                 consensus=None, speech=None, cache: ResponseCache | None = None):
         self.config = config
         self.generate = generate
         self.route_with_router = route
@@ -124,6 +134,8 @@ class ChatGateway:
         self.consensus = consensus
         # The speech service client (voice_ids, synthesize), or None when no speech service runs.
         self.speech = speech
+        # The response cache, or None when cache.enabled is false.
+        self.cache = cache
         self.recent = RecentTurns()
 
     def validate(self, chat: ChatInput) -> None:
@@ -202,7 +214,7 @@ class ChatGateway:
         decision = await self.route(chat)
         self.recent.add(chat.conversation_id, chat.message)
         remember = self.context is not None and bool(chat.conversation_id)
-        stream, first, decision = await self._first_item_with_failover(chat, decision, timeout_s)
+        stream, first, decision, cache_slot = await self._first_item_with_failover(chat, decision, timeout_s)
         metrics.ROUTING_DECISIONS.labels(decision.route_name, decision.model_id, decision.source).inc()
         answer: list[str] = []
         try:
@@ -222,6 +234,8 @@ class ChatGateway:
                             error = to_mesh_error(exc, "storing the answer")
                             yield StreamFailure(error.code.name, f"the answer was not stored: {error.message}")
                             return
+                    if cache_slot is not None:
+                        await self._remember_answer(cache_slot, answer, item)
                     yield ChatDone(item, (time.perf_counter() - started) * 1000)
                     return
                 answer.append(item.text)
@@ -259,7 +273,8 @@ class ChatGateway:
                     messages = await self.context.enrich(chat.message, chat.conversation_id, model_id, CONTEXT_TIMEOUT_S)
                 else:
                     messages = self.messages(chat)
-                stream = self.generate(model_id, messages, chat.params, timeout_s).__aiter__()
+                cached, cache_slot = await self._cached_answer(chat, model_id, messages, decision.route_name)
+                stream = (_replay(cached) if cached else self.generate(model_id, messages, chat.params, timeout_s)).__aiter__()
                 first = await stream.__anext__()
             except Exception as exc:
                 if stream is not None:
@@ -277,8 +292,31 @@ class ChatGateway:
                 decision = dataclasses.replace(
                     decision, model_id=model_id, fallback=True, failed_models=[f.split(" ", 1)[0] for f in failures],
                     reasoning=f"{decision.reasoning}; failed over to {model_id}: " + "; ".join(failures))
-            return stream, first, decision
+            return stream, first, decision, None if cached else cache_slot
         raise AssertionError("no candidate model")  # candidates() always holds the decision's model
+
+    async def _cached_answer(self, chat: ChatInput, model_id: str, messages: list[Message], route: str):
+        """(a cached answer or None, the slot to store a live answer in or None)."""
+        if self.cache is None:
+            return None, None
+        defaults = self.config.models[model_id].defaults
+        temperature = chat.params.temperature if chat.params.temperature is not None else defaults.temperature
+        if temperature > 0 and not self.cache.settings.cache_sampled:
+            metrics.CACHE_REQUESTS.labels("bypass", route).inc()
+            return None, None
+        try:
+            # The model's defaults fill what the request leaves out, so they are part of the key.
+            return await self.cache.lookup(model_id, chat.params, [Message("defaults", repr(defaults)), *messages],
+                                           route)
+        except Exception:  # noqa: BLE001 - a cache that is down must not fail the chat
+            log.exception("response cache lookup failed")
+            return None, None
+
+    async def _remember_answer(self, slot, tokens: list[str], finished: Finished) -> None:
+        try:
+            await self.cache.store_answer(slot, tokens, finished)
+        except Exception:  # noqa: BLE001 - the answer is out; not caching it only costs speed
+            log.exception("response cache store failed")
 
     async def _consensus(self, chat: ChatInput, timeout_s: float, started: float) -> AsyncIterator[ChatEvent]:
         """Every model answers, the consensus service combines (vote); the combined answer comes

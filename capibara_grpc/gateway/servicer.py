@@ -47,6 +47,7 @@ def done_to_pb(done: ChatDone) -> gateway_pb2.Done:
         finish_reason=convert.FINISH_TO_PB[done.finished.finish_reason],
         latency_ms=done.latency_ms,
         model_id=done.finished.model_id,
+        cache_hit=done.finished.cache_hit,
     )
 
 
@@ -86,6 +87,7 @@ class ChatServicer(gateway_pb2_grpc.ChatServiceServicer):
             latency_ms=result.done.latency_ms,
             finish_reason=convert.FINISH_TO_PB[result.done.finished.finish_reason],
             timings=convert.timings_to_pb(result.done.finished),
+            cache_hit=result.done.finished.cache_hit,
         )
 
 

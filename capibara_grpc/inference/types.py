@@ -46,6 +46,8 @@ class Finished:
     total_ms: float = 0.0
     model_id: str = ""
     backend_model: str = ""
+    # "" for a live answer; "exact" or "semantic" when the gateway replayed it from its cache.
+    cache_hit: str = ""
 
 
 @dataclass
