@@ -40,11 +40,11 @@ async def timed_chat(stub, request) -> tuple[float, float, str]:
     raise RuntimeError("no done event")
 
 
-async def measure(channel, runs: int, max_tokens: int) -> dict[str, list[tuple[float, float]]]:
+async def measure(channel, runs: int, max_tokens: int, tag: str) -> dict[str, list[tuple[float, float]]]:
     stub = gateway_pb2_grpc.ChatServiceStub(channel)
     results = {"live": [], "hit": []}
     for i in range(runs):
-        request = gateway_pb2.ChatRequest(message=f"Describe the capybara, fact number {i}.", max_tokens=max_tokens,
+        request = gateway_pb2.ChatRequest(message=f"Describe the capybara, fact {tag} {i}.", max_tokens=max_tokens,
                                           temperature=0)
         ttft, total, hit = await timed_chat(stub, request)
         assert hit == "", hit
@@ -74,8 +74,8 @@ def main() -> None:
                                                 options=[("grpc.ssl_target_name_override", "localhost")]) as edge:
                     await timed_chat(gateway_pb2_grpc.ChatServiceStub(direct),
                                      gateway_pb2.ChatRequest(message="warm up", max_tokens=2))
-                    return await measure(direct, args.runs, args.max_tokens), await measure(edge, args.runs,
-                                                                                            args.max_tokens)
+                    return (await measure(direct, args.runs, args.max_tokens, "gateway"),
+                            await measure(edge, args.runs, args.max_tokens, "edge"))
 
             gateway, edge = asyncio.run(both())
         finally:
