@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run each service as its own `capibara serve` process (as deployed), not all in one")
     serve = commands.add_parser("serve", help="run one or more services in this process")
     serve.add_argument("services", nargs="+", choices=IMPLEMENTED_SERVICES)
+    serve.add_argument("--port", type=int, help="listen here instead of the configured port (one service: a replica)")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus port of that replica (default: port + 1000)")
     chat = commands.add_parser("chat", help="stream an answer in the terminal (through Envoy)")
     chat.add_argument("message")
     chat.add_argument("--model", help="model id (default: routed)")
@@ -104,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         services = args.services if args.command == "serve" else SERVICE_NAMES
         config = load_config(args.config, services=services)
+        if args.command == "serve" and args.port:
+            if len(args.services) != 1:
+                print("--port runs one service: name exactly one", file=sys.stderr)
+                return 2
+            endpoint = getattr(config.services, args.services[0])
+            endpoint.port, endpoint.metrics_port = args.port, args.metrics_port or args.port + 1000
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

@@ -54,6 +54,9 @@ class EdgeConfig:
     # (services.via_envoy), with health-checked clusters, retries and outlier detection.
     mesh_address: str = "127.0.0.1"
     mesh_port: int = 5002
+    # Plain HTTP on mesh_address to models with backend.replicas: /models/<id>/... (the inference
+    # and context services' calls), balanced over the model's servers.
+    models_port: int = 5003
     # API keys: one per line in this file ('#' starts a comment), plus the comma-separated
     # $CAPIBARA_API_KEYS. With any key, every call but /health needs `Authorization: Bearer <key>`
     # or `x-api-key: <key>`; without keys the mesh is open (fine on a laptop, not on a network).
@@ -69,6 +72,9 @@ class EdgeConfig:
 @dataclass
 class ServiceEndpoint:
     port: int = 0
+    # More replicas of this service ("host:port", another process or machine); Envoy balances
+    # calls over this one and them, health-checks each and ejects failing ones.
+    replicas: list[str] = field(default_factory=list)
     # Prometheus GET /metrics (plain HTTP, services.host); 0 = port + 1000.
     metrics_port: int = 0
 
@@ -227,6 +233,9 @@ class BackendConfig:
     model_name: str = ""
     # Seconds to wait for the backend to accept a connection.
     connect_timeout_s: float = 3.0
+    # More servers of the same model (URLs). With any, calls go through Envoy (edge.models_port),
+    # which balances by least requests, health-checks /health and ejects failing servers.
+    replicas: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -261,9 +270,18 @@ class ModelConfig:
 
     @property
     def host_port(self) -> tuple[str, int]:
-        rest = self.backend.url.split("://", 1)[-1].split("/", 1)[0]
-        host, _, port = rest.rpartition(":")
-        return host, int(port)
+        return url_host_port(self.backend.url)
+
+    @property
+    def server_urls(self) -> list[str]:
+        """Every server of this model: backend.url and its replicas."""
+        return [self.backend.url, *self.backend.replicas]
+
+
+def url_host_port(url: str) -> tuple[str, int]:
+    rest = url.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = rest.rpartition(":")
+    return host, int(port)
 
 
 @dataclass
@@ -295,6 +313,13 @@ class MeshConfig:
         """The implemented services this configuration runs, in SERVICE_NAMES order."""
         enabled = {"router": self.router.enabled, "speech": self.speech.enabled}
         return [s for s in SERVICE_NAMES if s in IMPLEMENTED_SERVICES and enabled.get(s, True)]
+
+    def backend_base_url(self, model_id: str) -> str:
+        """Where to call the model: its one server, or Envoy when it has replicas."""
+        model = self.model(model_id)
+        if model.backend.replicas:
+            return f"http://{self.edge.mesh_address}:{self.edge.models_port}/models/{model_id}"
+        return model.backend.url.rstrip("/")
 
     def model(self, model_id: str) -> ModelConfig:
         """The model's configuration; NOT_FOUND naming the available models if there is none."""
@@ -621,10 +646,15 @@ def _validate(config: MeshConfig, *, check_files: set[str]) -> None:
     claim(config.edge.admin_address, config.edge.admin_port, "edge.admin_port", _line(config.edge, "admin_port"))
     if config.services.via_envoy:
         claim(config.edge.mesh_address, config.edge.mesh_port, "edge.mesh_port", _line(config.edge, "mesh_port"))
+    if any(m.backend.replicas for m in config.models.values()):
+        claim(config.edge.mesh_address, config.edge.models_port, "edge.models_port", _line(config.edge, "models_port"))
     for name in SERVICE_NAMES:
         endpoint = getattr(config.services, name)
         claim(config.services.host, endpoint.port, f"services.{name}.port", _line(endpoint, "port"))
         claim(config.services.host, endpoint.metrics, f"services.{name}.metrics_port", _line(endpoint, "metrics_port"))
+        for replica in endpoint.replicas:
+            if not re.match(r"^[\w.\-]+:\d{1,5}$", replica):
+                fail(_line(endpoint, "replicas"), f"services.{name}.replicas: '{replica}' is not host:port")
 
     for model_id, model in config.models.items():
         line = _line(model)
@@ -650,8 +680,14 @@ def _validate(config: MeshConfig, *, check_files: set[str]) -> None:
                  f"models.{model_id}: max_concurrent and max_queued must not be negative")
         if model.defaults.max_tokens <= 0:
             fail(_line(model.defaults, "max_tokens"), f"models.{model_id}.defaults.max_tokens must be positive")
+        for replica in model.backend.replicas:
+            if not re.match(r"^https?://[\w.\-]+:\d{1,5}/?$", replica):
+                fail(_line(model.backend, "replicas"),
+                     f"models.{model_id}.backend.replicas: '{replica}' is not an http(s) URL with host and port")
         if model.launch is not None:
-            claim(host, port, f"models.{model_id} (launched llama-server)", _line(model, "launch"))
+            for url in model.server_urls:
+                replica_host, replica_port = url_host_port(url)
+                claim(replica_host, replica_port, f"models.{model_id} (launched llama-server {url})", _line(model, "launch"))
             if "inference" in check_files:
                 model_file = resolve_model_file(config, model.launch)
                 if model_file is None or not model_file.is_file():

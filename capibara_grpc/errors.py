@@ -137,7 +137,9 @@ class _Call:
             return False
         finally:
             metrics.observe_call(self.method, code, self.started)
-            calls_log.info("%s %s", self.method, code, extra={"fields": {
+            # Health checks (Envoy's, every 2 s per replica) would drown the log: debug level.
+            level = logging.DEBUG if self.method.startswith("/grpc.health.v1.") else logging.INFO
+            calls_log.log(level, "%s %s", self.method, code, extra={"fields": {
                 "method": self.method, "code": code, "ms": round((time.perf_counter() - self.started) * 1000, 1)}})
 
 

@@ -19,7 +19,7 @@ import time
 
 import aiohttp
 
-from capibara_grpc.config import REPO_ROOT, MeshConfig, ModelConfig, resolve_model_file
+from capibara_grpc.config import REPO_ROOT, MeshConfig, ModelConfig, resolve_model_file, url_host_port
 from capibara_grpc.edge import envoy_config
 from capibara_grpc.server import MeshServers
 
@@ -97,9 +97,10 @@ class ChildProcess:
             self.process.wait()
 
 
-def llama_server_argv(config: MeshConfig, model: ModelConfig) -> list[str]:
+def llama_server_argv(config: MeshConfig, model: ModelConfig, url: str | None = None) -> list[str]:
+    """A llama-server for `model` at `url` (default: backend.url; replicas have their own)."""
     launch = model.launch
-    host, port = model.host_port
+    host, port = url_host_port(url or model.backend.url)
     return [
         llama_server_binary(),
         "--model", str(resolve_model_file(config, launch)),
@@ -150,19 +151,26 @@ class Mesh:
             endpoint = getattr(self.config.services, service)
             wanted += [(self.config.services.host, endpoint.port, f"{service} service"),
                        (self.config.services.host, endpoint.metrics, f"{service} metrics")]
-        wanted += [(*m.host_port, f"llama-server for {m.model_id}") for m in self.config.models.values() if m.launch]
+        wanted += [(*url_host_port(url), f"llama-server for {m.model_id}")
+                   for m in self.config.models.values() if m.launch for url in m.server_urls]
+        if self.config.services.via_envoy:
+            wanted.append((self.config.edge.mesh_address, self.config.edge.mesh_port, "Envoy mesh listener"))
+        if any(m.backend.replicas for m in self.config.models.values()):
+            wanted.append((self.config.edge.mesh_address, self.config.edge.models_port, "Envoy models listener"))
         busy = [f"{what} port {host}:{port}" for host, port, what in wanted if not port_is_free(host, port)]
         if busy:
             raise StartupError("already in use (another mesh running?): " + ", ".join(busy))
 
     async def start(self) -> None:
         self._check_ports()
-        launched = [m for m in self.config.models.values() if m.launch]
-        for model in launched:
-            child = ChildProcess(f"llama-server-{model.model_id}", llama_server_argv(self.config, model),
-                                 self.logs / f"llama-server-{model.model_id}.log")
-            child.start()
-            self.children.append(child)
+        backends = []  # (child, url) of every llama-server started, replicas included
+        for model in (m for m in self.config.models.values() if m.launch):
+            for number, url in enumerate(model.server_urls):
+                name = f"llama-server-{model.model_id}" + (f"-{number}" if number else "")
+                child = ChildProcess(name, llama_server_argv(self.config, model, url), self.logs / f"{name}.log")
+                child.start()
+                self.children.append(child)
+                backends.append((child, url))
         own_process = {s: self._service_argv(s) for s in self.config.deployed_services
                        if self.split or (s == "speech" and speech_in_own_process(self.config))}
         service_children = {}
@@ -172,7 +180,7 @@ class Mesh:
             self.children.append(child)
             service_children[service] = child
         envoy_yaml = envoy_config.write(self.config)
-        await self._wait_for_backends(launched)
+        await asyncio.gather(*(self._wait_http(child, url.rstrip("/") + "/health", 180.0) for child, url in backends))
         in_process = [s for s in self.config.deployed_services if s not in own_process]
         if in_process:
             self.servers = await MeshServers(self.config, in_process).start()
@@ -184,18 +192,15 @@ class Mesh:
         self.children.append(envoy)
         await self._wait_http(envoy, f"http://{self.config.edge.admin_address}:{self.config.edge.admin_port}/ready")
 
-    async def _wait_for_backends(self, models: list[ModelConfig], timeout_s: float = 180.0) -> None:
-        await asyncio.gather(*(
-            self._wait_http(child, model.backend.url.rstrip("/") + "/health", timeout_s)
-            for child, model in zip(self.children, models)
-        ))
-
     def _service_argv(self, service: str) -> list[str]:
         if service == "speech" and speech_in_own_process(self.config):
             return speech_service_argv(self.config)
         return [sys.executable, "-m", "capibara_grpc.cli", "--config", self.config.source, "serve", service]
 
     async def _wait_grpc_serving(self, child: ChildProcess, address: str, timeout_s: float = 120.0) -> None:
+        """Until the service answers grpc.health.v1: it is up, SERVING or not. (A gateway is
+        NOT_SERVING while what it needs is unreachable, and models behind Envoy are unreachable
+        until Envoy starts, after the services.)"""
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -206,11 +211,10 @@ class Mesh:
                 if child.exited() is not None:
                     raise StartupError(f"{child.name} exited with status {child.exited()}:\n{child.tail()}")
                 with contextlib.suppress(grpc.aio.AioRpcError):
-                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
+                    await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    return
                 await asyncio.sleep(0.3)
-        raise StartupError(f"{child.name} not serving at {address} after {timeout_s:.0f} s; log: {child.log_path}")
+        raise StartupError(f"{child.name} not answering at {address} after {timeout_s:.0f} s; log: {child.log_path}")
 
     async def _wait_http(self, child: ChildProcess, url: str, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -33,7 +33,7 @@ def mesh_config(state_dir: pathlib.Path, base_port: int, models: dict, router: b
         "state_dir": str(state_dir),
         # No per-client rate limit: every test call comes from 127.0.0.1 (test_edge_policies sets one).
         "edge": {"listen_address": "127.0.0.1", "port": base_port + 1, "admin_port": base_port + 901,
-                 "mesh_port": base_port + 2,
+                 "mesh_port": base_port + 2, "models_port": base_port + 3,
                  "rate_limit": {"chat": 0, "other": 0}},
         "services": {name: {"port": base_port + 50 + i, "metrics_port": base_port + 70 + i}
                      for i, name in enumerate(SERVICES)},

@@ -21,7 +21,7 @@ class ModelTokens:
         self._counts_max = 20000
 
     def _url(self, model_id: str) -> str:
-        return self.config.model(model_id).backend.url.rstrip("/")
+        return self.config.backend_base_url(model_id)
 
     async def _call(self, model_id: str, method: str, path: str, body: dict | None = None) -> dict:
         url = self._url(model_id) + path

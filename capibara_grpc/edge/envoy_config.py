@@ -13,7 +13,7 @@ import pathlib
 
 import yaml
 
-from capibara_grpc.config import SERVICE_NAMES, MeshConfig, api_keys
+from capibara_grpc.config import SERVICE_NAMES, MeshConfig, api_keys, url_host_port
 from capibara_grpc.edge import descriptor
 from capibara_grpc.edge.tls import ensure_certificate
 from capibara_grpc.stubs import MESH_SERVICE, SERVICE_FULL_NAMES
@@ -28,10 +28,17 @@ MAX_REQUEST_BYTES = 1024 * 1024
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 
 
-def _cluster(name: str, host: str, port: int) -> dict:
+def _endpoints(name: str, addresses: list[tuple[str, int]]) -> dict:
+    return {"cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(h, p)}} for h, p in addresses]}]}
+
+
+def _cluster(name: str, addresses: list[tuple[str, int]]) -> dict:
+    """A service's replicas (usually one)."""
     return {
         "name": name,
-        "type": "STATIC",
+        # Replicas may be named by host name (another machine, a Kubernetes Service).
+        "type": "STRICT_DNS",
         "connect_timeout": "1s",
         "lb_policy": "LEAST_REQUEST",
         # grpc.health.v1 of the service itself: a replica that says NOT_SERVING (or does not
@@ -53,10 +60,50 @@ def _cluster(name: str, host: str, port: int) -> dict:
                 "explicit_http_config": {"http2_protocol_options": {}},
             }
         },
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(host, port)}}]}],
-        },
+        "load_assignment": _endpoints(name, addresses),
+    }
+
+
+def _model_cluster(model_id: str, urls: list[str]) -> dict:
+    """A model's servers (llama-server, vLLM): least requests, /health checked, failing ones ejected."""
+    name = f"model-{model_id}"
+    return {
+        "name": name,
+        "type": "STRICT_DNS",
+        "connect_timeout": "1s",
+        "lb_policy": "LEAST_REQUEST",
+        "health_checks": [{"timeout": "1s", "interval": "2s", "unhealthy_threshold": 2, "healthy_threshold": 1,
+                           "no_traffic_interval": "2s", "http_health_check": {"path": "/health"}}],
+        "outlier_detection": {"consecutive_gateway_failure": 2, "consecutive_5xx": 5, "interval": "2s",
+                              "base_ejection_time": "5s", "max_ejection_percent": 100},
+        "circuit_breakers": {"thresholds": [{"max_connections": 4096, "max_pending_requests": 4096,
+                                             "max_requests": 4096, "max_retries": 64}]},
+        "load_assignment": _endpoints(name, [url_host_port(url) for url in urls]),
+    }
+
+
+def _models_listener(config: MeshConfig) -> dict:
+    """Plain HTTP on loopback to the models that have replicas: /models/<id>/<path> -> a server."""
+    routes = [{
+        "match": {"prefix": f"/models/{model.model_id}/"},
+        "route": {"cluster": f"model-{model.model_id}", "prefix_rewrite": "/", "timeout": "0s",
+                  # A refused or reset connection before any answer goes to another server.
+                  "retry_policy": {"retry_on": "connect-failure,reset", "num_retries": 2}},
+    } for model in config.models.values() if model.backend.replicas]
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "models",
+        "codec_type": "AUTO",
+        "stream_idle_timeout": "0s",
+        "request_timeout": "0s",
+        "route_config": {"name": "models", "virtual_hosts": [{"name": "models", "domains": ["*"], "routes": routes}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+    }
+    return {
+        "name": "models",
+        "address": _socket(config.edge.mesh_address, config.edge.models_port),
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     }
 
 
@@ -240,9 +287,15 @@ def _local_reply_config() -> dict:
     return {"mappers": mappers}
 
 
+def _service_addresses(config: MeshConfig, service: str) -> list[tuple[str, int]]:
+    endpoint = getattr(config.services, service)
+    replicas = [(h, int(p)) for h, _, p in (r.rpartition(":") for r in endpoint.replicas)]
+    return [(config.services.host, endpoint.port), *replicas]
+
+
 def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path, key: pathlib.Path) -> dict:
-    host = config.services.host
     deployed = config.deployed_services
+    replicated_models = [m for m in config.models.values() if m.backend.replicas]
     routes = [
         _to_cluster(f"/{MESH_SERVICE}/", "gateway"),
         # Reflection and health of the front door are the gateway's: it describes the whole mesh.
@@ -365,8 +418,10 @@ def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path,
                     ],
                 },
                 *([_mesh_listener(config)] if config.services.via_envoy else []),
+                *([_models_listener(config)] if replicated_models else []),
             ],
-            "clusters": [_cluster(s, host, getattr(config.services, s).port) for s in deployed],
+            "clusters": [_cluster(s, _service_addresses(config, s)) for s in deployed]
+            + [_model_cluster(m.model_id, m.server_urls) for m in replicated_models],
         },
     }
 

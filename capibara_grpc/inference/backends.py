@@ -53,10 +53,10 @@ def _error_text(body: str) -> str:
 class ModelBackend:
     """One logical model served by one HTTP backend."""
 
-    def __init__(self, model: ModelConfig, session: aiohttp.ClientSession):
+    def __init__(self, model: ModelConfig, session: aiohttp.ClientSession, base_url: str):
         self.model = model
         self.session = session
-        self.base_url = model.backend.url.rstrip("/")
+        self.base_url = base_url
 
     @property
     def model_id(self) -> str:
@@ -281,8 +281,8 @@ class OpenAIBackend(ModelBackend):
 BACKENDS: dict[str, type[ModelBackend]] = {"llama_cpp": LlamaCppBackend, "openai": OpenAIBackend}
 
 
-def make_backend(model: ModelConfig, session: aiohttp.ClientSession) -> ModelBackend:
+def make_backend(model: ModelConfig, session: aiohttp.ClientSession, base_url: str) -> ModelBackend:
     try:
-        return BACKENDS[model.backend.protocol](model, session)
+        return BACKENDS[model.backend.protocol](model, session, base_url)
     except KeyError:
         raise MeshError(f"unknown protocol {model.backend.protocol}") from None

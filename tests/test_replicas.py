@@ -1,0 +1,90 @@
+"""Replicas behind Envoy on one machine: two llama-servers behind one logical model and two
+inference services, each balanced, health-checked and ejected when killed; new requests keep
+succeeding."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from capibara_grpc.meshproc import REPO, launched_model, mesh_config, processes_using, start_mesh, stop_mesh
+from sse import read_events
+
+REPLICA_SERVER = "http://127.0.0.1:17083"
+INFERENCE_REPLICA = 17150
+
+
+@pytest.fixture(scope="module")
+def replicated_mesh(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("replicas")
+    model = launched_model(17080)
+    model["backend"]["replicas"] = [REPLICA_SERVER]
+    config = mesh_config(directory / "state", 17000, {"gpt-oss-20b": model}, router=False)
+    config["services"]["inference"]["replicas"] = [f"127.0.0.1:{INFERENCE_REPLICA}"]
+    mesh = start_mesh(directory, config, split=True)
+    replica = subprocess.Popen([sys.executable, "-m", "capibara_grpc.cli", "--config", str(mesh.config_path), "serve",
+                                "inference", "--port", str(INFERENCE_REPLICA)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in replica.stdout:
+        if "serving inference" in line:
+            break
+    try:
+        yield mesh
+    finally:
+        replica.terminate()
+        replica.wait(10)
+        stop_mesh(mesh)
+
+
+def host_requests(mesh, cluster: str) -> dict[str, int]:
+    """Requests Envoy sent to each host of a cluster."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{mesh.config['edge']['admin_port']}/clusters?format=json") as r:
+        clusters = json.loads(r.read())["cluster_statuses"]
+    (wanted,) = [c for c in clusters if c["name"] == cluster]
+    counts = {}
+    for host in wanted["host_statuses"]:
+        address = host["address"]["socket_address"]
+        stats = {s["name"]: int(s.get("value", 0)) for s in host["stats"]}
+        counts[f"{address['address']}:{address['port_value']}"] = stats.get("rq_total", 0)
+    return counts
+
+
+async def chats(mesh, count: int, max_tokens: int = 12) -> list[int]:
+    async def one(i):
+        status, events, _ = await read_events(mesh, "/api/chat/stream", {"message": f"Cuenta algo del número {i}.",
+                                                                          "max_tokens": max_tokens})
+        return status if status != 200 or "done" in events[-1][1] else 599
+    return await asyncio.gather(*(one(i) for i in range(count)))
+
+
+async def test_both_servers_of_the_model_and_both_inference_replicas_take_requests(replicated_mesh):
+    assert await chats(replicated_mesh, 12) == [200] * 12
+    servers = host_requests(replicated_mesh, "model-gpt-oss-20b")
+    assert set(servers) == {"127.0.0.1:17080", "127.0.0.1:17083"}
+    assert all(count > 0 for count in servers.values()), servers
+    inference = host_requests(replicated_mesh, "inference")
+    assert all(count > 0 for count in inference.values()) and len(inference) == 2, inference
+
+
+async def test_killing_a_model_server_and_an_inference_replica_loses_no_new_request(replicated_mesh):
+    (server,) = [p for p in processes_using("--port 17083") if "llama-server" in p]
+    os.kill(int(server.split(":", 1)[0]), signal.SIGKILL)
+    (inference,) = [p for p in processes_using("serve inference") if str(replicated_mesh.config_path) in p
+                    and "--port" not in p]
+    os.kill(int(inference.split(":", 1)[0]), signal.SIGKILL)
+    statuses = []
+    for _ in range(10):  # one after another: every new request must find a live replica
+        statuses += await chats(replicated_mesh, 1, max_tokens=4)
+    assert statuses == [200] * 10
+    started = time.monotonic()
+    status, models, _ = replicated_mesh.request("GET", "/api/models")
+    assert status == 200 and models["models"][0]["healthy"] is True, models
+    assert time.monotonic() - started < 10
