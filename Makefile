@@ -11,8 +11,8 @@ COQUI_VENV := .venv-coqui
 COQUI_INSTALLED := .build/coqui.stamp
 SYSTEM_INSTALLED := .build/system.stamp
 # Debian packages: espeak-ng is the embedded speech engine; chromium runs the browser tests;
-# redis-server backs the shared response cache in the tests.
-DEBIAN_PACKAGES := espeak-ng chromium redis-server
+# redis-server and postgresql back the shared cache and conversation memory in the tests.
+DEBIAN_PACKAGES := espeak-ng chromium redis-server postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 GENERATED := capibara_grpc/generated/.stamp
 PROTOS := $(shell find protos -name '*.proto')

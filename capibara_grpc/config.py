@@ -133,7 +133,8 @@ class RouterConfig:
 
 @dataclass
 class ContextConfig:
-    # Conversation memory (SQLite, WAL), relative to state_dir.
+    # Conversation memory: a SQLite file (WAL), relative to state_dir, or a postgresql:// URL
+    # (shared by context replicas; the schema is migrated at startup).
     database: str = "conversations.sqlite3"
     # Time zone of the date and time the context adds when a question depends on it.
     timezone: str = "UTC"

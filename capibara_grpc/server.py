@@ -206,12 +206,12 @@ class MeshServers:
         import aiohttp
 
         from capibara_grpc.context.core import ContextEngine
-        from capibara_grpc.context.memory import ConversationStore
+        from capibara_grpc.context.memory import open_store
         from capibara_grpc.context.servicer import ContextServicer
         from capibara_grpc.context.tokens import ModelTokens
 
-        store = ConversationStore(self.config.state_path / self.config.context.database)
-        self._stack.callback(store.close)
+        store = await open_store(self.config.context.database, self.config.state_path)
+        self._stack.push_async_callback(store.close)
         session = aiohttp.ClientSession()
         self._stack.push_async_callback(session.close)
         servicer = ContextServicer(ContextEngine(self.config, store, ModelTokens(self.config, session)))

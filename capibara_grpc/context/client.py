@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from capibara_grpc import tracing
 from capibara_grpc.inference import convert
 from capibara_grpc.inference.types import Message
 from capibara_grpc.stubs import context_pb2, context_pb2_grpc
@@ -21,8 +22,12 @@ class ContextClient:
         return convert.messages_from_pb(response.messages)
 
     async def append_turn(self, conversation_id: str, role: str, content: str, model_id: str, timeout_s: float) -> None:
+        # The request id (one per chat) and the role make the idempotency key: a retried call
+        # stores the turn once.
+        request_id = tracing.current_request_id.get()
         await self.stub.AppendTurn(
             context_pb2.AppendTurnRequest(conversation_id=conversation_id, role=convert.ROLE_TO_PB[role],
-                                          content=content, model_id=model_id),
+                                          content=content, model_id=model_id,
+                                          request_id=f"{request_id}:{role}" if request_id else ""),
             timeout=timeout_s,
         )

@@ -1,4 +1,10 @@
-"""Conversation memory: turns per conversation in SQLite (WAL), safe under concurrent writers."""
+"""Conversation memory: turns per conversation, in SQLite (WAL; the embedded default) or in
+PostgreSQL (shared by context replicas), behind one interface.
+
+Both keep their schema with numbered migrations, applied at startup (PostgreSQL under an advisory
+lock, so replicas starting together do not race), and both make writes idempotent: a turn written
+with a request id is stored once, however often a retried request writes it.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +14,7 @@ import pathlib
 import sqlite3
 import threading
 from dataclasses import dataclass
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS turns (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    conversation_id TEXT NOT NULL,
-    role TEXT NOT NULL,
-    content TEXT NOT NULL,
-    model_id TEXT NOT NULL DEFAULT '',
-    created_at TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS turns_by_conversation ON turns (conversation_id, id);
-"""
+from typing import Protocol
 
 
 @dataclass
@@ -30,7 +25,61 @@ class Turn:
     created_at: str
 
 
-class ConversationStore:
+class ConversationStore(Protocol):
+    async def append(self, conversation_id: str, role: str, content: str, model_id: str = "",
+                     request_id: str = "") -> bool:
+        """Store a turn; False when a turn with this request id was stored already."""
+        ...
+
+    async def turns(self, conversation_id: str) -> list[Turn]: ...
+
+    async def delete(self, conversation_id: str) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+# Migrations: (version, statements). Never edit a released one; add the next.
+SQLITE_MIGRATIONS = [
+    (1, """
+        CREATE TABLE IF NOT EXISTS turns (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            conversation_id TEXT NOT NULL,
+            role TEXT NOT NULL,
+            content TEXT NOT NULL,
+            model_id TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS turns_by_conversation ON turns (conversation_id, id);
+    """),
+    (2, """
+        ALTER TABLE turns ADD COLUMN request_id TEXT NOT NULL DEFAULT '';
+        CREATE UNIQUE INDEX turns_once_per_request ON turns (conversation_id, request_id) WHERE request_id <> '';
+    """),
+]
+POSTGRES_MIGRATIONS = [
+    (1, """
+        CREATE TABLE turns (
+            id BIGSERIAL PRIMARY KEY,
+            conversation_id TEXT NOT NULL,
+            role TEXT NOT NULL,
+            content TEXT NOT NULL,
+            model_id TEXT NOT NULL DEFAULT '',
+            created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        CREATE INDEX turns_by_conversation ON turns (conversation_id, id);
+    """),
+    (2, """
+        ALTER TABLE turns ADD COLUMN request_id TEXT NOT NULL DEFAULT '';
+        CREATE UNIQUE INDEX turns_once_per_request ON turns (conversation_id, request_id) WHERE request_id <> '';
+    """),
+]
+
+
+class SqliteStore:
     """One SQLite file; writes are serialized in-process and committed one transaction each, so
     concurrent requests to one conversation lose no turn and keep their order of arrival."""
 
@@ -41,19 +90,28 @@ class ConversationStore:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        self._migrate()
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0 and self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'turns'").fetchone():
+            version = 1  # a database from before migrations were numbered
+        for number, statements in SQLITE_MIGRATIONS:
+            if number > version:
+                self._db.executescript(f"BEGIN; {statements}; PRAGMA user_version = {number}; COMMIT;")
 
-    def _append(self, conversation_id: str, role: str, content: str, model_id: str) -> None:
-        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+    @property
+    def schema_version(self) -> int:
+        return self._db.execute("PRAGMA user_version").fetchone()[0]
+
+    def _append(self, conversation_id: str, role: str, content: str, model_id: str, request_id: str) -> bool:
         with self._lock:
-            self._db.execute(
-                "INSERT INTO turns (conversation_id, role, content, model_id, created_at) VALUES (?, ?, ?, ?, ?)",
-                (conversation_id, role, content, model_id, now),
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO turns (conversation_id, role, content, model_id, created_at, request_id) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (conversation_id, role, content, model_id, _now(), request_id),
             )
+            return cursor.rowcount == 1
 
     def _turns(self, conversation_id: str) -> list[Turn]:
         with self._lock:
@@ -67,11 +125,84 @@ class ConversationStore:
         with self._lock:
             return self._db.execute("DELETE FROM turns WHERE conversation_id = ?", (conversation_id,)).rowcount
 
-    async def append(self, conversation_id: str, role: str, content: str, model_id: str = "") -> None:
-        await asyncio.to_thread(self._append, conversation_id, role, content, model_id)
+    async def append(self, conversation_id: str, role: str, content: str, model_id: str = "",
+                     request_id: str = "") -> bool:
+        return await asyncio.to_thread(self._append, conversation_id, role, content, model_id, request_id)
 
     async def turns(self, conversation_id: str) -> list[Turn]:
         return await asyncio.to_thread(self._turns, conversation_id)
 
     async def delete(self, conversation_id: str) -> int:
         return await asyncio.to_thread(self._delete, conversation_id)
+
+    async def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class PostgresStore:
+    """PostgreSQL through a small async connection pool; the database orders and deduplicates."""
+
+    # Any constant: the advisory lock that serializes migrations between replicas.
+    MIGRATION_LOCK = 0x43415049
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    @classmethod
+    async def open(cls, url: str, max_connections: int = 10) -> "PostgresStore":
+        from psycopg_pool import AsyncConnectionPool
+
+        pool = AsyncConnectionPool(url, min_size=1, max_size=max_connections, open=False)
+        await pool.open(wait=True, timeout=30)
+        store = cls(pool)
+        await store._migrate()
+        return store
+
+    async def _migrate(self) -> None:
+        async with self.pool.connection() as db, db.transaction():
+            await db.execute("SELECT pg_advisory_xact_lock(%s)", (self.MIGRATION_LOCK,))
+            await db.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
+                             "(version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+            applied = {row[0] for row in await (await db.execute("SELECT version FROM schema_migrations")).fetchall()}
+            for number, statements in POSTGRES_MIGRATIONS:
+                if number not in applied:
+                    await db.execute(statements)
+                    await db.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (number,))
+
+    async def schema_version(self) -> int:
+        async with self.pool.connection() as db:
+            return (await (await db.execute("SELECT max(version) FROM schema_migrations")).fetchone())[0]
+
+    async def append(self, conversation_id: str, role: str, content: str, model_id: str = "",
+                     request_id: str = "") -> bool:
+        async with self.pool.connection() as db:
+            cursor = await db.execute(
+                "INSERT INTO turns (conversation_id, role, content, model_id, request_id) VALUES (%s, %s, %s, %s, %s) "
+                "ON CONFLICT (conversation_id, request_id) WHERE request_id <> '' DO NOTHING",
+                (conversation_id, role, content, model_id, request_id),
+            )
+            return cursor.rowcount == 1
+
+    async def turns(self, conversation_id: str) -> list[Turn]:
+        async with self.pool.connection() as db:
+            rows = await (await db.execute(
+                "SELECT role, content, model_id, created_at FROM turns WHERE conversation_id = %s ORDER BY id",
+                (conversation_id,),
+            )).fetchall()
+        return [Turn(role, content, model_id, created.isoformat(timespec="milliseconds"))
+                for role, content, model_id, created in rows]
+
+    async def delete(self, conversation_id: str) -> int:
+        async with self.pool.connection() as db:
+            return (await db.execute("DELETE FROM turns WHERE conversation_id = %s", (conversation_id,))).rowcount
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+
+async def open_store(database: str, state_path: pathlib.Path) -> ConversationStore:
+    """context.database: a postgresql:// URL, or a SQLite file (relative to the state directory)."""
+    if database.startswith(("postgresql://", "postgres://")):
+        return await PostgresStore.open(database)
+    return SqliteStore(state_path / database)

@@ -62,5 +62,6 @@ class ContextServicer(context_pb2_grpc.ContextServiceServicer):
         role = convert.ROLE_FROM_PB.get(request.role)
         if not request.conversation_id or role not in ("user", "assistant") or not request.content:
             raise InvalidArgument("conversation_id, a user or assistant role and content are required")
-        await self.engine.store.append(request.conversation_id, role, request.content, request.model_id)
-        return context_pb2.AppendTurnResponse()
+        stored = await self.engine.store.append(request.conversation_id, role, request.content, request.model_id,
+                                                request.request_id)
+        return context_pb2.AppendTurnResponse(stored=stored)
