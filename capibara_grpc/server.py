@@ -67,10 +67,10 @@ def internal_channel(config: MeshConfig, service: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors())
 
 
-def health_channel(config: MeshConfig, service: str) -> grpc.aio.Channel:
-    """Straight to the service: grpc.health.v1 asks about one process, and every service's
-    Health/Check has the same path, so Envoy could not route it to the right one."""
-    return grpc.aio.insecure_channel(config.services.address(service), options=CHANNEL_OPTIONS)
+def health_channel(config: MeshConfig, service: str, address: str | None = None) -> grpc.aio.Channel:
+    """Straight to the service (or one replica): grpc.health.v1 asks about one process, and every
+    service's Health/Check has the same path, so Envoy could not route it to the right one."""
+    return grpc.aio.insecure_channel(address or config.services.address(service), options=CHANNEL_OPTIONS)
 
 
 def _new_server() -> grpc.aio.Server:
@@ -270,9 +270,14 @@ class MeshServers:
         cache = await self._response_cache()
         chat = ChatServicer(ChatGateway(self.config, InferenceClient(channels["inference"]).generate, router, context,
                                         consensus, speech, cache))
-        health_channels = {name: health_channel(self.config, name) for name in self.config.deployed_services}
-        for channel in health_channels.values():
-            self._stack.push_async_callback(channel.close)
+        health_channels = {
+            name: [health_channel(self.config, name, address) for address in
+                   [self.config.services.address(name), *getattr(self.config.services, name).replicas]]
+            for name in self.config.deployed_services
+        }
+        for channels_of_service in health_channels.values():
+            for channel in channels_of_service:
+                self._stack.push_async_callback(channel.close)
         mesh_health = MeshHealth(self.config, self.config.deployed_services, health_channels)
         mesh = MeshServicer(mesh_health)
         gateway_health = HealthServicer()

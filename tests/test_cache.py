@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from capibara_grpc.inference.types import Finished, Message, SamplingParams
 from capibara_grpc.meshproc import REPO, launched_model, mesh_config, start_mesh, stop_mesh
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
 from sse import read_events
+from stores import redis_server
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
 SYSTEM = Message("system", "You are Capibara.")
@@ -109,27 +109,17 @@ REDIS_PORT = 19379
 
 
 @pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    binary = shutil.which("redis-server")
-    assert binary, "make test installs redis-server"
-    directory = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen([binary, "--port", str(REDIS_PORT), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no", "--dir", str(directory)], stdout=subprocess.DEVNULL)
-    for _ in range(100):
-        if subprocess.run(["redis-cli", "-p", str(REDIS_PORT), "ping"], capture_output=True, text=True).stdout.strip() == "PONG":
-            break
-        time.sleep(0.1)
-    yield f"redis://127.0.0.1:{REDIS_PORT}/0"
-    process.terminate()
-    process.wait(10)
+def redis_url():
+    with redis_server(REDIS_PORT) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
-def cached_mesh(tmp_path_factory, redis_server):
+def cached_mesh(tmp_path_factory, redis_url):
     directory = tmp_path_factory.mktemp("cached")
     models = {"gpt-oss-20b": launched_model(19080), "phi": launched_model(19081), "mixtral": launched_model(19082)}
     config = mesh_config(directory / "state", 19000, models)
-    config["cache"] = {"enabled": True, "backend": "redis", "redis_url": redis_server, "ttl_s": 600,
+    config["cache"] = {"enabled": True, "backend": "redis", "redis_url": redis_url, "ttl_s": 600,
                        "semantic_routes": {"conversation": 0.9, "quick_facts": 0.9}}
     mesh = start_mesh(directory, config, split=True)
     # A second gateway replica, its own process and port, sharing the Redis cache.

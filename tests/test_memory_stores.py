@@ -6,47 +6,16 @@ can run again, data that survives a reopen."""
 from __future__ import annotations
 
 import asyncio
-import os
-import pathlib
-import shutil
-import subprocess
-import tempfile
-import time
 
 import pytest
 
 from capibara_grpc.context.memory import SqliteStore, open_store
-
-PG_BIN = pathlib.Path("/usr/lib/postgresql/15/bin")
-PG_PORT = 15432
-
-
-def as_postgres(argv: list[str]) -> list[str]:
-    # PostgreSQL refuses to run as root; the tests often do.
-    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
-
+from stores import postgres_server
 
 @pytest.fixture(scope="module")
 def postgres_url():
-    assert (PG_BIN / "postgres").exists(), "make test installs Debian's postgresql"
-    directory = pathlib.Path(tempfile.mkdtemp(prefix="capibara-pg-"))
-    if os.geteuid() == 0:
-        shutil.chown(directory, "postgres", "postgres")
-    data = directory / "data"
-    subprocess.run(as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "capibara"]),
-                   check=True, capture_output=True)
-    server = subprocess.Popen(as_postgres([str(PG_BIN / "postgres"), "-D", str(data), "-p", str(PG_PORT),
-                                           "-k", str(directory), "-c", "listen_addresses=127.0.0.1"]),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"postgresql://capibara@127.0.0.1:{PG_PORT}/postgres"
-    for _ in range(100):
-        if subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", str(PG_PORT)], capture_output=True).returncode == 0:
-            break
-        time.sleep(0.1)
-    yield url
-    server.terminate()
-    server.wait(30)
-    shutil.rmtree(directory, ignore_errors=True)
+    with postgres_server(15432) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

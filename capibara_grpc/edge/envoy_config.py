@@ -88,7 +88,7 @@ def _models_listener(config: MeshConfig) -> dict:
         "match": {"prefix": f"/models/{model.model_id}/"},
         "route": {"cluster": f"model-{model.model_id}", "prefix_rewrite": "/", "timeout": "0s",
                   # A refused or reset connection before any answer goes to another server.
-                  "retry_policy": {"retry_on": "connect-failure,reset", "num_retries": 2}},
+                  "retry_policy": {"retry_on": "connect-failure,reset", "num_retries": 2, **_OTHER_HOSTS}},
     } for model in config.models.values() if model.backend.replicas]
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -114,11 +114,23 @@ def _socket(host: str, port: int) -> dict:
 # Retried: a call the replica refused or could not take (UNAVAILABLE, connection failure or reset).
 # Envoy retries only before it has passed any response on, so a stream that has started streaming
 # is never replayed.
+# A retry goes to another replica than the ones already tried, when there is one.
+_OTHER_HOSTS = {
+    "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+    "host_selection_retry_max_attempts": 5,
+}
 RETRY_POLICY = {"retry_on": "unavailable,connect-failure,reset", "num_retries": 2,
-                "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.5s"}}
+                "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.5s"}, **_OTHER_HOSTS}
 
 
-def _to_cluster(prefix: str, cluster: str, retry: bool = False) -> dict:
+# At the edge only what surely never reached a service: a refused connection or stream, or a
+# replica that went away before answering. (UNAVAILABLE from a service is its answer to the client.)
+EDGE_RETRY_POLICY = {"retry_on": "connect-failure,refused-stream,reset", "num_retries": 2,
+                     "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.5s"}, **_OTHER_HOSTS}
+
+
+def _to_cluster(prefix: str, cluster: str, retry: dict | None = EDGE_RETRY_POLICY) -> dict:
     return {
         "match": {"prefix": prefix},
         "route": {
@@ -127,14 +139,14 @@ def _to_cluster(prefix: str, cluster: str, retry: bool = False) -> dict:
             # is passed on to the services, which enforce it; if Envoy enforced it too it would
             # reset a started stream instead of ending it with DEADLINE_EXCEEDED.
             "timeout": "0s",
-            **({"retry_policy": RETRY_POLICY} if retry else {}),
+            **({"retry_policy": retry} if retry else {}),
         },
     }
 
 
 def _mesh_listener(config: MeshConfig) -> dict:
     """Loopback, plaintext h2: how the services reach each other (services.via_envoy)."""
-    routes = [_to_cluster(f"/{SERVICE_FULL_NAMES[s]}/", s, retry=True) for s in config.deployed_services]
+    routes = [_to_cluster(f"/{SERVICE_FULL_NAMES[s]}/", s, retry=RETRY_POLICY) for s in config.deployed_services]
     routes.append({"match": {"prefix": "/"}, "direct_response": {"status": 404}})
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",

@@ -30,9 +30,10 @@ class HealthReport:
 
 
 class MeshHealth:
-    def __init__(self, config: MeshConfig, services: list[str], channels: dict[str, grpc.aio.Channel]):
+    def __init__(self, config: MeshConfig, services: list[str], channels: dict[str, list[grpc.aio.Channel]]):
         self.config = config
         self.services = services
+        # Per service, one channel per replica: the service is SERVING while any replica is.
         self.channels = channels
 
     def _checks(self) -> list[tuple[str, str]]:
@@ -42,15 +43,22 @@ class MeshHealth:
             checks += [("inference", model_health_name(m)) for m in sorted(self.config.models)]
         return checks
 
-    async def _check(self, service: str, name: str) -> ServiceHealth:
-        stub = health_pb2_grpc.HealthStub(self.channels[service])
+    async def _check_replica(self, channel: grpc.aio.Channel, name: str) -> ServiceHealth:
         try:
-            response = await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=2.0)
-            status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-            return ServiceHealth(name, status)
+            response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=name),
+                                                                        timeout=2.0)
+            return ServiceHealth(name, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
         except grpc.aio.AioRpcError as exc:
             status = "SERVICE_UNKNOWN" if exc.code() == grpc.StatusCode.NOT_FOUND else "UNREACHABLE"
             return ServiceHealth(name, status, exc.details() or exc.code().name)
+
+    async def _check(self, service: str, name: str) -> ServiceHealth:
+        replicas = await asyncio.gather(*(self._check_replica(c, name) for c in self.channels[service]))
+        serving = [r for r in replicas if r.status == "SERVING"]
+        if not serving:
+            return replicas[0]
+        down = len(replicas) - len(serving)
+        return ServiceHealth(name, "SERVING", f"{down} of {len(replicas)} replicas down" if down else "")
 
     async def services_serving(self, services: tuple[str, ...]) -> bool:
         """Whether each of `services` that this mesh deploys says SERVING."""
