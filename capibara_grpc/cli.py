@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     envoy.add_argument("--routes", action="store_true", help="list REST paths and the gRPC method of each")
     protoset = commands.add_parser("protoset", help="write the descriptor set of every service (for ghz, grpcurl)")
     protoset.add_argument("path", nargs="?", default=str(REPO_ROOT / ".build" / "capibara.protoset"))
+    k8s = commands.add_parser("k8s", help="write the Kubernetes manifests (kustomize base) from this config")
+    k8s.add_argument("--out", default=str(REPO_ROOT / "deploy" / "kubernetes" / "base"))
+    k8s.add_argument("--check", action="store_true", help="fail if the files there differ from what the config gives")
     openapi = commands.add_parser("openapi", help="write the OpenAPI document of the REST surface (docs/openapi.json)")
     openapi.add_argument("--check", action="store_true", help="fail if the file differs from what the protos give")
     args = parser.parse_args(argv)
@@ -140,6 +143,26 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         path = envoy_config.write(config)
         print(path.read_text() if args.print else path)
+        return 0
+    if args.command == "k8s":
+        import pathlib
+
+        from capibara_grpc.deploy import kubernetes
+
+        out = pathlib.Path(args.out)
+        rendered = kubernetes.render(config)
+        if args.check:
+            stale = [name for name, text in rendered.items() if not (out / name).is_file() or (out / name).read_text() != text]
+            stale += [p.name for p in out.glob("*.yaml") if p.name not in rendered]
+            if stale:
+                print(f"{out} is out of date with {config.source}: {', '.join(sorted(stale))}; run `capibara k8s`",
+                      file=sys.stderr)
+                return 1
+            return 0
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in rendered.items():
+            (out / name).write_text(text)
+        print(out)
         return 0
     if args.command == "protoset":
         import pathlib

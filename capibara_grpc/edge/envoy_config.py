@@ -82,7 +82,7 @@ def _model_cluster(model_id: str, urls: list[str]) -> dict:
     }
 
 
-def _models_listener(config: MeshConfig) -> dict:
+def _models_listener(config: MeshConfig, bind_all: bool = False) -> dict:
     """Plain HTTP on loopback to the models that have replicas: /models/<id>/<path> -> a server."""
     routes = [{
         "match": {"prefix": f"/models/{model.model_id}/"},
@@ -102,7 +102,7 @@ def _models_listener(config: MeshConfig) -> dict:
     }
     return {
         "name": "models",
-        "address": _socket(config.edge.mesh_address, config.edge.models_port),
+        "address": _socket("0.0.0.0" if bind_all else config.edge.mesh_address, config.edge.models_port),
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     }
 
@@ -144,7 +144,7 @@ def _to_cluster(prefix: str, cluster: str, retry: dict | None = EDGE_RETRY_POLIC
     }
 
 
-def _mesh_listener(config: MeshConfig) -> dict:
+def _mesh_listener(config: MeshConfig, bind_all: bool = False) -> dict:
     """Loopback, plaintext h2: how the services reach each other (services.via_envoy)."""
     routes = [_to_cluster(f"/{SERVICE_FULL_NAMES[s]}/", s, retry=RETRY_POLICY) for s in config.deployed_services]
     routes.append({"match": {"prefix": "/"}, "direct_response": {"status": 404}})
@@ -160,7 +160,7 @@ def _mesh_listener(config: MeshConfig) -> dict:
     }
     return {
         "name": "mesh",
-        "address": _socket(config.edge.mesh_address, config.edge.mesh_port),
+        "address": _socket("0.0.0.0" if bind_all else config.edge.mesh_address, config.edge.mesh_port),
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     }
 
@@ -188,14 +188,15 @@ def _lua_table(entries: list[str]) -> str:
     return "{\n" + ",\n".join(f"  {e}" for e in entries) + "\n}"
 
 
-def _lua_source(keys: list[str]) -> str:
+def _lua_source(keys_file: str) -> str:
     entries = []
     for path, (accepted, listing) in sorted(_allowed_fields().items()):
         names = ", ".join(f"[{json.dumps(n)}] = true" for n in accepted)
         entries.append(f'[{json.dumps(path)}] = {{fields = {{{names}}}, listing = {json.dumps(", ".join(listing))}}}')
-    # Keys are checked to be plain ASCII (config.api_keys), so json.dumps is a valid Lua literal.
+    # The keys themselves never go into Envoy's config: the guard reads them when it loads, from
+    # this file (a Kubernetes Secret, say) and from $CAPIBARA_API_KEYS.
     return (f"ALLOWED_FIELDS = {_lua_table(entries)}\n\n"
-            f"API_KEYS = {_lua_table([f'[{json.dumps(k)}] = true' for k in keys])}\n\n"
+            f"API_KEYS_FILE = {json.dumps(keys_file)}\n\n"
             f"OPEN_PATHS = {_lua_table([f'[{json.dumps(p)}] = true' for p in OPEN_PATHS])}\n\n"
             + LUA_FILTER.read_text())
 
@@ -305,7 +306,15 @@ def _service_addresses(config: MeshConfig, service: str) -> list[tuple[str, int]
     return [(config.services.host, endpoint.port), *replicas]
 
 
-def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path, key: pathlib.Path) -> dict:
+def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path, key: pathlib.Path,
+          keys_file: str | None = None, addresses=None, bind_all: bool = False) -> dict:
+    """Envoy's bootstrap. For a deployment elsewhere (Kubernetes), `keys_file` is where the API keys
+    will be mounted, `addresses(service)` gives each service's endpoints by DNS name, and
+    `bind_all` makes the mesh listeners listen on every interface of the pod."""
+    api_keys(config)  # a malformed key stops here, with its file and line
+    if keys_file is None:
+        keys_file = str(config.resolve_path(config.edge.api_keys_file)) if config.edge.api_keys_file else ""
+    addresses = addresses or (lambda service: _service_addresses(config, service))
     deployed = config.deployed_services
     replicated_models = [m for m in config.models.values() if m.backend.replicas]
     routes = [
@@ -384,7 +393,7 @@ def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path,
                 "name": "envoy.filters.http.lua",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-                    "default_source_code": {"inline_string": _lua_source(api_keys(config))},
+                    "default_source_code": {"inline_string": _lua_source(keys_file)},
                 },
             },
             {"name": "envoy.filters.http.grpc_json_transcoder", "typed_config": transcoder},
@@ -429,10 +438,10 @@ def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path,
                         }
                     ],
                 },
-                *([_mesh_listener(config)] if config.services.via_envoy else []),
-                *([_models_listener(config)] if replicated_models else []),
+                *([_mesh_listener(config, bind_all)] if config.services.via_envoy else []),
+                *([_models_listener(config, bind_all)] if replicated_models else []),
             ],
-            "clusters": [_cluster(s, _service_addresses(config, s)) for s in deployed]
+            "clusters": [_cluster(s, addresses(s)) for s in deployed]
             + [_model_cluster(m.model_id, m.server_urls) for m in replicated_models],
         },
     }

@@ -1,4 +1,4 @@
--- Guard for the edge (envoy_config.py prepends the ALLOWED_FIELDS, API_KEYS and OPEN_PATHS tables).
+-- Guard for the edge (envoy_config.py prepends ALLOWED_FIELDS, API_KEYS_FILE and OPEN_PATHS).
 -- With API keys configured, rejects calls without a valid key (401; UNAUTHENTICATED for gRPC).
 -- Rejects REST bodies that are not JSON (naming line and column) or that carry fields the API
 -- does not have: the transcoder would drop those silently, and a misspelt "max_token" would then
@@ -126,6 +126,28 @@ end
 
 local function reject(handle, message)
   handle:respond({ [":status"] = "400", ["content-type"] = "text/plain" }, message)
+end
+
+-- API keys: one per line in API_KEYS_FILE ('#' starts a comment) and comma-separated in
+-- $CAPIBARA_API_KEYS, read once when the filter loads (the mesh checked their format at startup).
+API_KEYS = {}
+local function add_key(text)
+  local key = (text:gsub("#.*$", "")):match("^%s*(.-)%s*$")
+  if key ~= "" then
+    API_KEYS[key] = true
+  end
+end
+if API_KEYS_FILE ~= "" then
+  local file = io.open(API_KEYS_FILE, "r")
+  if file then
+    for line in file:lines() do
+      add_key(line)
+    end
+    file:close()
+  end
+end
+for key in (os.getenv("CAPIBARA_API_KEYS") or ""):gmatch("[^,]+") do
+  add_key(key)
 end
 
 local function presented_key(headers)

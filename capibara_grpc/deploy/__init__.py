@@ -1,0 +1,1 @@
+"""Deployment artefacts generated from the mesh config (Kubernetes manifests)."""
