@@ -688,7 +688,8 @@ def _validate(config: MeshConfig, *, check_files: set[str]) -> None:
         if model.launch is not None:
             for url in model.server_urls:
                 replica_host, replica_port = url_host_port(url)
-                claim(replica_host, replica_port, f"models.{model_id} (launched llama-server {url})", _line(model, "launch"))
+                which = "" if url == model.backend.url else f" {url}"
+                claim(replica_host, replica_port, f"models.{model_id} (launched llama-server{which})", _line(model, "launch"))
             if "inference" in check_files:
                 model_file = resolve_model_file(config, model.launch)
                 if model_file is None or not model_file.is_file():
