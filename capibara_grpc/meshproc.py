@@ -161,3 +161,16 @@ def running_mesh(directory: pathlib.Path, base_port: int, models: dict, router: 
         yield mesh
     finally:
         stop_mesh(mesh)
+
+
+def serve_replica(config_path: pathlib.Path, service: str, port: int | None = None,
+                  metrics_port: int | None = None) -> subprocess.Popen:
+    """Another replica of `service` (`capibara serve`, its own process), once it is serving."""
+    argv = [sys.executable, "-m", "capibara_grpc.cli", "--config", str(config_path), "serve", service]
+    argv += ["--port", str(port)] if port else []
+    argv += ["--metrics-port", str(metrics_port)] if metrics_port else []
+    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if f"serving {service}" in line:
+            return process
+    raise RuntimeError(f"{service} replica exited with {process.wait()}")

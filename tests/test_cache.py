@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -18,7 +16,7 @@ import pytest
 from capibara_grpc.config import CacheConfig
 from capibara_grpc.gateway.cache import MemoryStore, ResponseCache, encoder_for
 from capibara_grpc.inference.types import Finished, Message, SamplingParams
-from capibara_grpc.meshproc import REPO, launched_model, mesh_config, start_mesh, stop_mesh
+from capibara_grpc.meshproc import launched_model, mesh_config, serve_replica, start_mesh, stop_mesh
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
 from sse import read_events
 from stores import redis_server
@@ -127,11 +125,7 @@ def cached_mesh(tmp_path_factory, redis_url):
     second["services"]["gateway"] = {"port": 19060, "metrics_port": 19061}
     second_path = directory / "second-gateway.yaml"
     second_path.write_text(json.dumps(second))
-    replica = subprocess.Popen([sys.executable, "-m", "capibara_grpc.cli", "--config", str(second_path), "serve", "gateway"],
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in replica.stdout:
-        if "serving gateway" in line:
-            break
+    replica = serve_replica(second_path, "gateway")
     try:
         yield mesh
     finally:

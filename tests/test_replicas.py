@@ -8,14 +8,12 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 
 import pytest
 
-from capibara_grpc.meshproc import REPO, launched_model, mesh_config, processes_using, start_mesh, stop_mesh
+from capibara_grpc.meshproc import launched_model, mesh_config, processes_using, serve_replica, start_mesh, stop_mesh
 from sse import read_events
 
 REPLICA_SERVER = "http://127.0.0.1:17083"
@@ -30,12 +28,7 @@ def replicated_mesh(tmp_path_factory):
     config = mesh_config(directory / "state", 17000, {"gpt-oss-20b": model}, router=False)
     config["services"]["inference"]["replicas"] = [f"127.0.0.1:{INFERENCE_REPLICA}"]
     mesh = start_mesh(directory, config, split=True)
-    replica = subprocess.Popen([sys.executable, "-m", "capibara_grpc.cli", "--config", str(mesh.config_path), "serve",
-                                "inference", "--port", str(INFERENCE_REPLICA)], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in replica.stdout:
-        if "serving inference" in line:
-            break
+    replica = serve_replica(mesh.config_path, "inference", INFERENCE_REPLICA)
     try:
         yield mesh
     finally:

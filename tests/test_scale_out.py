@@ -10,15 +10,13 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import aiohttp
 import grpc
 import pytest
 
-from capibara_grpc.meshproc import REPO, launched_model, mesh_config, processes_using, start_mesh, stop_mesh
+from capibara_grpc.meshproc import launched_model, mesh_config, processes_using, serve_replica, start_mesh, stop_mesh
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
 from stores import postgres_server, redis_server
 
@@ -43,14 +41,7 @@ def scaled_mesh(tmp_path_factory):
         replicas = []
         try:
             for service, port in REPLICA_PORT.items():
-                replica = subprocess.Popen(
-                    [sys.executable, "-m", "capibara_grpc.cli", "--config", str(mesh.config_path), "serve", service,
-                     "--port", str(port), "--metrics-port", str(port + 20)],
-                    cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                for line in replica.stdout:
-                    if f"serving {service}" in line:
-                        break
-                replicas.append(replica)
+                replicas.append(serve_replica(mesh.config_path, service, port, port + 20))
             time.sleep(3)  # Envoy's health checks see the replicas
             yield mesh
         finally:

@@ -90,19 +90,25 @@ def _models_listener(config: MeshConfig, bind_all: bool = False) -> dict:
                   # A refused or reset connection before any answer goes to another server.
                   "retry_policy": {"retry_on": "connect-failure,reset", "num_retries": 2, **_OTHER_HOSTS}},
     } for model in config.models.values() if model.backend.replicas]
+    return _internal_listener("models", config, config.edge.models_port, "AUTO", routes, bind_all)
+
+
+def _internal_listener(name: str, config: MeshConfig, port: int, codec: str, routes: list, bind_all: bool) -> dict:
+    """A plaintext listener for the mesh's own traffic: loopback (or the pod's interfaces), no
+    time limits (streams last as long as their deadline), just routing."""
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "models",
-        "codec_type": "AUTO",
+        "stat_prefix": name,
+        "codec_type": codec,
         "stream_idle_timeout": "0s",
         "request_timeout": "0s",
-        "route_config": {"name": "models", "virtual_hosts": [{"name": "models", "domains": ["*"], "routes": routes}]},
+        "route_config": {"name": name, "virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes}]},
         "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
     }
     return {
-        "name": "models",
-        "address": _socket("0.0.0.0" if bind_all else config.edge.mesh_address, config.edge.models_port),
+        "name": name,
+        "address": _socket("0.0.0.0" if bind_all else config.edge.mesh_address, port),
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     }
 
@@ -148,21 +154,7 @@ def _mesh_listener(config: MeshConfig, bind_all: bool = False) -> dict:
     """Loopback, plaintext h2: how the services reach each other (services.via_envoy)."""
     routes = [_to_cluster(f"/{SERVICE_FULL_NAMES[s]}/", s, retry=RETRY_POLICY) for s in config.deployed_services]
     routes.append({"match": {"prefix": "/"}, "direct_response": {"status": 404}})
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "mesh",
-        "codec_type": "HTTP2",
-        "stream_idle_timeout": "0s",
-        "request_timeout": "0s",
-        "route_config": {"name": "mesh", "virtual_hosts": [{"name": "services", "domains": ["*"], "routes": routes}]},
-        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
-    }
-    return {
-        "name": "mesh",
-        "address": _socket("0.0.0.0" if bind_all else config.edge.mesh_address, config.edge.mesh_port),
-        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
-    }
+    return _internal_listener("mesh", config, config.edge.mesh_port, "HTTP2", routes, bind_all)
 
 
 def _not_deployed(prefix: str, service: str) -> dict:
