@@ -245,10 +245,13 @@ class Mesh:
         edge = self.config.edge
         host = "localhost" if edge.listen_address in ("0.0.0.0", "::", "127.0.0.1") else edge.listen_address
         return [
-            f"REST    https://{host}:{edge.port}/api/chat  (stream: /api/chat/stream)",
+            f"web     https://{host}:{edge.port}/  (the chat page)",
+            f"REST    https://{host}:{edge.port}/api/chat  (stream: /api/chat/stream; API: /api/openapi.json)",
             f"gRPC    {host}:{edge.port}  (TLS; grpcurl -insecure {host}:{edge.port} list)",
             f"health  https://{host}:{edge.port}/health",
-            f"admin   http://{edge.admin_address}:{edge.admin_port}  (Envoy, loopback only)",
+            f"admin   http://{edge.admin_address}:{edge.admin_port}  (Envoy, loopback only; /stats/prometheus)",
+            f"metrics http://{self.config.services.host}:{self.config.services.gateway.metrics}/metrics  "
+            f"(each service: its port + 1000)",
             f"logs    {self.logs}",
         ]
 
