@@ -205,3 +205,18 @@ def test_cache_metrics_count_hits_and_misses(cached_mesh):
     assert 'capibara_cache_requests_total{result="semantic_hit",route="conversation"}' in text
     assert 'capibara_cache_requests_total{result="miss"' in text
     assert 'capibara_cache_requests_total{result="bypass"' in text
+
+
+async def test_a_follow_up_through_the_other_gateway_keeps_the_conversations_route(cached_mesh):
+    """The router's follow-up rule reads the conversation from the shared memory, not from the
+    gateway that happened to take the first turn."""
+    first = gateway_pb2.ChatRequest(message="Write a short poem about the sea.", conversation_id="replicas-follow-up",
+                                    max_tokens=8, temperature=0)
+    follow_up = gateway_pb2.ChatRequest(message="another one please", conversation_id="replicas-follow-up",
+                                        max_tokens=8, temperature=0)
+    async with grpc.aio.insecure_channel(cached_mesh.service_address("gateway")) as one, \
+            grpc.aio.insecure_channel("127.0.0.1:19060") as other:
+        opened = [e async for e in gateway_pb2_grpc.ChatServiceStub(one).Chat(first, timeout=60)]
+        continued = [e async for e in gateway_pb2_grpc.ChatServiceStub(other).Chat(follow_up, timeout=60)]
+    assert opened[0].routing.route_name == "creative_writing"
+    assert continued[0].routing.route_name == "creative_writing", continued[0].routing.reasoning

@@ -31,3 +31,10 @@ class ContextClient:
                                           request_id=f"{request_id}:{role}" if request_id else ""),
             timeout=timeout_s,
         )
+
+    async def recent_user_turns(self, conversation_id: str, count: int, timeout_s: float) -> list[str]:
+        """The conversation's last `count` user messages, from the shared memory (any replica)."""
+        response = await self.stub.GetConversation(
+            context_pb2.GetConversationRequest(conversation_id=conversation_id), timeout=timeout_s)
+        user = [turn.content for turn in response.turns if convert.ROLE_FROM_PB.get(turn.role) == "user"]
+        return user[-count:]

@@ -153,6 +153,18 @@ class ChatGateway:
             raise Unimplemented("speak is not available: the speech service is not deployed in this mesh")
         validate_params(chat.params)
 
+    async def _recent_turns(self, chat: ChatInput) -> list[str]:
+        """The conversation's last user messages, for the router's follow-up rule: from the
+        context service's memory, which every gateway replica shares, else from this process."""
+        if not chat.conversation_id:
+            return []
+        if self.context is not None:
+            try:
+                return await self.context.recent_user_turns(chat.conversation_id, self.recent.turns, ROUTER_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - a routing hint; the chat goes on without it
+                log.warning("recent turns unavailable (%s); routing without them", to_mesh_error(exc, "recent turns").message)
+        return self.recent.get(chat.conversation_id)
+
     async def route(self, chat: ChatInput) -> RoutingDecision:
         if chat.model:
             return RoutingDecision(chat.model, "explicit", 1.0, "request", "the request named the model")
@@ -162,7 +174,7 @@ class ChatGateway:
         if self.route_with_router is None:
             return RoutingDecision(default, "default", 1.0, "default", "no router service is deployed: configured default model")
         try:
-            decision = await self.route_with_router(chat.message, self.recent.get(chat.conversation_id), ROUTER_TIMEOUT_S)
+            decision = await self.route_with_router(chat.message, await self._recent_turns(chat), ROUTER_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - routing must not fail the chat; the event says so
             error = to_mesh_error(exc, "routing")
             return RoutingDecision(default, "default", 0.0, "default",
