@@ -10,9 +10,15 @@ INSTALLED := .build/installed.stamp
 COQUI_VENV := .venv-coqui
 COQUI_INSTALLED := .build/coqui.stamp
 SYSTEM_INSTALLED := .build/system.stamp
-# Debian packages: espeak-ng is the embedded speech engine; chromium runs the browser tests;
-# redis-server and postgresql back the shared cache and conversation memory in the tests.
-DEBIAN_PACKAGES := espeak-ng chromium redis-server postgresql
+TEST_SYSTEM_INSTALLED := .build/test-system.stamp
+# Debian packages. To run: espeak-ng, the embedded speech engine. To test, also: chromium for the
+# browser tests, redis-server and postgresql for the shared cache and conversation memory.
+DEBIAN_PACKAGES := espeak-ng
+TEST_DEBIAN_PACKAGES := chromium redis-server postgresql
+APT_INSTALL = missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		$(SUDO) apt-get install -y -q $$missing || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $$missing; }; \
+	fi
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 GENERATED := capibara_grpc/generated/.stamp
 PROTOS := $(shell find protos -name '*.proto')
@@ -25,10 +31,11 @@ all: install protos
 install: $(INSTALLED) $(SYSTEM_INSTALLED)
 
 $(SYSTEM_INSTALLED): Makefile
-	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		$(SUDO) apt-get install -y -q $$missing || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $$missing; }; \
-	fi
+	@$(call APT_INSTALL,$(DEBIAN_PACKAGES))
+	mkdir -p .build && touch $@
+
+$(TEST_SYSTEM_INSTALLED): Makefile
+	@$(call APT_INSTALL,$(TEST_DEBIAN_PACKAGES))
 	mkdir -p .build && touch $@
 
 # Coqui TTS in its own environment (torch 2.9.1 + torchaudio; see requirements-coqui.txt).
@@ -65,7 +72,7 @@ run: install protos
 breaking: protos
 	$(PY) tools/buf_breaking.py
 
-test: install coqui protos breaking
+test: install $(TEST_SYSTEM_INSTALLED) coqui protos breaking
 	$(PY) -m pytest
 
 lint: install protos
@@ -74,8 +81,7 @@ lint: install protos
 BENCH_PACKAGES := nghttp2-client wrk
 
 bench: install protos
-	@missing=$$(for p in $(BENCH_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
-	if [ -n "$$missing" ]; then $(SUDO) apt-get install -y -q $$missing; fi
+	@$(call APT_INSTALL,$(BENCH_PACKAGES))
 	$(PY) benchmarks/ttft.py
 	$(PY) benchmarks/api_throughput.py
 
