@@ -276,7 +276,7 @@ class ChatGateway:
         """(open stream, its first item, the decision actually used). A model whose backend is
         down or fails before its first token is skipped for the next candidate, and the decision
         says so; once a token is out, the model is never switched."""
-        failures: list[str] = []
+        failed: list[tuple[str, str]] = []  # (model id, why)
         candidates = self.candidates(decision)
         for attempt, model_id in enumerate(candidates):
             stream = None
@@ -293,17 +293,17 @@ class ChatGateway:
                     await stream.aclose()
                 error = to_mesh_error(exc, f"model {model_id}")
                 if error.code not in FAILOVER_CODES or attempt == len(candidates) - 1:
-                    if failures:
-                        error.message += f" (after failing over from {', '.join(failures)})"
+                    if failed:
+                        error.message += f" (after failing over from {', '.join(why for _, why in failed)})"
                     raise error from exc
-                failures.append(f"{model_id} ({error.code.name}: {error.message})")
+                failed.append((model_id, f"{model_id} ({error.code.name}: {error.message})"))
                 continue
-            for failed in failures:
-                metrics.FAILOVERS.labels(failed.split(" ", 1)[0], model_id).inc()
-            if failures:
+            for failed_model, _ in failed:
+                metrics.FAILOVERS.labels(failed_model, model_id).inc()
+            if failed:
                 decision = dataclasses.replace(
-                    decision, model_id=model_id, fallback=True, failed_models=[f.split(" ", 1)[0] for f in failures],
-                    reasoning=f"{decision.reasoning}; failed over to {model_id}: " + "; ".join(failures))
+                    decision, model_id=model_id, fallback=True, failed_models=[m for m, _ in failed],
+                    reasoning=f"{decision.reasoning}; failed over to {model_id}: " + "; ".join(why for _, why in failed))
             return stream, first, decision, None if cached else cache_slot
         raise AssertionError("no candidate model")  # candidates() always holds the decision's model
 
@@ -317,9 +317,7 @@ class ChatGateway:
             metrics.CACHE_REQUESTS.labels("bypass", route).inc()
             return None, None
         try:
-            # The model's defaults fill what the request leaves out, so they are part of the key.
-            return await self.cache.lookup(model_id, chat.params, [Message("defaults", repr(defaults)), *messages],
-                                           route)
+            return await self.cache.lookup(model_id, chat.params, messages, route, defaults)
         except Exception:  # noqa: BLE001 - a cache that is down must not fail the chat
             log.exception("response cache lookup failed")
             return None, None
