@@ -217,6 +217,27 @@ class CacheConfig:
     semantic_routes: dict[str, float] = field(default_factory=lambda: {"conversation": 0.95, "quick_facts": 0.95})
 
 
+SUPERVISION_RESTART = ("on-failure", "always", "no")
+
+
+@dataclass
+class SupervisionConfig:
+    """How `capibara up` restarts what it started when it dies: llama-servers, Envoy and, with
+    --split, each service process (see capibara_grpc/supervisor.py)."""
+
+    # on-failure: restart after any exit but status 0 (a signal counts as a failure);
+    # always: after any exit; no: leave it dead (a dead Envoy then stops `capibara up`).
+    restart: str = "on-failure"
+    # Delay before the first restart; it doubles with every death in a row, up to backoff_max_s.
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    # Give up on a process that died this many times in a row, each time within stable_after_s of
+    # being started (it will not start: a bad flag, a broken model file); 0 = never give up.
+    give_up_after: int = 5
+    # A process up this long counts as working again: the next death starts from the first delay.
+    stable_after_s: float = 30.0
+
+
 @dataclass
 class SamplingDefaults:
     max_tokens: int = 200
@@ -296,6 +317,7 @@ class MeshConfig:
     consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
     speech: SpeechConfig = field(default_factory=SpeechConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     models: dict[str, ModelConfig] = field(default_factory=dict)
     # Where the file was read from, for messages and relative paths.
     source: str = "<defaults>"
@@ -425,6 +447,8 @@ def _scalar(where: _Where, node: yaml.Node, kind: type, path: str):
         value = ""
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
+    if kind is str and isinstance(value, bool):
+        value = node.value  # YAML 1.1 reads `no`, `off`, `yes` as booleans; a text field wants the word
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise where.error(node, f"{path} must be {_KIND_NAMES[kind]}, got {value!r}")
     return value
@@ -553,6 +577,21 @@ def _validate_speech(config: MeshConfig, fail, check_files: bool) -> None:
             fail(_line(coqui, key), f"speech.coqui.{key}: file '{value}' not found")
 
 
+def _validate_supervision(supervision: SupervisionConfig, fail) -> None:
+    if supervision.restart not in SUPERVISION_RESTART:
+        fail(_line(supervision, "restart"),
+             f"supervision.restart '{supervision.restart}' must be one of {', '.join(SUPERVISION_RESTART)}")
+    for key in ("backoff_initial_s", "backoff_max_s", "stable_after_s"):
+        if getattr(supervision, key) <= 0:
+            fail(_line(supervision, key), f"supervision.{key} must be a positive number of seconds")
+    if supervision.backoff_max_s < supervision.backoff_initial_s:
+        fail(_line(supervision, "backoff_max_s"),
+             f"supervision.backoff_max_s ({supervision.backoff_max_s:g}) must not be below "
+             f"supervision.backoff_initial_s ({supervision.backoff_initial_s:g})")
+    if supervision.give_up_after < 0:
+        fail(_line(supervision, "give_up_after"), "supervision.give_up_after must be 0 (never give up) or more")
+
+
 _API_KEY = re.compile(r"^[A-Za-z0-9._~+/=-]{16,256}$")
 
 
@@ -630,6 +669,7 @@ def _validate(config: MeshConfig, *, check_files: set[str]) -> None:
         api_keys(config)
     if config.gateway.max_message_bytes <= 0:
         fail(_line(config.gateway, "max_message_bytes"), "gateway.max_message_bytes must be positive")
+    _validate_supervision(config.supervision, fail)
 
     # Every listening socket the mesh owns must be distinct.
     sockets: dict[tuple[str, int], str] = {}

@@ -1,7 +1,10 @@
-"""`capibara up`: start llama-servers, the services and Envoy; stop all of them on the way out.
+"""`capibara up`: start llama-servers, the services and Envoy; keep them running; stop all of them
+on the way out.
 
 Child processes run in their own process groups with output in state_dir/logs, and are
-terminated (then killed) as a group, so nothing is left behind after Ctrl-C.
+terminated (then killed) as a group, so nothing is left behind after Ctrl-C. A child that dies is
+reported with its cause (process_exit.describe_exit), its log's path and last lines, and started
+again under the `supervision` policy (supervisor.RestartTracker): same argv, same log (appended).
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import aiohttp
 
 from capibara_grpc.config import REPO_ROOT, MeshConfig, ModelConfig, resolve_model_file, url_host_port
 from capibara_grpc.edge import envoy_config
+from capibara_grpc.process_exit import describe_exit
 from capibara_grpc.server import MeshServers
+from capibara_grpc.supervisor import GIVE_UP, RESTART, RestartTracker
 
 
 class StartupError(RuntimeError):
@@ -59,21 +64,45 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
+# States of a supervised child.
+RUNNING, WAITING, GIVEN_UP, LEFT_DEAD = "running", "waiting to restart", "given up", "left dead"
+
+
 class ChildProcess:
-    def __init__(self, name: str, argv: list[str], log_path: pathlib.Path, env: dict[str, str] | None = None):
+    """One process `capibara up` runs. `role` says what the mesh loses while it is down; `ports`
+    are the sockets it listens on, free again before a restart."""
+
+    def __init__(self, name: str, argv: list[str], log_path: pathlib.Path, env: dict[str, str] | None = None,
+                 role: str = "", ports: list[tuple[str, int]] | None = None):
         self.name = name
         self.argv = argv
         self.log_path = log_path
         self.env = {**os.environ, **env} if env else None
+        self.role = role or name
+        self.ports = ports or []
         self.process: subprocess.Popen | None = None
+        self.started_at = 0.0
+        self.state = RUNNING
+        self.last_exit: int | None = None
+        self.tracker: RestartTracker | None = None
+        self.restart_task: asyncio.Task | None = None
 
-    def start(self) -> None:
+    def start(self, note: str = "") -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
+            if note:
+                log.write(f"\n--- capibara up, {time.strftime('%Y-%m-%d %H:%M:%S')}: {note} ---\n".encode())
+                log.flush()
             self.process = subprocess.Popen(
                 self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 env=self.env,
             )
+        self.started_at = time.monotonic()
+        self.state = RUNNING
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
 
     def exited(self) -> int | None:
         return None if self.process is None else self.process.poll()
@@ -83,6 +112,12 @@ class ChildProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+    def reap_group(self) -> None:
+        """Kill what the dead process left in its process group (its own children, if any)."""
+        if self.process is not None and self.process.poll() is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -95,6 +130,25 @@ class ChildProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+def death_message(child: ChildProcess, returncode: int, uptime_s: float | None = None, action: str = "",
+                  tail_lines: int = 10) -> str:
+    """'<name> (pid N) killed by SIGILL (illegal instruction: ...) after 2.1 s; <action>; log: <path>',
+    then the log's last lines, indented."""
+    ran = f" after {format_duration(uptime_s)}" if uptime_s is not None else ""
+    message = f"{child.name} (pid {child.pid}) {describe_exit(returncode)}{ran}{'; ' + action if action else ''}; " \
+              f"log: {child.log_path}"
+    tail = _indented_tail(child, tail_lines)
+    return message + ("\n" + tail if tail else "")
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def llama_server_argv(config: MeshConfig, model: ModelConfig, url: str | None = None) -> list[str]:
@@ -135,14 +189,20 @@ def speech_service_argv(config: MeshConfig) -> list[str]:
 class Mesh:
     """Everything `capibara up` runs, as one unit."""
 
-    def __init__(self, config: MeshConfig, log=print, split: bool = False):
+    def __init__(self, config: MeshConfig, log=None, split: bool = False):
         self.config = config
         # split: every service in its own `capibara serve <svc>` process, as in a deployment.
         self.split = split
-        self.log = log
+        self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
         self.children: list[ChildProcess] = []
         self.servers: MeshServers | None = None
         self.logs = config.state_path / "logs"
+        self.watcher: asyncio.Task | None = None
+        # Set when the mesh cannot serve any more (Envoy given up on or left dead): why.
+        self.fatal: str | None = None
+        self.failed = asyncio.Event()
+        self.missing_models: list[str] = []
+        self.up = False  # start() finished
 
     def _check_ports(self) -> None:
         wanted = [(self.config.edge.listen_address, self.config.edge.port, "edge"),
@@ -161,41 +221,151 @@ class Mesh:
         if busy:
             raise StartupError("already in use (another mesh running?): " + ", ".join(busy))
 
+    def _launch(self, child: ChildProcess) -> ChildProcess:
+        """Start a child under supervision."""
+        child.tracker = RestartTracker(self.config.supervision)
+        child.start()
+        self.children.append(child)
+        if self.watcher is None:
+            self.watcher = asyncio.create_task(self._watch())
+        return child
+
+    def _envoy_ports(self) -> list[tuple[str, int]]:
+        edge = self.config.edge
+        ports = [(edge.listen_address, edge.port), (edge.admin_address, edge.admin_port)]
+        if self.config.services.via_envoy:
+            ports.append((edge.mesh_address, edge.mesh_port))
+        if any(m.backend.replicas for m in self.config.models.values()):
+            ports.append((edge.mesh_address, edge.models_port))
+        return ports
+
     async def start(self) -> None:
         self._check_ports()
         backends = []  # (child, url) of every llama-server started, replicas included
         for model in (m for m in self.config.models.values() if m.launch):
             for number, url in enumerate(model.server_urls):
                 name = f"llama-server-{model.model_id}" + (f"-{number}" if number else "")
-                child = ChildProcess(name, llama_server_argv(self.config, model, url), self.logs / f"{name}.log")
-                child.start()
-                self.children.append(child)
+                child = self._launch(ChildProcess(
+                    name, llama_server_argv(self.config, model, url), self.logs / f"{name}.log",
+                    role=f"model {model.model_id}" + (f" (its server {url})" if model.backend.replicas else ""),
+                    ports=[url_host_port(url)]))
                 backends.append((child, url))
         own_process = {s: self._service_argv(s) for s in self.config.deployed_services
                        if self.split or (s == "speech" and speech_in_own_process(self.config))}
         service_children = {}
+        host = self.config.services.host
         for service, argv in own_process.items():
-            child = ChildProcess(service, argv, self.logs / f"{service}.log", env={"PYTHONPATH": str(REPO_ROOT)})
-            child.start()
-            self.children.append(child)
-            service_children[service] = child
+            endpoint = getattr(self.config.services, service)
+            service_children[service] = self._launch(ChildProcess(
+                service, argv, self.logs / f"{service}.log", env={"PYTHONPATH": str(REPO_ROOT)},
+                role=f"the {service} service", ports=[(host, endpoint.port), (host, endpoint.metrics)]))
         envoy_yaml = envoy_config.write(self.config)
-        await asyncio.gather(*(self._wait_http(child, url.rstrip("/") + "/health", 180.0) for child, url in backends))
+        ready = await asyncio.gather(*(self._wait_http(child, url.rstrip("/") + "/health", 180.0)
+                                       for child, url in backends))
+        for (child, _), up in zip(backends, ready):
+            if not up:
+                self.missing_models.append(child.name)
+                self.log(f"capibara up: going on without {child.name}: {child.role} is unavailable")
         in_process = [s for s in self.config.deployed_services if s not in own_process]
         if in_process:
             self.servers = await MeshServers(self.config, in_process).start()
         await asyncio.gather(*(self._wait_grpc_serving(child, self.config.services.address(service))
                                for service, child in service_children.items()))
-        envoy = ChildProcess("envoy", [envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn",
-                                       "--disable-hot-restart"], self.logs / "envoy.log")
-        envoy.start()
-        self.children.append(envoy)
+        envoy = self._launch(ChildProcess(
+            "envoy", [envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn", "--disable-hot-restart"],
+            self.logs / "envoy.log", role="Envoy, the mesh's front door", ports=self._envoy_ports()))
         await self._wait_http(envoy, f"http://{self.config.edge.admin_address}:{self.config.edge.admin_port}/ready")
+        self.up = True
 
     def _service_argv(self, service: str) -> list[str]:
         if service == "speech" and speech_in_own_process(self.config):
             return speech_service_argv(self.config)
         return [sys.executable, "-m", "capibara_grpc.cli", "--config", self.config.source, "serve", service]
+
+    # -- supervision -------------------------------------------------------------------------
+
+    async def _watch(self, interval_s: float = 0.2) -> None:
+        """Notice every child that died and apply the restart policy to it."""
+        while True:
+            for child in list(self.children):
+                if child.state == RUNNING and child.exited() is not None:
+                    self._on_death(child)
+            await asyncio.sleep(interval_s)
+
+    def _on_death(self, child: ChildProcess) -> None:
+        returncode = child.exited()
+        uptime = time.monotonic() - child.started_at
+        child.reap_group()
+        child.last_exit = returncode
+        decision = child.tracker.on_exit(returncode, uptime)
+        policy = self.config.supervision
+        if decision.action == RESTART:
+            child.state = WAITING
+            quick = (f"; {decision.quick_failures} of {policy.give_up_after} quick deaths in a row before giving up"
+                     if decision.quick_failures and policy.give_up_after else "")
+            self.log("capibara up: " + death_message(
+                child, returncode, uptime, f"restarting it in {decision.delay_s:g} s (restart {decision.attempt}{quick})"))
+            child.restart_task = asyncio.create_task(self._restart(child, decision.delay_s, decision.attempt,
+                                                                   describe_exit(returncode)))
+            return
+        if decision.action == GIVE_UP:
+            child.state = GIVEN_UP
+            self.log(f"capibara up: giving up on {child.name} after {decision.quick_failures} attempts "
+                     f"({decision.reason}); last: {describe_exit(returncode)}; log: {child.log_path}; "
+                     f"{self._consequence(child)}\n" + _indented_tail(child))
+        else:
+            child.state = LEFT_DEAD
+            consequence = f"; {self._consequence(child)}" if self.up else ""
+            self.log("capibara up: " + death_message(child, returncode, uptime,
+                                                     f"not restarted ({decision.reason}){consequence}"))
+        if child.name == "envoy" and not self.fatal:
+            self.fatal = f"envoy {describe_exit(returncode)}; nothing can reach the mesh (log: {child.log_path})"
+            self.failed.set()
+
+    def _consequence(self, child: ChildProcess) -> str:
+        if child.name == "envoy":
+            return "nothing can reach the mesh without it: stopping"
+        if child.name.startswith("llama-server-"):
+            return f"{child.role} stays down; the rest of the mesh keeps serving"
+        if not self.up:
+            return "the mesh cannot start without it: stopping"
+        return f"{child.role} stays down; the rest of the mesh keeps running (GET /health says what is missing)"
+
+    async def _restart(self, child: ChildProcess, delay_s: float, attempt: int, last_exit: str) -> None:
+        await asyncio.sleep(delay_s)
+        # The old process is dead, so its sockets are closed; wait until the kernel agrees, so the
+        # new one binds instead of failing (and being counted as another death).
+        deadline = time.monotonic() + 10.0
+        busy = [p for p in child.ports if not port_is_free(*p)]
+        while busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            busy = [p for p in child.ports if not port_is_free(*p)]
+        if busy:
+            self.log(f"capibara up: {child.name}: port {busy[0][0]}:{busy[0][1]} still in use; starting it anyway")
+        try:
+            child.start(note=f"restart {attempt}, after the previous run {last_exit}")
+        except OSError as exc:  # the binary went away, say
+            child.state = GIVEN_UP
+            self.log(f"capibara up: giving up on {child.name}: cannot start {child.argv[0]} ({exc}); "
+                     f"{self._consequence(child)}")
+            if child.name == "envoy":
+                self.fatal = f"envoy cannot be started again ({exc})"
+                self.failed.set()
+            return
+        self.log(f"capibara up: restarted {child.name} (pid {child.pid}, restart {attempt})")
+
+    # -- readiness ---------------------------------------------------------------------------
+
+    def _not_coming(self, child: ChildProcess) -> bool:
+        """False while the child may still become ready; True if given up on; StartupError if it
+        died and the policy leaves it dead (supervision.restart: no)."""
+        if child.state == GIVEN_UP:
+            return True
+        if child.state == LEFT_DEAD:
+            raise StartupError(f"{child.name} {describe_exit(child.last_exit)} while starting (see above) and is "
+                               f"not restarted (supervision.restart: {self.config.supervision.restart}); "
+                               f"log: {child.log_path}")
+        return False
 
     async def _wait_grpc_serving(self, child: ChildProcess, address: str, timeout_s: float = 120.0) -> None:
         """Until the service answers grpc.health.v1: it is up, SERVING or not. (A gateway is
@@ -208,28 +378,39 @@ class Mesh:
         async with grpc.aio.insecure_channel(address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
-                if child.exited() is not None:
-                    raise StartupError(f"{child.name} exited with status {child.exited()}:\n{child.tail()}")
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                    return
+                if self._not_coming(child):
+                    raise StartupError(f"gave up on {child.name} while starting (see above); log: {child.log_path}")
+                if child.state == RUNNING:
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                        return
                 await asyncio.sleep(0.3)
         raise StartupError(f"{child.name} not answering at {address} after {timeout_s:.0f} s; log: {child.log_path}")
 
-    async def _wait_http(self, child: ChildProcess, url: str, timeout_s: float = 60.0) -> None:
+    async def _wait_http(self, child: ChildProcess, url: str, timeout_s: float = 60.0) -> bool:
+        """True once `url` answers 200; False if the child was given up on (a model: the mesh goes
+        on without it; Envoy: StartupError)."""
         deadline = time.monotonic() + timeout_s
         async with aiohttp.ClientSession() as session:
             while time.monotonic() < deadline:
-                if child.exited() is not None:
-                    raise StartupError(f"{child.name} exited with status {child.exited()}:\n{child.tail()}")
-                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                    async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response:
-                        if response.status == 200:
-                            return
+                if self._not_coming(child):
+                    if child.name == "envoy":
+                        raise StartupError(f"gave up on envoy while starting (see above); log: {child.log_path}")
+                    return False
+                if child.state == RUNNING:
+                    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                        async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response:
+                            if response.status == 200:
+                                return True
                 await asyncio.sleep(0.2)
         raise StartupError(f"{child.name} not ready at {url} after {timeout_s:.0f} s; log: {child.log_path}")
 
     async def stop(self) -> None:
+        # First nothing restarts any more, then everything stops, Envoy first.
+        tasks = [t for t in [self.watcher, *(c.restart_task for c in self.children)] if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for child in reversed(self.children):
             if child.name == "envoy":
                 child.stop()
@@ -237,9 +418,6 @@ class Mesh:
             await self.servers.stop(grace_s=1.0)
         for child in reversed(self.children):
             child.stop()
-
-    def dead_children(self) -> list[ChildProcess]:
-        return [c for c in self.children if c.exited() is not None]
 
     def urls(self) -> list[str]:
         edge = self.config.edge
@@ -256,6 +434,10 @@ class Mesh:
         ]
 
 
+def _indented_tail(child: ChildProcess, lines: int = 10) -> str:
+    return "\n".join(f"    | {line}" for line in child.tail(lines).splitlines())
+
+
 async def run_until_signalled(config: MeshConfig, split: bool = False) -> int:
     mesh = Mesh(config, split=split)
     stop = asyncio.Event()
@@ -264,18 +446,29 @@ async def run_until_signalled(config: MeshConfig, split: bool = False) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         print(f"starting the mesh from {config.source} ...", flush=True)
-        await mesh.start()
-        print("mesh is up:\n  " + "\n  ".join(mesh.urls()) + "\nCtrl-C stops everything.", flush=True)
-        while not stop.is_set():
-            dead = [c for c in mesh.dead_children() if c.name == "envoy"]
-            if dead:
-                print(f"envoy exited unexpectedly:\n{dead[0].tail()}", file=sys.stderr)
-                return 1
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=1.0)
+        # Ctrl-C while starting (a model loading, a child in its restart delay) stops at once.
+        starting = asyncio.create_task(mesh.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            return 0
+        stopping.cancel()
+        starting.result()  # StartupError
+        missing = f"\n  without: {', '.join(mesh.missing_models)} (given up on, see above)" if mesh.missing_models else ""
+        print("mesh is up:\n  " + "\n  ".join(mesh.urls()) + missing + "\nCtrl-C stops everything.", flush=True)
+        stopped = asyncio.create_task(stop.wait())
+        failed = asyncio.create_task(mesh.failed.wait())
+        await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        failed.cancel()
+        if mesh.fatal and not stop.is_set():
+            print(f"capibara up: {mesh.fatal}", file=sys.stderr, flush=True)
+            return 1
         return 0
     except StartupError as exc:
-        print(f"capibara up: {exc}", file=sys.stderr)
+        print(f"capibara up: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
         print("stopping the mesh ...", flush=True)

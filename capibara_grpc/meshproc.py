@@ -76,6 +76,21 @@ class RunningMesh:
     def ssl_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.cert))
 
+    def output(self) -> str:
+        """What `capibara up` printed so far (up.log)."""
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_output(self, text: str, timeout_s: float = 30.0, count: int = 1) -> str:
+        """up.log once it holds `text` (`count` times); AssertionError with the log if it does not in time."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            output = self.output()
+            if output.count(text) >= count:
+                return output
+            if time.monotonic() > deadline:
+                raise AssertionError(f"'{text}' not in up.log after {timeout_s:g} s:\n{output[-4000:]}")
+            time.sleep(0.05)
+
     def backend_url(self, model_id: str) -> str:
         return self.config["models"][model_id]["backend"]["url"]
 
@@ -154,9 +169,10 @@ def processes_using(marker: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def running_mesh(directory: pathlib.Path, base_port: int, models: dict, router: bool = True):
-    """A mesh on ports base_port+..., state in directory/state; stopped (Ctrl-C) on exit."""
-    mesh = start_mesh(directory, mesh_config(directory / "state", base_port, models, router))
+def running_mesh(directory: pathlib.Path, base_port: int, models: dict, router: bool = True, **sections):
+    """A mesh on ports base_port+..., state in directory/state; stopped (Ctrl-C) on exit.
+    `sections` are more top-level config sections, e.g. supervision={"restart": "no"}."""
+    mesh = start_mesh(directory, {**mesh_config(directory / "state", base_port, models, router), **sections})
     try:
         yield mesh
     finally:

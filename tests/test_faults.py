@@ -30,7 +30,11 @@ def faulty_mesh(tmp_path_factory):
         # One generation at a time, one waiting: the third concurrent request is turned away.
         "narrow": {**launched_model(26083, parallel=1), "max_concurrent": 1, "max_queued": 1},
     }
-    with running_mesh(tmp_path_factory.mktemp("faulty"), 26000, models, router=False) as running:
+    # Backends killed here stay down (they are the faults under test): no supervision restarts,
+    # which also shows how `capibara up` reports a death it leaves alone. test_supervision.py
+    # covers the restarts.
+    with running_mesh(tmp_path_factory.mktemp("faulty"), 26000, models, router=False,
+                      supervision={"restart": "no"}) as running:
         yield running
 
 
@@ -151,6 +155,12 @@ async def test_a_restarted_backend_is_used_again_within_10_s(faulty_mesh):
     await asyncio.sleep(0.5)
     status, error, _ = faulty_mesh.request("POST", "/api/chat", {"message": "hola", "model": "doomed", "max_tokens": 3})
     assert status == 503, error
+    # capibara up said what happened, and left it dead as configured.
+    output = faulty_mesh.wait_for_output("llama-server-doomed (pid ", timeout_s=5)
+    (death,) = [line for line in output.splitlines() if "llama-server-doomed (pid " in line][:1]
+    assert "killed by SIGKILL (killed outright: by the kernel's out-of-memory killer" in death, death
+    assert "not restarted (supervision.restart: no); model doomed stays down" in death, death
+    assert f"log: {faulty_mesh.config['state_dir']}/logs/llama-server-doomed.log" in death, death
     config = load_config(faulty_mesh.config_path)
     argv = llama_server_argv(config, config.models["doomed"])
     backend = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

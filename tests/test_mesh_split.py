@@ -1,5 +1,6 @@
 """The mesh as deployed: every service its own process (`capibara up --split`), calling the
-others through Envoy's mesh listener. Services are killed and restarted under it."""
+others through Envoy's mesh listener. Services are killed under it and `capibara up` restarts
+them by itself (supervision)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -17,10 +16,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from capibara_grpc.meshproc import REPO, launched_model, mesh_config, processes_using, start_mesh, stop_mesh
+from capibara_grpc.meshproc import launched_model, mesh_config, processes_using, start_mesh, stop_mesh
 from sse import read_events
 
 SERVICES = ["gateway", "context", "inference", "consensus", "speech"]
+
+
+# A first restart delay long enough to see a killed service down (the gateway notices within its
+# 2 s dependency check) before `capibara up` starts it again; the default is 0.5 s.
+RESTART_DELAY_S = 5
 
 
 @pytest.fixture(scope="module")
@@ -28,18 +32,12 @@ def split_mesh(tmp_path_factory):
     directory = tmp_path_factory.mktemp("split")
     config = mesh_config(directory / "state", 23000, {"gpt-oss-20b": launched_model(23080, max_tokens=200)},
                          router=False)
+    config["supervision"] = {"backoff_initial_s": RESTART_DELAY_S}
     mesh = start_mesh(directory, config, split=True)
     try:
         yield mesh
     finally:
         stop_mesh(mesh)
-        for process in RESTARTED:
-            process.terminate()
-            process.wait(10)
-
-
-# Services started again by the tests; they stay up for the next tests and stop with the mesh.
-RESTARTED: list[subprocess.Popen] = []
 
 
 def service_pid(mesh, service: str) -> int:
@@ -52,11 +50,15 @@ def admin(mesh, path: str) -> str:
         return r.read().decode()
 
 
-def restart(mesh, service: str) -> None:
-    """Start the service again, as an operator (or an orchestrator) would."""
-    RESTARTED.append(subprocess.Popen([sys.executable, "-m", "capibara_grpc.cli", "--config", str(mesh.config_path),
-                                       "serve", service], cwd=REPO, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, start_new_session=True))
+def restarted(mesh, service: str, old_pid: int) -> str:
+    """up.log once `capibara up` reported the kill of `old_pid` and restarted the service; the line
+    of the restart."""
+    output = mesh.wait_for_output(f"restarted {service} (pid ", timeout_s=RESTART_DELAY_S + 15)
+    (death,) = [line for line in output.splitlines() if f"{service} (pid {old_pid}) killed by SIGKILL" in line]
+    assert f"restarting it in {RESTART_DELAY_S} s (restart 1" in death, death
+    assert f"log: {mesh.config['state_dir']}/logs/{service}.log" in death, death
+    (line,) = [line for line in output.splitlines() if f"restarted {service} (pid " in line]
+    return line
 
 
 async def gateway_health(mesh) -> int:
@@ -95,11 +97,14 @@ def test_services_call_each_other_through_envoy(split_mesh):
         assert not host["health_status"].get("failed_active_health_check"), cluster["name"]
 
 
-async def test_a_killed_service_is_reported_and_recovers_after_restart(split_mesh):
+async def test_a_killed_service_is_reported_and_restarted_by_capibara_up(split_mesh):
     status, body, _ = split_mesh.request("POST", "/api/chat", {"message": "me llamo Ana", "conversation_id": "split-1",
                                                                "max_tokens": 3})
     assert status == 200, body
-    os.kill(service_pid(split_mesh, "context"), signal.SIGKILL)
+    old_pid = service_pid(split_mesh, "context")
+    os.kill(old_pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    # Down until capibara up restarts it (RESTART_DELAY_S): reported, and chats fail fast and clearly.
     status, error, _ = split_mesh.request("GET", "/health")
     assert status == 503 and "capibara.context.v1.ContextService UNREACHABLE" in error["message"], error
     assert await eventually(lambda: _is(gateway_health(split_mesh), health_pb2.HealthCheckResponse.NOT_SERVING))
@@ -107,7 +112,14 @@ async def test_a_killed_service_is_reported_and_recovers_after_restart(split_mes
     status, error, _ = split_mesh.request("POST", "/api/chat", {"message": "hola", "conversation_id": "split-1",
                                                                 "max_tokens": 3})
     assert status == 503 and time.monotonic() - started < 10, error
-    restart(split_mesh, "context")
+    # Everything above happened before the restart, so it saw the service down.
+    assert time.monotonic() - killed_at < RESTART_DELAY_S, "too slow to observe the outage; raise RESTART_DELAY_S"
+    assert "restarted context" not in split_mesh.output()
+
+    # Then capibara up starts it again by itself: a new process, and the mesh recovers.
+    restarted(split_mesh, "context", old_pid)
+    new_pid = service_pid(split_mesh, "context")
+    assert new_pid != old_pid and f"restarted context (pid {new_pid}, restart 1)" in split_mesh.output()
 
     async def healthy():
         return split_mesh.request("GET", "/health")[0] == 200
@@ -122,10 +134,11 @@ async def test_a_killed_service_is_reported_and_recovers_after_restart(split_mes
     assert contents.count("me llamo Ana") == 1 and contents.count("hola") == 1 and len(contents) == 4, contents
 
 
-async def test_inference_killed_mid_stream_ends_in_band_and_recovers(split_mesh):
+async def test_inference_killed_mid_stream_ends_in_band_and_is_restarted(split_mesh):
     events = []
     body = {"message": "Count from 1 to 1000, separated by commas.", "max_tokens": 200, "temperature": 0,
             "repeat_penalty": 1.0}
+    old_pid = service_pid(split_mesh, "inference")
     async with aiohttp.ClientSession() as session:
         async with session.post(split_mesh.base_url + "/api/chat/stream", json=body,
                                 ssl=split_mesh.ssl_context()) as response:
@@ -134,17 +147,27 @@ async def test_inference_killed_mid_stream_ends_in_band_and_recovers(split_mesh)
                 if line.startswith(b"data:"):
                     events.append(json.loads(line[5:]))
                     if len(events) == 3:
-                        os.kill(service_pid(split_mesh, "inference"), signal.SIGKILL)
+                        os.kill(old_pid, signal.SIGKILL)
     kinds = [next(iter(e)) for e in events]
     assert kinds[0] == "routing" and kinds[-1] == "error" and "done" not in kinds, kinds
     assert events[-1]["error"]["code"] in ("UNAVAILABLE", "INTERNAL", "CANCELLED"), events[-1]
-    restart(split_mesh, "inference")
+    restarted(split_mesh, "inference", old_pid)
+    assert service_pid(split_mesh, "inference") != old_pid
 
     async def answers():
         return split_mesh.request("POST", "/api/chat", {"message": "hola", "max_tokens": 3})[0] == 200
     assert await eventually(answers, 20)
     status, events, _ = await read_events(split_mesh, "/api/chat/stream", {"message": "hola", "max_tokens": 3})
     assert status == 200 and "done" in events[-1][1]
+
+
+def test_ctrl_c_stops_every_service_process(split_mesh):
+    pids = [service_pid(split_mesh, service) for service in SERVICES]
+    assert stop_mesh(split_mesh) == 0
+    assert processes_using(str(split_mesh.config_path)) == [], "left behind"
+    assert processes_using(split_mesh.config["state_dir"]) == [], "left behind"
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}"), pid
 
 
 async def _is(awaitable, expected) -> bool:
