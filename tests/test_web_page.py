@@ -23,7 +23,9 @@ def web_mesh(tmp_path_factory):
                                text=True, timeout=600)
     assert installed.returncode == 0, installed.stderr
     models = {"gpt-oss-20b": launched_model(20080), "phi": launched_model(20081), "mixtral": launched_model(20082)}
-    with running_mesh(tmp_path_factory.mktemp("web"), 20000, models) as mesh:
+    # Not restarted: the backend-down phase needs phi to stay down (tests/test_supervision.py
+    # shows it coming back).
+    with running_mesh(tmp_path_factory.mktemp("web"), 20000, models, supervision={"restart": "no"}) as mesh:
         yield mesh
 
 
