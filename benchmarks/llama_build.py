@@ -34,7 +34,7 @@ from install_llama_server import COMMON_FLAGS, PACKAGE, pinned_version  # noqa: 
 NATIVE_DIR = REPO / ".build" / "llama-native"
 PROMPT = ("Capybaras are the largest living rodents. They live in groups near rivers, lakes and swamps "
           "across South America, eat grasses and water plants, and are excellent swimmers. ") * 6
-N_PREDICT = 128
+N_PREDICT = 256
 
 
 def native_build(version: str) -> pathlib.Path:
@@ -115,6 +115,9 @@ def main() -> int:
         order = list(builds) if round_number % 2 == 0 else list(reversed(builds))
         for name in order:
             results[name].append(measure(builds[name], args.threads, 28790))
+        print(f"round {round_number + 1}: " + ", ".join(
+            f"{name} {results[name][-1][0]:.0f}/{results[name][-1][1]:.0f}" for name in builds) + " (prompt/generate tok/s)",
+            flush=True)
     print(f"CPU: {cpu_model()} ({platform.machine()}), {args.threads} threads, SmolLM2-135M Q4_1, "
           f"prompt {len(PROMPT.split())} words, {N_PREDICT} tokens generated, median of {args.rounds} rounds")
     print(f"portable flags: {' '.join(record.get('cmake_args', ['?']))}")
