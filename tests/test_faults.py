@@ -50,11 +50,17 @@ def test_backend_down_is_503_naming_the_model(faulty_mesh, path):
     assert "ghost" in error["message"] and "unavailable" in error["message"]
 
 
-def test_health_is_503_and_names_what_is_down(faulty_mesh):
-    status, error, _ = faulty_mesh.request("GET", "/health")
-    assert status == 503, error
-    assert "InferenceService/ghost NOT_SERVING" in error["message"]
-    assert "fragile" not in error["message"] and "steady" not in error["message"]
+def test_health_is_degraded_and_names_what_is_down(faulty_mesh):
+    # Chats fail over to the healthy models, so the edge stays in: 200, not 503.
+    status, body, _ = faulty_mesh.request("GET", "/health")
+    assert status == 200, body
+    assert body["status"] == "DEGRADED"
+    (down,) = body["down"]
+    assert down.startswith("capibara.inference.v1.InferenceService/ghost NOT_SERVING (unreachable"), down
+    statuses = {s["service"]: s["status"] for s in body["services"]}
+    assert statuses["capibara.inference.v1.InferenceService/ghost"] == "NOT_SERVING"
+    for model in ("fragile", "steady", "doomed", "narrow"):
+        assert statuses[f"capibara.inference.v1.InferenceService/{model}"] == "SERVING"
 
 
 def test_models_report_the_down_backend(faulty_mesh):

@@ -97,17 +97,16 @@ class MeshServicer(gateway_pb2_grpc.MeshServiceServicer):
 
     async def GetHealth(self, request, context):
         report = await self.health.check()
-        response = gateway_pb2.GetHealthResponse(
-            status="SERVING" if report.serving else "NOT_SERVING",
+        verdict = report.verdict
+        if not verdict.can_chat:
+            # 503 over REST: a load balancer should take this edge out. The message names what is down.
+            raise Unavailable(verdict.summary)
+        # SERVING, or DEGRADED (200: chats are still served) listing what is down.
+        return gateway_pb2.GetHealthResponse(
+            status=verdict.status,
             services=[
                 gateway_pb2.ServiceHealth(service=s.service, status=s.status, detail=s.detail)
                 for s in report.services
             ],
+            down=verdict.down,
         )
-        if not report.serving:
-            # 503 over REST; the message names what is down.
-            raise Unavailable("mesh is not healthy: " + "; ".join(
-                f"{s.service} {s.status}" + (f" ({s.detail})" if s.detail else "")
-                for s in report.services if s.status != "SERVING"
-            ))
-        return response
