@@ -97,6 +97,16 @@ class RunningMesh:
     def service_address(self, service: str) -> str:
         return f"127.0.0.1:{self.config['services'][service]['port']}"
 
+    def service_pid(self, service: str) -> int:
+        """The pid of this mesh's `capibara serve <service>` process (split mode)."""
+        (line,) = [p for p in processes_using(f"serve {service}") if str(self.config_path) in p]
+        return int(line.split(":", 1)[0])
+
+    def llama_server_pids(self, model_id: str) -> list[int]:
+        """The pids of the llama-servers serving `model_id` in this mesh (none while it is down)."""
+        port = self.backend_url(model_id).rsplit(":", 1)[1]
+        return [int(p.split(":", 1)[0]) for p in processes_using(f"--port {port} ") if "llama-server" in p]
+
     def metrics_url(self, service: str) -> str:
         return f"http://127.0.0.1:{self.config['services'][service]['metrics_port']}/metrics"
 
@@ -169,10 +179,12 @@ def processes_using(marker: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def running_mesh(directory: pathlib.Path, base_port: int, models: dict, router: bool = True, **sections):
+def running_mesh(directory: pathlib.Path, base_port: int, models: dict, router: bool = True, split: bool = False,
+                 **sections):
     """A mesh on ports base_port+..., state in directory/state; stopped (Ctrl-C) on exit.
     `sections` are more top-level config sections, e.g. supervision={"restart": "no"}."""
-    mesh = start_mesh(directory, {**mesh_config(directory / "state", base_port, models, router), **sections})
+    mesh = start_mesh(directory, {**mesh_config(directory / "state", base_port, models, router), **sections},
+                      split=split)
     try:
         yield mesh
     finally:

@@ -16,7 +16,7 @@ import pytest
 
 from capibara_grpc.gateway.health import DEGRADED, NOT_SERVING, SERVING, HealthReport, ServiceHealth, required_services
 from capibara_grpc.inference.servicer import model_health_name
-from capibara_grpc.meshproc import launched_model, mesh_config, processes_using, start_mesh, stop_mesh
+from capibara_grpc.meshproc import launched_model, running_mesh
 from capibara_grpc.stubs import SERVICE_FULL_NAMES
 
 DEPLOYED = ["gateway", "router", "context", "inference", "consensus", "speech"]
@@ -91,27 +91,13 @@ SPEECH = SERVICE_FULL_NAMES["speech"]
 
 @pytest.fixture(scope="module")
 def split_mesh(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("health")
     models = {
         # The default model, down: chats that name no model fail over to `alive`.
         "gone": {"backend": {"url": GONE_URL, "protocol": "llama_cpp"}, "fallbacks": ["alive"]},
         "alive": launched_model(LIVE_PORT, max_tokens=3),
     }
-    mesh = start_mesh(directory, mesh_config(directory / "state", BASE, models, router=False), split=True)
-    try:
+    with running_mesh(tmp_path_factory.mktemp("health"), BASE, models, router=False, split=True) as mesh:
         yield mesh
-    finally:
-        stop_mesh(mesh)
-
-
-def service_pid(mesh, service: str) -> int:
-    (line,) = [p for p in processes_using(f"serve {service}") if str(mesh.config_path) in p]
-    return int(line.split(":", 1)[0])
-
-
-def llama_server_pid() -> int:
-    (line,) = [p for p in processes_using(f"--port {LIVE_PORT} ") if "--alias alive" in p]
-    return int(line.split(":", 1)[0])
 
 
 @contextlib.contextmanager
@@ -158,7 +144,7 @@ def test_a_down_model_is_degraded_and_chats_still_answer(split_mesh):
 
 
 def test_a_hung_optional_service_is_degraded_and_listed(split_mesh):
-    with frozen(service_pid(split_mesh, "speech")):
+    with frozen(split_mesh.service_pid("speech")):
         status, body, _ = health(split_mesh)
         assert status == 200, body
         assert body["status"] == DEGRADED
@@ -172,7 +158,7 @@ def test_a_hung_optional_service_is_degraded_and_listed(split_mesh):
 
 
 def test_a_hung_required_service_is_503_naming_it(split_mesh):
-    with frozen(service_pid(split_mesh, "context")):
+    with frozen(split_mesh.service_pid("context")):
         status, error, _ = health(split_mesh)
         assert status == 503, error
         assert f"{CONTEXT} UNREACHABLE" in error["message"], error
@@ -186,7 +172,7 @@ def test_every_model_down_is_503_naming_them(split_mesh):
         status, error, _ = health(split_mesh)
         return status == 503 and error
 
-    with frozen(llama_server_pid()):
+    with frozen(*split_mesh.llama_server_pids("alive")):
         # The inference service notices within a probe or two (every 2 s, 2 s timeout).
         error = eventually(unavailable, 30)
         assert error, health(split_mesh)

@@ -16,7 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from capibara_grpc.meshproc import launched_model, mesh_config, processes_using, start_mesh, stop_mesh
+from capibara_grpc.meshproc import launched_model, processes_using, running_mesh, stop_mesh
 from sse import read_events
 
 SERVICES = ["gateway", "context", "inference", "consensus", "speech"]
@@ -29,20 +29,10 @@ RESTART_DELAY_S = 5
 
 @pytest.fixture(scope="module")
 def split_mesh(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("split")
-    config = mesh_config(directory / "state", 23000, {"gpt-oss-20b": launched_model(23080, max_tokens=200)},
-                         router=False)
-    config["supervision"] = {"backoff_initial_s": RESTART_DELAY_S}
-    mesh = start_mesh(directory, config, split=True)
-    try:
+    models = {"gpt-oss-20b": launched_model(23080, max_tokens=200)}
+    with running_mesh(tmp_path_factory.mktemp("split"), 23000, models, router=False, split=True,
+                      supervision={"backoff_initial_s": RESTART_DELAY_S}) as mesh:
         yield mesh
-    finally:
-        stop_mesh(mesh)
-
-
-def service_pid(mesh, service: str) -> int:
-    (line,) = [p for p in processes_using(f"serve {service}") if str(mesh.config_path) in p]
-    return int(line.split(":", 1)[0])
 
 
 def admin(mesh, path: str) -> str:
@@ -77,7 +67,7 @@ async def eventually(check, timeout_s: float = 10.0):
 
 
 def test_every_service_runs_as_its_own_process(split_mesh):
-    pids = {service: service_pid(split_mesh, service) for service in SERVICES}
+    pids = {service: split_mesh.service_pid(service) for service in SERVICES}
     assert len(set(pids.values())) == len(SERVICES)
 
 
@@ -101,7 +91,7 @@ async def test_a_killed_service_is_reported_and_restarted_by_capibara_up(split_m
     status, body, _ = split_mesh.request("POST", "/api/chat", {"message": "me llamo Ana", "conversation_id": "split-1",
                                                                "max_tokens": 3})
     assert status == 200, body
-    old_pid = service_pid(split_mesh, "context")
+    old_pid = split_mesh.service_pid("context")
     os.kill(old_pid, signal.SIGKILL)
     killed_at = time.monotonic()
     # Down until capibara up restarts it (RESTART_DELAY_S): reported, and chats fail fast and clearly.
@@ -118,7 +108,7 @@ async def test_a_killed_service_is_reported_and_restarted_by_capibara_up(split_m
 
     # Then capibara up starts it again by itself: a new process, and the mesh recovers.
     restarted(split_mesh, "context", old_pid)
-    new_pid = service_pid(split_mesh, "context")
+    new_pid = split_mesh.service_pid("context")
     assert new_pid != old_pid and f"restarted context (pid {new_pid}, restart 1)" in split_mesh.output()
 
     async def healthy():
@@ -138,7 +128,7 @@ async def test_inference_killed_mid_stream_ends_in_band_and_is_restarted(split_m
     events = []
     body = {"message": "Count from 1 to 1000, separated by commas.", "max_tokens": 200, "temperature": 0,
             "repeat_penalty": 1.0}
-    old_pid = service_pid(split_mesh, "inference")
+    old_pid = split_mesh.service_pid("inference")
     async with aiohttp.ClientSession() as session:
         async with session.post(split_mesh.base_url + "/api/chat/stream", json=body,
                                 ssl=split_mesh.ssl_context()) as response:
@@ -152,7 +142,7 @@ async def test_inference_killed_mid_stream_ends_in_band_and_is_restarted(split_m
     assert kinds[0] == "routing" and kinds[-1] == "error" and "done" not in kinds, kinds
     assert events[-1]["error"]["code"] in ("UNAVAILABLE", "INTERNAL", "CANCELLED"), events[-1]
     restarted(split_mesh, "inference", old_pid)
-    assert service_pid(split_mesh, "inference") != old_pid
+    assert split_mesh.service_pid("inference") != old_pid
 
     async def answers():
         return split_mesh.request("POST", "/api/chat", {"message": "hola", "max_tokens": 3})[0] == 200
@@ -162,7 +152,7 @@ async def test_inference_killed_mid_stream_ends_in_band_and_is_restarted(split_m
 
 
 def test_ctrl_c_stops_every_service_process(split_mesh):
-    pids = [service_pid(split_mesh, service) for service in SERVICES]
+    pids = [split_mesh.service_pid(service) for service in SERVICES]
     assert stop_mesh(split_mesh) == 0
     assert processes_using(str(split_mesh.config_path)) == [], "left behind"
     assert processes_using(split_mesh.config["state_dir"]) == [], "left behind"
