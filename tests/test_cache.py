@@ -13,9 +13,9 @@ import urllib.request
 import grpc
 import pytest
 
+from capibara_grpc.chat_types import Finished, Message, SamplingParams
 from capibara_grpc.config import CacheConfig
 from capibara_grpc.gateway.cache import MemoryStore, ResponseCache, encoder_for
-from capibara_grpc.inference.types import Finished, Message, SamplingParams
 from capibara_grpc.meshproc import launched_model, mesh_config, serve_replica, start_mesh, stop_mesh
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
 from sse import read_events

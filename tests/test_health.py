@@ -15,7 +15,7 @@ import time
 import pytest
 
 from capibara_grpc.gateway.health import DEGRADED, NOT_SERVING, SERVING, HealthReport, ServiceHealth, required_services
-from capibara_grpc.inference.servicer import model_health_name
+from capibara_grpc.health_names import model_health_name
 from capibara_grpc.meshproc import launched_model, running_mesh
 from capibara_grpc.stubs import SERVICE_FULL_NAMES
 

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 
 import toon_format
 
+from capibara_grpc.chat_types import Message
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.context import providers
 from capibara_grpc.context.memory import ConversationStore, Turn
 from capibara_grpc.context.providers import Addition
 from capibara_grpc.context.tokens import ModelTokens
 from capibara_grpc.errors import InvalidArgument
-from capibara_grpc.inference.types import Message
 
 # Chat templates add a few tokens around every message.
 PER_MESSAGE_OVERHEAD = 8

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from google.protobuf import json_format, struct_pb2
 
+from capibara_grpc import chat_convert as convert
 from capibara_grpc.context.core import NO_DATA, ContextEngine
 from capibara_grpc.errors import InvalidArgument
-from capibara_grpc.inference import convert
 from capibara_grpc.stubs import context_pb2, context_pb2_grpc
 
 

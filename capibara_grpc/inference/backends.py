@@ -14,9 +14,10 @@ from typing import AsyncIterator
 
 import aiohttp
 
+from capibara_grpc.chat_types import Finished, Message, SamplingParams, Token
 from capibara_grpc.config import ModelConfig
 from capibara_grpc.errors import InvalidArgument, MeshError, Unavailable
-from capibara_grpc.inference.types import Finished, Message, ModelStatus, SamplingParams, Token
+from capibara_grpc.inference.types import ModelStatus
 
 _LLAMA_STOP_TYPES = {"eos": "stop", "limit": "length", "word": "stop_sequence"}
 _OPENAI_FINISH = {"stop": "stop", "length": "length", "eos": "stop"}

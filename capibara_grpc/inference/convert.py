@@ -1,93 +1,17 @@
-"""protobuf <-> plain Python for the inference domain, used by the servicer and its client."""
+"""Compatibility re-export: the conversions moved to capibara_grpc.chat_convert. Imported from
+here only by modules not yet switched; to be deleted once none is left."""
 
-from __future__ import annotations
-
-from capibara_grpc.inference.types import Finished, Message, SamplingParams, Token
-from capibara_grpc.stubs import inference_pb2 as pb
-
-ROLE_TO_PB = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
-ROLE_FROM_PB = {v: k for k, v in ROLE_TO_PB.items()}
-FINISH_TO_PB = {
-    "stop": pb.FINISH_REASON_STOP,
-    "length": pb.FINISH_REASON_LENGTH,
-    "stop_sequence": pb.FINISH_REASON_STOP_SEQUENCE,
-}
-FINISH_FROM_PB = {v: k for k, v in FINISH_TO_PB.items()}
-
-_OPTIONAL_PARAMS = ("max_tokens", "temperature", "top_p", "repeat_penalty", "seed", "top_k")
-
-
-def params_from_pb(message) -> SamplingParams:
-    """Read sampling fields from any message that has them (GenerationParams, ChatRequest...)."""
-    params = SamplingParams(stop=list(message.stop))
-    for name in _OPTIONAL_PARAMS:
-        if name in message.DESCRIPTOR.fields_by_name and message.HasField(name):
-            setattr(params, name, getattr(message, name))
-    return params
-
-
-def params_to_pb(params: SamplingParams) -> pb.GenerationParams:
-    out = pb.GenerationParams(stop=params.stop)
-    for name in _OPTIONAL_PARAMS:
-        value = getattr(params, name)
-        if value is not None:
-            setattr(out, name, value)
-    return out
-
-
-def messages_from_pb(messages) -> list[Message]:
-    return [Message(role=ROLE_FROM_PB.get(m.role, "invalid"), content=m.content) for m in messages]
-
-
-def messages_to_pb(messages: list[Message]) -> list[pb.ChatMessage]:
-    return [pb.ChatMessage(role=ROLE_TO_PB[m.role], content=m.content) for m in messages]
-
-
-def usage_to_pb(done: Finished) -> pb.Usage:
-    return pb.Usage(
-        prompt_tokens=done.prompt_tokens,
-        completion_tokens=done.completion_tokens,
-        total_tokens=done.prompt_tokens + done.completion_tokens,
-    )
-
-
-def timings_to_pb(done: Finished) -> pb.Timings:
-    return pb.Timings(
-        time_to_first_token_ms=done.time_to_first_token_ms,
-        prompt_ms=done.prompt_ms,
-        generation_ms=done.generation_ms,
-        tokens_per_second=done.tokens_per_second,
-        total_ms=done.total_ms,
-    )
-
-
-def chunk_to_pb(item: Token | Finished) -> pb.GenerateResponse:
-    if isinstance(item, Token):
-        return pb.GenerateResponse(token=pb.TokenChunk(text=item.text, index=item.index))
-    return pb.GenerateResponse(
-        done=pb.GenerationDone(
-            finish_reason=FINISH_TO_PB[item.finish_reason],
-            usage=usage_to_pb(item),
-            timings=timings_to_pb(item),
-            model_id=item.model_id,
-            backend_model=item.backend_model,
-        )
-    )
-
-
-def chunk_from_pb(response: pb.GenerateResponse) -> Token | Finished:
-    if response.WhichOneof("chunk") == "token":
-        return Token(text=response.token.text, index=response.token.index)
-    done = response.done
-    return Finished(
-        finish_reason=FINISH_FROM_PB.get(done.finish_reason, "stop"),
-        prompt_tokens=done.usage.prompt_tokens,
-        completion_tokens=done.usage.completion_tokens,
-        time_to_first_token_ms=done.timings.time_to_first_token_ms,
-        prompt_ms=done.timings.prompt_ms,
-        generation_ms=done.timings.generation_ms,
-        tokens_per_second=done.timings.tokens_per_second,
-        total_ms=done.timings.total_ms,
-        model_id=done.model_id,
-        backend_model=done.backend_model,
-    )
+from capibara_grpc.chat_convert import (  # noqa: F401
+    FINISH_FROM_PB,
+    FINISH_TO_PB,
+    ROLE_FROM_PB,
+    ROLE_TO_PB,
+    chunk_from_pb,
+    chunk_to_pb,
+    messages_from_pb,
+    messages_to_pb,
+    params_from_pb,
+    params_to_pb,
+    timings_to_pb,
+    usage_to_pb,
+)

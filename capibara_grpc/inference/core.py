@@ -10,11 +10,12 @@ from typing import AsyncIterator, Awaitable, Callable
 import aiohttp
 
 from capibara_grpc import metrics
+from capibara_grpc.chat_types import ROLES, Finished, Message, SamplingParams, Token
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.errors import InvalidArgument
 from capibara_grpc.inference.admission import Admission
 from capibara_grpc.inference.backends import ModelBackend, make_backend
-from capibara_grpc.inference.types import ROLES, Finished, Message, ModelStatus, SamplingParams, Token
+from capibara_grpc.inference.types import ModelStatus
 
 log = logging.getLogger(__name__)
 

@@ -1,57 +1,27 @@
-"""Plain Python types of the inference domain, shared by the inference core and its clients."""
+"""Plain Python types of the inference service itself (the shared chat types are in
+capibara_grpc.chat_types)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from dataclasses import dataclass
 
-ROLES = ("system", "user", "assistant")
-FINISH_REASONS = ("stop", "length", "stop_sequence")
-
-
-@dataclass
-class Message:
-    role: str
-    content: str
-
-
-@dataclass
-class SamplingParams:
-    """Explicit per-request parameters; None means "the model's configured default"."""
-
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    repeat_penalty: float | None = None
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    top_k: int | None = None
-
-
-@dataclass
-class Token:
-    text: str
-    index: int
-
-
-@dataclass
-class Finished:
-    finish_reason: str  # one of FINISH_REASONS
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    time_to_first_token_ms: float = 0.0
-    prompt_ms: float = 0.0
-    generation_ms: float = 0.0
-    tokens_per_second: float = 0.0
-    total_ms: float = 0.0
-    model_id: str = ""
-    backend_model: str = ""
-    # "" for a live answer; "exact" or "semantic" when the gateway replayed it from its cache.
-    cache_hit: str = ""
+# Compatibility re-export: the chat types moved to capibara_grpc.chat_types. Imported from here
+# only by modules not yet switched; to be deleted once none is left.
+from capibara_grpc.chat_types import (  # noqa: F401
+    FINISH_REASONS,
+    ROLES,
+    Finished,
+    GenerateFn,
+    Message,
+    SamplingParams,
+    Token,
+)
 
 
 @dataclass
 class ModelStatus:
+    """One model's backend as the inference service sees it (ListModels, health)."""
+
     model_id: str
     backend_url: str
     protocol: str
@@ -59,7 +29,3 @@ class ModelStatus:
     healthy: bool
     status: str
     context_window: int = 0
-
-
-# (model_id, messages, params, timeout_s) -> stream of tokens then one Finished
-GenerateFn = Callable[[str, list[Message], SamplingParams, float], AsyncIterator[Token | Finished]]

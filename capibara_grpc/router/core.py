@@ -11,8 +11,8 @@ import numpy as np
 
 from capibara_grpc.config import MeshConfig, RoutesFile
 from capibara_grpc.errors import InvalidArgument
+from capibara_grpc.router.batching import MicroBatcher
 from capibara_grpc.router.classifier import DEFAULT, FitReport, RouteClassifier, normalize
-from capibara_grpc.router.encoder import MicroBatcher
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import logging
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from capibara_grpc.inference.servicer import model_health_name
+from capibara_grpc.health_names import model_health_name
 from capibara_grpc.router.classifier import DEFAULT
 from capibara_grpc.router.core import Router
 from capibara_grpc.stubs import router_pb2, router_pb2_grpc

@@ -1,0 +1,59 @@
+"""The plain Python values a chat is made of, shared by every service of the mesh: messages,
+sampling parameters, and the stream a generation yields (tokens, then one Finished).
+
+Their protobuf forms are in capibara.inference.v1 and imported by the other protos; the
+conversions are in capibara_grpc.chat_convert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+ROLES = ("system", "user", "assistant")
+FINISH_REASONS = ("stop", "length", "stop_sequence")
+
+
+@dataclass
+class Message:
+    role: str
+    content: str
+
+
+@dataclass
+class SamplingParams:
+    """Explicit per-request parameters; None means "the model's configured default"."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    repeat_penalty: float | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    top_k: int | None = None
+
+
+@dataclass
+class Token:
+    text: str
+    index: int
+
+
+@dataclass
+class Finished:
+    finish_reason: str  # one of FINISH_REASONS
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    time_to_first_token_ms: float = 0.0
+    prompt_ms: float = 0.0
+    generation_ms: float = 0.0
+    tokens_per_second: float = 0.0
+    total_ms: float = 0.0
+    model_id: str = ""
+    backend_model: str = ""
+    # "" for a live answer; "exact" or "semantic" when the gateway replayed it from its cache.
+    cache_hit: str = ""
+
+
+# (model_id, messages, params, timeout_s) -> stream of tokens then one Finished
+GenerateFn = Callable[[str, list[Message], SamplingParams, float], AsyncIterator[Token | Finished]]
