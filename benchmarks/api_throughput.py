@@ -32,8 +32,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from ttft import direct, native_grpc, percentile  # noqa: E402
 
-from capibara_grpc.meshproc import launched_model, running_mesh  # noqa: E402
 from capibara_grpc.stubs import gateway_pb2_grpc, router_pb2  # noqa: E402
+from tests.support.mesh import launched_model, running_mesh  # noqa: E402
 
 PORT_BASE = 21000
 QUERY = "escribe una función en Python que ordene una lista"

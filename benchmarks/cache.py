@@ -21,8 +21,8 @@ import grpc
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from capibara_grpc.meshproc import launched_model, mesh_config, start_mesh, stop_mesh  # noqa: E402
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc  # noqa: E402
+from tests.support.mesh import launched_model, mesh_config, start_mesh, stop_mesh  # noqa: E402
 
 PORT_BASE = 18000
 

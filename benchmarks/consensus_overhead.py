@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from capibara_grpc.meshproc import launched_model, running_mesh  # noqa: E402
+from tests.support.mesh import launched_model, running_mesh  # noqa: E402
 
 MODELS = ["gpt-oss-20b", "phi", "mixtral"]
 PARAMS = {"max_tokens": 48, "temperature": 0}

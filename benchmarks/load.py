@@ -28,7 +28,7 @@ import aiohttp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from capibara_grpc.meshproc import launched_model, mesh_config, start_mesh, stop_mesh  # noqa: E402
+from tests.support.mesh import launched_model, mesh_config, start_mesh, stop_mesh  # noqa: E402
 
 PORT_BASE = 22000
 

@@ -27,9 +27,9 @@ import yaml
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from capibara_grpc.meshproc import VENV_BIN, launched_model, mesh_config  # noqa: E402
 from capibara_grpc.router import evaluate  # noqa: E402
 from capibara_grpc.stubs import router_pb2, router_pb2_grpc  # noqa: E402
+from tests.support.mesh import VENV_BIN, launched_model, mesh_config  # noqa: E402
 
 PORT_BASE = 29000
 

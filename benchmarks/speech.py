@@ -29,8 +29,8 @@ import yaml
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from capibara_grpc.meshproc import REPO, VENV_BIN, launched_model, mesh_config  # noqa: E402
 from capibara_grpc.stubs import speech_pb2, speech_pb2_grpc  # noqa: E402
+from tests.support.mesh import REPO, VENV_BIN, launched_model, mesh_config  # noqa: E402
 
 PORT_BASE = 29500
 COQUI_PYTHON = REPO / ".venv-coqui" / "bin" / "python"

@@ -28,8 +28,8 @@ import grpc
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from capibara_grpc.meshproc import launched_model, running_mesh  # noqa: E402
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc  # noqa: E402
+from tests.support.mesh import launched_model, running_mesh  # noqa: E402
 
 PROMPT = "Explain in a few sentences why the sky is blue."
 SYSTEM = "You are Capibara, a helpful assistant. Answer in the user's language."

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from capibara_grpc.meshproc import launched_model, running_mesh
+from tests.support.mesh import launched_model, running_mesh
 
 
 @pytest.fixture(scope="session")

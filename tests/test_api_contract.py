@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from capibara_grpc.meshproc import REPO, VENV_BIN
+from tests.support.mesh import REPO, VENV_BIN
 
 
 def test_openapi_document_matches_the_protos():

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import urllib.request
 
 import grpc
@@ -16,10 +15,10 @@ import pytest
 from capibara_grpc.chat_types import Finished, Message, SamplingParams
 from capibara_grpc.config import CacheConfig
 from capibara_grpc.gateway.cache import MemoryStore, ResponseCache, encoder_for
-from capibara_grpc.meshproc import launched_model, mesh_config, serve_replica, start_mesh, stop_mesh
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
-from sse import read_events
-from stores import redis_server
+from tests.support.mesh import launched_model, mesh_config, serve_replica, start_mesh, stop_mesh
+from tests.support.sse import read_events
+from tests.support.stores import redis_server
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
 SYSTEM = Message("system", "You are Capibara.")

@@ -2,31 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-
-import aiohttp
 import grpc
 
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
-from grpc_helpers import LONG, edge_channel
-from sse import read_events
-
-
-async def busy_slots(backend_url: str) -> int:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(backend_url + "/slots") as response:
-            return sum(1 for slot in await response.json() if slot["is_processing"])
-
-
-async def wait_until_idle(backend_url: str, timeout_s: float = 10.0) -> float:
-    """Seconds until every slot of the backend is idle; fails the test past timeout_s."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if await busy_slots(backend_url) == 0:
-            return time.monotonic() - started
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{backend_url} still generating {timeout_s} s after the client left")
+from tests.support.channels import edge_channel
+from tests.support.llama_slots import LONG, busy_slots, wait_until_idle
+from tests.support.sse import read_events
 
 
 async def test_rest_client_disconnect_stops_generation(mesh):

@@ -8,9 +8,9 @@ import pytest
 
 from capibara_grpc.consensus.core import final_answer_key
 from capibara_grpc.stubs import consensus_pb2, consensus_pb2_grpc, inference_pb2
-from grpc_helpers import LONG, edge_channel
-from sse import read_events
-from test_cancellation import wait_until_idle
+from tests.support.channels import edge_channel
+from tests.support.llama_slots import LONG, wait_until_idle
+from tests.support.sse import read_events
 
 MODELS = ["gpt-oss-20b", "phi", "mixtral"]
 # Same GGUF behind every model and greedy decoding: the three answers are the same.

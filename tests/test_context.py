@@ -14,7 +14,7 @@ import yaml
 
 from capibara_grpc.context import providers
 from capibara_grpc.stubs import context_pb2, context_pb2_grpc, inference_pb2
-from grpc_helpers import edge_channel
+from tests.support.channels import edge_channel
 
 BIN = pathlib.Path(sys.executable).parent
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 import pytest
 
-from grpc_helpers import edge_channel
-from capibara_grpc.meshproc import launched_model, mesh_config, start_mesh, stop_mesh
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc, inference_pb2, inference_pb2_grpc
+from tests.support.channels import edge_channel
+from tests.support.mesh import launched_model, mesh_config, start_mesh, stop_mesh
 
 KEY = "test-key-0123456789abcdef"
 OTHER_KEY = "env-key-abcdef0123456789"

@@ -13,10 +13,9 @@ import urllib.request
 import aiohttp
 import pytest
 
-from capibara_grpc.meshproc import launched_model, processes_using, running_mesh, stop_mesh
-from grpc_helpers import LONG
-from sse import read_events
-from test_cancellation import wait_until_idle
+from tests.support.llama_slots import LONG, wait_until_idle
+from tests.support.mesh import launched_model, processes_using, running_mesh, stop_mesh
+from tests.support.sse import read_events
 
 
 @pytest.fixture(scope="module")
@@ -208,9 +207,10 @@ async def test_a_full_queue_is_429_with_retry_after_and_nothing_hangs(faulty_mes
         assert "'narrow' is busy" in error["message"] and error["code"] == 8
         assert retry_after is not None and int(retry_after) >= 1
         # gRPC callers get RESOURCE_EXHAUSTED with the same hint.
-        from grpc_helpers import edge_channel
-        from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
         import grpc
+
+        from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
+        from tests.support.channels import edge_channel
 
         async with edge_channel(faulty_mesh) as channel:
             call = gateway_pb2_grpc.ChatServiceStub(channel).Chat(

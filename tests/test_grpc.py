@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
 import sys
-import pathlib
 
 import aiohttp
 import grpc
 import pytest
 
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc, inference_pb2, inference_pb2_grpc
-from grpc_helpers import LONG, edge_channel, service_channel
+from tests.support.channels import edge_channel, service_channel
+from tests.support.llama_slots import LONG
 
 GRPCURL = str(pathlib.Path(sys.executable).parent / "grpcurl")
 

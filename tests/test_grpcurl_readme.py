@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from capibara_grpc.meshproc import REPO, VENV_BIN
+from tests.support.mesh import REPO, VENV_BIN
 
 
 def readme_examples() -> list[str]:

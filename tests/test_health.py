@@ -16,8 +16,8 @@ import pytest
 
 from capibara_grpc.gateway.health import DEGRADED, NOT_SERVING, SERVING, HealthReport, ServiceHealth, required_services
 from capibara_grpc.health_names import model_health_name
-from capibara_grpc.meshproc import launched_model, running_mesh
 from capibara_grpc.stubs import SERVICE_FULL_NAMES
+from tests.support.mesh import launched_model, running_mesh
 
 DEPLOYED = ["gateway", "router", "context", "inference", "consensus", "speech"]
 MODELS = ["gpt-oss-20b", "mixtral", "phi"]

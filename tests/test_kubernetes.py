@@ -5,7 +5,6 @@ ConfigMap passes `envoy --mode validate`."""
 
 from __future__ import annotations
 
-import pathlib
 import subprocess
 
 import pytest
@@ -14,7 +13,7 @@ import yaml
 from capibara_grpc.config import load_config, parse_config
 from capibara_grpc.deploy import kubernetes
 from capibara_grpc.edge.tls import ensure_certificate
-from capibara_grpc.meshproc import REPO, VENV_BIN
+from tests.support.mesh import REPO, VENV_BIN
 
 BASE = REPO / "deploy" / "kubernetes" / "base"
 SERVICES = ["gateway", "router", "context", "inference", "consensus", "speech"]

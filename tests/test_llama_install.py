@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from capibara_grpc.meshproc import REPO
+from tests.support.mesh import REPO
 
 sys.path.insert(0, str(REPO / "tools"))
 import install_llama_server as installer  # noqa: E402

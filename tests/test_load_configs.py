@@ -4,13 +4,12 @@ protoset, and its request, sent by grpcurl exactly as ghz would send it, succeed
 from __future__ import annotations
 
 import json
-import pathlib
 import subprocess
 
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 
-from capibara_grpc.meshproc import REPO, VENV_BIN
+from tests.support.mesh import REPO, VENV_BIN
 
 CONFIGS = sorted((REPO / "benchmarks" / "ghz").glob("*.json"))
 

@@ -10,7 +10,8 @@ import asyncio
 import pytest
 
 from capibara_grpc.context.memory import SqliteStore, open_store
-from stores import postgres_server
+from tests.support.stores import postgres_server
+
 
 @pytest.fixture(scope="module")
 def postgres_url():

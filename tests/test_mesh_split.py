@@ -16,8 +16,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from capibara_grpc.meshproc import launched_model, processes_using, running_mesh, stop_mesh
-from sse import read_events
+from tests.support.mesh import launched_model, processes_using, running_mesh, stop_mesh
+from tests.support.sse import read_events
 
 SERVICES = ["gateway", "context", "inference", "consensus", "speech"]
 

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from capibara_grpc.meshproc import SERVICES
+from tests.support.mesh import SERVICES
 
 
 def scrape(url: str) -> str:

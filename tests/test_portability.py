@@ -18,7 +18,7 @@ import pytest
 
 from capibara_grpc import cpu_baseline, install_check
 from capibara_grpc.process_exit import describe_exit
-from capibara_grpc.meshproc import REPO
+from tests.support.mesh import REPO
 
 x86_64_only = pytest.mark.skipif(platform.machine() != "x86_64", reason="the baseline checked here is x86-64's")
 # An older CPU than any this suite is likely to run on, with AVX2 (qemu's TCG has no AVX-512).

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 
-from capibara_grpc.meshproc import REPO, VENV_BIN
+from tests.support.mesh import REPO, VENV_BIN
 
 sys.path.insert(0, str(REPO / "tools"))
 import buf_breaking  # noqa: E402

@@ -13,8 +13,8 @@ import urllib.request
 
 import pytest
 
-from capibara_grpc.meshproc import launched_model, mesh_config, processes_using, serve_replica, start_mesh, stop_mesh
-from sse import read_events
+from tests.support.mesh import launched_model, mesh_config, processes_using, serve_replica, start_mesh, stop_mesh
+from tests.support.sse import read_events
 
 REPLICA_SERVER = "http://127.0.0.1:17083"
 INFERENCE_REPLICA = 17150

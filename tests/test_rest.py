@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sse import read_events
+from tests.support.sse import read_events
 
 
 async def test_stream_sends_routing_then_tokens_one_by_one_then_done(mesh):

@@ -13,8 +13,8 @@ import aiohttp
 import grpc
 import pytest
 
-from grpc_helpers import edge_channel
 from capibara_grpc.stubs import gateway_pb2
+from tests.support.channels import edge_channel
 
 CHAT = "/capibara.gateway.v1.ChatService/Chat"
 

@@ -15,7 +15,7 @@ from capibara_grpc.config import load_config
 from capibara_grpc.router import evaluate
 from capibara_grpc.router.core import Router
 from capibara_grpc.stubs import router_pb2, router_pb2_grpc
-from grpc_helpers import edge_channel
+from tests.support.channels import edge_channel
 
 HOLDOUT = evaluate.DEFAULT_SET.with_name("router_holdout.yaml")
 

@@ -16,9 +16,9 @@ import aiohttp
 import grpc
 import pytest
 
-from capibara_grpc.meshproc import launched_model, mesh_config, processes_using, serve_replica, start_mesh, stop_mesh
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
-from stores import postgres_server, redis_server
+from tests.support.mesh import launched_model, mesh_config, processes_using, serve_replica, start_mesh, stop_mesh
+from tests.support.stores import postgres_server, redis_server
 
 BASE = 16000
 REPLICATED = ["gateway", "router", "context", "inference"]

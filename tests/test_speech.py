@@ -9,10 +9,10 @@ import time
 import grpc
 import pytest
 
-from audio import pcm16, read_wav, rms
-from grpc_helpers import edge_channel
-from sse import read_events
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc, speech_pb2, speech_pb2_grpc
+from tests.support.audio import pcm16, read_wav, rms
+from tests.support.channels import edge_channel
+from tests.support.sse import read_events
 
 ESPEAK_RATE = 22050
 SENTENCES = [f"Esta es la frase número {i}, dicha por el servicio de voz." for i in range(1, 13)]

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from audio import pcm16, read_wav, rms
-from grpc_helpers import edge_channel
-from capibara_grpc.meshproc import REPO, launched_model, mesh_config, processes_using, start_mesh, stop_mesh
 from capibara_grpc.stubs import speech_pb2, speech_pb2_grpc
+from tests.support.audio import pcm16, read_wav, rms
+from tests.support.channels import edge_channel
+from tests.support.mesh import REPO, launched_model, mesh_config, processes_using, start_mesh, stop_mesh
 
 COQUI_PYTHON = REPO / ".venv-coqui" / "bin" / "python"
 TINY_VITS_RATE = 16000  # tools/make_tiny_vits.py

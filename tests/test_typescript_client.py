@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from capibara_grpc.meshproc import REPO
+from tests.support.mesh import REPO
 
 CLIENT = REPO / "clients" / "typescript"
 

@@ -4,13 +4,13 @@ against a mesh of its own (three models, router on). Screenshots go to test-arti
 from __future__ import annotations
 
 import os
-import signal
 import shutil
+import signal
 import subprocess
 
 import pytest
 
-from capibara_grpc.meshproc import REPO, launched_model, processes_using, running_mesh
+from tests.support.mesh import REPO, launched_model, processes_using, running_mesh
 
 BROWSER_TESTS = REPO / "tests" / "browser"
 SCREENSHOTS = REPO / "test-artifacts" / "screenshots"

@@ -1,6 +1,7 @@
 """Run a whole mesh as a child process (`capibara up --config ...`), for tests and benchmarks.
 
 The mesh gets its own ports and state directory, so it never collides with `make run`.
+A test harness, not part of the runtime package: nothing in capibara_grpc imports it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import yaml
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 VENV_BIN = pathlib.Path(sys.executable).parent
 SERVICES = ["gateway", "router", "context", "inference", "consensus", "speech"]
 
