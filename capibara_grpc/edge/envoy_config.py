@@ -18,7 +18,7 @@ from capibara_grpc.edge import descriptor
 from capibara_grpc.edge.tls import ensure_certificate
 from capibara_grpc.stubs import MESH_SERVICE, SERVICE_FULL_NAMES
 
-LUA_FILTER = pathlib.Path(__file__).with_name("rest_guard.lua")
+LUA_FILTER = pathlib.Path(__file__).resolve().parent.parent.parent / "envoy" / "rest_guard.lua"
 # Written by `capibara openapi` from the protos; served at GET /api/openapi.json.
 OPENAPI_DOCUMENT = pathlib.Path(__file__).resolve().parent.parent.parent / "docs" / "openapi.json"
 # Request body limit for REST calls (the gateway applies its own, smaller message limit).
@@ -193,7 +193,7 @@ def _lua_source(keys_file: str) -> str:
             + LUA_FILTER.read_text())
 
 
-WEB = pathlib.Path(__file__).resolve().parent.parent / "gateway" / "web"
+WEB = pathlib.Path(__file__).resolve().parent.parent.parent / "envoy" / "web"
 # Files Envoy serves itself: the web chat page (no CDN, works offline) and the API description.
 STATIC_FILES = {
     "/": (WEB / "index.html", "text/html; charset=utf-8"),
