@@ -10,6 +10,7 @@ import asyncio
 import inspect
 import logging
 import time
+from dataclasses import dataclass
 
 import grpc
 
@@ -74,6 +75,27 @@ class UpstreamError(MeshError):
 def error_from_status_name(name: str, message: str) -> MeshError:
     """Rebuild an error from a status name carried in-band (e.g. a stream's error event)."""
     return UpstreamError(grpc.StatusCode[name], message)
+
+
+@dataclass(frozen=True)
+class StreamError:
+    """The in-band error event that ends a stream which had already started (a chat's, a
+    consensus run's): once a response has begun, a failure can no longer be a status, so it is
+    the stream's last event. The one Python name for it; on the wire it is the gateway's
+    `StreamError` message and consensus' `ConsensusError` (proto names are public API)."""
+
+    code: str  # gRPC status name, e.g. "UNAVAILABLE"
+    message: str
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, where: str, prefix: str = "") -> "StreamError":
+        """The event for an exception (a bug is logged and becomes INTERNAL, as in to_mesh_error)."""
+        error = to_mesh_error(exc, where)
+        return cls(error.code.name, prefix + error.message)
+
+    def to_exception(self) -> MeshError:
+        """The error again, for a unary call that collected the stream (Complete, Decide)."""
+        return error_from_status_name(self.code, self.message)
 
 
 def as_mesh_error(exc: BaseException) -> MeshError | None:

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from capibara_grpc.inference import convert
-from capibara_grpc.inference.types import SamplingParams
+from capibara_grpc import chat_convert
+from capibara_grpc.chat_types import SamplingParams
 from capibara_grpc.stubs import consensus_pb2, consensus_pb2_grpc
 
 
@@ -29,7 +29,7 @@ class ConsensusClient:
     async def decide(self, prompt: str, params: SamplingParams, timeout_s: float) -> ConsensusAnswer:
         response = await self.stub.Decide(
             consensus_pb2.DecideRequest(prompt=prompt, strategy=consensus_pb2.STRATEGY_VOTE,
-                                        params=convert.params_to_pb(params)),
+                                        params=chat_convert.params_to_pb(params)),
             timeout=timeout_s,
         )
         final = response.final

@@ -22,9 +22,15 @@ from typing import AsyncIterator, Callable
 
 import numpy as np
 
+from capibara_grpc.chat_types import (
+    Finished,
+    GenerateFn,
+    Message,
+    SamplingParams,
+    Token,
+)
 from capibara_grpc.config import MeshConfig
-from capibara_grpc.errors import InvalidArgument, to_mesh_error
-from capibara_grpc.inference.types import Finished, GenerateFn, Message, SamplingParams, Token
+from capibara_grpc.errors import InvalidArgument, StreamError, to_mesh_error
 from capibara_grpc.router.classifier import normalize
 
 STRATEGIES = ("vote", "weighted", "judge", "fuse", "self_consistency")
@@ -59,6 +65,9 @@ class CandidateDone:
 
 @dataclass
 class CandidateFailed:
+    """One candidate failed; the run goes on with the others (not a StreamError, which ends the
+    stream: this one names the candidate and is followed by more events)."""
+
     model_id: str
     code: str
     message: str
@@ -74,13 +83,8 @@ class Final:
     reasoning: str
 
 
-@dataclass
-class Failure:
-    code: str
-    message: str
-
-
-Event = Started | CandidateDone | CandidateFailed | Token | Final | Failure
+# The run's last event when it fails after it started (quorum not met, combining failed): StreamError.
+Event = Started | CandidateDone | CandidateFailed | Token | Final | StreamError
 
 
 def final_answer_key(text: str) -> str:
@@ -186,7 +190,7 @@ class ConsensusEngine:
                 (done if isinstance(event, CandidateDone) else failed).append(event)
                 yield event
             if len(done) < quorum:
-                yield Failure("UNAVAILABLE", f"quorum not met: {len(done)} of {len(plan)} candidates answered, "
+                yield StreamError("UNAVAILABLE", f"quorum not met: {len(done)} of {len(plan)} candidates answered, "
                                              f"{quorum} needed; failed: "
                                              + ", ".join(f"{f.model_id} ({f.code}: {f.message})" for f in failed))
                 return
@@ -291,6 +295,5 @@ class ConsensusEngine:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
-            error = to_mesh_error(exc, "combining")
-            yield Failure(error.code.name, f"combining failed: {error.message}")
+            yield StreamError.from_exception(exc, "combining", "combining failed: ")
 

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+from capibara_grpc import chat_convert
+from capibara_grpc.chat_types import Token
 from capibara_grpc.consensus.core import (
     CandidateDone,
     CandidateFailed,
     ConsensusEngine,
-    Failure,
     Final,
     Request,
     Started,
 )
-from capibara_grpc.errors import error_from_status_name, remaining_s
-from capibara_grpc.inference import convert
-from capibara_grpc.inference.types import Token
+from capibara_grpc.errors import StreamError, remaining_s
 from capibara_grpc.stubs import consensus_pb2 as pb
 from capibara_grpc.stubs import consensus_pb2_grpc, inference_pb2
 
@@ -30,7 +29,7 @@ def request_from_pb(request) -> Request:
         strategy=STRATEGY_FROM_PB.get(request.strategy, f"#{request.strategy}"),
         quorum=request.quorum,
         per_model_timeout_s=request.per_model_timeout_ms / 1000,
-        params=convert.params_from_pb(request.params),
+        params=chat_convert.params_from_pb(request.params),
         samples=request.samples,
     )
 
@@ -60,7 +59,9 @@ def event_to_pb(event) -> pb.CombineResponse:
         return pb.CombineResponse(token=inference_pb2.TokenChunk(text=event.text, index=event.index))
     if isinstance(event, Final):
         return pb.CombineResponse(final=final_to_pb(event))
-    return pb.CombineResponse(error=pb.ConsensusError(code=event.code, message=event.message))
+    if isinstance(event, StreamError):
+        return pb.CombineResponse(error=pb.ConsensusError(code=event.code, message=event.message))
+    raise TypeError(f"unknown consensus event {event!r}")
 
 
 class ConsensusServicer(consensus_pb2_grpc.ConsensusServiceServicer):
@@ -83,6 +84,6 @@ class ConsensusServicer(consensus_pb2_grpc.ConsensusServiceServicer):
                 response.failures.append(pb.CandidateFailed(model_id=event.model_id, code=event.code, message=event.message))
             elif isinstance(event, Final):
                 response.final.CopyFrom(final_to_pb(event))
-            elif isinstance(event, Failure):
-                raise error_from_status_name(event.code, event.message)
+            elif isinstance(event, StreamError):
+                raise event.to_exception()
         return response

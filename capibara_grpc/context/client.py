@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import grpc
 
-from capibara_grpc import tracing
-from capibara_grpc.inference import convert
-from capibara_grpc.inference.types import Message
+from capibara_grpc import chat_convert, tracing
+from capibara_grpc.chat_types import Message
 from capibara_grpc.stubs import context_pb2, context_pb2_grpc
 
 
@@ -19,14 +18,14 @@ class ContextClient:
             context_pb2.EnrichRequest(message=message, conversation_id=conversation_id, model_id=model_id),
             timeout=timeout_s,
         )
-        return convert.messages_from_pb(response.messages)
+        return chat_convert.messages_from_pb(response.messages)
 
     async def append_turn(self, conversation_id: str, role: str, content: str, model_id: str, timeout_s: float) -> None:
         # The request id (one per chat) and the role make the idempotency key: a retried call
         # stores the turn once.
         request_id = tracing.current_request_id.get()
         await self.stub.AppendTurn(
-            context_pb2.AppendTurnRequest(conversation_id=conversation_id, role=convert.ROLE_TO_PB[role],
+            context_pb2.AppendTurnRequest(conversation_id=conversation_id, role=chat_convert.ROLE_TO_PB[role],
                                           content=content, model_id=model_id,
                                           request_id=f"{request_id}:{role}" if request_id else ""),
             timeout=timeout_s,
@@ -36,5 +35,5 @@ class ContextClient:
         """The conversation's last `count` user messages, from the shared memory (any replica)."""
         response = await self.stub.GetConversation(
             context_pb2.GetConversationRequest(conversation_id=conversation_id), timeout=timeout_s)
-        user = [turn.content for turn in response.turns if convert.ROLE_FROM_PB.get(turn.role) == "user"]
+        user = [turn.content for turn in response.turns if chat_convert.ROLE_FROM_PB.get(turn.role) == "user"]
         return user[-count:]

@@ -6,8 +6,8 @@ from typing import AsyncIterator
 
 import grpc
 
-from capibara_grpc.inference import convert
-from capibara_grpc.inference.types import Finished, Message, SamplingParams, Token
+from capibara_grpc import chat_convert
+from capibara_grpc.chat_types import Finished, Message, SamplingParams, Token
 from capibara_grpc.stubs import inference_pb2, inference_pb2_grpc
 
 
@@ -21,14 +21,14 @@ class InferenceClient:
         call = self.stub.Generate(
             inference_pb2.GenerateRequest(
                 model_id=model_id,
-                messages=convert.messages_to_pb(messages),
-                params=convert.params_to_pb(params),
+                messages=chat_convert.messages_to_pb(messages),
+                params=chat_convert.params_to_pb(params),
             ),
             timeout=timeout_s,
         )
         try:
             async for response in call:
-                yield convert.chunk_from_pb(response)
+                yield chat_convert.chunk_from_pb(response)
         finally:
             # Ends the upstream generation when our caller stops listening (client gone).
             call.cancel()

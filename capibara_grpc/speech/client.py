@@ -10,7 +10,6 @@ import grpc
 from capibara_grpc.speech.core import AudioChunk
 from capibara_grpc.stubs import speech_pb2, speech_pb2_grpc
 
-
 # Voices change only when the speech service restarts with another model.
 VOICES_TTL_S = 30.0
 
