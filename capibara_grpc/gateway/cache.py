@@ -27,8 +27,8 @@ from typing import Awaitable, Callable, Protocol
 import numpy as np
 
 from capibara_grpc import metrics
+from capibara_grpc.chat_types import Finished, Message, SamplingParams
 from capibara_grpc.config import CacheConfig
-from capibara_grpc.inference.types import Finished, Message, SamplingParams
 
 # Content a semantic neighbour could get wrong: numbers ("1+1" vs "21+1"), code, quotations.
 # An apostrophe inside a word ("what's") is not a quotation.
@@ -196,7 +196,7 @@ class ResponseCache:
 
 def encoder_for(settings_encoder: str, cache_size: int) -> Encode:
     """The router's sentence encoder, off the event loop."""
-    from capibara_grpc.router.encoder import shared_encoder
+    from capibara_grpc.sentence_encoder import shared_encoder
 
     encoder = shared_encoder(settings_encoder, cache_size)
 

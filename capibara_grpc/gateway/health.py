@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from capibara_grpc.config import MeshConfig
-from capibara_grpc.inference.servicer import model_health_name
+from capibara_grpc.health_names import model_health_name
 from capibara_grpc.stubs import SERVICE_FULL_NAMES, inference_pb2, inference_pb2_grpc
 
 SERVING = "SERVING"

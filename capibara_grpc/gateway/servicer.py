@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from capibara_grpc.errors import Unavailable, remaining_s
-from capibara_grpc.gateway.core import ChatDone, ChatGateway, ChatInput, RoutingDecision, StreamFailure
+from capibara_grpc import chat_convert
+from capibara_grpc.chat_types import Token
+from capibara_grpc.errors import StreamError, Unavailable, remaining_s
+from capibara_grpc.gateway.core import ChatGateway
+from capibara_grpc.gateway.events import ChatDone, ChatInput, RoutingDecision
 from capibara_grpc.gateway.health import MeshHealth
-from capibara_grpc.inference import convert
-from capibara_grpc.inference.types import Token
 from capibara_grpc.speech.core import AudioChunk
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
 
@@ -19,7 +20,7 @@ def chat_input_from_pb(request) -> ChatInput:
         model=request.model,
         use_router=request.use_router if request.HasField("use_router") else True,
         consensus=request.consensus,
-        params=convert.params_from_pb(request),
+        params=chat_convert.params_from_pb(request),
         system_prompt=request.system_prompt if request.HasField("system_prompt") else None,
         # Only ChatRequest can speak: a unary Complete has no audio events to carry.
         speak=getattr(request, "speak", False),
@@ -42,9 +43,9 @@ def routing_to_pb(decision: RoutingDecision) -> gateway_pb2.Routing:
 
 def done_to_pb(done: ChatDone) -> gateway_pb2.Done:
     return gateway_pb2.Done(
-        usage=convert.usage_to_pb(done.finished),
-        timings=convert.timings_to_pb(done.finished),
-        finish_reason=convert.FINISH_TO_PB[done.finished.finish_reason],
+        usage=chat_convert.usage_to_pb(done.finished),
+        timings=chat_convert.timings_to_pb(done.finished),
+        finish_reason=chat_convert.FINISH_TO_PB[done.finished.finish_reason],
         latency_ms=done.latency_ms,
         model_id=done.finished.model_id,
         cache_hit=done.finished.cache_hit,
@@ -58,7 +59,7 @@ def event_to_pb(event) -> gateway_pb2.ChatResponse:
         return gateway_pb2.ChatResponse(token=gateway_pb2.TokenDelta(text=event.text, index=event.index))
     if isinstance(event, ChatDone):
         return gateway_pb2.ChatResponse(done=done_to_pb(event))
-    if isinstance(event, StreamFailure):
+    if isinstance(event, StreamError):
         return gateway_pb2.ChatResponse(error=gateway_pb2.StreamError(code=event.code, message=event.message))
     if isinstance(event, AudioChunk):
         return gateway_pb2.ChatResponse(audio=gateway_pb2.SpokenAudio(
@@ -83,10 +84,10 @@ class ChatServicer(gateway_pb2_grpc.ChatServiceServicer):
             response=result.response,
             model_id=result.done.finished.model_id or result.routing.model_id,
             routing=routing_to_pb(result.routing),
-            usage=convert.usage_to_pb(result.done.finished),
+            usage=chat_convert.usage_to_pb(result.done.finished),
             latency_ms=result.done.latency_ms,
-            finish_reason=convert.FINISH_TO_PB[result.done.finished.finish_reason],
-            timings=convert.timings_to_pb(result.done.finished),
+            finish_reason=chat_convert.FINISH_TO_PB[result.done.finished.finish_reason],
+            timings=chat_convert.timings_to_pb(result.done.finished),
             cache_hit=result.done.finished.cache_hit,
         )
 

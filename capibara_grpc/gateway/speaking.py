@@ -7,8 +7,12 @@ mostly ready when the text ends; it is sent after the text, so no token waits fo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import AsyncIterator, Callable
 
+from capibara_grpc.chat_types import Token
+from capibara_grpc.errors import StreamError
+from capibara_grpc.gateway.events import ChatEvent
 from capibara_grpc.speech.core import AudioChunk
 from capibara_grpc.speech.text import SentenceBuffer, speakable
 
@@ -60,3 +64,26 @@ class SpokenAnswer:
     async def aclose(self) -> None:
         self._worker.cancel()
         await asyncio.gather(self._worker, return_exceptions=True)
+
+
+async def spoken(answer: AsyncIterator[ChatEvent], synthesize: SynthesizeFn, voice: str,
+                 timeout_s: float) -> AsyncIterator[ChatEvent]:
+    """The answer's events, then its audio. Nothing is spoken after an in-band error; a speech
+    failure once the text is out is the stream's in-band error."""
+    speaker = SpokenAnswer(synthesize, voice, timeout_s)
+    try:
+        async with contextlib.aclosing(answer):
+            async for event in answer:
+                if isinstance(event, Token):
+                    speaker.feed(event.text)
+                yield event
+                if isinstance(event, StreamError):
+                    return
+        speaker.finish()
+        try:
+            async for chunk in speaker.audio():
+                yield chunk
+        except Exception as exc:  # noqa: BLE001 - the text is out; the speech failure is in-band
+            yield StreamError.from_exception(exc, "speech", "the answer could not be spoken: ")
+    finally:
+        await speaker.aclose()

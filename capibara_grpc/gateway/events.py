@@ -1,0 +1,58 @@
+"""What a chat is: the request as the gateway sees it, and the events of its answer.
+
+A streamed answer is, in order: one RoutingDecision (sent with the first token), Token deltas,
+then one ChatDone, or one StreamError if it fails after it started; then, when the answer is
+spoken, AudioChunks (or a StreamError if speaking fails).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from capibara_grpc.chat_types import Finished, SamplingParams, Token
+from capibara_grpc.errors import StreamError
+from capibara_grpc.speech.core import AudioChunk
+
+
+@dataclass
+class ChatInput:
+    message: str
+    conversation_id: str = ""
+    model: str = ""
+    use_router: bool = True
+    consensus: bool = False
+    params: SamplingParams = field(default_factory=SamplingParams)
+    system_prompt: str | None = None
+    speak: bool = False
+    voice: str = ""
+
+
+@dataclass
+class RoutingDecision:
+    model_id: str
+    route_name: str
+    confidence: float
+    source: str  # "request", "router", "default" or "consensus"
+    reasoning: str
+    fallback: bool = False
+    scores: list[tuple[str, float]] = field(default_factory=list)
+    # The router's other models, best first: failover candidates after the configured fallbacks.
+    next_best: list[str] = field(default_factory=list)
+    # Models tried first whose backends failed before answering.
+    failed_models: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ChatDone:
+    finished: Finished
+    latency_ms: float
+
+
+ChatEvent = RoutingDecision | Token | ChatDone | StreamError | AudioChunk
+
+
+@dataclass
+class CompleteResult:
+    response: str
+    routing: RoutingDecision
+    done: ChatDone

@@ -1,0 +1,54 @@
+"""What the gateway needs from the other services, as typed protocols.
+
+The gRPC clients (capibara_grpc.<service>.client) satisfy them; unit tests pass small fakes. A
+service that is not deployed is None, and the gateway says so (UNIMPLEMENTED, or a routing
+decision that names the default model).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Protocol
+
+from capibara_grpc.chat_types import Message, SamplingParams
+from capibara_grpc.consensus.client import ConsensusAnswer
+from capibara_grpc.speech.core import AudioChunk
+
+if TYPE_CHECKING:  # the router's module loads scikit-learn; the gateway only reads the decision
+    from capibara_grpc.router.core import RouteDecision
+
+# (query, recent user turns, timeout_s) -> the router's decision (RouterClient.route)
+RouteFn = Callable[[str, list[str], float], Awaitable["RouteDecision"]]
+
+
+class Context(Protocol):
+    """The context service (ContextClient): prompts with context, and conversation memory."""
+
+    async def enrich(self, message: str, conversation_id: str, model_id: str, timeout_s: float) -> list[Message]:
+        """The messages to send `model_id`: system prompt with added context, history, the message."""
+        ...
+
+    async def append_turn(self, conversation_id: str, role: str, content: str, model_id: str,
+                          timeout_s: float) -> None:
+        """Store one turn (idempotent per request id and role)."""
+        ...
+
+    async def recent_user_turns(self, conversation_id: str, count: int, timeout_s: float) -> list[str]:
+        """The conversation's last `count` user messages."""
+        ...
+
+
+class Consensus(Protocol):
+    """The consensus service's vote (ConsensusClient.decide): several models answer, one answer
+    is chosen. A callable, like RouteFn and GenerateFn: the gateway needs one call of it."""
+
+    async def __call__(self, prompt: str, params: SamplingParams, timeout_s: float) -> ConsensusAnswer: ...
+
+
+class Speech(Protocol):
+    """The speech service (SpeechClient)."""
+
+    async def voice_ids(self, timeout_s: float) -> list[str]: ...
+
+    def synthesize(self, text: str, voice: str, timeout_s: float) -> AsyncIterator[AudioChunk]:
+        """PCM16 audio of `text` (an async generator)."""
+        ...

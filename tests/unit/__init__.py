@@ -1,0 +1,1 @@
+"""Fast unit tests: no llama-server, no Envoy, no mesh (`make unit`)."""
