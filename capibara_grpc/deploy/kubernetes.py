@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import base64
 import copy
-import dataclasses
 import pathlib
 
 import yaml
 
 from capibara_grpc.config import MeshConfig, ModelConfig
+from capibara_grpc.config.parsing import as_data
 from capibara_grpc.edge import descriptor, envoy_config
 from capibara_grpc.stubs import SERVICE_FULL_NAMES
 
@@ -69,11 +69,8 @@ def pod_config(config: MeshConfig) -> MeshConfig:
 
 
 def _config_yaml(pods: MeshConfig) -> str:
-    data = dataclasses.asdict(pods)
-    for key in ("source", "base_dir"):
-        data.pop(key, None)
+    data = as_data(pods)
     for model in data["models"].values():
-        model.pop("model_id", None)
         model.pop("launch", None)
     return yaml.safe_dump(data, sort_keys=False)
 
