@@ -25,7 +25,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 GENERATED := capibara_grpc/generated/.stamp
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: all install check rebuild-llama-server coqui protos breaking run test lint bench clean
+.PHONY: all install check rebuild-llama-server coqui protos breaking run test unit lint bench clean
 
 all: install protos
 
@@ -88,6 +88,11 @@ breaking: protos
 
 test: install $(TEST_SYSTEM_INSTALLED) coqui protos breaking
 	$(PY) -m pytest
+
+# The fast tests only (tests/unit: fakes, no llama-server, no Envoy; seconds). Not `install`, whose
+# install check runs llama-server: the packages and stubs, installed or regenerated when stale.
+unit: $(INSTALLED) $(GENERATED)
+	$(PY) -m pytest tests/unit -q
 
 lint: install protos
 	$(VENV)/bin/buf lint

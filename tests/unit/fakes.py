@@ -3,7 +3,6 @@ other services as the gateway sees them. No llama-server, no Envoy, no network."
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -173,8 +172,3 @@ async def status_of(call) -> tuple[grpc.StatusCode, str]:
     except grpc.aio.AioRpcError as exc:
         return exc.code(), exc.details() or ""
     raise AssertionError("the call succeeded")
-
-
-def settle() -> asyncio.Future:
-    """One turn of the event loop (lets a task that was just created start)."""
-    return asyncio.sleep(0)
