@@ -47,10 +47,6 @@ class Service:
     # Config switch (dotted path) that can leave the service out of the mesh; "" = always in.
     enabled_by: str = ""
 
-    @property
-    def grpc_module(self) -> str:
-        return self.proto + "_grpc"
-
 
 SERVICES: tuple[Service, ...] = (
     Service("gateway", "capibara.gateway.v1.ChatService", "capibara.gateway.v1.gateway_pb2", 50050,

@@ -5,8 +5,11 @@
 import each other. Never edit the generated files: change protos/ and run `make protos`.
 """
 
+import importlib
 import pathlib
 import sys
+
+from capibara_grpc.services import SERVICES
 
 _GENERATED = pathlib.Path(__file__).resolve().parent / "generated"
 if not (_GENERATED / "capibara").is_dir():
@@ -14,6 +17,7 @@ if not (_GENERATED / "capibara").is_dir():
 if str(_GENERATED) not in sys.path:
     sys.path.insert(0, str(_GENERATED))
 
+# Imported by name for the code that uses them, after sys.path holds the generated folder (E402).
 from capibara.consensus.v1 import consensus_pb2, consensus_pb2_grpc  # noqa: E402
 from capibara.context.v1 import context_pb2, context_pb2_grpc  # noqa: E402
 from capibara.gateway.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
@@ -21,25 +25,11 @@ from capibara.inference.v1 import inference_pb2, inference_pb2_grpc  # noqa: E40
 from capibara.router.v1 import router_pb2, router_pb2_grpc  # noqa: E402
 from capibara.speech.v1 import speech_pb2, speech_pb2_grpc  # noqa: E402
 
-# Full names of every service declared in protos/, by short service name.
-SERVICE_FULL_NAMES = {
-    "gateway": "capibara.gateway.v1.ChatService",
-    "router": "capibara.router.v1.RouterService",
-    "context": "capibara.context.v1.ContextService",
-    "inference": "capibara.inference.v1.InferenceService",
-    "consensus": "capibara.consensus.v1.ConsensusService",
-    "speech": "capibara.speech.v1.SpeechService",
-}
+# Full names and proto modules of the services, in the table's order (capibara_grpc/services.py).
+SERVICE_FULL_NAMES = {s.name: s.full_name for s in SERVICES}
+# The gateway's second service: the mesh's health, behind GET /health.
 MESH_SERVICE = "capibara.gateway.v1.MeshService"
-
-PROTO_MODULES = (
-    gateway_pb2,
-    router_pb2,
-    context_pb2,
-    inference_pb2,
-    consensus_pb2,
-    speech_pb2,
-)
+PROTO_MODULES = tuple(importlib.import_module(s.proto) for s in SERVICES)
 
 __all__ = [
     "consensus_pb2", "consensus_pb2_grpc", "context_pb2", "context_pb2_grpc", "gateway_pb2",

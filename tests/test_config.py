@@ -49,6 +49,10 @@ def test_a_good_config_loads_into_typed_objects():
         (GOOD.replace("model_path: smollm2", "model_path: /nowhere/model.gguf"),
          "mesh.yaml:4: models.phi.launch.model_path: model file '/nowhere/model.gguf' not found"),
         (GOOD + "services:\n  router: {port: 50050}\n", "mesh.yaml:10: services.router.port uses port 50050, already used by services.gateway.port"),
+        (GOOD + "services:\n  gatway: {port: 50150}\n",
+         "mesh.yaml:10: unknown key 'gatway' in services (known: consensus, context, gateway, host, inference, router, speech, via_envoy)"),
+        (GOOD + "services:\n  router: {port: many}\n", "mesh.yaml:10: services.router.port must be an integer, got 'many'"),
+        (GOOD + "services:\n  router: {replicas: [nowhere]}\n", "mesh.yaml:10: services.router.replicas: 'nowhere' is not host:port"),
         (GOOD + "edge:\n  port: 8081\n", "models.phi (launched llama-server) uses port 8081, already used by edge.port"),
         (GOOD + "gatway:\n  x: 1\n", "mesh.yaml:9: unknown key 'gatway' in the top level"),
         (GOOD + "edge:\n  port: many\n", "mesh.yaml:10: edge.port must be an integer, got 'many'"),
@@ -73,6 +77,24 @@ def test_bad_config_names_the_line_to_fix(text, message):
     assert message in str(error.value)
 
 
+def test_a_service_section_keeps_the_defaults_it_does_not_override():
+    config = parse_config(GOOD + "services:\n  router: {replicas: ['10.0.0.2:50051']}\n  speech: {port: 50155}\n",
+                          source="mesh.yaml")
+    assert config.services.router.port == 50051 and config.services.router.replicas == ["10.0.0.2:50051"]
+    assert config.services.endpoint("speech").port == 50155 and config.services.address("gateway") == "127.0.0.1:50050"
+    assert list(config.services.endpoints) == ["gateway", "router", "context", "inference", "consensus", "speech"]
+
+
+def test_a_config_written_back_reads_the_same():
+    import yaml
+
+    from capibara_grpc.config.parsing import as_data
+
+    config = load_config()
+    again = parse_config(yaml.safe_dump(as_data(config)), source=config.source, base_dir=config.base_dir)
+    assert again == config
+
+
 def test_a_process_checks_only_the_files_of_the_services_it_runs(tmp_path):
     path = tmp_path / "mesh.yaml"
     path.write_text(GOOD.replace("model_path: smollm2", "model_path: /nowhere/model.gguf"))
@@ -82,12 +104,15 @@ def test_a_process_checks_only_the_files_of_the_services_it_runs(tmp_path):
     assert load_config(path, services=["speech"]).speech.engine == "espeak"
 
 
-def test_capibara_up_refuses_a_bad_config_before_starting_anything(tmp_path):
+@pytest.mark.parametrize("config_after_command", [False, True])
+def test_capibara_up_refuses_a_bad_config_before_starting_anything(tmp_path, config_after_command):
     bad = tmp_path / "config" / "mesh.yaml"
     bad.parent.mkdir()
     bad.write_text(GOOD.replace("default_model: phi", "default_model: gpt5"))
     capibara = pathlib.Path(sys.executable).parent / "capibara"
-    result = subprocess.run([str(capibara), "--config", str(bad), "up"], capture_output=True, text=True, timeout=60)
+    # `capibara up --config FILE` and `capibara --config FILE up` alike.
+    argv = ["up", "--config", str(bad)] if config_after_command else ["--config", str(bad), "up"]
+    result = subprocess.run([str(capibara), *argv], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert f"{bad}:6: gateway.default_model 'gpt5'" in result.stderr
 

@@ -76,7 +76,7 @@ def _config_yaml(pods: MeshConfig) -> str:
 
 
 def _service_deployment(config: MeshConfig, service: str) -> list[dict]:
-    endpoint = getattr(config.services, service)
+    endpoint = config.services.endpoint(service)
     requests, limits = RESOURCES.get(service, DEFAULT_RESOURCES)
     probe = {"grpc": {"port": endpoint.port, "service": SERVICE_FULL_NAMES[service]}, "periodSeconds": 5}
     container = {
@@ -146,7 +146,7 @@ def _model_deployment(model: ModelConfig, gpu: bool) -> list[dict]:
 
 def _envoy(config: MeshConfig, pods: MeshConfig) -> list[dict]:
     def dns(service: str) -> list[tuple[str, int]]:
-        return [(f"{service}.{NAMESPACE}.svc.cluster.local", getattr(pods.services, service).port)]
+        return [(f"{service}.{NAMESPACE}.svc.cluster.local", pods.services.endpoint(service).port)]
 
     bootstrap = envoy_config.build(pods, pathlib.Path("/etc/envoy/descriptor/capibara.pb"),
                                    pathlib.Path("/etc/envoy/tls/tls.crt"), pathlib.Path("/etc/envoy/tls/tls.key"),
@@ -217,7 +217,7 @@ def _network_policies(config: MeshConfig) -> list[dict]:
     policies.append(policy("envoy-mesh-from-services", _selector("envoy"),
                            [{"podSelector": {"matchLabels": {"capibara/component": "service"}}}], [config.edge.mesh_port]))
     for service in config.deployed_services:
-        endpoint = getattr(config.services, service)
+        endpoint = config.services.endpoint(service)
         policies.append(policy(f"{service}-from-envoy", _selector(service), [envoy], [endpoint.port]))
     for model_id in config.models:
         # The context service counts tokens with the model's own tokenizer (/tokenize).

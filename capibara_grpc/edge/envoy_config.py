@@ -13,9 +13,10 @@ import pathlib
 
 import yaml
 
-from capibara_grpc.config import SERVICE_NAMES, MeshConfig, api_keys, url_host_port
+from capibara_grpc.config import MeshConfig, api_keys, url_host_port
 from capibara_grpc.edge import descriptor
 from capibara_grpc.edge.tls import ensure_certificate
+from capibara_grpc.services import CHAT, SERVICES
 from capibara_grpc.stubs import MESH_SERVICE, SERVICE_FULL_NAMES
 
 LUA_FILTER = pathlib.Path(__file__).resolve().parent.parent.parent / "envoy" / "rest_guard.lua"
@@ -219,8 +220,9 @@ def _static_file(path: str, file: pathlib.Path, content_type: str) -> dict:
 # Open without an API key and never rate limited: load balancers and probes must see health, and
 # anyone may load the page and read the API's description (the page asks for a key itself).
 OPEN_PATHS = ["/health", *STATIC_FILES, f"/{MESH_SERVICE}/GetHealth", "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"]
-# Calls that generate (and so cost a model's time): the tighter per-client limit.
-GENERATING_SERVICES = ("gateway", "consensus")
+# Calls that generate (and so cost a model's time): the tighter per-client limit (each service's
+# rate_tier in capibara_grpc/services.py).
+GENERATING_SERVICES = tuple(s.name for s in SERVICES if s.rate_tier == CHAT)
 
 
 def _rate_limit(per_minute: int) -> dict:
@@ -293,7 +295,7 @@ def _local_reply_config() -> dict:
 
 
 def _service_addresses(config: MeshConfig, service: str) -> list[tuple[str, int]]:
-    endpoint = getattr(config.services, service)
+    endpoint = config.services.endpoint(service)
     replicas = [(h, int(p)) for h, _, p in (r.rpartition(":") for r in endpoint.replicas)]
     return [(config.services.host, endpoint.port), *replicas]
 
@@ -315,14 +317,12 @@ def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path,
         _to_cluster("/grpc.reflection.", "gateway"),
         _to_cluster("/grpc.health.v1.Health/", "gateway"),
     ]
-    for service in SERVICE_NAMES:
-        full_name = SERVICE_FULL_NAMES[service]
-        if service not in deployed:
-            routes.append(_not_deployed(f"/{full_name}/", full_name))
+    for row in SERVICES:
+        if row.name not in deployed:
+            routes.append(_not_deployed(f"/{row.full_name}/", row.full_name))
             continue
-        route = _to_cluster(f"/{full_name}/", service)
-        limits = config.edge.rate_limit
-        limit = _rate_limit(limits.chat if service in GENERATING_SERVICES else limits.other)
+        route = _to_cluster(f"/{row.full_name}/", row.name)
+        limit = _rate_limit(getattr(config.edge.rate_limit, row.rate_tier))
         if limit:
             route["typed_per_filter_config"] = limit
         routes.append(route)

@@ -1,0 +1,101 @@
+"""How a process starts the chat gateway (its row in capibara_grpc/services.py names `start`).
+
+The gateway reaches every other deployed service over gRPC (through Envoy's mesh listener), asks
+each for its health directly, and is NOT_SERVING while a service it cannot chat without is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
+
+from capibara_grpc.consensus.client import ConsensusClient
+from capibara_grpc.context.client import ContextClient
+from capibara_grpc.gateway.cache import MemoryStore, RedisStore, ResponseCache, encoder_for
+from capibara_grpc.gateway.core import ChatGateway
+from capibara_grpc.gateway.health import MeshHealth
+from capibara_grpc.gateway.servicer import ChatServicer, MeshServicer
+from capibara_grpc.inference.client import InferenceClient
+from capibara_grpc.router.client import RouterClient
+from capibara_grpc.server import SERVING, MeshServers, health_channel, internal_channel
+from capibara_grpc.services import REQUIRED_BY_GATEWAY
+from capibara_grpc.speech.client import SpeechClient
+from capibara_grpc.stubs import MESH_SERVICE, SERVICE_FULL_NAMES, gateway_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+async def start(servers: MeshServers) -> None:
+    config = servers.config
+    deployed = config.deployed_services
+    channels = {name: internal_channel(config, name) for name in deployed}
+    for channel in channels.values():
+        servers.on_stop(channel.close)
+    router = RouterClient(channels["router"]).route if "router" in deployed else None
+    context = ContextClient(channels["context"]) if "context" in deployed else None
+    consensus = ConsensusClient(channels["consensus"]).decide if "consensus" in deployed else None
+    speech = SpeechClient(channels["speech"]) if "speech" in deployed else None
+    cache = await response_cache(servers)
+    chat = ChatServicer(ChatGateway(config, InferenceClient(channels["inference"]).generate, router, context,
+                                    consensus, speech, cache))
+    health_channels = {
+        name: [health_channel(config, name, address)
+               for address in [config.services.address(name), *config.services.endpoint(name).replicas]]
+        for name in deployed
+    }
+    for channels_of_service in health_channels.values():
+        for channel in channels_of_service:
+            servers.on_stop(channel.close)
+    mesh_health = MeshHealth(config, deployed, health_channels)
+    mesh = MeshServicer(mesh_health)
+    gateway_health = HealthServicer()
+
+    def add(server):
+        gateway_pb2_grpc.add_ChatServiceServicer_to_server(chat, server)
+        gateway_pb2_grpc.add_MeshServiceServicer_to_server(mesh, server)
+
+    # The front door describes the whole mesh, including services declared but not deployed.
+    await servers.serve("gateway", add, reflected=list(SERVICE_FULL_NAMES.values()) + [MESH_SERVICE],
+                        health=gateway_health, serving=[SERVICE_FULL_NAMES["gateway"], MESH_SERVICE])
+    watcher = asyncio.create_task(watch_required(mesh_health, gateway_health))
+    servers.on_stop(_cancel, watcher)
+
+
+async def response_cache(servers: MeshServers) -> ResponseCache | None:
+    """The response cache of cache.*, or None when it is off."""
+    settings = servers.config.cache
+    if not settings.enabled:
+        return None
+    if settings.backend == "redis":
+        store = RedisStore(settings.redis_url)
+        servers.on_stop(store.close)
+    else:
+        store = MemoryStore(settings.max_entries)
+    encode = None
+    if settings.semantic_routes:
+        router = servers.config.router
+        encode = await asyncio.to_thread(encoder_for, router.encoder, router.cache_size)
+    return ResponseCache(settings, store, encode)
+
+
+async def watch_required(mesh_health: MeshHealth, health: HealthServicer, interval_s: float = 2.0) -> None:
+    """The gateway is NOT_SERVING while a service it needs is down, so Envoy's health checks and
+    orchestrators see it; it is SERVING again as soon as they are back."""
+    names = ["", SERVICE_FULL_NAMES["gateway"]]
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            serving = await mesh_health.services_serving(REQUIRED_BY_GATEWAY)
+        except Exception:  # noqa: BLE001 - a health probe must never kill the service
+            log.exception("dependency health check failed")
+            continue
+        for name in names:
+            await health.set(name, SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+async def _cancel(task: asyncio.Task) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
