@@ -1,4 +1,5 @@
-"""The `capibara` command: up, serve, chat, check, envoy-config and the generators."""
+"""The `capibara` command: up, serve, chat, check, envoy-config and the generators (protoset, k8s,
+openapi, config-docs). Every command takes `--config FILE`, before or after its name."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 
 import grpc
 
-from capibara_grpc.config import IMPLEMENTED_SERVICES, REPO_ROOT, SERVICE_NAMES, ConfigError, load_config
+from capibara_grpc.config import REPO_ROOT, SERVICE_NAMES, ConfigError, load_config
 
 OPENAPI_PATH = REPO_ROOT / "docs" / "openapi.json"
 
@@ -71,41 +72,73 @@ async def _serve(services: list[str], config) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+CONFIG_HELP = "mesh YAML (default: $CAPIBARA_CONFIG or config/capibara.yaml); before or after the command"
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capibara", description="Capibara mesh: multi-model LLM chat over gRPC.")
-    parser.add_argument("--config", help="mesh YAML (default: $CAPIBARA_CONFIG or config/capibara.yaml)")
+    parser.add_argument("--config", help=CONFIG_HELP)
+    # Every command takes --config after its name too (`capibara up --config FILE`). SUPPRESS: a
+    # command line without it there keeps the one given before the command.
+    config_after = argparse.ArgumentParser(add_help=False)
+    config_after.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
-    up = commands.add_parser("up", help="start llama-servers, services and Envoy; Ctrl-C stops all")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=summary, parents=[config_after])
+
+    up = command("up", "start llama-servers, services and Envoy; Ctrl-C stops all")
     up.add_argument("--split", action="store_true",
                     help="run each service as its own `capibara serve` process (as deployed), not all in one")
-    serve = commands.add_parser("serve", help="run one or more services in this process")
-    serve.add_argument("services", nargs="+", choices=IMPLEMENTED_SERVICES)
+    serve = command("serve", "run one or more services in this process")
+    serve.add_argument("services", nargs="+", choices=SERVICE_NAMES)
     serve.add_argument("--port", type=int, help="listen here instead of the configured port (one service: a replica)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus port of that replica (default: port + 1000)")
-    chat = commands.add_parser("chat", help="stream an answer in the terminal (through Envoy)")
+    chat = command("chat", "stream an answer in the terminal (through Envoy)")
     chat.add_argument("message")
     chat.add_argument("--model", help="model id (default: routed)")
     chat.add_argument("--max-tokens", type=int)
     chat.add_argument("--temperature", type=float)
     chat.add_argument("--target", help="edge host:port (default: localhost:<edge.port>)")
     chat.add_argument("--timeout", type=float, default=120.0)
-    commands.add_parser("check", help="check that the installed llama-server, Envoy, buf and grpcurl run on this machine")
-    evaluation = commands.add_parser("router-eval", help="router accuracy, confusion and calibration on a labelled set")
+    command("check", "check that the installed llama-server, Envoy, buf and grpcurl run on this machine")
+    evaluation = command("router-eval", "router accuracy, confusion and calibration on a labelled set")
     evaluation.add_argument("--set", dest="eval_set", help="YAML with queries: [{route, lang, text}] (default: tests/data/router_eval.yaml)")
-    envoy = commands.add_parser("envoy-config", help="write Envoy's config, descriptor and certificate")
+    envoy = command("envoy-config", "write Envoy's config, descriptor and certificate")
     envoy.add_argument("--print", action="store_true", help="print the YAML")
     envoy.add_argument("--routes", action="store_true", help="list REST paths and the gRPC method of each")
-    protoset = commands.add_parser("protoset", help="write the descriptor set of every service (for ghz, grpcurl)")
+    protoset = command("protoset", "write the descriptor set of every service (for ghz, grpcurl)")
     protoset.add_argument("path", nargs="?", default=str(REPO_ROOT / ".build" / "capibara.protoset"))
-    k8s = commands.add_parser("k8s", help="write the Kubernetes manifests (kustomize base) from this config")
+    k8s = command("k8s", "write the Kubernetes manifests (kustomize base) from this config")
     k8s.add_argument("--out", default=str(REPO_ROOT / "deploy" / "kubernetes" / "base"))
     k8s.add_argument("--check", action="store_true", help="fail if the files there differ from what the config gives")
-    openapi = commands.add_parser("openapi", help="write the OpenAPI document of the REST surface (docs/openapi.json)")
+    openapi = command("openapi", "write the OpenAPI document of the REST surface (docs/openapi.json)")
     openapi.add_argument("--check", action="store_true", help="fail if the file differs from what the protos give")
-    args = parser.parse_args(argv)
-    from capibara_grpc.tracing import configure_logging
+    docs = command("config-docs", "write the configuration reference (docs/configuration.md) from the config schema")
+    docs.add_argument("--check", action="store_true", help="fail if the file differs from what the schema gives")
+    return parser
 
-    configure_logging(json_lines=args.command in ("up", "serve"))
+
+def _config_docs(check: bool) -> int:
+    from capibara_grpc.config import docs
+
+    if check:
+        stale = docs.check()
+        if stale:
+            print(stale, file=sys.stderr)
+            return 1
+        return 0
+    docs.write()
+    print(docs.DOC_PATH)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "config-docs":  # documents the schema; reads no configuration
+        return _config_docs(args.check)
+
+    from capibara_grpc.tracing import configure_logging
 
     try:
         services = args.services if args.command == "serve" else SERVICE_NAMES
@@ -114,11 +147,17 @@ def main(argv: list[str] | None = None) -> int:
             if len(args.services) != 1:
                 print("--port runs one service: name exactly one", file=sys.stderr)
                 return 2
-            endpoint = getattr(config.services, args.services[0])
+            endpoint = config.services.endpoint(args.services[0])
             endpoint.port, endpoint.metrics_port = args.port, args.metrics_port or args.port + 1000
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.command in ("up", "serve"):
+        # Text lines on a terminal, JSON lines otherwise (a child's log file, a pipe); `up` also
+        # keeps JSON lines of its in-process services in state_dir/logs/capibara.log.
+        configure_logging(log_file=config.state_path / "logs" / "capibara.log" if args.command == "up" else None)
+    else:
+        configure_logging(json_lines=False)
 
     if args.command == "check":
         from capibara_grpc import install_check

@@ -27,6 +27,7 @@ from capibara_grpc.install_check import MissingBinary, llama_server_binary, venv
 from capibara_grpc.process_exit import describe_exit
 from capibara_grpc.server import MeshServers
 from capibara_grpc.supervisor import GIVE_UP, RESTART, RestartTracker
+from capibara_grpc.tracing import LOG_FORMAT_ENV
 
 
 class StartupError(RuntimeError):
@@ -187,7 +188,7 @@ class Mesh:
         wanted = [(self.config.edge.listen_address, self.config.edge.port, "edge"),
                   (self.config.edge.admin_address, self.config.edge.admin_port, "Envoy admin")]
         for service in self.config.deployed_services:
-            endpoint = getattr(self.config.services, service)
+            endpoint = self.config.services.endpoint(service)
             wanted += [(self.config.services.host, endpoint.port, f"{service} service"),
                        (self.config.services.host, endpoint.metrics, f"{service} metrics")]
         wanted += [(*url_host_port(url), f"llama-server for {m.model_id}")
@@ -234,9 +235,9 @@ class Mesh:
         service_children = {}
         host = self.config.services.host
         for service, argv in own_process.items():
-            endpoint = getattr(self.config.services, service)
+            endpoint = self.config.services.endpoint(service)
             service_children[service] = self._launch(ChildProcess(
-                service, argv, self.logs / f"{service}.log", env={"PYTHONPATH": str(REPO_ROOT)},
+                service, argv, self.logs / f"{service}.log", env={"PYTHONPATH": str(REPO_ROOT), LOG_FORMAT_ENV: "json"},
                 role=f"the {service} service", ports=[(host, endpoint.port), (host, endpoint.metrics)]))
         envoy_yaml = envoy_config.write(self.config)
         ready = await asyncio.gather(*(self._wait_http(child, url.rstrip("/") + "/health", 180.0)
@@ -407,9 +408,9 @@ class Mesh:
             f"gRPC    {host}:{edge.port}  (TLS; grpcurl -insecure {host}:{edge.port} list)",
             f"health  https://{host}:{edge.port}/health",
             f"admin   http://{edge.admin_address}:{edge.admin_port}  (Envoy, loopback only; /stats/prometheus)",
-            f"metrics http://{self.config.services.host}:{self.config.services.gateway.metrics}/metrics  "
+            f"metrics http://{self.config.services.host}:{self.config.services.endpoint('gateway').metrics}/metrics  "
             f"(each service: its port + 1000)",
-            f"logs    {self.logs}",
+            f"logs    {self.logs}  (JSON lines: one file per process; capibara.log is this one's)",
         ]
 
 

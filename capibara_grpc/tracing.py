@@ -1,4 +1,4 @@
-"""Request ids across hops, and JSON logs that carry them.
+"""Request ids across hops, and logs that carry them: JSON lines, or text lines on a terminal.
 
 Envoy gives every request an `x-request-id` (a client may send its own) and passes it to the
 gateway as gRPC metadata. The server interceptor puts it in a context variable; the client
@@ -11,7 +11,11 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
+import pathlib
+import sys
 import time
+import typing
 import uuid
 
 import grpc
@@ -71,8 +75,49 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure_logging(json_lines: bool = True) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if json_lines else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+class TextFormatter(logging.Formatter):
+    """One readable line for a terminal: time, level, logger, message, then the structured fields
+    not already in the message and the request id (when there is one)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
+        extras = [f"{key}={value}" for key, value in getattr(record, "fields", {}).items() if str(value) not in message]
+        request_id = current_request_id.get()
+        if request_id:
+            extras.append(f"request_id={request_id}")
+        line = " ".join([stamp, f"{record.levelname:<7}", f"{record.name}:", message, *extras])
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+# Overrides the choice between JSON and text: `json` or `text` (default: JSON unless on a terminal).
+LOG_FORMAT_ENV = "CAPIBARA_LOG_FORMAT"
+
+
+def wants_json(stream: typing.TextIO) -> bool:
+    """JSON lines unless `stream` is a terminal (a person reads it); $CAPIBARA_LOG_FORMAT decides first."""
+    chosen = os.environ.get(LOG_FORMAT_ENV, "").strip().lower()
+    if chosen in ("json", "text"):
+        return chosen == "json"
+    isatty = getattr(stream, "isatty", None)
+    return not (isatty and isatty())
+
+
+def configure_logging(json_lines: bool | None = None, *, stream: typing.TextIO | None = None,
+                      log_file: pathlib.Path | None = None) -> None:
+    """Log INFO and up to `stream` (stderr) as JSON lines or, for a person at a terminal, text
+    lines (`json_lines` None: decided by wants_json). With `log_file`, also JSON lines there
+    (appended): what a terminal shows as text stays machine-readable in the file."""
+    stream = stream or sys.stderr
+    handler = logging.StreamHandler(stream)
+    as_json = wants_json(stream) if json_lines is None else json_lines
+    handler.setFormatter(JsonFormatter() if as_json else TextFormatter())
+    handlers: list[logging.Handler] = [handler]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        file_handler.setFormatter(JsonFormatter())
+        handlers.append(file_handler)
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)

@@ -93,3 +93,83 @@ def test_serve_runs_a_single_service_as_its_own_process(mesh, tmp_path):
     finally:
         process.terminate()
         process.wait(10)
+
+
+def _context_only_config(tmp_path) -> pathlib.Path:
+    """A config on free ports whose context service starts without any model server."""
+    import socket
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    path = tmp_path / "capibara.yaml"
+    path.write_text(f"""
+state_dir: {tmp_path / "state"}
+services: {{context: {{port: {ports[0]}, metrics_port: {ports[1]}}}}}
+router: {{enabled: false}}
+gateway: {{default_model: m}}
+models: {{m: {{backend: {{url: "http://127.0.0.1:9"}}}}}}
+""")
+    return path
+
+
+def _read_until(read, marker: str, timeout_s: float = 60) -> str:
+    import time
+
+    output, deadline = "", time.monotonic() + timeout_s
+    while marker not in output and time.monotonic() < deadline:
+        chunk = read()
+        if not chunk:
+            break
+        output += chunk
+    return output
+
+
+def test_a_terminal_shows_readable_log_lines(tmp_path):
+    """`make run` in a terminal: one text line per event (time, level, logger, message)."""
+    import os
+    import pty
+    import re
+    import select
+
+    env = {k: v for k, v in os.environ.items() if k != "CAPIBARA_LOG_FORMAT"}
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([str(BIN / "capibara"), "serve", "context", "--config", str(_context_only_config(tmp_path))],
+                               stdin=follower, stdout=follower, stderr=follower, env=env)
+    os.close(follower)
+
+    def read() -> str:
+        ready, _, _ = select.select([leader], [], [], 60)
+        try:
+            return os.read(leader, 4096).decode(errors="replace") if ready else ""
+        except OSError:  # the process is gone
+            return ""
+
+    try:
+        output = _read_until(read, "serving context")
+    finally:
+        process.terminate()
+        process.wait(10)
+        os.close(leader)
+    assert "serving context" in output, output
+    assert re.search(r"^\d\d:\d\d:\d\d\.\d{3} INFO +capibara_grpc\.server: context service on 127\.0\.0\.1:\d+\r?$",
+                     output, re.MULTILINE), output
+    assert not any(line.startswith("{") for line in output.splitlines())
+
+
+def test_a_pipe_gets_json_log_lines(tmp_path):
+    import json
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "CAPIBARA_LOG_FORMAT"}
+    process = subprocess.Popen([str(BIN / "capibara"), "--config", str(_context_only_config(tmp_path)), "serve", "context"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        output = _read_until(process.stdout.readline, "serving context")
+    finally:
+        process.terminate()
+        process.wait(10)
+    entries = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert any(e["logger"] == "capibara_grpc.server" and e["message"].startswith("context service on") for e in entries), output
