@@ -33,6 +33,28 @@ def test_the_shipped_default_config_is_valid():
     assert defaults == {"gpt-oss-20b": (200, 0.7, 0.9, 1.2), "phi": (80, 0.5, 0.85, 1.2), "mixtral": (250, 0.7, 0.95, 1.1)}
 
 
+def test_the_shipped_file_states_every_default_of_the_schema():
+    """config/capibara.yaml is the defaults file: every key (but a service's replicas and
+    metrics_port) with the schema's own value, so the two cannot drift apart."""
+    import yaml
+
+    from capibara_grpc.config import DEFAULT_CONFIG_PATH, MeshConfig
+    from capibara_grpc.config.parsing import as_data
+
+    def missing(expected, stated, path=""):
+        if not isinstance(expected, dict) or not expected:
+            return [] if expected == stated else [f"{path.rstrip('.')}: {stated!r} is not the default {expected!r}"]
+        optional = {"replicas", "metrics_port"} if path.startswith("services.") else set()
+        return [problem for key, value in expected.items()
+                for problem in ([f"{path}{key} is not in the file"] if key not in stated and key not in optional
+                                else missing(value, stated[key], f"{path}{key}.") if key in stated else [])]
+
+    stated = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    defaults = as_data(MeshConfig())
+    del stated["models"], defaults["models"]
+    assert missing(defaults, stated) == []
+
+
 def test_a_good_config_loads_into_typed_objects():
     config = parse_config(GOOD, source="mesh.yaml")
     assert config.models["phi"].backend.protocol == "llama_cpp"
