@@ -50,7 +50,7 @@ class Service:
 
 SERVICES: tuple[Service, ...] = (
     Service("gateway", "capibara.gateway.v1.ChatService", "capibara.gateway.v1.gateway_pb2", 50050,
-            start_rank=60, start="capibara_grpc.gateway.wiring:start", rate_tier=CHAT),
+            start_rank=60, start="capibara_gateway.wiring:start", rate_tier=CHAT),
     Service("router", "capibara.router.v1.RouterService", "capibara.router.v1.router_pb2", 50051,
             start_rank=20, start="capibara_grpc.router.wiring:start", enabled_by="router.enabled"),
     Service("context", "capibara.context.v1.ContextService", "capibara.context.v1.context_pb2", 50052,

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from capibara_grpc.gateway.health import DEGRADED, NOT_SERVING, SERVING, HealthReport, ServiceHealth, required_services
+from capibara_gateway.health import DEGRADED, NOT_SERVING, SERVING, HealthReport, ServiceHealth, required_services
 from capibara_grpc.health_names import model_health_name
 from capibara_grpc.stubs import SERVICE_FULL_NAMES
 from tests.support.mesh import launched_model, running_mesh

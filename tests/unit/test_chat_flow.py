@@ -9,9 +9,9 @@ import pytest
 from capibara_grpc.chat_types import Token
 from capibara_grpc.config import CacheConfig
 from capibara_grpc.errors import InvalidArgument, MeshError, ResourceExhausted, StreamError, Unavailable
-from capibara_grpc.gateway.cache import MemoryStore, ResponseCache
-from capibara_grpc.gateway.core import ChatGateway
-from capibara_grpc.gateway.events import ChatDone, ChatInput, RoutingDecision
+from capibara_gateway.cache import MemoryStore, ResponseCache
+from capibara_gateway.core import ChatGateway
+from capibara_gateway.events import ChatDone, ChatInput, RoutingDecision
 from capibara_grpc.speech.core import AudioChunk
 from tests.unit.fakes import (
     FakeContext,

@@ -7,8 +7,8 @@ import pytest
 
 from capibara_grpc import metrics
 from capibara_grpc.errors import InvalidArgument, MeshError, NotFound, ResourceExhausted, Unavailable
-from capibara_grpc.gateway import failover
-from capibara_grpc.gateway.events import RoutingDecision
+from capibara_gateway import failover
+from capibara_gateway.events import RoutingDecision
 from tests.unit.fakes import FakeModels, Model, collect, mesh_config
 
 CONFIG = mesh_config()

@@ -11,9 +11,9 @@ import grpc
 import pytest
 
 from capibara_grpc.errors import ResourceExhausted, Unavailable
-from capibara_grpc.gateway.core import ChatGateway
-from capibara_grpc.gateway.health import HealthReport, ServiceHealth
-from capibara_grpc.gateway.servicer import ChatServicer, MeshServicer
+from capibara_gateway.core import ChatGateway
+from capibara_gateway.health import HealthReport, ServiceHealth
+from capibara_gateway.servicer import ChatServicer, MeshServicer
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
 from tests.unit.fakes import FakeModels, Model, mesh_config, serving, status_of
 

@@ -8,7 +8,7 @@ import pytest
 
 from capibara_grpc.consensus.client import ConsensusClient
 from capibara_grpc.context.client import ContextClient
-from capibara_grpc.gateway import protocols
+from capibara_gateway import protocols
 from capibara_grpc.speech.client import SpeechClient
 
 

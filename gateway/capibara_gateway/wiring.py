@@ -14,10 +14,10 @@ from grpc_health.v1._async import HealthServicer
 
 from capibara_grpc.consensus.client import ConsensusClient
 from capibara_grpc.context.client import ContextClient
-from capibara_grpc.gateway.cache import MemoryStore, RedisStore, ResponseCache, encoder_for
-from capibara_grpc.gateway.core import ChatGateway
-from capibara_grpc.gateway.health import MeshHealth
-from capibara_grpc.gateway.servicer import ChatServicer, MeshServicer
+from capibara_gateway.cache import MemoryStore, RedisStore, ResponseCache, encoder_for
+from capibara_gateway.core import ChatGateway
+from capibara_gateway.health import MeshHealth
+from capibara_gateway.servicer import ChatServicer, MeshServicer
 from capibara_grpc.inference.client import InferenceClient
 from capibara_grpc.router.client import RouterClient
 from capibara_grpc.server import SERVING, MeshServers, health_channel, internal_channel

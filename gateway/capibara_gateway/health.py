@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.health_names import model_health_name
+from capibara_grpc.services import REQUIRED_BY_GATEWAY
 from capibara_grpc.stubs import SERVICE_FULL_NAMES, inference_pb2, inference_pb2_grpc
 
 SERVING = "SERVING"
@@ -92,9 +93,6 @@ class HealthReport:
 def required_services(services: Collection[str]) -> list[str]:
     """grpc.health.v1 names of the deployed services a chat cannot do without: the gateway itself
     (NOT_SERVING while it drains) and the services it needs."""
-    # Imported here: capibara_grpc.server imports this module.
-    from capibara_grpc.server import REQUIRED_BY_GATEWAY
-
     return [SERVICE_FULL_NAMES[s] for s in ("gateway", *REQUIRED_BY_GATEWAY) if s in services]
 
 

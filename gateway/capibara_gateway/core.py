@@ -16,18 +16,18 @@ from capibara_grpc import metrics
 from capibara_grpc.chat_types import Finished, GenerateFn, Message, Token
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.errors import InvalidArgument, NotFound, StreamError, Unimplemented
-from capibara_grpc.gateway import failover
-from capibara_grpc.gateway.cache import CachedAnswer, CacheLookup, ResponseCache
-from capibara_grpc.gateway.events import (
+from capibara_gateway import failover
+from capibara_gateway.cache import CachedAnswer, CacheLookup, ResponseCache
+from capibara_gateway.events import (
     ChatDone,
     ChatEvent,
     ChatInput,
     CompleteResult,
     RoutingDecision,
 )
-from capibara_grpc.gateway.protocols import Consensus, Context, RouteFn, Speech
-from capibara_grpc.gateway.routing import Routing
-from capibara_grpc.gateway.speaking import spoken
+from capibara_gateway.protocols import Consensus, Context, RouteFn, Speech
+from capibara_gateway.routing import Routing
+from capibara_gateway.speaking import spoken
 from capibara_grpc.inference.core import validate_params
 
 log = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ import logging
 
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.errors import to_mesh_error
-from capibara_grpc.gateway.events import ChatInput, RoutingDecision
-from capibara_grpc.gateway.protocols import Context, RouteFn
+from capibara_gateway.events import ChatInput, RoutingDecision
+from capibara_gateway.protocols import Context, RouteFn
 
 log = logging.getLogger(__name__)
 ROUTER_TIMEOUT_S = 2.0

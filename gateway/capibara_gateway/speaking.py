@@ -12,7 +12,7 @@ from typing import AsyncIterator, Callable
 
 from capibara_grpc.chat_types import Token
 from capibara_grpc.errors import StreamError
-from capibara_grpc.gateway.events import ChatEvent
+from capibara_gateway.events import ChatEvent
 from capibara_grpc.speech.core import AudioChunk
 from capibara_grpc.speech.text import SentenceBuffer, speakable
 

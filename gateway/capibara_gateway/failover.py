@@ -30,7 +30,7 @@ import grpc
 from capibara_grpc import metrics
 from capibara_grpc.config import ModelConfig
 from capibara_grpc.errors import to_mesh_error
-from capibara_grpc.gateway.events import RoutingDecision
+from capibara_gateway.events import RoutingDecision
 
 # Failures of a model that another model may not share: its backend is down, full or broken.
 FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -5,9 +5,9 @@ from __future__ import annotations
 from capibara_grpc import chat_convert
 from capibara_grpc.chat_types import Token
 from capibara_grpc.errors import StreamError, Unavailable, remaining_s
-from capibara_grpc.gateway.core import ChatGateway
-from capibara_grpc.gateway.events import ChatDone, ChatInput, RoutingDecision
-from capibara_grpc.gateway.health import MeshHealth
+from capibara_gateway.core import ChatGateway
+from capibara_gateway.events import ChatDone, ChatInput, RoutingDecision
+from capibara_gateway.health import MeshHealth
 from capibara_grpc.speech.core import AudioChunk
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
 
