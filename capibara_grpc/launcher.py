@@ -1,26 +1,33 @@
 """`capibara up`: start llama-servers, the services and Envoy; keep them running; stop all of them
 on the way out.
 
-Child processes run in their own process groups with output in state_dir/logs, and are
-terminated (then killed) as a group, so nothing is left behind after Ctrl-C. A child that dies is
-reported with its cause (process_exit.describe_exit), its log's path and last lines, and started
-again under the `supervision` policy (supervisor.RestartTracker): same argv, same log (appended).
+Child processes (children.ChildProcess) run in their own process groups with output in
+state_dir/logs, and are terminated (then killed) as a group, so nothing is left behind after
+Ctrl-C. A child that dies is reported with its cause (process_exit.describe_exit), its log's path
+and last lines, and started again under the `supervision` policy (supervisor.RestartTracker):
+same argv, same log (appended).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import pathlib
 import signal
-import socket
-import subprocess
 import sys
 import time
 
 import aiohttp
 
+from capibara_grpc.children import (
+    GIVEN_UP,
+    LEFT_DEAD,
+    RUNNING,
+    WAITING,
+    ChildProcess,
+    death_message,
+    indented_tail,
+    port_is_free,
+)
 from capibara_grpc.config import REPO_ROOT, MeshConfig, ModelConfig, resolve_model_file, url_host_port
 from capibara_grpc.edge import envoy_config
 from capibara_grpc.install_check import MissingBinary, llama_server_binary, venv_binary
@@ -32,103 +39,6 @@ from capibara_grpc.tracing import LOG_FORMAT_ENV
 
 class StartupError(RuntimeError):
     pass
-
-
-def port_is_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-# States of a supervised child.
-RUNNING, WAITING, GIVEN_UP, LEFT_DEAD = "running", "waiting to restart", "given up", "left dead"
-
-
-class ChildProcess:
-    """One process `capibara up` runs. `role` says what the mesh loses while it is down; `ports`
-    are the sockets it listens on, free again before a restart."""
-
-    def __init__(self, name: str, argv: list[str], log_path: pathlib.Path, env: dict[str, str] | None = None,
-                 role: str = "", ports: list[tuple[str, int]] | None = None):
-        self.name = name
-        self.argv = argv
-        self.log_path = log_path
-        self.env = {**os.environ, **env} if env else None
-        self.role = role or name
-        self.ports = ports or []
-        self.process: subprocess.Popen | None = None
-        self.started_at = 0.0
-        self.state = RUNNING
-        self.last_exit: int | None = None
-        self.tracker: RestartTracker | None = None
-        self.restart_task: asyncio.Task | None = None
-
-    def start(self, note: str = "") -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            if note:
-                log.write(f"\n--- capibara up, {time.strftime('%Y-%m-%d %H:%M:%S')}: {note} ---\n".encode())
-                log.flush()
-            self.process = subprocess.Popen(
-                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                env=self.env,
-            )
-        self.started_at = time.monotonic()
-        self.state = RUNNING
-
-    @property
-    def pid(self) -> int | None:
-        return None if self.process is None else self.process.pid
-
-    def exited(self) -> int | None:
-        return None if self.process is None else self.process.poll()
-
-    def tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def reap_group(self) -> None:
-        """Kill what the dead process left in its process group (its own children, if any)."""
-        if self.process is not None and self.process.poll() is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-
-def death_message(child: ChildProcess, returncode: int, uptime_s: float | None = None, action: str = "",
-                  tail_lines: int = 10) -> str:
-    """'<name> (pid N) killed by SIGILL (illegal instruction: ...) after 2.1 s; <action>; log: <path>',
-    then the log's last lines, indented."""
-    ran = f" after {format_duration(uptime_s)}" if uptime_s is not None else ""
-    message = f"{child.name} (pid {child.pid}) {describe_exit(returncode)}{ran}{'; ' + action if action else ''}; " \
-              f"log: {child.log_path}"
-    tail = _indented_tail(child, tail_lines)
-    return message + ("\n" + tail if tail else "")
-
-
-def format_duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def llama_server_argv(config: MeshConfig, model: ModelConfig, url: str | None = None) -> list[str]:
@@ -292,7 +202,7 @@ class Mesh:
             child.state = GIVEN_UP
             self.log(f"capibara up: giving up on {child.name} after {decision.quick_failures} attempts "
                      f"({decision.reason}); last: {describe_exit(returncode)}; log: {child.log_path}; "
-                     f"{self._consequence(child)}\n" + _indented_tail(child))
+                     f"{self._consequence(child)}\n" + indented_tail(child))
         else:
             child.state = LEFT_DEAD
             consequence = f"; {self._consequence(child)}" if self.up else ""
@@ -413,9 +323,6 @@ class Mesh:
             f"logs    {self.logs}  (JSON lines: one file per process; capibara.log is this one's)",
         ]
 
-
-def _indented_tail(child: ChildProcess, lines: int = 10) -> str:
-    return "\n".join(f"    | {line}" for line in child.tail(lines).splitlines())
 
 
 async def run_until_signalled(config: MeshConfig, split: bool = False) -> int:

@@ -1,0 +1,118 @@
+"""The processes `capibara up` runs: each in its own process group with its output appended to
+its log in state_dir/logs, stopped (then killed) as a group, and reported with its cause of death
+(process_exit.describe_exit), its log's path and last lines when it dies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import time
+
+from capibara_grpc.process_exit import describe_exit
+from capibara_grpc.supervisor import RestartTracker
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+# States of a supervised child.
+RUNNING, WAITING, GIVEN_UP, LEFT_DEAD = "running", "waiting to restart", "given up", "left dead"
+
+
+class ChildProcess:
+    """One process `capibara up` runs. `role` says what the mesh loses while it is down; `ports`
+    are the sockets it listens on, free again before a restart."""
+
+    def __init__(self, name: str, argv: list[str], log_path: pathlib.Path, env: dict[str, str] | None = None,
+                 role: str = "", ports: list[tuple[str, int]] | None = None):
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self.env = {**os.environ, **env} if env else None
+        self.role = role or name
+        self.ports = ports or []
+        self.process: subprocess.Popen | None = None
+        self.started_at = 0.0
+        self.state = RUNNING
+        self.last_exit: int | None = None
+        self.tracker: RestartTracker | None = None
+        self.restart_task: asyncio.Task | None = None
+
+    def start(self, note: str = "") -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            if note:
+                log.write(f"\n--- capibara up, {time.strftime('%Y-%m-%d %H:%M:%S')}: {note} ---\n".encode())
+                log.flush()
+            self.process = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                env=self.env,
+            )
+        self.started_at = time.monotonic()
+        self.state = RUNNING
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    def exited(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def reap_group(self) -> None:
+        """Kill what the dead process left in its process group (its own children, if any)."""
+        if self.process is not None and self.process.poll() is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def death_message(child: ChildProcess, returncode: int, uptime_s: float | None = None, action: str = "",
+                  tail_lines: int = 10) -> str:
+    """'<name> (pid N) killed by SIGILL (illegal instruction: ...) after 2.1 s; <action>; log: <path>',
+    then the log's last lines, indented."""
+    ran = f" after {format_duration(uptime_s)}" if uptime_s is not None else ""
+    message = f"{child.name} (pid {child.pid}) {describe_exit(returncode)}{ran}{'; ' + action if action else ''}; " \
+              f"log: {child.log_path}"
+    tail = indented_tail(child, tail_lines)
+    return message + ("\n" + tail if tail else "")
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def indented_tail(child: ChildProcess, lines: int = 10) -> str:
+    return "\n".join(f"    | {line}" for line in child.tail(lines).splitlines())
