@@ -1,21 +1,9 @@
-"""Plain Python types of the inference service itself (the shared chat types are in
-capibara_grpc.chat_types)."""
+"""Plain Python types of the inference service itself (the chat types every service shares are
+in capibara_grpc.chat_types)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-# Compatibility re-export: the chat types moved to capibara_grpc.chat_types. Imported from here
-# only by modules not yet switched; to be deleted once none is left.
-from capibara_grpc.chat_types import (  # noqa: F401
-    FINISH_REASONS,
-    ROLES,
-    Finished,
-    GenerateFn,
-    Message,
-    SamplingParams,
-    Token,
-)
 
 
 @dataclass
