@@ -88,8 +88,12 @@ def _models_listener(config: MeshConfig, bind_all: bool = False) -> dict:
     routes = [{
         "match": {"prefix": f"/models/{model.model_id}/"},
         "route": {"cluster": f"model-{model.model_id}", "prefix_rewrite": "/", "timeout": "0s",
-                  # A refused or reset connection before any answer goes to another server.
-                  "retry_policy": {"retry_on": "connect-failure,reset", "num_retries": 2, **_OTHER_HOSTS}},
+                  # A refused or reset connection before any answer goes to another server, and
+                  # so does a 503: llama-server listens at once when (re)started and answers 503
+                  # "Loading model" until its weights are in (seen: 3 chats lost right after a
+                  # supervised restart). A 503 comes before any token, so nothing is replayed.
+                  "retry_policy": {"retry_on": "connect-failure,reset,retriable-status-codes",
+                                   "retriable_status_codes": [503], "num_retries": 2, **_OTHER_HOSTS}},
     } for model in config.models.values() if model.backend.replicas]
     return _internal_listener("models", config, config.edge.models_port, "AUTO", routes, bind_all)
 
