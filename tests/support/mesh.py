@@ -21,9 +21,12 @@ from dataclasses import dataclass
 
 import yaml
 
+from capibara_grpc.services import SERVICE_NAMES
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 VENV_BIN = pathlib.Path(sys.executable).parent
-SERVICES = ["gateway", "router", "context", "inference", "consensus", "speech"]
+# In the service table's order: service i listens on base_port + 50 + i.
+SERVICES = list(SERVICE_NAMES)
 
 
 def mesh_config(state_dir: pathlib.Path, base_port: int, models: dict, router: bool = True) -> dict:
