@@ -2,26 +2,28 @@
 
 Where each REST path goes: the protos' google.api.http annotations (see `capibara envoy-config
 --routes`). Envoy's gRPC-JSON transcoder turns a REST call into the gRPC call of that annotation;
-the route table then sends each gRPC service to its own cluster.
+the route table then sends each gRPC service to its own cluster. What the edge enforces and
+serves itself (Lua guard, static files, rate limits, CORS, error replies) is in policies.py.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import pathlib
 
 import yaml
 
 from capibara_grpc.config import MeshConfig, api_keys, url_host_port
 from capibara_grpc.edge import descriptor
+from capibara_grpc.edge.policies import STATIC_FILES, cors_policy, local_reply_config, lua_source, rate_limit, static_file
+# Still importable from here (`as` marks a re-export): what Envoy loads and serves, the rate tiers.
+from capibara_grpc.edge.policies import GENERATING_SERVICES as GENERATING_SERVICES
+from capibara_grpc.edge.policies import LUA_FILTER as LUA_FILTER
+from capibara_grpc.edge.policies import OPENAPI_DOCUMENT as OPENAPI_DOCUMENT
+from capibara_grpc.edge.policies import WEB as WEB
 from capibara_grpc.edge.tls import ensure_certificate
-from capibara_grpc.services import CHAT, SERVICES
+from capibara_grpc.services import SERVICES
 from capibara_grpc.stubs import MESH_SERVICE, SERVICE_FULL_NAMES
 
-LUA_FILTER = pathlib.Path(__file__).resolve().parent.parent.parent / "envoy" / "rest_guard.lua"
-# Written by `capibara openapi` from the protos; served at GET /api/openapi.json.
-OPENAPI_DOCUMENT = pathlib.Path(__file__).resolve().parent.parent.parent / "docs" / "openapi.json"
 # Request body limit for REST calls (the gateway applies its own, smaller message limit).
 MAX_REQUEST_BYTES = 1024 * 1024
 # Unary REST responses are buffered by the transcoder; the largest is a spoken WAV (3000
@@ -169,135 +171,6 @@ def _not_deployed(prefix: str, service: str) -> dict:
     }
 
 
-def _allowed_fields() -> dict[str, tuple[list[str], list[str]]]:
-    """REST path -> (accepted JSON body field names, their proto names), for rejecting unknown
-    fields (the transcoder would silently drop them). Both snake_case and lowerCamel are valid."""
-    allowed = {}
-    for rule in descriptor.http_rules():
-        if rule["body"] == "*":
-            fields = rule["input"].fields
-            accepted = sorted({f.name for f in fields} | {f.json_name for f in fields})
-            allowed[rule["path"]] = (accepted, sorted(f.name for f in fields))
-    return allowed
-
-
-def _lua_table(entries: list[str]) -> str:
-    return "{\n" + ",\n".join(f"  {e}" for e in entries) + "\n}"
-
-
-def _lua_source(keys_file: str) -> str:
-    entries = []
-    for path, (accepted, listing) in sorted(_allowed_fields().items()):
-        names = ", ".join(f"[{json.dumps(n)}] = true" for n in accepted)
-        entries.append(f'[{json.dumps(path)}] = {{fields = {{{names}}}, listing = {json.dumps(", ".join(listing))}}}')
-    # The keys themselves never go into Envoy's config: the guard reads them when it loads, from
-    # this file (a Kubernetes Secret, say) and from $CAPIBARA_API_KEYS.
-    return (f"ALLOWED_FIELDS = {_lua_table(entries)}\n\n"
-            f"API_KEYS_FILE = {json.dumps(keys_file)}\n\n"
-            f"OPEN_PATHS = {_lua_table([f'[{json.dumps(p)}] = true' for p in OPEN_PATHS])}\n\n"
-            + LUA_FILTER.read_text())
-
-
-WEB = pathlib.Path(__file__).resolve().parent.parent.parent / "envoy" / "web"
-# Files Envoy serves itself: the web chat page (no CDN, works offline) and the API description.
-STATIC_FILES = {
-    "/": (WEB / "index.html", "text/html; charset=utf-8"),
-    "/app.js": (WEB / "app.js", "text/javascript; charset=utf-8"),
-    "/style.css": (WEB / "style.css", "text/css; charset=utf-8"),
-    "/api/openapi.json": (OPENAPI_DOCUMENT, "application/json"),
-}
-# The page loads nothing from elsewhere and runs no inline code.
-_PAGE_HEADERS = {"content-security-policy": "default-src 'self'; media-src 'self' blob:; connect-src 'self' blob:; img-src 'self' data:",
-                 "x-content-type-options": "nosniff", "referrer-policy": "no-referrer"}
-
-
-def _static_file(path: str, file: pathlib.Path, content_type: str) -> dict:
-    headers = {"content-type": content_type, **_PAGE_HEADERS}
-    return {
-        "match": {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
-        "direct_response": {"status": 200, "body": {"filename": str(file)}},
-        "response_headers_to_add": [{"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
-                                    for k, v in headers.items()],
-    }
-
-
-# Open without an API key and never rate limited: load balancers and probes must see health, and
-# anyone may load the page and read the API's description (the page asks for a key itself).
-OPEN_PATHS = ["/health", *STATIC_FILES, f"/{MESH_SERVICE}/GetHealth", "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"]
-# Calls that generate (and so cost a model's time): the tighter per-client limit (each service's
-# rate_tier in capibara_grpc/services.py).
-GENERATING_SERVICES = tuple(s.name for s in SERVICES if s.rate_tier == CHAT)
-
-
-def _rate_limit(per_minute: int) -> dict:
-    """Per client address: a bucket of `per_minute` tokens, one back every 60/per_minute s."""
-    if per_minute <= 0:
-        return {}
-    refill_s = 60.0 / per_minute
-    bucket = {"max_tokens": per_minute, "tokens_per_fill": 1, "fill_interval": f"{refill_s:.3f}s"}
-    return {"envoy.filters.http.local_ratelimit": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
-        "stat_prefix": "client_rate_limit",
-        # The route-wide bucket is never the limit; the per-client descriptor below is.
-        "token_bucket": {"max_tokens": 1_000_000_000, "tokens_per_fill": 1_000_000_000, "fill_interval": "1s"},
-        "filter_enabled": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
-        "filter_enforced": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
-        "descriptors": [{"entries": [{"key": "remote_address"}], "token_bucket": bucket}],
-        "max_dynamic_descriptors": 100_000,
-        "rate_limits": [{"actions": [{"remote_address": {}}]}],
-        # gRPC callers get RESOURCE_EXHAUSTED (as from a full model queue), not UNAVAILABLE.
-        "rate_limited_as_resource_exhausted": True,
-        "response_headers_to_add": [{"append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                                     "header": {"key": "retry-after", "value": str(max(1, math.ceil(refill_s)))}}],
-    }}
-
-
-def _cors_policy(origins: list[str]) -> dict:
-    return {"envoy.filters.http.cors": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
-        "allow_origin_string_match": [{"exact": origin} for origin in origins],
-        "allow_methods": "GET, POST, DELETE, OPTIONS",
-        "allow_headers": "authorization, x-api-key, content-type, grpc-timeout, x-grpc-web, x-user-agent, x-request-id",
-        "expose_headers": "retry-after, grpc-status, grpc-message, x-request-id",
-        "max_age": "600",
-        # No cookies: the API authenticates with keys in headers.
-        "allow_credentials": False,
-    }}
-
-
-# Envoy's own replies get the same JSON body as the services' errors, with the gRPC code that
-# matches the HTTP status (google.rpc.Status numbering).
-LOCAL_REPLY_GRPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 413: 3, 429: 8, 503: 14, 504: 4}
-
-
-def _local_reply_config() -> dict:
-    def body(code) -> dict:
-        return {
-            "json_format": {"code": code, "message": "%LOCAL_REPLY_BODY%", "details": []},
-            "content_type": "application/json",
-        }
-
-    mappers = [
-        {
-            "filter": {
-                "status_code_filter": {
-                    "comparison": {"op": "EQ", "value": {"default_value": http, "runtime_key": f"capibara.local_reply.{http}"}}
-                }
-            },
-            "body_format_override": body(grpc),
-        }
-        for http, grpc in LOCAL_REPLY_GRPC_CODES.items()
-    ]
-    # Any other error status: UNKNOWN. Not a body_format for every local reply: direct responses
-    # (the OpenAPI document) are local replies too, and must go out as they are.
-    mappers.append({
-        "filter": {"status_code_filter": {"comparison": {
-            "op": "GE", "value": {"default_value": 400, "runtime_key": "capibara.local_reply.any_error"}}}},
-        "body_format_override": body(2),
-    })
-    return {"mappers": mappers}
-
-
 def _service_addresses(config: MeshConfig, service: str) -> list[tuple[str, int]]:
     endpoint = config.services.endpoint(service)
     replicas = [(h, int(p)) for h, _, p in (r.rpartition(":") for r in endpoint.replicas)]
@@ -326,11 +199,11 @@ def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path,
             routes.append(_not_deployed(f"/{row.full_name}/", row.full_name))
             continue
         route = _to_cluster(f"/{row.full_name}/", row.name)
-        limit = _rate_limit(getattr(config.edge.rate_limit, row.rate_tier))
+        limit = rate_limit(getattr(config.edge.rate_limit, row.rate_tier))
         if limit:
             route["typed_per_filter_config"] = limit
         routes.append(route)
-    routes += [_static_file(path, file, content_type) for path, (file, content_type) in STATIC_FILES.items()]
+    routes += [static_file(path, file, content_type) for path, (file, content_type) in STATIC_FILES.items()]
     routes.append({"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {"inline_string": "no such path"}}})
     if config.edge.cors_origins:
         # Preflight requests carry REST paths, which no route above matches before transcoding;
@@ -382,14 +255,14 @@ def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path,
         "request_headers_timeout": "10s",
         "route_config": {"name": "edge", "max_direct_response_body_size_bytes": 4 * 1024 * 1024, "virtual_hosts": [{
             "name": "mesh", "domains": ["*"], "routes": routes,
-            **({"typed_per_filter_config": _cors_policy(config.edge.cors_origins)} if config.edge.cors_origins else {}),
+            **({"typed_per_filter_config": cors_policy(config.edge.cors_origins)} if config.edge.cors_origins else {}),
         }]},
         "http_filters": [
             {
                 "name": "envoy.filters.http.lua",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-                    "default_source_code": {"inline_string": _lua_source(keys_file)},
+                    "default_source_code": {"inline_string": lua_source(keys_file)},
                 },
             },
             {"name": "envoy.filters.http.grpc_json_transcoder", "typed_config": transcoder},
@@ -406,7 +279,7 @@ def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path,
                 "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
             },
         ],
-        "local_reply_config": _local_reply_config(),
+        "local_reply_config": local_reply_config(),
     }
     tls = {
         "name": "envoy.transport_sockets.tls",

@@ -1,0 +1,149 @@
+"""What the edge enforces and serves itself, as Envoy config fragments: the Lua guard (API keys,
+unknown JSON fields), the files Envoy serves (web page, OpenAPI document), per-client rate limits,
+CORS, and Envoy's own error replies. envoy_config.py puts them together with the routes and
+clusters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+from capibara_grpc.edge import descriptor
+from capibara_grpc.services import CHAT, SERVICES
+from capibara_grpc.stubs import MESH_SERVICE
+
+_REPO = pathlib.Path(__file__).resolve().parent.parent.parent
+LUA_FILTER = _REPO / "envoy" / "rest_guard.lua"
+# Written by `capibara openapi` from the protos; served at GET /api/openapi.json.
+OPENAPI_DOCUMENT = _REPO / "docs" / "openapi.json"
+
+
+def allowed_fields() -> dict[str, tuple[list[str], list[str]]]:
+    """REST path -> (accepted JSON body field names, their proto names), for rejecting unknown
+    fields (the transcoder would silently drop them). Both snake_case and lowerCamel are valid."""
+    allowed = {}
+    for rule in descriptor.http_rules():
+        if rule["body"] == "*":
+            fields = rule["input"].fields
+            accepted = sorted({f.name for f in fields} | {f.json_name for f in fields})
+            allowed[rule["path"]] = (accepted, sorted(f.name for f in fields))
+    return allowed
+
+
+def _lua_table(entries: list[str]) -> str:
+    return "{\n" + ",\n".join(f"  {e}" for e in entries) + "\n}"
+
+
+def lua_source(keys_file: str) -> str:
+    entries = []
+    for path, (accepted, listing) in sorted(allowed_fields().items()):
+        names = ", ".join(f"[{json.dumps(n)}] = true" for n in accepted)
+        entries.append(f'[{json.dumps(path)}] = {{fields = {{{names}}}, listing = {json.dumps(", ".join(listing))}}}')
+    # The keys themselves never go into Envoy's config: the guard reads them when it loads, from
+    # this file (a Kubernetes Secret, say) and from $CAPIBARA_API_KEYS.
+    return (f"ALLOWED_FIELDS = {_lua_table(entries)}\n\n"
+            f"API_KEYS_FILE = {json.dumps(keys_file)}\n\n"
+            f"OPEN_PATHS = {_lua_table([f'[{json.dumps(p)}] = true' for p in OPEN_PATHS])}\n\n"
+            + LUA_FILTER.read_text())
+
+
+WEB = _REPO / "envoy" / "web"
+# Files Envoy serves itself: the web chat page (no CDN, works offline) and the API description.
+STATIC_FILES = {
+    "/": (WEB / "index.html", "text/html; charset=utf-8"),
+    "/app.js": (WEB / "app.js", "text/javascript; charset=utf-8"),
+    "/style.css": (WEB / "style.css", "text/css; charset=utf-8"),
+    "/api/openapi.json": (OPENAPI_DOCUMENT, "application/json"),
+}
+# The page loads nothing from elsewhere and runs no inline code.
+_PAGE_HEADERS = {"content-security-policy": "default-src 'self'; media-src 'self' blob:; connect-src 'self' blob:; img-src 'self' data:",
+                 "x-content-type-options": "nosniff", "referrer-policy": "no-referrer"}
+
+
+def static_file(path: str, file: pathlib.Path, content_type: str) -> dict:
+    headers = {"content-type": content_type, **_PAGE_HEADERS}
+    return {
+        "match": {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+        "direct_response": {"status": 200, "body": {"filename": str(file)}},
+        "response_headers_to_add": [{"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                                    for k, v in headers.items()],
+    }
+
+
+# Open without an API key and never rate limited: load balancers and probes must see health, and
+# anyone may load the page and read the API's description (the page asks for a key itself).
+OPEN_PATHS = ["/health", *STATIC_FILES, f"/{MESH_SERVICE}/GetHealth", "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"]
+# Calls that generate (and so cost a model's time): the tighter per-client limit (each service's
+# rate_tier in capibara_grpc/services.py).
+GENERATING_SERVICES = tuple(s.name for s in SERVICES if s.rate_tier == CHAT)
+
+
+def rate_limit(per_minute: int) -> dict:
+    """Per client address: a bucket of `per_minute` tokens, one back every 60/per_minute s."""
+    if per_minute <= 0:
+        return {}
+    refill_s = 60.0 / per_minute
+    bucket = {"max_tokens": per_minute, "tokens_per_fill": 1, "fill_interval": f"{refill_s:.3f}s"}
+    return {"envoy.filters.http.local_ratelimit": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+        "stat_prefix": "client_rate_limit",
+        # The route-wide bucket is never the limit; the per-client descriptor below is.
+        "token_bucket": {"max_tokens": 1_000_000_000, "tokens_per_fill": 1_000_000_000, "fill_interval": "1s"},
+        "filter_enabled": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+        "filter_enforced": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+        "descriptors": [{"entries": [{"key": "remote_address"}], "token_bucket": bucket}],
+        "max_dynamic_descriptors": 100_000,
+        "rate_limits": [{"actions": [{"remote_address": {}}]}],
+        # gRPC callers get RESOURCE_EXHAUSTED (as from a full model queue), not UNAVAILABLE.
+        "rate_limited_as_resource_exhausted": True,
+        "response_headers_to_add": [{"append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                                     "header": {"key": "retry-after", "value": str(max(1, math.ceil(refill_s)))}}],
+    }}
+
+
+def cors_policy(origins: list[str]) -> dict:
+    return {"envoy.filters.http.cors": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        "allow_origin_string_match": [{"exact": origin} for origin in origins],
+        "allow_methods": "GET, POST, DELETE, OPTIONS",
+        "allow_headers": "authorization, x-api-key, content-type, grpc-timeout, x-grpc-web, x-user-agent, x-request-id",
+        "expose_headers": "retry-after, grpc-status, grpc-message, x-request-id",
+        "max_age": "600",
+        # No cookies: the API authenticates with keys in headers.
+        "allow_credentials": False,
+    }}
+
+
+# Envoy's own replies get the same JSON body as the services' errors, with the gRPC code that
+# matches the HTTP status (google.rpc.Status numbering).
+LOCAL_REPLY_GRPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 413: 3, 429: 8, 503: 14, 504: 4}
+
+
+def local_reply_config() -> dict:
+    def body(code) -> dict:
+        return {
+            "json_format": {"code": code, "message": "%LOCAL_REPLY_BODY%", "details": []},
+            "content_type": "application/json",
+        }
+
+    mappers = [
+        {
+            "filter": {
+                "status_code_filter": {
+                    "comparison": {"op": "EQ", "value": {"default_value": http, "runtime_key": f"capibara.local_reply.{http}"}}
+                }
+            },
+            "body_format_override": body(grpc),
+        }
+        for http, grpc in LOCAL_REPLY_GRPC_CODES.items()
+    ]
+    # Any other error status: UNKNOWN. Not a body_format for every local reply: direct responses
+    # (the OpenAPI document) are local replies too, and must go out as they are.
+    mappers.append({
+        "filter": {"status_code_filter": {"comparison": {
+            "op": "GE", "value": {"default_value": 400, "runtime_key": "capibara.local_reply.any_error"}}}},
+        "body_format_override": body(2),
+    })
+    return {"mappers": mappers}
