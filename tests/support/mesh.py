@@ -196,13 +196,21 @@ def running_mesh(directory: pathlib.Path, base_port: int, models: dict, router: 
 
 
 def serve_replica(config_path: pathlib.Path, service: str, port: int | None = None,
-                  metrics_port: int | None = None) -> subprocess.Popen:
-    """Another replica of `service` (`capibara serve`, its own process), once it is serving."""
+                  metrics_port: int | None = None, timeout_s: float = 120) -> subprocess.Popen:
+    """Another replica of `service` (`capibara serve`, its own process), once it is serving. Its
+    output goes to a log file beside the config: a pipe nobody reads would, once full, freeze it."""
     argv = [sys.executable, "-m", "capibara_grpc.cli", "--config", str(config_path), "serve", service]
     argv += ["--port", str(port)] if port else []
     argv += ["--metrics-port", str(metrics_port)] if metrics_port else []
-    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:
-        if f"serving {service}" in line:
+    log_path = config_path.parent / f"replica-{service}-{port or 'default'}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if f"serving {service}" in log_path.read_text(errors="replace"):
             return process
-    raise RuntimeError(f"{service} replica exited with {process.wait()}")
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"{service} replica exited with {process.wait()}:\n{log_path.read_text(errors='replace')}")
