@@ -86,7 +86,7 @@ run: install protos
 breaking: protos
 	$(PY) tools/buf_breaking.py
 
-test: install $(TEST_SYSTEM_INSTALLED) coqui protos breaking
+test: install $(TEST_SYSTEM_INSTALLED) coqui protos breaking lint
 	$(PY) -m pytest
 
 # The fast tests only (tests/unit: fakes, no llama-server, no Envoy; seconds). Not `install`, whose
@@ -94,7 +94,10 @@ test: install $(TEST_SYSTEM_INSTALLED) coqui protos breaking
 unit: $(INSTALLED) $(GENERATED)
 	$(PY) -m pytest tests/unit -q
 
-lint: install protos
+# ruff (lint and format, settings in pyproject.toml) and buf lint; `ruff format .` fixes the format.
+lint: $(INSTALLED) $(GENERATED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/buf lint
 
 BENCH_PACKAGES := nghttp2-client wrk

@@ -21,8 +21,8 @@ import grpc
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc  # noqa: E402
-from tests.support.mesh import launched_model, mesh_config, start_mesh, stop_mesh  # noqa: E402
+from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
+from tests.support.mesh import launched_model, mesh_config, start_mesh, stop_mesh
 
 PORT_BASE = 18000
 
@@ -44,8 +44,9 @@ async def measure(channel, runs: int, max_tokens: int, tag: str) -> dict[str, li
     stub = gateway_pb2_grpc.ChatServiceStub(channel)
     results = {"live": [], "hit": []}
     for i in range(runs):
-        request = gateway_pb2.ChatRequest(message=f"Describe the capybara, fact {tag} {i}.", max_tokens=max_tokens,
-                                          temperature=0)
+        request = gateway_pb2.ChatRequest(
+            message=f"Describe the capybara, fact {tag} {i}.", max_tokens=max_tokens, temperature=0
+        )
         ttft, total, hit = await timed_chat(stub, request)
         assert hit == "", hit
         results["live"].append((ttft, total))
@@ -61,33 +62,45 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        config = mesh_config(pathlib.Path(tmp) / "state", PORT_BASE, {"gpt-oss-20b": launched_model(PORT_BASE + 80)},
-                             router=False)
+        config = mesh_config(
+            pathlib.Path(tmp) / "state", PORT_BASE, {"gpt-oss-20b": launched_model(PORT_BASE + 80)}, router=False
+        )
         config["cache"] = {"enabled": True, "backend": "memory"}
         mesh = start_mesh(pathlib.Path(tmp), config)
         try:
             credentials = grpc.ssl_channel_credentials(root_certificates=mesh.cert.read_bytes())
 
             async def both():
-                async with grpc.aio.insecure_channel(mesh.service_address("gateway")) as direct, \
-                        grpc.aio.secure_channel(mesh.edge, credentials,
-                                                options=[("grpc.ssl_target_name_override", "localhost")]) as edge:
-                    await timed_chat(gateway_pb2_grpc.ChatServiceStub(direct),
-                                     gateway_pb2.ChatRequest(message="warm up", max_tokens=2))
-                    return (await measure(direct, args.runs, args.max_tokens, "gateway"),
-                            await measure(edge, args.runs, args.max_tokens, "edge"))
+                async with (
+                    grpc.aio.insecure_channel(mesh.service_address("gateway")) as direct,
+                    grpc.aio.secure_channel(
+                        mesh.edge, credentials, options=[("grpc.ssl_target_name_override", "localhost")]
+                    ) as edge,
+                ):
+                    await timed_chat(
+                        gateway_pb2_grpc.ChatServiceStub(direct),
+                        gateway_pb2.ChatRequest(message="warm up", max_tokens=2),
+                    )
+                    return (
+                        await measure(direct, args.runs, args.max_tokens, "gateway"),
+                        await measure(edge, args.runs, args.max_tokens, "edge"),
+                    )
 
             gateway, edge = asyncio.run(both())
         finally:
             stop_mesh(mesh)
-    print(f"\nChat, {args.max_tokens} tokens at temperature 0, {args.runs} distinct prompts, each asked twice; "
-          f"{platform.machine()}, {platform.node()}, {time.strftime('%Y-%m-%d')}")
+    print(
+        f"\nChat, {args.max_tokens} tokens at temperature 0, {args.runs} distinct prompts, each asked twice; "
+        f"{platform.machine()}, {platform.node()}, {time.strftime('%Y-%m-%d')}"
+    )
     print(f"{'path':34} {'first token p50 ms':>19} {'done p50 ms':>12} {'done p90 ms':>12}")
     for label, results in (("gRPC straight to the gateway", gateway), ("gRPC through Envoy (TLS)", edge)):
         for kind in ("live", "hit"):
             totals = sorted(total for _, total in results[kind])
-            print(f"{label + ', ' + kind:34} {statistics.median(t for t, _ in results[kind]):19.2f} "
-                  f"{statistics.median(totals):12.2f} {totals[int(0.9 * (len(totals) - 1))]:12.2f}")
+            print(
+                f"{label + ', ' + kind:34} {statistics.median(t for t, _ in results[kind]):19.2f} "
+                f"{statistics.median(totals):12.2f} {totals[int(0.9 * (len(totals) - 1))]:12.2f}"
+            )
 
 
 if __name__ == "__main__":

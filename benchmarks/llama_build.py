@@ -27,13 +27,16 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
-from capibara_grpc import install_check  # noqa: E402
-from capibara_grpc.config import shipped_model_path  # noqa: E402
-from install_llama_server import COMMON_FLAGS, PACKAGE, pinned_version  # noqa: E402
+from install_llama_server import COMMON_FLAGS, PACKAGE, pinned_version
+
+from capibara_grpc import install_check
+from capibara_grpc.config import shipped_model_path
 
 NATIVE_DIR = REPO / ".build" / "llama-native"
-PROMPT = ("Capybaras are the largest living rodents. They live in groups near rivers, lakes and swamps "
-          "across South America, eat grasses and water plants, and are excellent swimmers. ") * 6
+PROMPT = (
+    "Capybaras are the largest living rodents. They live in groups near rivers, lakes and swamps "
+    "across South America, eat grasses and water plants, and are excellent swimmers. "
+) * 6
 N_PREDICT = 256
 
 
@@ -44,8 +47,21 @@ def native_build(version: str) -> pathlib.Path:
         return binary
     source_dir = NATIVE_DIR / version
     source_dir.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d",
-                    str(source_dir), f"{PACKAGE}=={version}"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-d",
+            str(source_dir),
+            f"{PACKAGE}=={version}",
+        ],
+        check=True,
+    )
     (sdist,) = source_dir.glob("*.tar.gz")
     with tarfile.open(sdist) as archive:
         archive.extractall(source_dir, filter="data")
@@ -53,17 +69,39 @@ def native_build(version: str) -> pathlib.Path:
     build = source_dir / "build"
     build.mkdir(exist_ok=True)
     print(f"compiling a native llama-server in {build} (several minutes)", flush=True)
-    subprocess.run(["cmake", str(llama_cpp), *COMMON_FLAGS, "-DGGML_NATIVE=ON", "-DCMAKE_BUILD_TYPE=Release"],
-                   cwd=build, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", ".", "--target", "llama-server", "-j", "2"], cwd=build, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["cmake", str(llama_cpp), *COMMON_FLAGS, "-DGGML_NATIVE=ON", "-DCMAKE_BUILD_TYPE=Release"],
+        cwd=build,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    subprocess.run(
+        ["cmake", "--build", ".", "--target", "llama-server", "-j", "2"],
+        cwd=build,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return binary
 
 
 def measure(binary: pathlib.Path, threads: int, port: int) -> tuple[float, float]:
     """(prompt tokens/s, generated tokens/s) of one fresh server on one request, after a warm-up."""
-    argv = [str(binary), "--model", str(shipped_model_path("smollm2")), "--host", "127.0.0.1", "--port", str(port),
-            "--ctx-size", "2048", "--parallel", "1", "--threads", str(threads), "--no-webui"]
+    argv = [
+        str(binary),
+        "--model",
+        str(shipped_model_path("smollm2")),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--ctx-size",
+        "2048",
+        "--parallel",
+        "1",
+        "--threads",
+        str(threads),
+        "--no-webui",
+    ]
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
@@ -78,10 +116,18 @@ def measure(binary: pathlib.Path, threads: int, port: int) -> tuple[float, float
                 time.sleep(0.2)
 
         def complete(n_predict: int) -> dict:
-            body = {"prompt": PROMPT, "n_predict": n_predict, "temperature": 0, "cache_prompt": False,
-                    "ignore_eos": True}
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/completion", data=json.dumps(body).encode(),
-                                             headers={"content-type": "application/json"})
+            body = {
+                "prompt": PROMPT,
+                "n_predict": n_predict,
+                "temperature": 0,
+                "cache_prompt": False,
+                "ignore_eos": True,
+            }
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/completion",
+                data=json.dumps(body).encode(),
+                headers={"content-type": "application/json"},
+            )
             with urllib.request.urlopen(request, timeout=300) as response:
                 return json.loads(response.read())["timings"]
 
@@ -115,11 +161,16 @@ def main() -> int:
         order = list(builds) if round_number % 2 == 0 else list(reversed(builds))
         for name in order:
             results[name].append(measure(builds[name], args.threads, 28790))
-        print(f"round {round_number + 1}: " + ", ".join(
-            f"{name} {results[name][-1][0]:.0f}/{results[name][-1][1]:.0f}" for name in builds) + " (prompt/generate tok/s)",
-            flush=True)
-    print(f"CPU: {cpu_model()} ({platform.machine()}), {args.threads} threads, SmolLM2-135M Q4_1, "
-          f"prompt {len(PROMPT.split())} words, {N_PREDICT} tokens generated, median of {args.rounds} rounds")
+        print(
+            f"round {round_number + 1}: "
+            + ", ".join(f"{name} {results[name][-1][0]:.0f}/{results[name][-1][1]:.0f}" for name in builds)
+            + " (prompt/generate tok/s)",
+            flush=True,
+        )
+    print(
+        f"CPU: {cpu_model()} ({platform.machine()}), {args.threads} threads, SmolLM2-135M Q4_1, "
+        f"prompt {len(PROMPT.split())} words, {N_PREDICT} tokens generated, median of {args.rounds} rounds"
+    )
     print(f"portable flags: {' '.join(record.get('cmake_args', ['?']))}")
     print(f"{'build':10} {'prompt tok/s':>13} {'generate tok/s':>15}")
     medians = {}

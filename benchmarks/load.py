@@ -28,7 +28,7 @@ import aiohttp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from tests.support.mesh import launched_model, mesh_config, start_mesh, stop_mesh  # noqa: E402
+from tests.support.mesh import launched_model, mesh_config, start_mesh, stop_mesh
 
 PORT_BASE = 22000
 
@@ -50,7 +50,7 @@ async def one_chat(session, mesh, i: int, max_tokens: int):
             if not last or "done" not in last:
                 return None, f"ended with {last}"
             return first, None
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         return None, type(exc).__name__
 
 
@@ -77,8 +77,10 @@ def main() -> None:
         mesh = start_mesh(pathlib.Path(tmp), config, split=True)
         try:
             asyncio.run(level(mesh, 4, args.max_tokens))  # warm up
-            print(f"\nConcurrent REST SSE chats through Envoy -> gateway -> context -> inference -> llama-server "
-                  f"({args.max_tokens} tokens each); {platform.machine()}, {platform.node()}, {time.strftime('%Y-%m-%d')}")
+            print(
+                f"\nConcurrent REST SSE chats through Envoy -> gateway -> context -> inference -> llama-server "
+                f"({args.max_tokens} tokens each); {platform.machine()}, {platform.node()}, {time.strftime('%Y-%m-%d')}"
+            )
             print(f"{'streams':>8} {'ok':>5} {'errors':>7} {'TTFT p50 ms':>12} {'TTFT p95 ms':>12} {'wall s':>7}")
             held = 0
             for concurrency in (int(x) for x in args.levels.split(",")):

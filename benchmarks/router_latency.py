@@ -27,9 +27,9 @@ import yaml
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from capibara_grpc.router import evaluate  # noqa: E402
-from capibara_grpc.stubs import router_pb2, router_pb2_grpc  # noqa: E402
-from tests.support.mesh import VENV_BIN, launched_model, mesh_config  # noqa: E402
+from capibara_grpc.router import evaluate
+from capibara_grpc.stubs import router_pb2, router_pb2_grpc
+from tests.support.mesh import VENV_BIN, launched_model, mesh_config
 
 PORT_BASE = 29000
 
@@ -79,15 +79,23 @@ def main() -> None:
     args = parser.parse_args()
     texts = queries()
     with tempfile.TemporaryDirectory() as tmp:
-        config = mesh_config(pathlib.Path(tmp) / "state", PORT_BASE, {
-            "gpt-oss-20b": launched_model(PORT_BASE + 80),
-            "phi": launched_model(PORT_BASE + 81),
-            "mixtral": launched_model(PORT_BASE + 82),
-        })
+        config = mesh_config(
+            pathlib.Path(tmp) / "state",
+            PORT_BASE,
+            {
+                "gpt-oss-20b": launched_model(PORT_BASE + 80),
+                "phi": launched_model(PORT_BASE + 81),
+                "mixtral": launched_model(PORT_BASE + 82),
+            },
+        )
         path = pathlib.Path(tmp) / "capibara.yaml"
         path.write_text(yaml.safe_dump(config))
-        server = subprocess.Popen([str(VENV_BIN / "capibara"), "--config", str(path), "serve", "router"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        server = subprocess.Popen(
+            [str(VENV_BIN / "capibara"), "--config", str(path), "serve", "router"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
             for line in server.stdout:
                 if "serving router" in line:
@@ -96,12 +104,14 @@ def main() -> None:
                 raise SystemExit("router did not start")
             address = f"127.0.0.1:{config['services']['router']['port']}"
             asyncio.run(run(address, 1, ["warm up"], None, 20))
-            print(f"\nRouterService/Route over gRPC (plaintext, loopback); {len(texts)} distinct queries; "
-                  f"{platform.machine()}, {platform.node()}, {time.strftime('%Y-%m-%d')}")
+            print(
+                f"\nRouterService/Route over gRPC (plaintext, loopback); {len(texts)} distinct queries; "
+                f"{platform.machine()}, {platform.node()}, {time.strftime('%Y-%m-%d')}"
+            )
             print(f"{'run':28} {'calls':>7} {'p50 ms':>9} {'p95 ms':>9} {'decisions/s':>12}")
             # Uncached: each query encoded for the first time (split so no run repeats a query).
             thirds = [texts[i::3] for i in range(3)]
-            for concurrency, part in zip((1, 8, 32), thirds):
+            for concurrency, part in zip((1, 8, 32), thirds, strict=True):
                 latencies, elapsed = asyncio.run(run(address, concurrency, part, None, len(part)))
                 print(row(f"uncached, concurrency {concurrency}", latencies, elapsed))
             for concurrency in (1, 8, 32):

@@ -29,20 +29,22 @@ import yaml
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from capibara_grpc.stubs import speech_pb2, speech_pb2_grpc  # noqa: E402
-from tests.support.mesh import REPO, VENV_BIN, launched_model, mesh_config  # noqa: E402
+from capibara_grpc.stubs import speech_pb2, speech_pb2_grpc
+from tests.support.mesh import REPO, VENV_BIN, launched_model, mesh_config
 
 PORT_BASE = 29500
 COQUI_PYTHON = REPO / ".venv-coqui" / "bin" / "python"
 TEXTS = {
     "1 sentence": "Hola, soy Capibara y te respondo enseguida.",
-    "5 sentences": " ".join([
-        "El servicio de voz habla frase por frase.",
-        "La primera frase suena antes de que la última esté lista.",
-        "Así el usuario no espera al texto completo.",
-        "Cada fragmento lleva su frecuencia de muestreo.",
-        "Este es el final de la prueba.",
-    ]),
+    "5 sentences": " ".join(
+        [
+            "El servicio de voz habla frase por frase.",
+            "La primera frase suena antes de que la última esté lista.",
+            "Así el usuario no espera al texto completo.",
+            "Cada fragmento lleva su frecuencia de muestreo.",
+            "Este es el final de la prueba.",
+        ]
+    ),
 }
 
 
@@ -68,8 +70,13 @@ async def measure(address: str, voice: str, text: str, runs: int) -> tuple[list[
 def serve_speech(python: pathlib.Path, config: dict, directory: pathlib.Path) -> subprocess.Popen:
     path = directory / "capibara.yaml"
     path.write_text(yaml.safe_dump(config))
-    server = subprocess.Popen([str(python), "-m", "capibara_grpc.cli", "--config", str(path), "serve", "speech"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    server = subprocess.Popen(
+        [str(python), "-m", "capibara_grpc.cli", "--config", str(path), "serve", "speech"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+    )
     for line in server.stdout:
         if "serving speech" in line:
             return server
@@ -80,29 +87,43 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    print(f"\nSpeechService/Synthesize over gRPC (plaintext, loopback), median of {args.runs} runs; "
-          f"{platform.machine()}, {platform.node()}, {time.strftime('%Y-%m-%d')}")
+    print(
+        f"\nSpeechService/Synthesize over gRPC (plaintext, loopback), median of {args.runs} runs; "
+        f"{platform.machine()}, {platform.node()}, {time.strftime('%Y-%m-%d')}"
+    )
     print(f"{'engine':34} {'text':12} {'first audio ms':>15} {'real-time factor':>17}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         engines = [("espeak-ng", VENV_BIN / "python", {}, "espeak:es")]
         if COQUI_PYTHON.exists():
-            made = subprocess.run([str(COQUI_PYTHON), str(REPO / "tools" / "make_tiny_vits.py"), str(tmp / "vits")],
-                                  capture_output=True, text=True, check=True)
+            made = subprocess.run(
+                [str(COQUI_PYTHON), str(REPO / "tools" / "make_tiny_vits.py"), str(tmp / "vits")],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             checkpoint, config_path = made.stdout.split()
-            engines.append(("coqui (tiny VITS, random weights)", COQUI_PYTHON,
-                            {"engine": "coqui", "coqui": {"model_path": checkpoint, "config_path": config_path}},
-                            "coqui:default-es"))
+            engines.append(
+                (
+                    "coqui (tiny VITS, random weights)",
+                    COQUI_PYTHON,
+                    {"engine": "coqui", "coqui": {"model_path": checkpoint, "config_path": config_path}},
+                    "coqui:default-es",
+                )
+            )
         else:
             print("(no .venv-coqui: run `make coqui` to measure the Coqui engine)")
         for name, python, speech, voice in engines:
-            config = mesh_config(tmp / "state", PORT_BASE, {"gpt-oss-20b": launched_model(PORT_BASE + 80)}, router=False)
+            config = mesh_config(
+                tmp / "state", PORT_BASE, {"gpt-oss-20b": launched_model(PORT_BASE + 80)}, router=False
+            )
             config["speech"] = speech
             server = serve_speech(python, config, tmp)
             try:
                 for label, text in TEXTS.items():
-                    first, rtf = asyncio.run(measure(f"127.0.0.1:{config['services']['speech']['port']}", voice,
-                                                     text, args.runs))
+                    first, rtf = asyncio.run(
+                        measure(f"127.0.0.1:{config['services']['speech']['port']}", voice, text, args.runs)
+                    )
                     print(f"{name:34} {label:12} {statistics.median(first):15.1f} {statistics.median(rtf):17.3f}")
             finally:
                 server.terminate()

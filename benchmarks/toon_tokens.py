@@ -19,42 +19,87 @@ import toon_format
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from capibara_grpc.config import shipped_model_path  # noqa: E402
-from capibara_grpc.install_check import llama_server_binary  # noqa: E402
+from capibara_grpc.config import shipped_model_path
+from capibara_grpc.install_check import llama_server_binary
 
 PORT = 29180
 
 
 def datasets() -> dict[str, object]:
     roles, cities = ["admin", "editor", "viewer"], ["Quito", "Madrid", "Lima", "Bogotá", "Sevilla"]
-    table = {"users": [{"id": i, "name": f"Usuario {i}", "email": f"user{i}@example.com", "role": roles[i % 3],
-                        "city": cities[i % 5], "active": i % 4 != 0, "balance": round(i * 13.37, 2)} for i in range(100)]}
-    config = {"service": {"name": "capibara", "version": "1.4.2", "replicas": 3,
-                          "resources": {"cpu": "500m", "memory": "512Mi"},
-                          "env": {"LOG_LEVEL": "info", "REGION": "eu-west-1", "FEATURE_FLAGS": ["router", "tts"]}},
-              "database": {"host": "db.internal", "port": 5432, "pool": {"min": 2, "max": 20, "idle_timeout_s": 30}},
-              "cache": {"backend": "redis", "ttl_s": 300, "nodes": ["cache-1:6379", "cache-2:6379"]},
-              "observability": {"metrics": True, "tracing": {"sampler": "ratio", "ratio": 0.1}}}
-    api = {"status": "ok", "page": 1, "per_page": 20, "total": 57,
-           "data": [{"order_id": f"ORD-{1000 + i}", "customer": {"id": 500 + i, "name": f"Cliente {i}"},
-                     "items": [{"sku": f"SKU-{i}-{j}", "qty": j + 1, "price": 9.99 + j} for j in range(1 + i % 3)],
-                     "status": ["paid", "shipped", "pending"][i % 3], "created_at": f"2026-11-{1 + i:02d}T10:00:00Z"}
-                    for i in range(20)],
-           "links": {"next": "/orders?page=2", "prev": None}}
+    table = {
+        "users": [
+            {
+                "id": i,
+                "name": f"Usuario {i}",
+                "email": f"user{i}@example.com",
+                "role": roles[i % 3],
+                "city": cities[i % 5],
+                "active": i % 4 != 0,
+                "balance": round(i * 13.37, 2),
+            }
+            for i in range(100)
+        ]
+    }
+    config = {
+        "service": {
+            "name": "capibara",
+            "version": "1.4.2",
+            "replicas": 3,
+            "resources": {"cpu": "500m", "memory": "512Mi"},
+            "env": {"LOG_LEVEL": "info", "REGION": "eu-west-1", "FEATURE_FLAGS": ["router", "tts"]},
+        },
+        "database": {"host": "db.internal", "port": 5432, "pool": {"min": 2, "max": 20, "idle_timeout_s": 30}},
+        "cache": {"backend": "redis", "ttl_s": 300, "nodes": ["cache-1:6379", "cache-2:6379"]},
+        "observability": {"metrics": True, "tracing": {"sampler": "ratio", "ratio": 0.1}},
+    }
+    api = {
+        "status": "ok",
+        "page": 1,
+        "per_page": 20,
+        "total": 57,
+        "data": [
+            {
+                "order_id": f"ORD-{1000 + i}",
+                "customer": {"id": 500 + i, "name": f"Cliente {i}"},
+                "items": [{"sku": f"SKU-{i}-{j}", "qty": j + 1, "price": 9.99 + j} for j in range(1 + i % 3)],
+                "status": ["paid", "shipped", "pending"][i % 3],
+                "created_at": f"2026-11-{1 + i:02d}T10:00:00Z",
+            }
+            for i in range(20)
+        ],
+        "links": {"next": "/orders?page=2", "prev": None},
+    }
     return {"uniform table (100 users)": table, "nested config": config, "API response (20 orders)": api}
 
 
 def count(text: str) -> int:
-    request = urllib.request.Request(f"http://127.0.0.1:{PORT}/tokenize", data=json.dumps({"content": text}).encode(),
-                                     headers={"content-type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{PORT}/tokenize",
+        data=json.dumps({"content": text}).encode(),
+        headers={"content-type": "application/json"},
+    )
     with urllib.request.urlopen(request) as response:
         return len(json.load(response)["tokens"])
 
 
 def main() -> None:
-    server = subprocess.Popen([str(llama_server_binary()), "-m", str(shipped_model_path("smollm2")), "--host", "127.0.0.1",
-                               "--port", str(PORT), "-c", "2048", "--no-webui"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            str(llama_server_binary()),
+            "-m",
+            str(shipped_model_path("smollm2")),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(PORT),
+            "-c",
+            "2048",
+            "--no-webui",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(300):
             try:

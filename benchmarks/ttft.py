@@ -28,8 +28,8 @@ import grpc
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc  # noqa: E402
-from tests.support.mesh import launched_model, running_mesh  # noqa: E402
+from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
+from tests.support.mesh import launched_model, running_mesh
 
 PROMPT = "Explain in a few sentences why the sky is blue."
 SYSTEM = "You are Capibara, a helpful assistant. Answer in the user's language."
@@ -93,9 +93,12 @@ def percentile(values: list[float], q: float) -> float:
 async def measure(mesh, runs: int, max_tokens: int) -> dict[str, list[Sample]]:
     results: dict[str, list[Sample]] = {"direct": [], "rest": [], "grpc": []}
     credentials = grpc.ssl_channel_credentials(root_certificates=mesh.cert.read_bytes())
-    async with aiohttp.ClientSession() as session, grpc.aio.secure_channel(
-        mesh.edge, credentials, options=[("grpc.ssl_target_name_override", "localhost")]
-    ) as channel:
+    async with (
+        aiohttp.ClientSession() as session,
+        grpc.aio.secure_channel(
+            mesh.edge, credentials, options=[("grpc.ssl_target_name_override", "localhost")]
+        ) as channel,
+    ):
         stub = gateway_pb2_grpc.ChatServiceStub(channel)
         url = mesh.backend_url("bench")
         # Warm up every path (connections, prompt cache).
@@ -115,16 +118,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         with running_mesh(pathlib.Path(tmp), 28000, {"bench": launched_model(28080, threads=2)}, router=False) as mesh:
             results = asyncio.run(measure(mesh, args.runs, args.max_tokens))
-    print(f"\nSmolLM2-135M Q4_1 on llama-server, {args.runs} runs per path, {args.max_tokens} tokens, "
-          f"temperature 0, one request at a time; {platform.machine()}, {platform.node()}, "
-          f"{time.strftime('%Y-%m-%d')}")
+    print(
+        f"\nSmolLM2-135M Q4_1 on llama-server, {args.runs} runs per path, {args.max_tokens} tokens, "
+        f"temperature 0, one request at a time; {platform.machine()}, {platform.node()}, "
+        f"{time.strftime('%Y-%m-%d')}"
+    )
     print(f"{'path':8} {'TTFT p50 ms':>12} {'TTFT p90 ms':>12} {'tokens/s p50':>13} {'TTFT overhead ms':>17}")
     base = statistics.median(s.ttft for s in results["direct"]) * 1000
     for path, samples in results.items():
         ttfts = [s.ttft * 1000 for s in samples]
         p50 = statistics.median(ttfts)
-        print(f"{path:8} {p50:12.1f} {percentile(ttfts, 0.9):12.1f} "
-              f"{statistics.median(s.tokens_per_s for s in samples):13.1f} {p50 - base:17.1f}")
+        print(
+            f"{path:8} {p50:12.1f} {percentile(ttfts, 0.9):12.1f} "
+            f"{statistics.median(s.tokens_per_s for s in samples):13.1f} {p50 - base:17.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ conversions are in capibara_grpc.chat_convert.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
 
 ROLES = ("system", "user", "assistant")
 FINISH_REASONS = ("stop", "length", "stop_sequence")

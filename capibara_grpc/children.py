@@ -35,8 +35,15 @@ class ChildProcess:
     """One process `capibara up` runs. `role` says what the mesh loses while it is down; `ports`
     are the sockets it listens on, free again before a restart."""
 
-    def __init__(self, name: str, argv: list[str], log_path: pathlib.Path, env: dict[str, str] | None = None,
-                 role: str = "", ports: list[tuple[str, int]] | None = None):
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        log_path: pathlib.Path,
+        env: dict[str, str] | None = None,
+        role: str = "",
+        ports: list[tuple[str, int]] | None = None,
+    ):
         self.name = name
         self.argv = argv
         self.log_path = log_path
@@ -57,7 +64,11 @@ class ChildProcess:
                 log.write(f"\n--- capibara up, {time.strftime('%Y-%m-%d %H:%M:%S')}: {note} ---\n".encode())
                 log.flush()
             self.process = subprocess.Popen(
-                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
                 env=self.env,
             )
         self.started_at = time.monotonic()
@@ -95,13 +106,16 @@ class ChildProcess:
             self.process.wait()
 
 
-def death_message(child: ChildProcess, returncode: int, uptime_s: float | None = None, action: str = "",
-                  tail_lines: int = 10) -> str:
+def death_message(
+    child: ChildProcess, returncode: int, uptime_s: float | None = None, action: str = "", tail_lines: int = 10
+) -> str:
     """'<name> (pid N) killed by SIGILL (illegal instruction: ...) after 2.1 s; <action>; log: <path>',
     then the log's last lines, indented."""
     ran = f" after {format_duration(uptime_s)}" if uptime_s is not None else ""
-    message = f"{child.name} (pid {child.pid}) {describe_exit(returncode)}{ran}{'; ' + action if action else ''}; " \
-              f"log: {child.log_path}"
+    message = (
+        f"{child.name} (pid {child.pid}) {describe_exit(returncode)}{ran}{'; ' + action if action else ''}; "
+        f"log: {child.log_path}"
+    )
     tail = indented_tail(child, tail_lines)
     return message + ("\n" + tail if tail else "")
 

@@ -88,8 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         return commands.add_parser(name, help=summary, parents=[config_after])
 
     up = command("up", "start llama-servers, services and Envoy; Ctrl-C stops all")
-    up.add_argument("--split", action="store_true",
-                    help="run each service as its own `capibara serve` process (as deployed), not all in one")
+    up.add_argument(
+        "--split",
+        action="store_true",
+        help="run each service as its own `capibara serve` process (as deployed), not all in one",
+    )
     serve = command("serve", "run one or more services in this process")
     serve.add_argument("services", nargs="+", choices=SERVICE_NAMES)
     serve.add_argument("--port", type=int, help="listen here instead of the configured port (one service: a replica)")
@@ -103,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--timeout", type=float, default=120.0)
     command("check", "check that the installed llama-server, Envoy, buf and grpcurl run on this machine")
     evaluation = command("router-eval", "router accuracy, confusion and calibration on a labelled set")
-    evaluation.add_argument("--set", dest="eval_set", help="YAML with queries: [{route, lang, text}] (default: tests/data/router_eval.yaml)")
+    evaluation.add_argument(
+        "--set", dest="eval_set", help="YAML with queries: [{route, lang, text}] (default: tests/data/router_eval.yaml)"
+    )
     envoy = command("envoy-config", "write Envoy's config, descriptor and certificate")
     envoy.add_argument("--print", action="store_true", help="print the YAML")
     envoy.add_argument("--routes", action="store_true", help="list REST paths and the gRPC method of each")
@@ -196,11 +201,17 @@ def main(argv: list[str] | None = None) -> int:
         out = pathlib.Path(args.out)
         rendered = kubernetes.render(config)
         if args.check:
-            stale = [name for name, text in rendered.items() if not (out / name).is_file() or (out / name).read_text() != text]
+            stale = [
+                name
+                for name, text in rendered.items()
+                if not (out / name).is_file() or (out / name).read_text() != text
+            ]
             stale += [p.name for p in out.glob("*.yaml") if p.name not in rendered]
             if stale:
-                print(f"{out} is out of date with {config.source}: {', '.join(sorted(stale))}; run `capibara k8s`",
-                      file=sys.stderr)
+                print(
+                    f"{out} is out of date with {config.source}: {', '.join(sorted(stale))}; run `capibara k8s`",
+                    file=sys.stderr,
+                )
                 return 1
             return 0
         out.mkdir(parents=True, exist_ok=True)

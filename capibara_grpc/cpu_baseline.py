@@ -21,11 +21,28 @@ import subprocess
 
 # Mnemonic prefixes of VEX-encoded instructions beyond Haswell. (EVEX ones are found by encoding.)
 BEYOND_BASELINE_MNEMONICS = (
-    "tile", "ldtilecfg", "sttilecfg", "tdpb", "tdpfp16ps", "tcmmimfp16ps", "tcmmrlfp16ps",  # AMX
-    "vpdpbusd", "vpdpwssd",  # AVX-VNNI (the EVEX forms are AVX512-VNNI)
-    "vpdpbssd", "vpdpbsud", "vpdpbuud", "vpdpwsud", "vpdpwusd", "vpdpwuud",  # AVX-VNNI-INT8/INT16
+    "tile",
+    "ldtilecfg",
+    "sttilecfg",
+    "tdpb",
+    "tdpfp16ps",
+    "tcmmimfp16ps",
+    "tcmmrlfp16ps",  # AMX
+    "vpdpbusd",
+    "vpdpwssd",  # AVX-VNNI (the EVEX forms are AVX512-VNNI)
+    "vpdpbssd",
+    "vpdpbsud",
+    "vpdpbuud",
+    "vpdpwsud",
+    "vpdpwusd",
+    "vpdpwuud",  # AVX-VNNI-INT8/INT16
     "vpmadd52",  # AVX-IFMA
-    "vbcstnesh2ps", "vbcstnebf162ps", "vcvtneebf162ps", "vcvtneeph2ps", "vcvtneobf162ps", "vcvtneoph2ps",
+    "vbcstnesh2ps",
+    "vbcstnebf162ps",
+    "vcvtneebf162ps",
+    "vcvtneeph2ps",
+    "vcvtneobf162ps",
+    "vcvtneoph2ps",
     "vcvtneps2bf16",  # AVX-NE-CONVERT
 )
 LEGACY_PREFIXES = {"f0", "f2", "f3", "2e", "36", "3e", "26", "64", "65", "66", "67"}
@@ -76,8 +93,9 @@ def scan_disassembly(lines) -> list[Finding]:
 def scan_file(path: pathlib.Path) -> list[Finding]:
     """Instructions beyond the baseline in one ELF file (executable or shared library)."""
     # --wide: every instruction's bytes on one line (long ones otherwise wrap onto a second line).
-    process = subprocess.Popen(["objdump", "-d", "--wide", str(path)],
-                               stdout=subprocess.PIPE, text=True, errors="replace")
+    process = subprocess.Popen(
+        ["objdump", "-d", "--wide", str(path)], stdout=subprocess.PIPE, text=True, errors="replace"
+    )
     assert process.stdout is not None
     findings = scan_disassembly(process.stdout)
     if process.wait() != 0:

@@ -88,7 +88,7 @@ class StreamError:
     message: str
 
     @classmethod
-    def from_exception(cls, exc: BaseException, where: str, prefix: str = "") -> "StreamError":
+    def from_exception(cls, exc: BaseException, where: str, prefix: str = "") -> StreamError:
         """The event for an exception (a bug is logged and becomes INTERNAL, as in to_mesh_error)."""
         error = to_mesh_error(exc, where)
         return cls(error.code.name, prefix + error.message)
@@ -104,8 +104,11 @@ def as_mesh_error(exc: BaseException) -> MeshError | None:
         return exc
     if isinstance(exc, grpc.aio.AioRpcError):
         retry_after = dict(exc.trailing_metadata() or ()).get(RETRY_AFTER)
-        return UpstreamError(exc.code(), exc.details() or exc.code().name,
-                             int(retry_after) if retry_after and retry_after.isdigit() else None)
+        return UpstreamError(
+            exc.code(),
+            exc.details() or exc.code().name,
+            int(retry_after) if retry_after and retry_after.isdigit() else None,
+        )
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return DeadlineExceeded("deadline exceeded")
     return None
@@ -122,7 +125,9 @@ def to_mesh_error(exc: BaseException, where: str) -> MeshError:
 
 async def _abort(context: grpc.aio.ServicerContext, error: MeshError):
     retry_after = getattr(error, "retry_after_s", None)
-    await context.abort(error.code, error.message, trailing_metadata=((RETRY_AFTER, str(retry_after)),) if retry_after else ())
+    await context.abort(
+        error.code, error.message, trailing_metadata=((RETRY_AFTER, str(retry_after)),) if retry_after else ()
+    )
 
 
 def _aborted_code(context: grpc.aio.ServicerContext) -> str:
@@ -161,8 +166,19 @@ class _Call:
             metrics.observe_call(self.method, code, self.started)
             # Health checks (Envoy's, every 2 s per replica) would drown the log: debug level.
             level = logging.DEBUG if self.method.startswith("/grpc.health.v1.") else logging.INFO
-            calls_log.log(level, "%s %s", self.method, code, extra={"fields": {
-                "method": self.method, "code": code, "ms": round((time.perf_counter() - self.started) * 1000, 1)}})
+            calls_log.log(
+                level,
+                "%s %s",
+                self.method,
+                code,
+                extra={
+                    "fields": {
+                        "method": self.method,
+                        "code": code,
+                        "ms": round((time.perf_counter() - self.started) * 1000, 1),
+                    }
+                },
+            )
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
@@ -182,8 +198,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             try:
                 return deserialize(raw) if deserialize else raw
             except Exception as exc:  # noqa: BLE001 - any parse failure is the request's fault
-                raise InvalidArgument(f"the request is not a valid {method.rsplit('/', 1)[-1]} request message "
-                                      f"({type(exc).__name__})") from None
+                raise InvalidArgument(
+                    f"the request is not a valid {method.rsplit('/', 1)[-1]} request message ({type(exc).__name__})"
+                ) from None
 
         if handler.unary_unary:
             inner = handler.unary_unary

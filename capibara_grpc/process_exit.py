@@ -11,10 +11,10 @@ import signal
 # What each signal usually means for a server process, and the first thing to check.
 SIGNAL_MEANINGS = {
     signal.SIGILL: "illegal instruction: the binary uses a CPU instruction this processor lacks "
-                   "(built for another CPU, e.g. with -march=native); rebuild it with `make rebuild-llama-server`",
+    "(built for another CPU, e.g. with -march=native); rebuild it with `make rebuild-llama-server`",
     signal.SIGSEGV: "segmentation fault: the program crashed on a bad memory access (a bug, or a corrupt model file)",
     signal.SIGBUS: "bus error: a memory-mapped file changed or was truncated under it (e.g. a model file rewritten "
-                   "while in use), or the disk is full",
+    "while in use), or the disk is full",
     signal.SIGFPE: "arithmetic fault (e.g. integer division by zero) inside the program",
     signal.SIGABRT: "aborted: a failed assertion or an uncaught exception inside the program (see the end of its log)",
     signal.SIGKILL: "killed outright: by the kernel's out-of-memory killer (see `dmesg`) or by someone's `kill -9`",
@@ -42,6 +42,8 @@ def describe_exit(returncode: int) -> str:
         return f"killed by {signal_name(number)}" + (f" ({meaning})" if meaning else "")
     if returncode > 128 and returncode - 128 in SIGNAL_MEANINGS:
         # A shell or wrapper that reports its child's signal as 128 + n.
-        return f"exited with status {returncode} (128 + {signal_name(returncode - 128)}: " \
-               f"{SIGNAL_MEANINGS[returncode - 128]})"
+        return (
+            f"exited with status {returncode} (128 + {signal_name(returncode - 128)}: "
+            f"{SIGNAL_MEANINGS[returncode - 128]})"
+        )
     return f"exited with status {returncode}"

@@ -50,7 +50,7 @@ class SentenceEncoder:
             )
             with self._lock:
                 self.forward_passes += 1
-                for text, vector in zip(missing, vectors):
+                for text, vector in zip(missing, vectors, strict=True):
                     self._cache[text] = vector
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
@@ -62,7 +62,7 @@ class SentenceEncoder:
         return np.vstack(rows)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shared_encoder(name: str = MINILM, cache_size: int = 10000) -> SentenceEncoder:
     """One encoder per model in a process, shared by the services that run in it."""
     return SentenceEncoder(name, cache_size)

@@ -46,8 +46,11 @@ CHANNEL_OPTIONS = [
 def internal_channel(config: MeshConfig, service: str) -> grpc.aio.Channel:
     """A channel to another service: through Envoy's mesh listener (health-checked, retried,
     load-balanced over replicas) or, with services.via_envoy false, straight to its port."""
-    target = (f"{config.edge.mesh_address}:{config.edge.mesh_port}" if config.services.via_envoy
-              else config.services.address(service))
+    target = (
+        f"{config.edge.mesh_address}:{config.edge.mesh_port}"
+        if config.services.via_envoy
+        else config.services.address(service)
+    )
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors())
 
 
@@ -80,7 +83,7 @@ class MeshServers:
         self.servers: list[grpc.aio.Server] = []
         self._unstarted: dict[str, grpc.aio.Server] = {}
 
-    async def start(self) -> "MeshServers":
+    async def start(self) -> MeshServers:
         try:
             # Every port is bound before any service opens outbound connections: the default
             # ports (50050-50055) lie in Linux's ephemeral range, where an outgoing connection
@@ -113,9 +116,15 @@ class MeshServers:
         """Await callback(*args) when this process's services stop (the last registered first)."""
         self._stack.push_async_callback(callback, *args)
 
-    async def serve(self, service: str, add_servicers: typing.Callable[[grpc.aio.Server], None], *,
-                    reflected: list[str] | None = None, health: HealthServicer | None = None,
-                    serving: list[str] | None = None) -> None:
+    async def serve(
+        self,
+        service: str,
+        add_servicers: typing.Callable[[grpc.aio.Server], None],
+        *,
+        reflected: list[str] | None = None,
+        health: HealthServicer | None = None,
+        serving: list[str] | None = None,
+    ) -> None:
         """Start one service's server: its servicers, grpc.health.v1, reflection, the port.
 
         `reflected`: the services reflection describes (default: this one). `serving`: health

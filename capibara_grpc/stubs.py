@@ -32,7 +32,19 @@ MESH_SERVICE = "capibara.gateway.v1.MeshService"
 PROTO_MODULES = tuple(importlib.import_module(s.proto) for s in SERVICES)
 
 __all__ = [
-    "consensus_pb2", "consensus_pb2_grpc", "context_pb2", "context_pb2_grpc", "gateway_pb2",
-    "gateway_pb2_grpc", "inference_pb2", "inference_pb2_grpc", "router_pb2", "router_pb2_grpc",
-    "speech_pb2", "speech_pb2_grpc", "SERVICE_FULL_NAMES", "MESH_SERVICE", "PROTO_MODULES",
+    "consensus_pb2",
+    "consensus_pb2_grpc",
+    "context_pb2",
+    "context_pb2_grpc",
+    "gateway_pb2",
+    "gateway_pb2_grpc",
+    "inference_pb2",
+    "inference_pb2_grpc",
+    "router_pb2",
+    "router_pb2_grpc",
+    "speech_pb2",
+    "speech_pb2_grpc",
+    "SERVICE_FULL_NAMES",
+    "MESH_SERVICE",
+    "PROTO_MODULES",
 ]

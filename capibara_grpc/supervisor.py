@@ -32,7 +32,7 @@ class Decision:
 
 def backoff_delays(policy: SupervisionConfig, count: int) -> list[float]:
     """The first `count` restart delays of a process that keeps dying."""
-    return [min(policy.backoff_initial_s * 2 ** n, policy.backoff_max_s) for n in range(count)]
+    return [min(policy.backoff_initial_s * 2**n, policy.backoff_max_s) for n in range(count)]
 
 
 def restarts_exit(policy: SupervisionConfig, returncode: int) -> bool:
@@ -63,14 +63,21 @@ class RestartTracker:
         else:
             self.quick_failures += 1
         if not restarts_exit(policy, returncode):
-            why = ("supervision.restart: no" if policy.restart == "no"
-                   else "it exited cleanly, and supervision.restart is on-failure")
+            why = (
+                "supervision.restart: no"
+                if policy.restart == "no"
+                else "it exited cleanly, and supervision.restart is on-failure"
+            )
             return Decision(LEAVE, quick_failures=self.quick_failures, reason=why)
         if policy.give_up_after and self.quick_failures >= policy.give_up_after:
             self.given_up = True
-            return Decision(GIVE_UP, attempt=self.attempt, quick_failures=self.quick_failures,
-                            reason=f"{self.quick_failures} starts in a row each died within "
-                                   f"{policy.stable_after_s:g} s of starting")
+            return Decision(
+                GIVE_UP,
+                attempt=self.attempt,
+                quick_failures=self.quick_failures,
+                reason=f"{self.quick_failures} starts in a row each died within "
+                f"{policy.stable_after_s:g} s of starting",
+            )
         self.attempt += 1
         delay = backoff_delays(policy, self.attempt)[-1]
         return Decision(RESTART, delay_s=delay, attempt=self.attempt, quick_failures=self.quick_failures)

@@ -37,9 +37,13 @@ def _with_request_id(client_call_details: grpc.aio.ClientCallDetails) -> grpc.ai
         return client_call_details
     metadata = [(k, v) for k, v in (client_call_details.metadata or ()) if k != REQUEST_ID]
     metadata.append((REQUEST_ID, request_id))
-    return grpc.aio.ClientCallDetails(client_call_details.method, client_call_details.timeout,
-                                      grpc.aio.Metadata(*metadata), client_call_details.credentials,
-                                      client_call_details.wait_for_ready)
+    return grpc.aio.ClientCallDetails(
+        client_call_details.method,
+        client_call_details.timeout,
+        grpc.aio.Metadata(*metadata),
+        client_call_details.credentials,
+        client_call_details.wait_for_ready,
+    )
 
 
 class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
@@ -105,8 +109,9 @@ def wants_json(stream: typing.TextIO) -> bool:
     return not (isatty and isatty())
 
 
-def configure_logging(json_lines: bool | None = None, *, stream: typing.TextIO | None = None,
-                      log_file: pathlib.Path | None = None) -> None:
+def configure_logging(
+    json_lines: bool | None = None, *, stream: typing.TextIO | None = None, log_file: pathlib.Path | None = None
+) -> None:
     """Log INFO and up to `stream` (stderr) as JSON lines or, for a person at a terminal, text
     lines (`json_lines` None: decided by wants_json). With `log_file`, also JSON lines there
     (appended): what a terminal shows as text stays machine-readable in the file."""

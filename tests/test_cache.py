@@ -11,10 +11,10 @@ import urllib.request
 
 import grpc
 import pytest
+from capibara_gateway.cache import MemoryStore, ResponseCache, encoder_for
 
 from capibara_grpc.chat_types import Finished, Message, SamplingParams
 from capibara_grpc.config import CacheConfig
-from capibara_gateway.cache import MemoryStore, ResponseCache, encoder_for
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
 from tests.support.mesh import launched_model, mesh_config, serve_replica, start_mesh, stop_mesh
 from tests.support.sse import read_events
@@ -53,10 +53,13 @@ async def test_exact_hit_replays_the_same_tokens(encode):
     assert hit.tokens == ["Un roe", "dor grande."] and hit.finished.cache_hit == "exact"
 
 
-@pytest.mark.parametrize("first, second", [
-    ("hola, ¿qué tal estás?", "Hola, ¿qué tal estás hoy?"),
-    ("What is the capital of France?", "what's the capital of France"),
-])
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        ("hola, ¿qué tal estás?", "Hola, ¿qué tal estás hoy?"),
+        ("What is the capital of France?", "what's the capital of France"),
+    ],
+)
 async def test_a_differently_worded_question_hits_semantically_on_a_safe_route(encode, first, second):
     cache = memory_cache(encode)
     await answer(cache, first, route="quick_facts")
@@ -64,13 +67,16 @@ async def test_a_differently_worded_question_hits_semantically_on_a_safe_route(e
     assert hit is not None and hit.finished.cache_hit == "semantic"
 
 
-@pytest.mark.parametrize("first, second, route", [
-    ("1+1", "21+1", "math"),
-    ("¿Cuánto es 1+1?", "¿Cuánto es 21+1?", "quick_facts"),            # digits: never by meaning
-    ("write print(1) in python", "write print(2) in python", "conversation"),  # code
-    ("translate 'good morning'", "translate 'good night'", "conversation"),   # quoted text
-    ("What is the capital of France?", "What is the capital of Spain?", "quick_facts"),  # different meaning
-])
+@pytest.mark.parametrize(
+    "first, second, route",
+    [
+        ("1+1", "21+1", "math"),
+        ("¿Cuánto es 1+1?", "¿Cuánto es 21+1?", "quick_facts"),  # digits: never by meaning
+        ("write print(1) in python", "write print(2) in python", "conversation"),  # code
+        ("translate 'good morning'", "translate 'good night'", "conversation"),  # quoted text
+        ("What is the capital of France?", "What is the capital of Spain?", "quick_facts"),  # different meaning
+    ],
+)
 async def test_near_duplicates_that_must_miss(encode, first, second, route):
     cache = memory_cache(encode, semantic_routes={"conversation": 0.9, "quick_facts": 0.9})
     await answer(cache, first, route=route)
@@ -83,10 +89,19 @@ async def test_the_context_model_and_parameters_are_part_of_the_key(encode):
     await answer(cache, "hola", history=[Message("user", "me llamo Ana"), Message("assistant", "Hola Ana")])
     assert (await ask(cache, "hola"))[0] is None  # another conversation
     assert (await ask(cache, "hola", history=[Message("user", "me llamo Ana"), Message("assistant", "Hola Ana")]))[0]
-    assert (await ask(cache, "hola", model="mixtral",
-                      history=[Message("user", "me llamo Ana"), Message("assistant", "Hola Ana")]))[0] is None
-    assert (await ask(cache, "hola", params=SamplingParams(temperature=0.0, max_tokens=17),
-                      history=[Message("user", "me llamo Ana"), Message("assistant", "Hola Ana")]))[0] is None
+    assert (
+        await ask(
+            cache, "hola", model="mixtral", history=[Message("user", "me llamo Ana"), Message("assistant", "Hola Ana")]
+        )
+    )[0] is None
+    assert (
+        await ask(
+            cache,
+            "hola",
+            params=SamplingParams(temperature=0.0, max_tokens=17),
+            history=[Message("user", "me llamo Ana"), Message("assistant", "Hola Ana")],
+        )
+    )[0] is None
 
 
 async def test_entries_expire_and_the_store_is_bounded(encode):
@@ -116,8 +131,13 @@ def cached_mesh(tmp_path_factory, redis_url):
     directory = tmp_path_factory.mktemp("cached")
     models = {"gpt-oss-20b": launched_model(19080), "phi": launched_model(19081), "mixtral": launched_model(19082)}
     config = mesh_config(directory / "state", 19000, models)
-    config["cache"] = {"enabled": True, "backend": "redis", "redis_url": redis_url, "ttl_s": 600,
-                       "semantic_routes": {"conversation": 0.9, "quick_facts": 0.9}}
+    config["cache"] = {
+        "enabled": True,
+        "backend": "redis",
+        "redis_url": redis_url,
+        "ttl_s": 600,
+        "semantic_routes": {"conversation": 0.9, "quick_facts": 0.9},
+    }
     mesh = start_mesh(directory, config, split=True)
     # A second gateway replica, its own process and port, sharing the Redis cache.
     second = dict(json.loads(json.dumps(config)))
@@ -154,9 +174,13 @@ async def test_a_hit_replays_as_a_normal_stream_over_rest(cached_mesh):
 
 
 async def test_a_hit_replays_over_grpc_from_another_gateway_replica(cached_mesh):
-    request = gateway_pb2.ChatRequest(message="Name three rivers of Spain.", model="mixtral", max_tokens=12, temperature=0)
-    async with grpc.aio.insecure_channel(cached_mesh.service_address("gateway")) as first, \
-            grpc.aio.insecure_channel("127.0.0.1:19060") as second:
+    request = gateway_pb2.ChatRequest(
+        message="Name three rivers of Spain.", model="mixtral", max_tokens=12, temperature=0
+    )
+    async with (
+        grpc.aio.insecure_channel(cached_mesh.service_address("gateway")) as first,
+        grpc.aio.insecure_channel("127.0.0.1:19060") as second,
+    ):
         live = [e async for e in gateway_pb2_grpc.ChatServiceStub(first).Chat(request, timeout=60)]
         replayed = [e async for e in gateway_pb2_grpc.ChatServiceStub(second).Chat(request, timeout=60)]
     assert live[-1].done.cache_hit == "" and replayed[-1].done.cache_hit == "exact"
@@ -187,8 +211,13 @@ async def test_sampled_answers_bypass_the_cache(cached_mesh):
 
 
 async def test_an_unfinished_answer_is_not_stored(cached_mesh):
-    body = {"message": "Count from 1 to 1000, separated by commas.", "model": "phi", "max_tokens": 400,
-            "temperature": 0, "repeat_penalty": 1.0}
+    body = {
+        "message": "Count from 1 to 1000, separated by commas.",
+        "model": "phi",
+        "max_tokens": 400,
+        "temperature": 0,
+        "repeat_penalty": 1.0,
+    }
     status, events, _ = await read_events(cached_mesh, "/api/chat/stream", body, stop_after=3)
     assert status == 200 and "done" not in events[-1][1]
     await asyncio.sleep(0.5)
@@ -209,12 +238,16 @@ def test_cache_metrics_count_hits_and_misses(cached_mesh):
 async def test_a_follow_up_through_the_other_gateway_keeps_the_conversations_route(cached_mesh):
     """The router's follow-up rule reads the conversation from the shared memory, not from the
     gateway that happened to take the first turn."""
-    first = gateway_pb2.ChatRequest(message="Write a short poem about the sea.", conversation_id="replicas-follow-up",
-                                    max_tokens=8, temperature=0)
-    follow_up = gateway_pb2.ChatRequest(message="another one please", conversation_id="replicas-follow-up",
-                                        max_tokens=8, temperature=0)
-    async with grpc.aio.insecure_channel(cached_mesh.service_address("gateway")) as one, \
-            grpc.aio.insecure_channel("127.0.0.1:19060") as other:
+    first = gateway_pb2.ChatRequest(
+        message="Write a short poem about the sea.", conversation_id="replicas-follow-up", max_tokens=8, temperature=0
+    )
+    follow_up = gateway_pb2.ChatRequest(
+        message="another one please", conversation_id="replicas-follow-up", max_tokens=8, temperature=0
+    )
+    async with (
+        grpc.aio.insecure_channel(cached_mesh.service_address("gateway")) as one,
+        grpc.aio.insecure_channel("127.0.0.1:19060") as other,
+    ):
         opened = [e async for e in gateway_pb2_grpc.ChatServiceStub(one).Chat(first, timeout=60)]
         continued = [e async for e in gateway_pb2_grpc.ChatServiceStub(other).Chat(follow_up, timeout=60)]
     assert opened[0].routing.route_name == "creative_writing"

@@ -10,12 +10,18 @@ BIN = pathlib.Path(sys.executable).parent
 
 
 def capibara(mesh, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "capibara"), "--config", str(mesh.config_path), *args],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [str(BIN / "capibara"), "--config", str(mesh.config_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_chat_streams_an_answer_in_the_terminal(mesh):
-    result = capibara(mesh, "chat", "¿Qué es un capibara?", "--model", "phi", "--max-tokens", "10", "--temperature", "0")
+    result = capibara(
+        mesh, "chat", "¿Qué es un capibara?", "--model", "phi", "--max-tokens", "10", "--temperature", "0"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert "[phi" in result.stderr and "10 tokens" in result.stderr
@@ -31,8 +37,9 @@ def test_generated_envoy_config_passes_envoy_validation(mesh):
     result = capibara(mesh, "envoy-config")
     assert result.returncode == 0, result.stderr
     envoy_yaml = pathlib.Path(result.stdout.strip())
-    validated = subprocess.run([str(BIN / "envoy"), "--mode", "validate", "-c", str(envoy_yaml)],
-                               capture_output=True, text=True, timeout=60)
+    validated = subprocess.run(
+        [str(BIN / "envoy"), "--mode", "validate", "-c", str(envoy_yaml)], capture_output=True, text=True, timeout=60
+    )
     assert validated.returncode == 0, validated.stderr
 
 
@@ -60,10 +67,18 @@ def test_routes_lists_every_rest_path_of_the_contract(mesh):
     result = capibara(mesh, "envoy-config", "--routes")
     routes = {tuple(line.split()[:2]) for line in result.stdout.splitlines()}
     assert {
-        ("POST", "/api/chat"), ("POST", "/api/chat/stream"), ("POST", "/api/router/test"),
-        ("GET", "/api/router/routes"), ("GET", "/api/models"), ("POST", "/api/context/enrich"),
-        ("POST", "/api/toon/encode"), ("POST", "/api/toon/decode"), ("POST", "/api/consensus"),
-        ("POST", "/api/consensus/stream"), ("POST", "/api/tts/speak"), ("GET", "/api/tts/voices"),
+        ("POST", "/api/chat"),
+        ("POST", "/api/chat/stream"),
+        ("POST", "/api/router/test"),
+        ("GET", "/api/router/routes"),
+        ("GET", "/api/models"),
+        ("POST", "/api/context/enrich"),
+        ("POST", "/api/toon/encode"),
+        ("POST", "/api/toon/decode"),
+        ("POST", "/api/consensus"),
+        ("POST", "/api/consensus/stream"),
+        ("POST", "/api/tts/speak"),
+        ("GET", "/api/tts/voices"),
         ("GET", "/health"),
     } <= routes
 
@@ -77,17 +92,29 @@ def test_serve_runs_a_single_service_as_its_own_process(mesh, tmp_path):
     config["edge"] = {"port": 27001, "admin_port": 27901, "mesh_port": 27002, "listen_address": "127.0.0.1"}
     path = tmp_path / "capibara.yaml"
     path.write_text(yaml.safe_dump(config))
-    process = subprocess.Popen([str(BIN / "capibara"), "--config", str(path), "serve", "inference"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [str(BIN / "capibara"), "--config", str(path), "serve", "inference"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         for _ in range(50):
             line = process.stdout.readline()
             if "serving inference" in line or not line:
                 break
         assert "serving inference" in line
-        out = subprocess.run([str(BIN / "grpcurl"), "-plaintext", "127.0.0.1:27053",
-                              "capibara.inference.v1.InferenceService/ListModels"],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [
+                str(BIN / "grpcurl"),
+                "-plaintext",
+                "127.0.0.1:27053",
+                "capibara.inference.v1.InferenceService/ListModels",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert out.returncode == 0, out.stderr
         assert '"healthy": true' in out.stdout and "gpt-oss-20b" in out.stdout
     finally:
@@ -136,8 +163,13 @@ def test_a_terminal_shows_readable_log_lines(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "CAPIBARA_LOG_FORMAT"}
     leader, follower = pty.openpty()
-    process = subprocess.Popen([str(BIN / "capibara"), "serve", "context", "--config", str(_context_only_config(tmp_path))],
-                               stdin=follower, stdout=follower, stderr=follower, env=env)
+    process = subprocess.Popen(
+        [str(BIN / "capibara"), "serve", "context", "--config", str(_context_only_config(tmp_path))],
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env=env,
+    )
     os.close(follower)
 
     def read() -> str:
@@ -154,8 +186,11 @@ def test_a_terminal_shows_readable_log_lines(tmp_path):
         process.wait(10)
         os.close(leader)
     assert "serving context" in output, output
-    assert re.search(r"^\d\d:\d\d:\d\d\.\d{3} INFO +capibara_grpc\.server: context service on 127\.0\.0\.1:\d+\r?$",
-                     output, re.MULTILINE), output
+    assert re.search(
+        r"^\d\d:\d\d:\d\d\.\d{3} INFO +capibara_grpc\.server: context service on 127\.0\.0\.1:\d+\r?$",
+        output,
+        re.MULTILINE,
+    ), output
     assert not any(line.startswith("{") for line in output.splitlines())
 
 
@@ -164,12 +199,19 @@ def test_a_pipe_gets_json_log_lines(tmp_path):
     import os
 
     env = {k: v for k, v in os.environ.items() if k != "CAPIBARA_LOG_FORMAT"}
-    process = subprocess.Popen([str(BIN / "capibara"), "--config", str(_context_only_config(tmp_path)), "serve", "context"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    process = subprocess.Popen(
+        [str(BIN / "capibara"), "--config", str(_context_only_config(tmp_path)), "serve", "context"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     try:
         output = _read_until(process.stdout.readline, "serving context")
     finally:
         process.terminate()
         process.wait(10)
     entries = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
-    assert any(e["logger"] == "capibara_grpc.server" and e["message"].startswith("context service on") for e in entries), output
+    assert any(
+        e["logger"] == "capibara_grpc.server" and e["message"].startswith("context service on") for e in entries
+    ), output

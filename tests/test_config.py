@@ -28,9 +28,15 @@ def test_the_shipped_default_config_is_valid():
     assert config.services.address("gateway") == "127.0.0.1:50050"
     assert config.edge.listen_address == "0.0.0.0" and config.edge.admin_address == "127.0.0.1"
     # The original deployment's sampling defaults.
-    defaults = {m: (c.defaults.max_tokens, c.defaults.temperature, c.defaults.top_p, c.defaults.repeat_penalty)
-                for m, c in config.models.items()}
-    assert defaults == {"gpt-oss-20b": (200, 0.7, 0.9, 1.2), "phi": (80, 0.5, 0.85, 1.2), "mixtral": (250, 0.7, 0.95, 1.1)}
+    defaults = {
+        m: (c.defaults.max_tokens, c.defaults.temperature, c.defaults.top_p, c.defaults.repeat_penalty)
+        for m, c in config.models.items()
+    }
+    assert defaults == {
+        "gpt-oss-20b": (200, 0.7, 0.9, 1.2),
+        "phi": (80, 0.5, 0.85, 1.2),
+        "mixtral": (250, 0.7, 0.95, 1.1),
+    }
 
 
 def test_the_shipped_file_states_every_default_of_the_schema():
@@ -45,9 +51,17 @@ def test_the_shipped_file_states_every_default_of_the_schema():
         if not isinstance(expected, dict) or not expected:
             return [] if expected == stated else [f"{path.rstrip('.')}: {stated!r} is not the default {expected!r}"]
         optional = {"replicas", "metrics_port"} if path.startswith("services.") else set()
-        return [problem for key, value in expected.items()
-                for problem in ([f"{path}{key} is not in the file"] if key not in stated and key not in optional
-                                else missing(value, stated[key], f"{path}{key}.") if key in stated else [])]
+        return [
+            problem
+            for key, value in expected.items()
+            for problem in (
+                [f"{path}{key} is not in the file"]
+                if key not in stated and key not in optional
+                else missing(value, stated[key], f"{path}{key}.")
+                if key in stated
+                else []
+            )
+        ]
 
     stated = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
     defaults = as_data(MeshConfig())
@@ -65,28 +79,55 @@ def test_a_good_config_loads_into_typed_objects():
 @pytest.mark.parametrize(
     "text, message",
     [
-        (GOOD.replace("default_model: phi", "default_model: gpt5"),
-         "mesh.yaml:6: gateway.default_model 'gpt5' is not a model defined under 'models' (defined: phi)"),
+        (
+            GOOD.replace("default_model: phi", "default_model: gpt5"),
+            "mesh.yaml:6: gateway.default_model 'gpt5' is not a model defined under 'models' (defined: phi)",
+        ),
         (GOOD.replace("protocol: llama_cpp", "protocol: grpc"), "mesh.yaml:3: models.phi.backend.protocol 'grpc'"),
-        (GOOD.replace("model_path: smollm2", "model_path: /nowhere/model.gguf"),
-         "mesh.yaml:4: models.phi.launch.model_path: model file '/nowhere/model.gguf' not found"),
-        (GOOD + "services:\n  router: {port: 50050}\n", "mesh.yaml:10: services.router.port uses port 50050, already used by services.gateway.port"),
-        (GOOD + "services:\n  gatway: {port: 50150}\n",
-         "mesh.yaml:10: unknown key 'gatway' in services (known: consensus, context, gateway, host, inference, router, speech, via_envoy)"),
-        (GOOD + "services:\n  router: {port: many}\n", "mesh.yaml:10: services.router.port must be an integer, got 'many'"),
-        (GOOD + "services:\n  router: {replicas: [nowhere]}\n", "mesh.yaml:10: services.router.replicas: 'nowhere' is not host:port"),
-        (GOOD + "edge:\n  port: 8081\n", "models.phi (launched llama-server) uses port 8081, already used by edge.port"),
+        (
+            GOOD.replace("model_path: smollm2", "model_path: /nowhere/model.gguf"),
+            "mesh.yaml:4: models.phi.launch.model_path: model file '/nowhere/model.gguf' not found",
+        ),
+        (
+            GOOD + "services:\n  router: {port: 50050}\n",
+            "mesh.yaml:10: services.router.port uses port 50050, already used by services.gateway.port",
+        ),
+        (
+            GOOD + "services:\n  gatway: {port: 50150}\n",
+            "mesh.yaml:10: unknown key 'gatway' in services (known: consensus, context, gateway, host, inference, router, speech, via_envoy)",
+        ),
+        (
+            GOOD + "services:\n  router: {port: many}\n",
+            "mesh.yaml:10: services.router.port must be an integer, got 'many'",
+        ),
+        (
+            GOOD + "services:\n  router: {replicas: [nowhere]}\n",
+            "mesh.yaml:10: services.router.replicas: 'nowhere' is not host:port",
+        ),
+        (
+            GOOD + "edge:\n  port: 8081\n",
+            "models.phi (launched llama-server) uses port 8081, already used by edge.port",
+        ),
         (GOOD + "gatway:\n  x: 1\n", "mesh.yaml:9: unknown key 'gatway' in the top level"),
         (GOOD + "edge:\n  port: many\n", "mesh.yaml:10: edge.port must be an integer, got 'many'"),
         (GOOD.replace('url: "http://127.0.0.1:8081"', 'url: "127.0.0.1:8081"'), "backend.url must be an http(s) URL"),
         (GOOD + "speech:\n  engine: festival\n", "mesh.yaml:10: speech.engine 'festival' must be one of espeak, coqui"),
-        (GOOD + "speech:\n  engine: coqui\n", "mesh.yaml:10: speech.engine is coqui but speech.coqui names no model_name or model_path"),
-        (GOOD + "speech:\n  coqui:\n    model_path: /nowhere/model.pth\n    config_path: /nowhere/config.json\n",
-         "mesh.yaml:11: speech.coqui.model_path: file '/nowhere/model.pth' not found"),
-        (GOOD + "speech:\n  espeak: {binary: no-such-espeak}\n",
-         "speech.engine is espeak but 'no-such-espeak' is not installed"),
-        (GOOD.replace("launch: {model_path: smollm2}", "launch: {model_path: smollm2}\n    fallbacks: [gpt5]"),
-         "mesh.yaml:5: models.phi.fallbacks: 'gpt5' is not another model defined under 'models' (defined: phi)"),
+        (
+            GOOD + "speech:\n  engine: coqui\n",
+            "mesh.yaml:10: speech.engine is coqui but speech.coqui names no model_name or model_path",
+        ),
+        (
+            GOOD + "speech:\n  coqui:\n    model_path: /nowhere/model.pth\n    config_path: /nowhere/config.json\n",
+            "mesh.yaml:11: speech.coqui.model_path: file '/nowhere/model.pth' not found",
+        ),
+        (
+            GOOD + "speech:\n  espeak: {binary: no-such-espeak}\n",
+            "speech.engine is espeak but 'no-such-espeak' is not installed",
+        ),
+        (
+            GOOD.replace("launch: {model_path: smollm2}", "launch: {model_path: smollm2}\n    fallbacks: [gpt5]"),
+            "mesh.yaml:5: models.phi.fallbacks: 'gpt5' is not another model defined under 'models' (defined: phi)",
+        ),
         (GOOD + "edge:\n  cors_origins: ['*']\n", "mesh.yaml:10: edge.cors_origins: '*' is not an origin"),
         (GOOD + "edge:\n  rate_limit: {chat: -1}\n", "edge.rate_limit.chat must be 0 (no limit) or a positive number"),
         ("models: {}\n", "no models defined"),
@@ -100,8 +141,9 @@ def test_bad_config_names_the_line_to_fix(text, message):
 
 
 def test_a_service_section_keeps_the_defaults_it_does_not_override():
-    config = parse_config(GOOD + "services:\n  router: {replicas: ['10.0.0.2:50051']}\n  speech: {port: 50155}\n",
-                          source="mesh.yaml")
+    config = parse_config(
+        GOOD + "services:\n  router: {replicas: ['10.0.0.2:50051']}\n  speech: {port: 50155}\n", source="mesh.yaml"
+    )
     assert config.services.router.port == 50051 and config.services.router.replicas == ["10.0.0.2:50051"]
     assert config.services.endpoint("speech").port == 50155 and config.services.address("gateway") == "127.0.0.1:50050"
     assert list(config.services.endpoints) == ["gateway", "router", "context", "inference", "consensus", "speech"]
@@ -158,7 +200,10 @@ routes:
     [
         (ROUTES, "routes.yaml:9: routes.code.model 'gpt-oss-20b' is not a model of the mesh (defined: phi)"),
         (ROUTES.replace("model: phi\n  examples", "model: gpt4\n  examples"), "routes.yaml:2: default.model 'gpt4'"),
-        (ROUTES.replace('examples: ["hola", "hello", "buenos dias"]', 'examples: ["hola"]'), "routes.chat needs at least 3 examples"),
+        (
+            ROUTES.replace('examples: ["hola", "hello", "buenos dias"]', 'examples: ["hola"]'),
+            "routes.chat needs at least 3 examples",
+        ),
         (ROUTES.replace("routes:", "rutas:"), "routes.yaml:4: unknown key 'rutas'"),
     ],
 )
@@ -176,7 +221,12 @@ def test_the_shipped_routes_cover_seven_routes_and_the_default():
 
     routes = load_routes(load_config())
     assert {n: r.model for n, r in routes.routes.items()} == {
-        "programming": "gpt-oss-20b", "creative_writing": "mixtral", "quick_facts": "phi", "analysis": "gpt-oss-20b",
-        "conversation": "phi", "math": "gpt-oss-20b", "translation": "mixtral",
+        "programming": "gpt-oss-20b",
+        "creative_writing": "mixtral",
+        "quick_facts": "phi",
+        "analysis": "gpt-oss-20b",
+        "conversation": "phi",
+        "math": "gpt-oss-20b",
+        "translation": "mixtral",
     }
     assert routes.default.model == "gpt-oss-20b"

@@ -18,8 +18,11 @@ GREEDY = {"max_tokens": 16, "temperature": 0, "repeat_penalty": 1.1}
 
 
 def decide(mesh, **body):
-    return mesh.request("POST", "/api/consensus", {"prompt": "What is the capital of France?", "models": MODELS,
-                                                   "params": GREEDY, **body})
+    return mesh.request(
+        "POST",
+        "/api/consensus",
+        {"prompt": "What is the capital of France?", "models": MODELS, "params": GREEDY, **body},
+    )
 
 
 @pytest.mark.parametrize("strategy", ["STRATEGY_VOTE", "STRATEGY_WEIGHTED"])
@@ -36,8 +39,12 @@ def test_identical_answers_agree_fully(mesh, strategy):
 
 def test_vote_groups_different_answers_and_reports_the_share(mesh):
     # Different sampling per model makes different answers; agreement is a share of 3.
-    status, body, _ = decide(mesh, strategy="STRATEGY_VOTE", prompt="Invent a name for a cat.",
-                             params={"max_tokens": 12, "temperature": 1.5, "seed": 7})
+    status, body, _ = decide(
+        mesh,
+        strategy="STRATEGY_VOTE",
+        prompt="Invent a name for a cat.",
+        params={"max_tokens": 12, "temperature": 1.5, "seed": 7},
+    )
     assert status == 200, body
     agreement = body["final"]["agreement"]
     assert any(abs(agreement - k / 3) < 1e-6 for k in (1, 2, 3))
@@ -56,8 +63,11 @@ def test_judge_picks_a_candidate_or_falls_back_to_vote_and_says_so(mesh):
 
 
 async def test_fuse_streams_the_combined_answer(mesh):
-    status, events, content_type = await read_events(mesh, "/api/consensus/stream", {
-        "prompt": "Name two rivers of Europe.", "models": MODELS, "strategy": "STRATEGY_FUSE", "params": GREEDY})
+    status, events, content_type = await read_events(
+        mesh,
+        "/api/consensus/stream",
+        {"prompt": "Name two rivers of Europe.", "models": MODELS, "strategy": "STRATEGY_FUSE", "params": GREEDY},
+    )
     assert status == 200 and content_type == "text/event-stream"
     kinds = [next(iter(e)) for _, e in events]
     assert kinds[:3] == ["started"] * 3
@@ -70,9 +80,17 @@ async def test_fuse_streams_the_combined_answer(mesh):
 
 
 def test_self_consistency_takes_the_majority_final_answer(mesh):
-    status, body, _ = mesh.request("POST", "/api/consensus", {
-        "prompt": "What is 6 times 7? Answer with the number only.", "models": ["phi"],
-        "strategy": "STRATEGY_SELF_CONSISTENCY", "samples": 4, "params": {"max_tokens": 8, "temperature": 0.9}})
+    status, body, _ = mesh.request(
+        "POST",
+        "/api/consensus",
+        {
+            "prompt": "What is 6 times 7? Answer with the number only.",
+            "models": ["phi"],
+            "strategy": "STRATEGY_SELF_CONSISTENCY",
+            "samples": 4,
+            "params": {"max_tokens": 8, "temperature": 0.9},
+        },
+    )
     assert status == 200, body
     candidates = body["candidates"]
     assert len(candidates) == 4 and {c["model_id"] for c in candidates} == {f"phi#{i}" for i in range(1, 5)}
@@ -87,13 +105,20 @@ def test_final_answers_compare_numbers_as_numbers():
     assert final_answer_key("París") == final_answer_key("paris!")
 
 
-@pytest.mark.parametrize("body, status, words", [
-    ({"prompt": " "}, 400, "prompt must not be empty"),
-    ({"prompt": "hola", "models": ["gpt-5"]}, 404, "unknown model 'gpt-5'"),
-    ({"prompt": "hola", "models": ["phi", "mixtral"], "quorum": 3}, 400, "quorum 3 is larger"),
-    ({"prompt": "hola", "models": ["phi"], "strategy": "STRATEGY_SELF_CONSISTENCY", "samples": 1}, 400, "between 2 and"),
-    ({"prompt": "hola", "strategy": "STRATEGY_MAGIC"}, 400, "STRATEGY_MAGIC"),
-])
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        ({"prompt": " "}, 400, "prompt must not be empty"),
+        ({"prompt": "hola", "models": ["gpt-5"]}, 404, "unknown model 'gpt-5'"),
+        ({"prompt": "hola", "models": ["phi", "mixtral"], "quorum": 3}, 400, "quorum 3 is larger"),
+        (
+            {"prompt": "hola", "models": ["phi"], "strategy": "STRATEGY_SELF_CONSISTENCY", "samples": 1},
+            400,
+            "between 2 and",
+        ),
+        ({"prompt": "hola", "strategy": "STRATEGY_MAGIC"}, 400, "STRATEGY_MAGIC"),
+    ],
+)
 def test_bad_consensus_input(mesh, body, status, words):
     got, error, _ = mesh.request("POST", "/api/consensus", body)
     assert got == status, error
@@ -104,8 +129,11 @@ async def test_cancelling_a_consensus_stops_every_candidate(mesh):
     urls = [mesh.backend_url(m) for m in MODELS]
     for url in urls:
         await wait_until_idle(url)
-    request = consensus_pb2.CombineRequest(prompt=LONG["message"], models=MODELS,
-                                           params=inference_pb2.GenerationParams(max_tokens=1500, temperature=0, repeat_penalty=1.0))
+    request = consensus_pb2.CombineRequest(
+        prompt=LONG["message"],
+        models=MODELS,
+        params=inference_pb2.GenerationParams(max_tokens=1500, temperature=0, repeat_penalty=1.0),
+    )
     async with edge_channel(mesh) as channel:
         call = consensus_pb2_grpc.ConsensusServiceStub(channel).Combine(request, timeout=120)
         started = 0
@@ -120,8 +148,11 @@ async def test_cancelling_a_consensus_stops_every_candidate(mesh):
 
 
 def test_chat_with_consensus_true(mesh):
-    status, body, _ = mesh.request("POST", "/api/chat", {"message": "What is the capital of Italy?", "consensus": True,
-                                                         "max_tokens": 12, "temperature": 0})
+    status, body, _ = mesh.request(
+        "POST",
+        "/api/chat",
+        {"message": "What is the capital of Italy?", "consensus": True, "max_tokens": 12, "temperature": 0},
+    )
     assert status == 200, body
     assert body["routing"]["source"] == "consensus" and body["routing"]["route_name"] == "consensus"
     assert body["response"] and body["model_id"] in MODELS

@@ -19,43 +19,80 @@ from tests.support.channels import edge_channel
 BIN = pathlib.Path(sys.executable).parent
 
 
-@pytest.mark.parametrize("message, needed", [
-    ("qué día es hoy", True), ("que fecha es hoy?", True), ("¿qué hora es?", True),
-    ("how many days until Christmas", True), ("what day is it today", True), ("cuántos días faltan para navidad", True),
-    ("en qué año estamos", True),
-    ("qué es Python", False), ("escribe un poema sobre el día", False), ("What is a date palm?", False),
-    ("cuéntame la historia de Roma", False), ("my birthday is on 1990-05-01", False),
-])
+@pytest.mark.parametrize(
+    "message, needed",
+    [
+        ("qué día es hoy", True),
+        ("que fecha es hoy?", True),
+        ("¿qué hora es?", True),
+        ("how many days until Christmas", True),
+        ("what day is it today", True),
+        ("cuántos días faltan para navidad", True),
+        ("en qué año estamos", True),
+        ("qué es Python", False),
+        ("escribe un poema sobre el día", False),
+        ("What is a date palm?", False),
+        ("cuéntame la historia de Roma", False),
+        ("my birthday is on 1990-05-01", False),
+    ],
+)
 def test_datetime_only_when_the_question_depends_on_it(message, needed):
-    addition = providers.datetime_context(message, "Europe/Madrid", datetime.datetime(2026, 12, 20, 9, 30, tzinfo=datetime.timezone.utc))
+    addition = providers.datetime_context(
+        message, "Europe/Madrid", datetime.datetime(2026, 12, 20, 9, 30, tzinfo=datetime.UTC)
+    )
     assert (addition is not None) == needed
     if needed:
         assert "2026-12-20 10:30" in addition.content and "Sunday" in addition.content
 
 
-@pytest.mark.parametrize("message, needed", [
-    ("¿quién eres?", True), ("como te llamas", True), ("who made you?", True), ("what are you?", True),
-    ("eres un robot?", True), ("tell me about yourself", True),
-    ("qué es Python", False), ("creo que va a llover", False), ("que es la fotosintesis", False),
-    ("who wrote Hamlet?", False), ("what is your favourite colour of car to recommend", False),
-])
+@pytest.mark.parametrize(
+    "message, needed",
+    [
+        ("¿quién eres?", True),
+        ("como te llamas", True),
+        ("who made you?", True),
+        ("what are you?", True),
+        ("eres un robot?", True),
+        ("tell me about yourself", True),
+        ("qué es Python", False),
+        ("creo que va a llover", False),
+        ("que es la fotosintesis", False),
+        ("who wrote Hamlet?", False),
+        ("what is your favourite colour of car to recommend", False),
+    ],
+)
 def test_identity_only_when_the_user_asks_about_the_assistant(message, needed):
     assert (providers.identity_context(message, "Capibara", "A helpful assistant.") is not None) == needed
 
 
-@pytest.mark.parametrize("message, fact", [
-    ("cuánto es 345 por 27", "= 9315"), ("what is 2^10 + 3?", "= 1027"), ("(3+4)*2", "= 14"),
-    ("calcula 1250 entre 25", "= 50"), ("what's 7 minus 10", "= -3"), ("0,5 + 0,25", "= 0.75"),
-])
+@pytest.mark.parametrize(
+    "message, fact",
+    [
+        ("cuánto es 345 por 27", "= 9315"),
+        ("what is 2^10 + 3?", "= 1027"),
+        ("(3+4)*2", "= 14"),
+        ("calcula 1250 entre 25", "= 50"),
+        ("what's 7 minus 10", "= -3"),
+        ("0,5 + 0,25", "= 0.75"),
+    ],
+)
 def test_arithmetic_is_computed_exactly(message, fact):
     addition = providers.arithmetic_context(message)
     assert addition is not None and fact in addition.content
 
 
-@pytest.mark.parametrize("message", [
-    "tengo 3 gatos y 2 perros", "nací en 1990-05-01", "__import__('os').system('ls')", "2**99999", "1/0",
-    "qué es Python", "9" * 400 + "**9",
-])
+@pytest.mark.parametrize(
+    "message",
+    [
+        "tengo 3 gatos y 2 perros",
+        "nací en 1990-05-01",
+        "__import__('os').system('ls')",
+        "2**99999",
+        "1/0",
+        "qué es Python",
+        "9" * 400 + "**9",
+    ],
+)
 def test_arithmetic_adds_nothing_for_non_arithmetic_or_unsafe_input(message):
     assert providers.arithmetic_context(message) is None
 
@@ -75,7 +112,7 @@ def test_enrich_over_rest_adds_what_the_question_needs(mesh):
     status, body, _ = enrich(mesh, {"message": "¿qué día es hoy?", "model_id": "phi"})
     assert status == 200, body
     (date,) = [a for a in body["added_context"] if a["kind"] == "datetime"]
-    assert datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d") in date["content"]
+    assert datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d") in date["content"]
     assert date["reason"]
     assert body["messages"][0]["role"] == "ROLE_SYSTEM" and date["content"] in body["messages"][0]["content"]
     assert body["messages"][-1] == {"role": "ROLE_USER", "content": "¿qué día es hoy?"}
@@ -86,8 +123,10 @@ def test_enrich_over_rest_adds_what_the_question_needs(mesh):
 
 
 def test_uniform_records_go_in_as_toon_with_fewer_tokens(mesh):
-    rows = [{"id": i, "name": f"user{i}", "role": "admin" if i % 3 == 0 else "member", "active": i % 2 == 0}
-            for i in range(30)]
+    rows = [
+        {"id": i, "name": f"user{i}", "role": "admin" if i % 3 == 0 else "member", "active": i % 2 == 0}
+        for i in range(30)
+    ]
     status, body, _ = enrich(mesh, {"message": "¿Cuántos usuarios activos hay?", "data": {"users": rows}})
     assert status == 200, body
     (data,) = [a for a in body["added_context"] if a["kind"] == "data"]
@@ -99,8 +138,16 @@ def test_uniform_records_go_in_as_toon_with_fewer_tokens(mesh):
 
 
 def test_toon_round_trips_through_rest(mesh):
-    value = {"order": {"id": 17, "items": [{"sku": "A1", "qty": 2, "price": 9.5}, {"sku": "B2", "qty": 1, "price": 20}],
-                       "tags": ["gift", "express"], "note": "llamar antes, por favor", "paid": True, "coupon": None}}
+    value = {
+        "order": {
+            "id": 17,
+            "items": [{"sku": "A1", "qty": 2, "price": 9.5}, {"sku": "B2", "qty": 1, "price": 20}],
+            "tags": ["gift", "express"],
+            "note": "llamar antes, por favor",
+            "paid": True,
+            "coupon": None,
+        }
+    }
     status, encoded, _ = mesh.request("POST", "/api/toon/encode", {"json": value})
     assert status == 200, encoded
     status, decoded, _ = mesh.request("POST", "/api/toon/decode", {"toon": encoded["toon"]})
@@ -108,26 +155,35 @@ def test_toon_round_trips_through_rest(mesh):
     assert decoded["json"] == value
 
 
-@pytest.mark.parametrize("path, body, words", [
-    ("/api/toon/decode", {"toon": "users[2]{id,name}:\n  1,Ana\n  2"}, "line 3"),
-    ("/api/toon/decode", {"toon": ""}, "empty"),
-    ("/api/context/enrich", {"message": "  "}, "empty"),
-    ("/api/context/enrich", {"message": "hola", "model_id": "gpt-5"}, "unknown model"),
-    ("/api/context/enrich", {"message": "resume", "data": {"rows": [{"id": i, "text": "palabra " * 20} for i in range(60)]}},
-     "over the budget"),
-])
+@pytest.mark.parametrize(
+    "path, body, words",
+    [
+        ("/api/toon/decode", {"toon": "users[2]{id,name}:\n  1,Ana\n  2"}, "line 3"),
+        ("/api/toon/decode", {"toon": ""}, "empty"),
+        ("/api/context/enrich", {"message": "  "}, "empty"),
+        ("/api/context/enrich", {"message": "hola", "model_id": "gpt-5"}, "unknown model"),
+        (
+            "/api/context/enrich",
+            {"message": "resume", "data": {"rows": [{"id": i, "text": "palabra " * 20} for i in range(60)]}},
+            "over the budget",
+        ),
+    ],
+)
 def test_bad_context_input_is_400_or_404_with_a_reason(mesh, path, body, words):
     status, error, _ = mesh.request("POST", path, body)
     assert status in (400, 404), error
     assert words in error["message"]
 
 
-@pytest.mark.parametrize("data_text, where, what", [
-    ('{\n    "rows": [1, 2,, 3]\n  }', "line 5, column 19", "unexpected ','"),
-    ("{\n    \"name\": 'Ana'\n  }", "line 5, column 13", "double quotes"),
-    ('{\n    "a": 1,\n  }', "line 6, column 3", "field name in double quotes"),
-    ('{\n    "note": "no closing quote\n  }', "line 5, column 30", "control character"),
-])
+@pytest.mark.parametrize(
+    "data_text, where, what",
+    [
+        ('{\n    "rows": [1, 2,, 3]\n  }', "line 5, column 19", "unexpected ','"),
+        ("{\n    \"name\": 'Ana'\n  }", "line 5, column 13", "double quotes"),
+        ('{\n    "a": 1,\n  }', "line 6, column 3", "field name in double quotes"),
+        ('{\n    "note": "no closing quote\n  }', "line 5, column 30", "control character"),
+    ],
+)
 def test_invalid_json_in_data_names_line_and_column(mesh, data_text, where, what):
     raw = ('{\n  "message": "resume esto",\n  "model_id": "phi",\n  "data": ' + data_text + "\n}").encode()
     status, error, headers = mesh.request("POST", "/api/context/enrich", raw=raw)
@@ -139,8 +195,11 @@ def test_invalid_json_in_data_names_line_and_column(mesh, data_text, where, what
 def test_chat_turns_are_remembered_read_and_erased(mesh):
     conversation = "memory-test-1"
     for message in ("Me llamo Ana y vivo en Quito.", "¿Cómo me llamo?"):
-        status, body, _ = mesh.request("POST", "/api/chat", {"message": message, "conversation_id": conversation,
-                                                             "max_tokens": 8, "temperature": 0})
+        status, body, _ = mesh.request(
+            "POST",
+            "/api/chat",
+            {"message": message, "conversation_id": conversation, "max_tokens": 8, "temperature": 0},
+        )
         assert status == 200, body
     status, body, _ = mesh.request("GET", f"/api/conversations/{conversation}")
     assert status == 200
@@ -169,12 +228,20 @@ async def test_concurrent_writes_to_one_conversation_lose_no_turn(mesh):
     conversation = "concurrent-1"
     async with edge_channel(mesh) as channel:
         stub = context_pb2_grpc.ContextServiceStub(channel)
-        await asyncio.gather(*(
-            stub.AppendTurn(context_pb2.AppendTurnRequest(conversation_id=conversation, role=inference_pb2.ROLE_USER,
-                                                          content=f"turn {i}"), timeout=30)
-            for i in range(100)
-        ))
-        stored = await stub.GetConversation(context_pb2.GetConversationRequest(conversation_id=conversation), timeout=10)
+        await asyncio.gather(
+            *(
+                stub.AppendTurn(
+                    context_pb2.AppendTurnRequest(
+                        conversation_id=conversation, role=inference_pb2.ROLE_USER, content=f"turn {i}"
+                    ),
+                    timeout=30,
+                )
+                for i in range(100)
+            )
+        )
+        stored = await stub.GetConversation(
+            context_pb2.GetConversationRequest(conversation_id=conversation), timeout=10
+        )
     contents = [t.content for t in stored.turns]
     assert sorted(contents) == sorted(f"turn {i}" for i in range(100))  # each exactly once
 
@@ -184,11 +251,17 @@ async def test_history_is_trimmed_to_the_context_window_keeping_the_newest(mesh)
     async with edge_channel(mesh) as channel:
         stub = context_pb2_grpc.ContextServiceStub(channel)
         for i in range(40):  # ~40 x 120 tokens: far more than phi's 2048-token window
-            await stub.AppendTurn(context_pb2.AppendTurnRequest(
-                conversation_id=conversation, role=inference_pb2.ROLE_USER if i % 2 == 0 else inference_pb2.ROLE_ASSISTANT,
-                content=f"turn {i}: " + "the quick brown fox jumps over the lazy dog " * 12), timeout=10)
-        result = await stub.Enrich(context_pb2.EnrichRequest(message="resume", conversation_id=conversation, model_id="phi"),
-                                   timeout=60)
+            await stub.AppendTurn(
+                context_pb2.AppendTurnRequest(
+                    conversation_id=conversation,
+                    role=inference_pb2.ROLE_USER if i % 2 == 0 else inference_pb2.ROLE_ASSISTANT,
+                    content=f"turn {i}: " + "the quick brown fox jumps over the lazy dog " * 12,
+                ),
+                timeout=10,
+            )
+        result = await stub.Enrich(
+            context_pb2.EnrichRequest(message="resume", conversation_id=conversation, model_id="phi"), timeout=60
+        )
     (history,) = [a for a in result.added_context if a.kind == "history"]
     kept = int(history.content.split()[0])
     assert 5 < kept < 40 and "of 40 turns" in history.reason
@@ -209,8 +282,12 @@ def test_history_survives_a_restart_of_the_service(mesh, tmp_path):
     address = f"127.0.0.1:{config['services']['context']['port']}"
 
     def serve():
-        process = subprocess.Popen([str(BIN / "capibara"), "--config", str(path), "serve", "context"],
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(
+            [str(BIN / "capibara"), "--config", str(path), "serve", "context"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for line in process.stdout:
             if "serving context" in line:
                 return process
@@ -223,8 +300,14 @@ def test_history_survives_a_restart_of_the_service(mesh, tmp_path):
     first = serve()
     try:
         for text in ("primera", "segunda"):
-            asyncio.run(call("AppendTurn", context_pb2.AppendTurnRequest(
-                conversation_id="restart-1", role=inference_pb2.ROLE_USER, content=text)))
+            asyncio.run(
+                call(
+                    "AppendTurn",
+                    context_pb2.AppendTurnRequest(
+                        conversation_id="restart-1", role=inference_pb2.ROLE_USER, content=text
+                    ),
+                )
+            )
     finally:
         first.terminate()
         first.wait(10)

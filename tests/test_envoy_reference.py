@@ -23,7 +23,8 @@ def test_what_envoy_loads_and_serves_lives_in_envoy():
 
 def test_the_reference_config_is_current():
     assert reference.REFERENCE.read_text() == reference.render(), (
-        f"envoy/envoy.reference.yaml is stale; regenerate it: {reference.REGENERATE}")
+        f"envoy/envoy.reference.yaml is stale; regenerate it: {reference.REGENERATE}"
+    )
     assert str(REPO) not in reference.REFERENCE.read_text()  # the same on every checkout
 
 
@@ -40,6 +41,11 @@ def test_envoy_accepts_the_reference(tmp_path):
     (tmp_path / ".state" / "envoy" / "capibara.pb").write_bytes(descriptor.descriptor_set().SerializeToString())
     for name in ("envoy", "docs"):
         os.symlink(REPO / name, tmp_path / name)
-    result = subprocess.run([str(VENV_BIN / "envoy"), "--mode", "validate", "-c", str(reference.REFERENCE)],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(VENV_BIN / "envoy"), "--mode", "validate", "-c", str(reference.REFERENCE)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -32,8 +32,9 @@ def faulty_mesh(tmp_path_factory):
     # Backends killed here stay down (they are the faults under test): no supervision restarts,
     # which also shows how `capibara up` reports a death it leaves alone. test_supervision.py
     # covers the restarts.
-    with running_mesh(tmp_path_factory.mktemp("faulty"), 26000, models, router=False,
-                      supervision={"restart": "no"}) as running:
+    with running_mesh(
+        tmp_path_factory.mktemp("faulty"), 26000, models, router=False, supervision={"restart": "no"}
+    ) as running:
         yield running
 
 
@@ -87,8 +88,9 @@ async def stream_killing_backend(mesh, path: str, body: dict, port: int, after_e
 
 
 async def test_backend_dying_mid_stream_ends_with_an_in_band_error(faulty_mesh):
-    events = await stream_killing_backend(faulty_mesh, "/api/chat/stream",
-                                          {"message": "Write a long story.", "model": "fragile"}, 26080, 3)
+    events = await stream_killing_backend(
+        faulty_mesh, "/api/chat/stream", {"message": "Write a long story.", "model": "fragile"}, 26080, 3
+    )
     kinds = [next(iter(e)) for e in events]
     assert kinds[0] == "routing" and "token" in kinds
     assert kinds[-1] == "error" and "done" not in kinds
@@ -100,8 +102,11 @@ async def test_backend_dying_mid_stream_ends_with_an_in_band_error(faulty_mesh):
 
 
 def test_consensus_tolerates_a_down_model_when_the_quorum_is_met(faulty_mesh):
-    status, body, _ = faulty_mesh.request("POST", "/api/consensus", {
-        "prompt": "hola", "models": ["steady", "ghost"], "quorum": 1, "params": {"max_tokens": 5, "temperature": 0}})
+    status, body, _ = faulty_mesh.request(
+        "POST",
+        "/api/consensus",
+        {"prompt": "hola", "models": ["steady", "ghost"], "quorum": 1, "params": {"max_tokens": 5, "temperature": 0}},
+    )
     assert status == 200, body
     assert [c["model_id"] for c in body["candidates"]] == ["steady"]
     assert body["failures"][0]["model_id"] == "ghost" and body["failures"][0]["code"] == "UNAVAILABLE"
@@ -109,23 +114,32 @@ def test_consensus_tolerates_a_down_model_when_the_quorum_is_met(faulty_mesh):
 
 
 async def test_consensus_below_quorum_is_unavailable_naming_the_failed_model(faulty_mesh):
-    status, error, _ = faulty_mesh.request("POST", "/api/consensus", {
-        "prompt": "hola", "models": ["steady", "ghost"], "quorum": 2, "params": {"max_tokens": 5}})
+    status, error, _ = faulty_mesh.request(
+        "POST",
+        "/api/consensus",
+        {"prompt": "hola", "models": ["steady", "ghost"], "quorum": 2, "params": {"max_tokens": 5}},
+    )
     assert status == 503, error
     assert "quorum not met" in error["message"] and "ghost" in error["message"]
-    status, events, _ = await read_events(faulty_mesh, "/api/consensus/stream", {
-        "prompt": "hola", "models": ["steady", "ghost"], "quorum": 2, "params": {"max_tokens": 5}})
+    status, events, _ = await read_events(
+        faulty_mesh,
+        "/api/consensus/stream",
+        {"prompt": "hola", "models": ["steady", "ghost"], "quorum": 2, "params": {"max_tokens": 5}},
+    )
     assert status == 200
     kinds = [next(iter(e)) for _, e in events]
     assert kinds[-1] == "error" and "final" not in kinds
     assert events[-1][1]["error"]["code"] == "UNAVAILABLE" and "ghost" in events[-1][1]["error"]["message"]
 
 
-
 async def test_consensus_survives_a_backend_stopped_mid_call(faulty_mesh):
     """Kill one candidate's llama-server while both generate: quorum 1 still answers."""
-    body = {"prompt": LONG["message"], "models": ["steady", "doomed"], "quorum": 1,
-            "params": {"max_tokens": 300, "temperature": 0, "repeat_penalty": 1.0}}
+    body = {
+        "prompt": LONG["message"],
+        "models": ["steady", "doomed"],
+        "quorum": 1,
+        "params": {"max_tokens": 300, "temperature": 0, "repeat_penalty": 1.0},
+    }
     # After the two "started" events, give both half a second of generating.
     events = await stream_killing_backend(faulty_mesh, "/api/consensus/stream", body, 26082, 2, wait_s=0.5)
     kinds = [next(iter(e)) for e in events]
@@ -152,7 +166,7 @@ async def test_a_down_model_fails_over_before_the_first_token_and_says_so(faulty
 
 async def test_a_restarted_backend_is_used_again_within_10_s(faulty_mesh):
     from capibara_grpc.config import load_config
-    from capibara_grpc.launcher import llama_server_argv
+    from capibara_grpc.launch_commands import llama_server_argv
 
     port = 26082
     if any("llama-server" in p for p in processes_using(f"--port {port}")):
@@ -181,7 +195,9 @@ async def test_a_restarted_backend_is_used_again_within_10_s(faulty_mesh):
                 await asyncio.sleep(0.1)
         up_at = time.monotonic()
         while time.monotonic() - up_at < 10:
-            status, body, _ = faulty_mesh.request("POST", "/api/chat", {"message": "hola", "model": "doomed", "max_tokens": 3})
+            status, body, _ = faulty_mesh.request(
+                "POST", "/api/chat", {"message": "hola", "model": "doomed", "max_tokens": 3}
+            )
             if status == 200:
                 break
             await asyncio.sleep(0.5)
@@ -196,6 +212,7 @@ async def test_a_restarted_backend_is_used_again_within_10_s(faulty_mesh):
 async def test_a_full_queue_is_429_with_retry_after_and_nothing_hangs(faulty_mesh):
     long = {**LONG, "model": "narrow", "max_tokens": 400}
     async with aiohttp.ClientSession() as session:
+
         async def chat(body):
             async with session.post(faulty_mesh.base_url + "/api/chat", json=body, ssl=faulty_mesh.ssl_context()) as r:
                 return r.status, await r.json(content_type=None), r.headers.get("retry-after")
@@ -214,7 +231,8 @@ async def test_a_full_queue_is_429_with_retry_after_and_nothing_hangs(faulty_mes
 
         async with edge_channel(faulty_mesh) as channel:
             call = gateway_pb2_grpc.ChatServiceStub(channel).Chat(
-                gateway_pb2.ChatRequest(message="hola", model="narrow", max_tokens=3), timeout=30)
+                gateway_pb2.ChatRequest(message="hola", model="narrow", max_tokens=3), timeout=30
+            )
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 async for _ in call:
                     pass

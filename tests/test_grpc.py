@@ -21,7 +21,12 @@ GRPCURL = str(pathlib.Path(sys.executable).parent / "grpcurl")
 async def test_chat_streams_over_native_grpc_through_envoy(mesh):
     async with edge_channel(mesh) as channel:
         stub = gateway_pb2_grpc.ChatServiceStub(channel)
-        events = [e async for e in stub.Chat(gateway_pb2.ChatRequest(message="hola", max_tokens=12, model="phi", temperature=0), timeout=60)]
+        events = [
+            e
+            async for e in stub.Chat(
+                gateway_pb2.ChatRequest(message="hola", max_tokens=12, model="phi", temperature=0), timeout=60
+            )
+        ]
     kinds = [e.WhichOneof("event") for e in events]
     assert kinds[0] == "routing" and kinds[-1] == "done"
     # A delta may carry more than one token (llama-server holds back incomplete UTF-8).
@@ -33,7 +38,9 @@ async def test_chat_streams_over_native_grpc_through_envoy(mesh):
 async def test_complete_over_native_grpc(mesh):
     async with edge_channel(mesh) as channel:
         stub = gateway_pb2_grpc.ChatServiceStub(channel)
-        response = await stub.Complete(gateway_pb2.CompleteRequest(message="Say hello.", max_tokens=8, temperature=0), timeout=60)
+        response = await stub.Complete(
+            gateway_pb2.CompleteRequest(message="Say hello.", max_tokens=8, temperature=0), timeout=60
+        )
     assert response.response and response.model_id == response.routing.model_id
     assert response.routing.source == "router"
     assert response.usage.completion_tokens <= 8
@@ -88,7 +95,13 @@ def test_reflection_through_envoy_lists_every_service(mesh):
 
 
 def test_grpcurl_streams_chat_tokens(mesh):
-    out = grpcurl(mesh, "-d", '{"message": "hola", "max_tokens": 5, "temperature": 0}', mesh.edge, "capibara.gateway.v1.ChatService/Chat")
+    out = grpcurl(
+        mesh,
+        "-d",
+        '{"message": "hola", "max_tokens": 5, "temperature": 0}',
+        mesh.edge,
+        "capibara.gateway.v1.ChatService/Chat",
+    )
     messages = [json.loads(chunk) for chunk in out.replace("}\n{", "}\x00{").split("\x00")]
     assert "routing" in messages[0] and "done" in messages[-1]
     assert 1 <= sum("token" in m for m in messages) <= 5
@@ -136,9 +149,17 @@ async def test_generate_rejects_an_unknown_model_and_empty_messages(mesh):
     async with service_channel(mesh, "inference") as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         for request, code in [
-            (inference_pb2.GenerateRequest(model_id="nope", messages=[inference_pb2.ChatMessage(role=inference_pb2.ROLE_USER, content="hi")]), grpc.StatusCode.NOT_FOUND),
+            (
+                inference_pb2.GenerateRequest(
+                    model_id="nope", messages=[inference_pb2.ChatMessage(role=inference_pb2.ROLE_USER, content="hi")]
+                ),
+                grpc.StatusCode.NOT_FOUND,
+            ),
             (inference_pb2.GenerateRequest(model_id="phi"), grpc.StatusCode.INVALID_ARGUMENT),
-            (inference_pb2.GenerateRequest(model_id="phi", messages=[inference_pb2.ChatMessage(content="no role")]), grpc.StatusCode.INVALID_ARGUMENT),
+            (
+                inference_pb2.GenerateRequest(model_id="phi", messages=[inference_pb2.ChatMessage(content="no role")]),
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ),
         ]:
             with pytest.raises(grpc.aio.AioRpcError) as error:
                 async for _ in stub.Generate(request, timeout=30):

@@ -22,8 +22,16 @@ EXAMPLES = readme_examples()
 
 
 def test_every_service_has_an_example():
-    services = ["ChatService", "MeshService", "RouterService", "ContextService", "InferenceService",
-                "ConsensusService", "SpeechService", "grpc.health.v1.Health"]
+    services = [
+        "ChatService",
+        "MeshService",
+        "RouterService",
+        "ContextService",
+        "InferenceService",
+        "ConsensusService",
+        "SpeechService",
+        "grpc.health.v1.Health",
+    ]
     for service in services:
         assert any(service in line for line in EXAMPLES), service
     assert any(line.endswith(" list") for line in EXAMPLES) and any(" describe " in line for line in EXAMPLES)

@@ -13,8 +13,8 @@ import signal
 import time
 
 import pytest
-
 from capibara_gateway.health import DEGRADED, NOT_SERVING, SERVING, HealthReport, ServiceHealth, required_services
+
 from capibara_grpc.health_names import model_health_name
 from capibara_grpc.stubs import SERVICE_FULL_NAMES
 from tests.support.mesh import launched_model, running_mesh
@@ -27,8 +27,12 @@ def report(down: dict[str, str] = {}) -> HealthReport:  # noqa: B006 - read only
     """A report of the full default mesh where the entries in `down` (short service name or model
     id → status) are not SERVING."""
     entries = [ServiceHealth(SERVICE_FULL_NAMES[s], down.get(s, SERVING)) for s in DEPLOYED]
-    entries += [ServiceHealth(model_health_name(m), down.get(m, SERVING),
-                              "unreachable (ClientConnectorError)" if m in down else "") for m in MODELS]
+    entries += [
+        ServiceHealth(
+            model_health_name(m), down.get(m, SERVING), "unreachable (ClientConnectorError)" if m in down else ""
+        )
+        for m in MODELS
+    ]
     return HealthReport(entries, required_services(DEPLOYED), [model_health_name(m) for m in MODELS])
 
 
@@ -68,8 +72,10 @@ def test_a_required_service_down_cannot_chat(service, status):
 def test_an_optional_service_down_is_degraded(service):
     verdict = report({service: "UNREACHABLE", "mixtral": "NOT_SERVING"}).verdict
     assert verdict.status == DEGRADED and verdict.can_chat
-    assert verdict.down == [f"{SERVICE_FULL_NAMES[service]} UNREACHABLE",
-                            f"{model_health_name('mixtral')} NOT_SERVING (unreachable (ClientConnectorError))"]
+    assert verdict.down == [
+        f"{SERVICE_FULL_NAMES[service]} UNREACHABLE",
+        f"{model_health_name('mixtral')} NOT_SERVING (unreachable (ClientConnectorError))",
+    ]
 
 
 def test_the_required_services_are_the_gateways_own_definition():

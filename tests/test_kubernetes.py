@@ -35,16 +35,24 @@ def test_committed_manifests_match_the_mesh_config():
 
 def test_every_manifest_is_valid_against_the_kubernetes_schemas():
     files = [str(p) for p in sorted(BASE.glob("*.yaml")) if p.name != "kustomization.yaml"]
-    result = subprocess.run([str(VENV_BIN / "kubernetes-validate"), "--strict", "--quiet", "-k", "1.31.0", *files],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [str(VENV_BIN / "kubernetes-validate"), "--strict", "--quiet", "-k", "1.31.0", *files],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
-    assert sorted(kustomization["resources"]) == sorted(p.name for p in BASE.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(kustomization["resources"]) == sorted(
+        p.name for p in BASE.glob("*.yaml") if p.name != "kustomization.yaml"
+    )
 
 
 def test_each_service_has_probes_resources_autoscaling_and_a_disruption_budget(documents):
-    deployments, hpas, pdbs = by_kind(documents, "Deployment"), by_kind(documents, "HorizontalPodAutoscaler"), \
-        by_kind(documents, "PodDisruptionBudget")
+    deployments, hpas, pdbs = (
+        by_kind(documents, "Deployment"),
+        by_kind(documents, "HorizontalPodAutoscaler"),
+        by_kind(documents, "PodDisruptionBudget"),
+    )
     for service in SERVICES:
         (container,) = deployments[service]["spec"]["template"]["spec"]["containers"]
         assert container["readinessProbe"]["grpc"]["service"].startswith("capibara.")
@@ -87,16 +95,21 @@ def test_envoy_configmap_passes_envoy_validation(documents, tmp_path):
     cert, key = ensure_certificate(config)
     text = by_kind(documents, "ConfigMap")["envoy-config"]["data"]["envoy.yaml"]
     (tmp_path / "capibara.pb").write_bytes(
-        __import__("base64").b64decode(by_kind(documents, "ConfigMap")["envoy-descriptor"]["binaryData"]["capibara.pb"]))
+        __import__("base64").b64decode(by_kind(documents, "ConfigMap")["envoy-descriptor"]["binaryData"]["capibara.pb"])
+    )
     web = tmp_path / "web"
     web.mkdir()
     for name, content in by_kind(documents, "ConfigMap")["envoy-web"]["data"].items():
         (web / name).write_text(content)
-    text = (text.replace("/etc/envoy/descriptor/capibara.pb", str(tmp_path / "capibara.pb"))
-            .replace("/etc/envoy/tls/tls.crt", str(cert)).replace("/etc/envoy/tls/tls.key", str(key))
-            .replace("/etc/envoy/web/", f"{web}/"))
+    text = (
+        text.replace("/etc/envoy/descriptor/capibara.pb", str(tmp_path / "capibara.pb"))
+        .replace("/etc/envoy/tls/tls.crt", str(cert))
+        .replace("/etc/envoy/tls/tls.key", str(key))
+        .replace("/etc/envoy/web/", f"{web}/")
+    )
     path = tmp_path / "envoy.yaml"
     path.write_text(text)
-    result = subprocess.run([str(VENV_BIN / "envoy"), "--mode", "validate", "-c", str(path)], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [str(VENV_BIN / "envoy"), "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -14,7 +14,7 @@ import pytest
 from tests.support.mesh import REPO
 
 sys.path.insert(0, str(REPO / "tools"))
-import install_llama_server as installer  # noqa: E402
+import install_llama_server as installer  # noqa: E402 - tools/ holds scripts, not a package
 
 
 def test_x86_64_builds_for_the_avx2_baseline_not_the_build_machine():
@@ -51,9 +51,13 @@ def scratch_venv(tmp_path_factory):
 
 
 def install(scratch_venv) -> str:
-    result = subprocess.run([str(scratch_venv / "venv" / "bin" / "python"), str(REPO / "tools" / "install_llama_server.py")],
-                            env={**os.environ, "CAPIBARA_WHEEL_CACHE": str(scratch_venv / "cache")},
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(scratch_venv / "venv" / "bin" / "python"), str(REPO / "tools" / "install_llama_server.py")],
+        env={**os.environ, "CAPIBARA_WHEEL_CACHE": str(scratch_venv / "cache")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 

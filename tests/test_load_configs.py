@@ -16,8 +16,12 @@ CONFIGS = sorted((REPO / "benchmarks" / "ghz").glob("*.json"))
 
 def test_there_is_a_config_for_each_main_rpc():
     calls = {json.loads(path.read_text())["call"] for path in CONFIGS}
-    assert calls == {"capibara.router.v1.RouterService.Route", "capibara.gateway.v1.ChatService.Chat",
-                     "capibara.inference.v1.InferenceService.Generate", "capibara.speech.v1.SpeechService.Synthesize"}
+    assert calls == {
+        "capibara.router.v1.RouterService.Route",
+        "capibara.gateway.v1.ChatService.Chat",
+        "capibara.inference.v1.InferenceService.Generate",
+        "capibara.speech.v1.SpeechService.Synthesize",
+    }
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -35,9 +39,24 @@ def test_ghz_config_is_valid_and_its_request_succeeds(mesh, path):
     assert config["host"] == "localhost:5001" and config["cacert"] == ".state/tls/edge.crt"
     # Against the test mesh: its port and certificate instead of the defaults of `make run`.
     call = subprocess.run(
-        [str(VENV_BIN / "grpcurl"), "-protoset", str(protoset), "-cacert", str(mesh.cert), "-servername", config["cname"],
-         "-d", json.dumps(config["data"]), "-max-time", "120", mesh.edge, config["call"].rsplit(".", 1)[0] + "/" + method_name],
-        capture_output=True, text=True, timeout=150,
+        [
+            str(VENV_BIN / "grpcurl"),
+            "-protoset",
+            str(protoset),
+            "-cacert",
+            str(mesh.cert),
+            "-servername",
+            config["cname"],
+            "-d",
+            json.dumps(config["data"]),
+            "-max-time",
+            "120",
+            mesh.edge,
+            config["call"].rsplit(".", 1)[0] + "/" + method_name,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=150,
     )
     assert call.returncode == 0, call.stderr
     assert call.stdout.strip()

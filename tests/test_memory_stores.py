@@ -95,5 +95,7 @@ async def test_a_sqlite_file_from_before_numbered_migrations_is_upgraded(tmp_pat
     store = SqliteStore(path)
     assert store.schema_version == 2
     assert [t.content for t in await store.turns("old")] == ["de antes"]
-    assert await store.append("old", "user", "nuevo", request_id="x") and not await store.append("old", "user", "nuevo", request_id="x")
+    assert await store.append("old", "user", "nuevo", request_id="x") and not await store.append(
+        "old", "user", "nuevo", request_id="x"
+    )
     await store.close()

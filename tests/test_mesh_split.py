@@ -30,8 +30,14 @@ RESTART_DELAY_S = 5
 @pytest.fixture(scope="module")
 def split_mesh(tmp_path_factory):
     models = {"gpt-oss-20b": launched_model(23080, max_tokens=200)}
-    with running_mesh(tmp_path_factory.mktemp("split"), 23000, models, router=False, split=True,
-                      supervision={"backoff_initial_s": RESTART_DELAY_S}) as mesh:
+    with running_mesh(
+        tmp_path_factory.mktemp("split"),
+        23000,
+        models,
+        router=False,
+        split=True,
+        supervision={"backoff_initial_s": RESTART_DELAY_S},
+    ) as mesh:
         yield mesh
 
 
@@ -72,11 +78,15 @@ def test_every_service_runs_as_its_own_process(split_mesh):
 
 
 def test_services_call_each_other_through_envoy(split_mesh):
-    status, body, _ = split_mesh.request("POST", "/api/chat", {"message": "hola", "conversation_id": "split-0",
-                                                               "max_tokens": 3})
+    status, body, _ = split_mesh.request(
+        "POST", "/api/chat", {"message": "hola", "conversation_id": "split-0", "max_tokens": 3}
+    )
     assert status == 200, body
-    stats = dict(line.split(": ", 1) for line in admin(split_mesh, "/stats?filter=^(cluster|http)\\.").splitlines()
-                 if ": " in line)
+    stats = dict(
+        line.split(": ", 1)
+        for line in admin(split_mesh, "/stats?filter=^(cluster|http)\\.").splitlines()
+        if ": " in line
+    )
     assert int(stats["http.mesh.downstream_rq_total"]) >= 3  # enrich, append turns, generate
     assert int(stats["cluster.inference.upstream_rq_total"]) >= 1
     assert int(stats["cluster.context.upstream_rq_total"]) >= 1
@@ -88,8 +98,9 @@ def test_services_call_each_other_through_envoy(split_mesh):
 
 
 async def test_a_killed_service_is_reported_and_restarted_by_capibara_up(split_mesh):
-    status, body, _ = split_mesh.request("POST", "/api/chat", {"message": "me llamo Ana", "conversation_id": "split-1",
-                                                               "max_tokens": 3})
+    status, body, _ = split_mesh.request(
+        "POST", "/api/chat", {"message": "me llamo Ana", "conversation_id": "split-1", "max_tokens": 3}
+    )
     assert status == 200, body
     old_pid = split_mesh.service_pid("context")
     os.kill(old_pid, signal.SIGKILL)
@@ -99,8 +110,9 @@ async def test_a_killed_service_is_reported_and_restarted_by_capibara_up(split_m
     assert status == 503 and "capibara.context.v1.ContextService UNREACHABLE" in error["message"], error
     assert await eventually(lambda: _is(gateway_health(split_mesh), health_pb2.HealthCheckResponse.NOT_SERVING))
     started = time.monotonic()
-    status, error, _ = split_mesh.request("POST", "/api/chat", {"message": "hola", "conversation_id": "split-1",
-                                                                "max_tokens": 3})
+    status, error, _ = split_mesh.request(
+        "POST", "/api/chat", {"message": "hola", "conversation_id": "split-1", "max_tokens": 3}
+    )
     assert status == 503 and time.monotonic() - started < 10, error
     # Everything above happened before the restart, so it saw the service down.
     assert time.monotonic() - killed_at < RESTART_DELAY_S, "too slow to observe the outage; raise RESTART_DELAY_S"
@@ -113,10 +125,12 @@ async def test_a_killed_service_is_reported_and_restarted_by_capibara_up(split_m
 
     async def healthy():
         return split_mesh.request("GET", "/health")[0] == 200
+
     assert await eventually(healthy, 20), split_mesh.request("GET", "/health")
     assert await gateway_health(split_mesh) == health_pb2.HealthCheckResponse.SERVING
-    status, body, _ = split_mesh.request("POST", "/api/chat", {"message": "hola", "conversation_id": "split-1",
-                                                               "max_tokens": 3})
+    status, body, _ = split_mesh.request(
+        "POST", "/api/chat", {"message": "hola", "conversation_id": "split-1", "max_tokens": 3}
+    )
     assert status == 200, body
     status, stored, _ = split_mesh.request("GET", "/api/conversations/split-1")
     contents = [t["content"] for t in stored["turns"]]
@@ -126,12 +140,17 @@ async def test_a_killed_service_is_reported_and_restarted_by_capibara_up(split_m
 
 async def test_inference_killed_mid_stream_ends_in_band_and_is_restarted(split_mesh):
     events = []
-    body = {"message": "Count from 1 to 1000, separated by commas.", "max_tokens": 200, "temperature": 0,
-            "repeat_penalty": 1.0}
+    body = {
+        "message": "Count from 1 to 1000, separated by commas.",
+        "max_tokens": 200,
+        "temperature": 0,
+        "repeat_penalty": 1.0,
+    }
     old_pid = split_mesh.service_pid("inference")
     async with aiohttp.ClientSession() as session:
-        async with session.post(split_mesh.base_url + "/api/chat/stream", json=body,
-                                ssl=split_mesh.ssl_context()) as response:
+        async with session.post(
+            split_mesh.base_url + "/api/chat/stream", json=body, ssl=split_mesh.ssl_context()
+        ) as response:
             assert response.status == 200
             async for line in response.content:
                 if line.startswith(b"data:"):
@@ -146,6 +165,7 @@ async def test_inference_killed_mid_stream_ends_in_band_and_is_restarted(split_m
 
     async def answers():
         return split_mesh.request("POST", "/api/chat", {"message": "hola", "max_tokens": 3})[0] == 200
+
     assert await eventually(answers, 20)
     status, events, _ = await read_events(split_mesh, "/api/chat/stream", {"message": "hola", "max_tokens": 3})
     assert status == 200 and "done" in events[-1][1]

@@ -39,12 +39,18 @@ def test_calls_are_counted_by_method_and_code_with_latency(mesh):
     after = scrape(mesh.metrics_url("gateway"))
     for code in ("OK", "INVALID_ARGUMENT"):
         labels = {"service": "capibara.gateway.v1.ChatService", "method": "Complete", "code": code}
-        assert value(after, "capibara_grpc_requests_total", **labels) == value(before, "capibara_grpc_requests_total", **labels) + 1
+        assert (
+            value(after, "capibara_grpc_requests_total", **labels)
+            == value(before, "capibara_grpc_requests_total", **labels) + 1
+        )
         assert value(after, "capibara_grpc_request_seconds_count", **labels) >= 1
 
 
 def test_generation_metrics_per_model(mesh):
-    assert mesh.request("POST", "/api/chat", {"message": "hola", "model": "phi", "max_tokens": 5, "temperature": 0})[0] == 200
+    assert (
+        mesh.request("POST", "/api/chat", {"message": "hola", "model": "phi", "max_tokens": 5, "temperature": 0})[0]
+        == 200
+    )
     text = scrape(mesh.metrics_url("inference"))
     assert value(text, "capibara_time_to_first_token_seconds_count", model="phi") >= 1
     assert value(text, "capibara_tokens_per_second_count", model="phi") >= 1
@@ -54,10 +60,14 @@ def test_generation_metrics_per_model(mesh):
 
 
 def test_routing_decisions_are_counted_by_route(mesh):
-    before = value(scrape(mesh.metrics_url("gateway")), "capibara_routing_decisions_total", route="math", source="router")
+    before = value(
+        scrape(mesh.metrics_url("gateway")), "capibara_routing_decisions_total", route="math", source="router"
+    )
     status, body, _ = mesh.request("POST", "/api/chat", {"message": "¿Cuánto es 17 por 23?", "max_tokens": 3})
     assert status == 200 and body["routing"]["route_name"] == "math", body
-    after = value(scrape(mesh.metrics_url("gateway")), "capibara_routing_decisions_total", route="math", source="router")
+    after = value(
+        scrape(mesh.metrics_url("gateway")), "capibara_routing_decisions_total", route="math", source="router"
+    )
     assert after == before + 1
 
 
@@ -73,16 +83,27 @@ def test_a_request_id_travels_through_every_hop_into_json_logs(mesh):
     import uuid
 
     request_id = f"trace-{uuid.uuid4().hex}"
-    status, body, headers = mesh.request("POST", "/api/chat", {"message": "¿Qué hora es?", "conversation_id": request_id,
-                                                               "max_tokens": 3}, headers={"x-request-id": request_id})
+    status, body, headers = mesh.request(
+        "POST",
+        "/api/chat",
+        {"message": "¿Qué hora es?", "conversation_id": request_id, "max_tokens": 3},
+        headers={"x-request-id": request_id},
+    )
     assert status == 200, body
     assert headers["x-request-id"] == request_id
-    expected = {"/capibara.gateway.v1.ChatService/Complete", "/capibara.router.v1.RouterService/Route",
-                "/capibara.context.v1.ContextService/Enrich", "/capibara.context.v1.ContextService/AppendTurn",
-                "/capibara.inference.v1.InferenceService/Generate"}
+    expected = {
+        "/capibara.gateway.v1.ChatService/Complete",
+        "/capibara.router.v1.RouterService/Route",
+        "/capibara.context.v1.ContextService/Enrich",
+        "/capibara.context.v1.ContextService/AppendTurn",
+        "/capibara.inference.v1.InferenceService/Generate",
+    }
     for _ in range(50):
-        lines = [json.loads(line) for line in mesh.log_path.read_text().splitlines()
-                 if line.startswith("{") and request_id in line]
+        lines = [
+            json.loads(line)
+            for line in mesh.log_path.read_text().splitlines()
+            if line.startswith("{") and request_id in line
+        ]
         if expected <= {line.get("method") for line in lines}:
             break
         time.sleep(0.1)

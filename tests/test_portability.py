@@ -36,8 +36,18 @@ def compile_c(tmp_path, name: str, source: str, *flags: str, shared: bool = Fals
     """A real binary from gcc, built with CPU flags beyond the baseline."""
     (tmp_path / f"{name}.c").write_text(textwrap.dedent(source))
     output = tmp_path / name
-    subprocess.run(["gcc", "-O2", *(["-shared", "-fPIC"] if shared else []), *flags, str(tmp_path / f"{name}.c"),
-                    "-o", str(output)], check=True)
+    subprocess.run(
+        [
+            "gcc",
+            "-O2",
+            *(["-shared", "-fPIC"] if shared else []),
+            *flags,
+            str(tmp_path / f"{name}.c"),
+            "-o",
+            str(output),
+        ],
+        check=True,
+    )
     return output
 
 
@@ -72,21 +82,41 @@ def test_installed_llama_server_was_built_with_the_portable_flags():
 
 @x86_64_only
 def test_installed_llama_server_generates_as_an_older_cpu(tmp_path):
-    reply = install_check.generate_with_llama_server([qemu(), "-cpu", OLDER_CPU], install_check.llama_server_binary(),
-                                                     tmp_path / "llama-server.log", tokens=4, timeout_s=600)
+    reply = install_check.generate_with_llama_server(
+        [qemu(), "-cpu", OLDER_CPU],
+        install_check.llama_server_binary(),
+        tmp_path / "llama-server.log",
+        tokens=4,
+        timeout_s=600,
+    )
     assert reply["tokens_predicted"] == 4 and reply["content"].strip(), reply
 
 
 @x86_64_only
-@pytest.mark.parametrize("name, source, flags, why", [
-    ("avx512", "#include <immintrin.h>\nvoid f(float *a) { _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(a))); }",
-     ["-mavx512f"], "EVEX"),
-    ("avx512vl", "#include <immintrin.h>\n__m256i f(__m256i a, __m256i b) { return _mm256_max_epi64(a, b); }",
-     ["-mavx512f", "-mavx512vl"], "EVEX"),
-    ("amx", "#include <immintrin.h>\nvoid f(void) { _tile_zero(0); }", ["-mamx-tile"], "AMX"),
-    ("avxvnni", "#include <immintrin.h>\n__m256i f(__m256i a, __m256i b, __m256i c) { return _mm256_dpbusd_avx_epi32(a, b, c); }",
-     ["-mavxvnni"], "AVX-VNNI"),
-])
+@pytest.mark.parametrize(
+    "name, source, flags, why",
+    [
+        (
+            "avx512",
+            "#include <immintrin.h>\nvoid f(float *a) { _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(a))); }",
+            ["-mavx512f"],
+            "EVEX",
+        ),
+        (
+            "avx512vl",
+            "#include <immintrin.h>\n__m256i f(__m256i a, __m256i b) { return _mm256_max_epi64(a, b); }",
+            ["-mavx512f", "-mavx512vl"],
+            "EVEX",
+        ),
+        ("amx", "#include <immintrin.h>\nvoid f(void) { _tile_zero(0); }", ["-mamx-tile"], "AMX"),
+        (
+            "avxvnni",
+            "#include <immintrin.h>\n__m256i f(__m256i a, __m256i b, __m256i c) { return _mm256_dpbusd_avx_epi32(a, b, c); }",
+            ["-mavxvnni"],
+            "AVX-VNNI",
+        ),
+    ],
+)
 def test_the_scan_finds_what_a_native_build_would_use(tmp_path, name, source, flags, why):
     library = compile_c(tmp_path, f"lib{name}.so", source, *flags, shared=True)
     findings = cpu_baseline.scan_file(library)
@@ -96,10 +126,17 @@ def test_the_scan_finds_what_a_native_build_would_use(tmp_path, name, source, fl
 
 @x86_64_only
 def test_the_scan_passes_avx2_fma_code(tmp_path):
-    library = compile_c(tmp_path, "libavx2.so", """
+    library = compile_c(
+        tmp_path,
+        "libavx2.so",
+        """
         #include <immintrin.h>
         void f(float *a) { _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(a), _mm256_loadu_ps(a))); }
-    """, "-mavx2", "-mfma", shared=True)
+    """,
+        "-mavx2",
+        "-mfma",
+        shared=True,
+    )
     assert cpu_baseline.scan_file(library) == []
 
 
@@ -113,13 +150,20 @@ def test_an_avx512_program_dies_with_sigill_as_an_older_cpu(tmp_path):
 
 def run_install_check(llama_server) -> subprocess.CompletedProcess:
     env = {**os.environ, "CAPIBARA_LLAMA_SERVER": str(llama_server)}
-    return subprocess.run([sys.executable, "-m", "capibara_grpc.install_check"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "capibara_grpc.install_check"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_install_check_passes_on_this_install():
-    result = subprocess.run([sys.executable, "-m", "capibara_grpc.install_check"], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "capibara_grpc.install_check"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == ["ok    llama-server", "ok    envoy", "ok    buf", "ok    grpcurl"]

@@ -10,7 +10,7 @@ import sys
 from tests.support.mesh import REPO, VENV_BIN
 
 sys.path.insert(0, str(REPO / "tools"))
-import buf_breaking  # noqa: E402
+import buf_breaking  # noqa: E402 - tools/ holds scripts, not a package
 
 BUF = str(VENV_BIN / "buf")
 

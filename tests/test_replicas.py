@@ -52,9 +52,11 @@ def host_requests(mesh, cluster: str) -> dict[str, int]:
 
 async def chats(mesh, count: int, max_tokens: int = 12) -> list[int]:
     async def one(i):
-        status, events, _ = await read_events(mesh, "/api/chat/stream", {"message": f"Cuenta algo del número {i}.",
-                                                                          "max_tokens": max_tokens})
+        status, events, _ = await read_events(
+            mesh, "/api/chat/stream", {"message": f"Cuenta algo del número {i}.", "max_tokens": max_tokens}
+        )
         return status if status != 200 or "done" in events[-1][1] else 599
+
     return await asyncio.gather(*(one(i) for i in range(count)))
 
 
@@ -70,8 +72,9 @@ async def test_both_servers_of_the_model_and_both_inference_replicas_take_reques
 async def test_killing_a_model_server_and_an_inference_replica_loses_no_new_request(replicated_mesh):
     (server,) = [p for p in processes_using("--port 17083") if "llama-server" in p]
     os.kill(int(server.split(":", 1)[0]), signal.SIGKILL)
-    (inference,) = [p for p in processes_using("serve inference") if str(replicated_mesh.config_path) in p
-                    and "--port" not in p]
+    (inference,) = [
+        p for p in processes_using("serve inference") if str(replicated_mesh.config_path) in p and "--port" not in p
+    ]
     os.kill(int(inference.split(":", 1)[0]), signal.SIGKILL)
     statuses = []
     for _ in range(10):  # one after another: every new request must find a live replica

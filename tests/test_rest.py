@@ -9,7 +9,9 @@ from tests.support.sse import read_events
 
 async def test_stream_sends_routing_then_tokens_one_by_one_then_done(mesh):
     status, events, content_type = await read_events(
-        mesh, "/api/chat/stream", {"message": "Tell me a short story about a capybara.", "max_tokens": 60, "temperature": 0}
+        mesh,
+        "/api/chat/stream",
+        {"message": "Tell me a short story about a capybara.", "max_tokens": 60, "temperature": 0},
     )
     assert status == 200
     assert content_type == "text/event-stream"
@@ -33,7 +35,9 @@ async def test_stream_sends_routing_then_tokens_one_by_one_then_done(mesh):
 
 
 def test_complete_returns_the_whole_answer_as_one_object(mesh):
-    status, body, headers = mesh.request("POST", "/api/chat", {"message": "What is Python?", "model": "phi", "temperature": 0})
+    status, body, headers = mesh.request(
+        "POST", "/api/chat", {"message": "What is Python?", "model": "phi", "temperature": 0}
+    )
     assert status == 200, body
     assert headers["content-type"] == "application/json"
     assert body["response"].strip()
@@ -47,19 +51,30 @@ def test_complete_returns_the_whole_answer_as_one_object(mesh):
 
 
 def test_generation_parameters_reach_the_model(mesh):
-    status, body, _ = mesh.request("POST", "/api/chat", {"message": "Count from one to fifty.", "max_tokens": 7, "temperature": 0})
+    status, body, _ = mesh.request(
+        "POST", "/api/chat", {"message": "Count from one to fifty.", "max_tokens": 7, "temperature": 0}
+    )
     assert status == 200, body
     assert body["usage"]["completion_tokens"] == 7
     assert body["finish_reason"] == "FINISH_REASON_LENGTH"
     first = body["response"]
-    again = mesh.request("POST", "/api/chat", {"message": "Count from one to fifty.", "max_tokens": 7, "temperature": 0})[1]
+    again = mesh.request(
+        "POST", "/api/chat", {"message": "Count from one to fifty.", "max_tokens": 7, "temperature": 0}
+    )[1]
     assert again["response"] == first  # temperature 0 is greedy: same answer
 
 
 def test_stop_sequence_ends_the_answer(mesh):
     status, body, _ = mesh.request(
-        "POST", "/api/chat", {"message": "Write a sentence about rivers.", "stop": [" "], "max_tokens": 50, "temperature": 0,
-                      "model": "gpt-oss-20b"}
+        "POST",
+        "/api/chat",
+        {
+            "message": "Write a sentence about rivers.",
+            "stop": [" "],
+            "max_tokens": 50,
+            "temperature": 0,
+            "model": "gpt-oss-20b",
+        },
     )
     assert status == 200, body
     assert body["finish_reason"] == "FINISH_REASON_STOP_SEQUENCE"
@@ -121,7 +136,9 @@ def test_malformed_json_is_400_not_5xx(mesh, path, raw):
 
 
 def test_message_at_the_limit_is_accepted(mesh):
-    status, body, _ = mesh.request("POST", "/api/chat", {"message": "hola " * 3276 + "hola", "max_tokens": 1}, timeout=300)
+    status, body, _ = mesh.request(
+        "POST", "/api/chat", {"message": "hola " * 3276 + "hola", "max_tokens": 1}, timeout=300
+    )
     # 16384 bytes is allowed by the gateway; the tiny test model's 2048-token window is not enough
     # for it, and the backend's refusal comes back as a clear 400, not a crash or a fake answer.
     assert status in (200, 400), body

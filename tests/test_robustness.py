@@ -21,19 +21,23 @@ CHAT = "/capibara.gateway.v1.ChatService/Chat"
 
 async def raw_grpc_call(mesh, payload: bytes) -> grpc.aio.AioRpcError:
     async with edge_channel(mesh) as channel:
-        call = channel.unary_stream(CHAT, request_serializer=lambda raw: raw,
-                                    response_deserializer=gateway_pb2.ChatResponse.FromString)(payload, timeout=30)
+        call = channel.unary_stream(
+            CHAT, request_serializer=lambda raw: raw, response_deserializer=gateway_pb2.ChatResponse.FromString
+        )(payload, timeout=30)
         with pytest.raises(grpc.aio.AioRpcError) as failed:
             async for _ in call:
                 pass
     return failed.value
 
 
-@pytest.mark.parametrize("payload, words", [
-    (b"\xff\xff\xff\xff garbage", "not a valid Chat request message"),
-    # Field 1 (message) holding bytes that are not UTF-8: proto3 strings must be.
-    (b"\x0a\x02\xc3\x28", "not a valid Chat request message"),
-])
+@pytest.mark.parametrize(
+    "payload, words",
+    [
+        (b"\xff\xff\xff\xff garbage", "not a valid Chat request message"),
+        # Field 1 (message) holding bytes that are not UTF-8: proto3 strings must be.
+        (b"\x0a\x02\xc3\x28", "not a valid Chat request message"),
+    ],
+)
 async def test_malformed_protobuf_is_invalid_argument(mesh, payload, words):
     error = await raw_grpc_call(mesh, payload)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
@@ -46,10 +50,13 @@ async def test_oversized_grpc_message_is_refused(mesh):
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
 
 
-@pytest.mark.parametrize("raw, status", [
-    (b'{"message": "\xc3\x28 hola"}', 400),
-    (b'{"message": "' + b"x" * (2 * 1024 * 1024) + b'"}', 413),
-])
+@pytest.mark.parametrize(
+    "raw, status",
+    [
+        (b'{"message": "\xc3\x28 hola"}', 400),
+        (b'{"message": "' + b"x" * (2 * 1024 * 1024) + b'"}', 413),
+    ],
+)
 def test_bad_rest_bodies_get_a_json_error(mesh, raw, status):
     got, error, headers = mesh.request("POST", "/api/chat", raw=raw)
     assert got == status, error
@@ -57,8 +64,13 @@ def test_bad_rest_bodies_get_a_json_error(mesh, raw, status):
 
 
 async def test_a_slow_reader_gets_the_whole_answer(mesh):
-    body = {"message": "Count from 1 to 1000, separated by commas.", "model": "phi", "max_tokens": 150,
-            "temperature": 0, "repeat_penalty": 1.0}
+    body = {
+        "message": "Count from 1 to 1000, separated by commas.",
+        "model": "phi",
+        "max_tokens": 150,
+        "temperature": 0,
+        "repeat_penalty": 1.0,
+    }
     events = []
     async with aiohttp.ClientSession(read_bufsize=256) as session:
         async with session.post(mesh.base_url + "/api/chat/stream", json=body, ssl=mesh.ssl_context()) as response:
@@ -93,8 +105,13 @@ def test_a_client_trickling_its_headers_is_cut_off(mesh):
 
 async def test_200_concurrent_streams_each_get_an_answer_or_a_clear_429(mesh):
     async def chat(session, i):
-        body = {"message": f"Di el número {i}.", "model": "phi", "max_tokens": 4, "temperature": 0,
-                "conversation_id": f"load-{i}"}
+        body = {
+            "message": f"Di el número {i}.",
+            "model": "phi",
+            "max_tokens": 4,
+            "temperature": 0,
+            "conversation_id": f"load-{i}",
+        }
         async with session.post(mesh.base_url + "/api/chat/stream", json=body, ssl=mesh.ssl_context()) as response:
             if response.status != 200:
                 return response.status, await response.json(content_type=None), response.headers.get("retry-after")

@@ -86,7 +86,13 @@ async def test_clear_cases_through_the_rest_api(mesh, query, route):
     assert decision["route_name"] == route, decision
     assert decision["fallback"] is False and decision["confidence"] >= 0.5
     assert {s["route_name"] for s in decision["scores"]} >= {
-        "programming", "creative_writing", "quick_facts", "analysis", "conversation", "math", "translation"
+        "programming",
+        "creative_writing",
+        "quick_facts",
+        "analysis",
+        "conversation",
+        "math",
+        "translation",
     }
     assert abs(sum(s["score"] for s in decision["scores"]) - 1.0) < 1e-3
     assert route in decision["reasoning"]
@@ -118,9 +124,16 @@ def test_list_routes_shows_every_route_with_its_model(mesh):
     status, body, _ = mesh.request("GET", "/api/router/routes")
     assert status == 200
     routes = {r["name"]: r for r in body["routes"]}
-    expected = {"programming": "gpt-oss-20b", "creative_writing": "mixtral", "quick_facts": "phi",
-                "analysis": "gpt-oss-20b", "conversation": "phi", "math": "gpt-oss-20b",
-                "translation": "mixtral", "default": "gpt-oss-20b"}
+    expected = {
+        "programming": "gpt-oss-20b",
+        "creative_writing": "mixtral",
+        "quick_facts": "phi",
+        "analysis": "gpt-oss-20b",
+        "conversation": "phi",
+        "math": "gpt-oss-20b",
+        "translation": "mixtral",
+        "default": "gpt-oss-20b",
+    }
     assert {name: r["model_id"] for name, r in routes.items()} == expected
     assert body["default_route"] == "default"
     assert all(len(r["examples"]) >= 3 for r in routes.values())
@@ -161,11 +174,17 @@ async def test_an_unhealthy_model_is_replaced_by_the_next_best_healthy_one(route
 
 
 def test_chat_uses_the_router_and_keeps_a_conversations_route(mesh):
-    first = mesh.request("POST", "/api/chat", {"message": "tell me a joke about cats", "conversation_id": "c-42",
-                                               "max_tokens": 5, "temperature": 0})[1]
+    first = mesh.request(
+        "POST",
+        "/api/chat",
+        {"message": "tell me a joke about cats", "conversation_id": "c-42", "max_tokens": 5, "temperature": 0},
+    )[1]
     assert first["routing"]["source"] == "router" and first["routing"]["route_name"] == "creative_writing"
-    follow_up = mesh.request("POST", "/api/chat", {"message": "another one please", "conversation_id": "c-42",
-                                                   "max_tokens": 5, "temperature": 0})[1]
+    follow_up = mesh.request(
+        "POST",
+        "/api/chat",
+        {"message": "another one please", "conversation_id": "c-42", "max_tokens": 5, "temperature": 0},
+    )[1]
     assert follow_up["routing"]["route_name"] == "creative_writing", follow_up["routing"]
     assert follow_up["model_id"] == "mixtral"
     alone = mesh.request("POST", "/api/chat", {"message": "another one please", "max_tokens": 5, "temperature": 0})[1]

@@ -31,8 +31,11 @@ def scaled_mesh(tmp_path_factory):
     with postgres_server(BASE + 432) as database, redis_server(BASE + 379) as cache:
         busy_model = launched_model(BASE + 80)
         busy_model["backend"]["replicas"] = [f"http://127.0.0.1:{BASE + 83}"]
-        config = mesh_config(directory / "state", BASE, {
-            "gpt-oss-20b": busy_model, "phi": launched_model(BASE + 81), "mixtral": launched_model(BASE + 82)})
+        config = mesh_config(
+            directory / "state",
+            BASE,
+            {"gpt-oss-20b": busy_model, "phi": launched_model(BASE + 81), "mixtral": launched_model(BASE + 82)},
+        )
         config["context"] = {"database": database}
         config["cache"] = {"enabled": True, "backend": "redis", "redis_url": cache}
         for service, port in REPLICA_PORT.items():
@@ -75,11 +78,13 @@ async def chat_once(session, mesh, i: int, started_log: list):
 
 async def steady_load(mesh, stop: asyncio.Event, results: list, clients: int = 4):
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+
         async def client(c):
             i = c
             while not stop.is_set():
                 await chat_once(session, mesh, i, results)
                 i += clients
+
         await asyncio.gather(*(client(c) for c in range(clients)))
 
 
@@ -93,8 +98,9 @@ def kill_one_replica_of_each(mesh) -> None:
 
 async def test_killing_one_replica_of_each_under_load(scaled_mesh):
     # A conversation started through the gateway that is about to die.
-    request = gateway_pb2.ChatRequest(message="Me llamo Ana y vivo en Quito.", conversation_id="scale-1",
-                                      max_tokens=12, temperature=0)
+    request = gateway_pb2.ChatRequest(
+        message="Me llamo Ana y vivo en Quito.", conversation_id="scale-1", max_tokens=12, temperature=0
+    )
     async with grpc.aio.insecure_channel(scaled_mesh.service_address("gateway")) as first_gateway:
         events = [e async for e in gateway_pb2_grpc.ChatServiceStub(first_gateway).Chat(request, timeout=60)]
     assert events[-1].WhichOneof("event") == "done"
@@ -120,9 +126,14 @@ async def test_killing_one_replica_of_each_under_load(scaled_mesh):
         assert outcome == "ok" or outcome.startswith(("in-band-", "cut-", "http-5")), outcome
 
     # The conversation goes on through the other gateway (via the edge) with its whole history.
-    status, body, _ = scaled_mesh.request("POST", "/api/chat", {"message": "¿Dónde vivo?", "conversation_id": "scale-1",
-                                                                "max_tokens": 8, "temperature": 0})
+    status, body, _ = scaled_mesh.request(
+        "POST",
+        "/api/chat",
+        {"message": "¿Dónde vivo?", "conversation_id": "scale-1", "max_tokens": 8, "temperature": 0},
+    )
     assert status == 200, body
     status, stored, _ = scaled_mesh.request("GET", "/api/conversations/scale-1")
     contents = [turn["content"] for turn in stored["turns"]]
-    assert contents[0] == "Me llamo Ana y vivo en Quito." and contents[2] == "¿Dónde vivo?" and len(contents) == 4, contents
+    assert contents[0] == "Me llamo Ana y vivo en Quito." and contents[2] == "¿Dónde vivo?" and len(contents) == 4, (
+        contents
+    )

@@ -83,21 +83,24 @@ async def test_synthesize_as_wav_starts_with_a_streaming_header(mesh):
     assert not any(c.audio.startswith(b"RIFF") for c in chunks[1:])
 
 
-@pytest.mark.parametrize("body, status, words", [
-    ({"text": ""}, 400, "empty"),
-    ({"text": " \n "}, 400, "empty"),
-    ({"text": "a" * 3001}, 400, "3001 characters, over the limit of 3000"),
-    ({"text": "hola", "voice": "espeak:fr"}, 404, "unknown voice 'espeak:fr'"),
-    ({"text": "hola", "voice": "../../../etc/passwd"}, 404, "unknown voice"),
-    ({"text": "hola", "voice": "/usr/share/espeak-ng-data/voices/es"}, 404, "unknown voice"),
-    ({"text": "hola", "language": "fr"}, 404, "no espeak voice speaks 'fr'"),
-    ({"text": "hola", "language": "../es"}, 400, "not a language tag"),
-    ({"text": "hola", "voice": "espeak:en-us", "language": "es"}, 400, "speaks 'en', not 'es'"),
-    ({"text": "<speak>hola</speak>"}, 400, "markup"),
-    ({"text": "hola\x07 mundo"}, 400, "control character U+0007"),
-    ({"text": "hola\x1b[31m"}, 400, "control character U+001B"),
-    ({"text": "... !!! ???"}, 400, "nothing to speak"),
-])
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        ({"text": ""}, 400, "empty"),
+        ({"text": " \n "}, 400, "empty"),
+        ({"text": "a" * 3001}, 400, "3001 characters, over the limit of 3000"),
+        ({"text": "hola", "voice": "espeak:fr"}, 404, "unknown voice 'espeak:fr'"),
+        ({"text": "hola", "voice": "../../../etc/passwd"}, 404, "unknown voice"),
+        ({"text": "hola", "voice": "/usr/share/espeak-ng-data/voices/es"}, 404, "unknown voice"),
+        ({"text": "hola", "language": "fr"}, 404, "no espeak voice speaks 'fr'"),
+        ({"text": "hola", "language": "../es"}, 400, "not a language tag"),
+        ({"text": "hola", "voice": "espeak:en-us", "language": "es"}, 400, "speaks 'en', not 'es'"),
+        ({"text": "<speak>hola</speak>"}, 400, "markup"),
+        ({"text": "hola\x07 mundo"}, 400, "control character U+0007"),
+        ({"text": "hola\x1b[31m"}, 400, "control character U+001B"),
+        ({"text": "... !!! ???"}, 400, "nothing to speak"),
+    ],
+)
 def test_bad_speech_input_gets_a_clear_error(mesh, body, status, words):
     got, error, headers = mesh.request("POST", "/api/tts/speak", body)
     assert got == status, error
@@ -114,16 +117,25 @@ def test_text_at_the_limit_is_spoken(mesh):
 
 
 async def test_chat_speaks_the_answer_after_the_text(mesh):
-    status, events, _ = await read_events(mesh, "/api/chat/stream", {
-        "message": "Say hello in one short sentence.", "model": "phi", "max_tokens": 30, "temperature": 0,
-        "speak": True, "voice": "espeak:en-us"})
+    status, events, _ = await read_events(
+        mesh,
+        "/api/chat/stream",
+        {
+            "message": "Say hello in one short sentence.",
+            "model": "phi",
+            "max_tokens": 30,
+            "temperature": 0,
+            "speak": True,
+            "voice": "espeak:en-us",
+        },
+    )
     assert status == 200, events
     kinds = [next(iter(e)) for _, e in events]
     assert kinds[0] == "routing"
     done = kinds.index("done")
     assert "token" in kinds[:done] and "audio" not in kinds[:done], kinds
-    assert kinds[done + 1:] and set(kinds[done + 1:]) == {"audio"}, kinds
-    audio = [e["audio"] for _, e in events[done + 1:]]
+    assert kinds[done + 1 :] and set(kinds[done + 1 :]) == {"audio"}, kinds
+    audio = [e["audio"] for _, e in events[done + 1 :]]
     assert {a["sample_rate"] for a in audio} == {ESPEAK_RATE}
     samples = pcm16(b"".join(base64.b64decode(a["pcm16"]) for a in audio))
     assert len(samples) / ESPEAK_RATE > 0.5 and rms(samples) > 300
@@ -134,7 +146,9 @@ async def test_chat_speaks_the_answer_after_the_text(mesh):
 
 
 async def test_chat_without_speak_has_no_audio(mesh):
-    status, events, _ = await read_events(mesh, "/api/chat/stream", {"message": "hola", "model": "phi", "max_tokens": 5})
+    status, events, _ = await read_events(
+        mesh, "/api/chat/stream", {"message": "hola", "model": "phi", "max_tokens": 5}
+    )
     assert status == 200 and events
     assert not any("audio" in e for _, e in events)
 

@@ -22,13 +22,19 @@ TINY_VITS_RATE = 16000  # tools/make_tiny_vits.py
 @pytest.fixture(scope="module")
 def coqui_mesh(tmp_path_factory):
     directory = tmp_path_factory.mktemp("coqui")
-    made = subprocess.run([str(COQUI_PYTHON), str(REPO / "tools" / "make_tiny_vits.py"), str(directory / "vits")],
-                          capture_output=True, text=True, timeout=300)
+    made = subprocess.run(
+        [str(COQUI_PYTHON), str(REPO / "tools" / "make_tiny_vits.py"), str(directory / "vits")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert made.returncode == 0, made.stderr
     checkpoint, config_path = made.stdout.split()
     config = mesh_config(directory / "state", 28000, {"gpt-oss-20b": launched_model(28080)}, router=False)
-    config["speech"] = {"engine": "coqui", "coqui": {"model_path": checkpoint, "config_path": config_path,
-                                                      "python": str(COQUI_PYTHON)}}
+    config["speech"] = {
+        "engine": "coqui",
+        "coqui": {"model_path": checkpoint, "config_path": config_path, "python": str(COQUI_PYTHON)},
+    }
     mesh = start_mesh(directory, config)
     try:
         yield mesh
@@ -66,8 +72,9 @@ def test_coqui_wav_over_rest_has_the_model_rate_and_grows_with_the_text(coqui_me
 
 async def test_coqui_streams_sentence_by_sentence(coqui_mesh):
     sentences = [f"Frase número {i} del modelo pequeño." for i in range(8)]
-    request = speech_pb2.SynthesizeRequest(text=" ".join(sentences), voice="coqui:default-es",
-                                           format=speech_pb2.AUDIO_FORMAT_PCM16)
+    request = speech_pb2.SynthesizeRequest(
+        text=" ".join(sentences), voice="coqui:default-es", format=speech_pb2.AUDIO_FORMAT_PCM16
+    )
     async with edge_channel(coqui_mesh) as channel:
         started, chunks = time.perf_counter(), []
         async for chunk in speech_pb2_grpc.SpeechServiceStub(channel).Synthesize(request, timeout=120):
@@ -85,11 +92,14 @@ def test_espeak_still_speaks_beside_coqui(coqui_mesh):
     assert read_wav(wav)[0] == 22050
 
 
-@pytest.mark.parametrize("body, status, words", [
-    ({"text": "hola", "voice": "coqui:../../model.pth"}, 404, "unknown voice"),
-    ({"text": "hola", "voice": "coqui:default-es", "language": "en"}, 400, "speaks 'es', not 'en'"),
-    ({"text": ""}, 400, "empty"),
-])
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        ({"text": "hola", "voice": "coqui:../../model.pth"}, 404, "unknown voice"),
+        ({"text": "hola", "voice": "coqui:default-es", "language": "en"}, 400, "speaks 'es', not 'en'"),
+        ({"text": ""}, 400, "empty"),
+    ],
+)
 def test_bad_input_to_the_coqui_engine(coqui_mesh, body, status, words):
     got, error, _ = coqui_mesh.request("POST", "/api/tts/speak", body)
     assert got == status, error

@@ -50,8 +50,12 @@ def test_a_stable_run_resets_the_delay_and_the_count():
     assert [d.action for d in deaths(tracker, 2, uptime_s=5)] == [RESTART, RESTART]
     # Up for longer than stable_after_s: this death starts over, from the first delay.
     after_stable = tracker.on_exit(-9, uptime_s=31)
-    assert (after_stable.action, after_stable.delay_s, after_stable.attempt, after_stable.quick_failures) == \
-        (RESTART, 0.5, 1, 0)
+    assert (after_stable.action, after_stable.delay_s, after_stable.attempt, after_stable.quick_failures) == (
+        RESTART,
+        0.5,
+        1,
+        0,
+    )
     # So two more quick deaths are not yet the third in a row; a third is.
     assert [d.action for d in deaths(tracker, 3, uptime_s=5)] == [RESTART, RESTART, GIVE_UP]
 
@@ -68,10 +72,17 @@ def test_give_up_after_zero_never_gives_up():
     assert {d.action for d in decisions} == {RESTART} and decisions[-1].delay_s == 2
 
 
-@pytest.mark.parametrize("restart, returncode, action", [
-    ("on-failure", -9, RESTART), ("on-failure", 1, RESTART), ("on-failure", 0, LEAVE),
-    ("always", 0, RESTART), ("no", -9, LEAVE), ("no", 1, LEAVE),
-])
+@pytest.mark.parametrize(
+    "restart, returncode, action",
+    [
+        ("on-failure", -9, RESTART),
+        ("on-failure", 1, RESTART),
+        ("on-failure", 0, LEAVE),
+        ("always", 0, RESTART),
+        ("no", -9, LEAVE),
+        ("no", 1, LEAVE),
+    ],
+)
 def test_which_exits_are_restarted(restart, returncode, action):
     decision = RestartTracker(SupervisionConfig(restart=restart)).on_exit(returncode, 100)
     assert decision.action == action
@@ -107,21 +118,28 @@ def test_supervision_defaults_and_settings():
     config = parse_config(CONFIG, check_files=False)
     assert config.supervision == SupervisionConfig("on-failure", 0.5, 30.0, 5, 30.0)
     # `no` unquoted is a YAML boolean; the setting still reads it as the word.
-    config = parse_config(CONFIG + "supervision: {restart: no, backoff_initial_s: 1, give_up_after: 0}\n",
-                          check_files=False)
-    assert (config.supervision.restart, config.supervision.backoff_initial_s, config.supervision.give_up_after) == \
-        ("no", 1.0, 0)
+    config = parse_config(
+        CONFIG + "supervision: {restart: no, backoff_initial_s: 1, give_up_after: 0}\n", check_files=False
+    )
+    assert (config.supervision.restart, config.supervision.backoff_initial_s, config.supervision.give_up_after) == (
+        "no",
+        1.0,
+        0,
+    )
 
 
-@pytest.mark.parametrize("section, line, message", [
-    ("restart: sometimes", 10, "supervision.restart 'sometimes' must be one of on-failure, always, no"),
-    ("backoff_initial_s: 0", 10, "supervision.backoff_initial_s must be a positive number of seconds"),
-    ("backoff_initial_s: 5\n  backoff_max_s: 1", 11, "supervision.backoff_max_s (1) must not be below"),
-    ("give_up_after: -1", 10, "supervision.give_up_after must be 0 (never give up) or more"),
-    ("stable_after_s: -3", 10, "supervision.stable_after_s must be a positive number"),
-    ("restrat: no", 10, "unknown key 'restrat' in supervision"),
-    ("backoff_max_s: soon", 10, "supervision.backoff_max_s must be a number"),
-])
+@pytest.mark.parametrize(
+    "section, line, message",
+    [
+        ("restart: sometimes", 10, "supervision.restart 'sometimes' must be one of on-failure, always, no"),
+        ("backoff_initial_s: 0", 10, "supervision.backoff_initial_s must be a positive number of seconds"),
+        ("backoff_initial_s: 5\n  backoff_max_s: 1", 11, "supervision.backoff_max_s (1) must not be below"),
+        ("give_up_after: -1", 10, "supervision.give_up_after must be 0 (never give up) or more"),
+        ("stable_after_s: -3", 10, "supervision.stable_after_s must be a positive number"),
+        ("restrat: no", 10, "unknown key 'restrat' in supervision"),
+        ("backoff_max_s: soon", 10, "supervision.backoff_max_s must be a number"),
+    ],
+)
 def test_bad_supervision_settings_name_the_line(section, line, message):
     with pytest.raises(ConfigError) as error:
         parse_config(CONFIG + f"\nsupervision:\n  {section}\n", source="mesh.yaml", check_files=False)
@@ -146,14 +164,21 @@ def test_ctrl_c_while_starting_during_a_restart_delay_stops_at_once(tmp_path):
     garbage.write_bytes(b"not a model" * 100)
     broken = launched_model(21281)
     broken["launch"]["model_path"] = str(garbage)
-    config = {**mesh_config(tmp_path / "state", 21200, {"sturdy": launched_model(21280), "broken": broken},
-                            router=False), "supervision": {"backoff_initial_s": 60, "backoff_max_s": 60}}
+    config = {
+        **mesh_config(tmp_path / "state", 21200, {"sturdy": launched_model(21280), "broken": broken}, router=False),
+        "supervision": {"backoff_initial_s": 60, "backoff_max_s": 60},
+    }
     config_path = tmp_path / "capibara.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log_path = tmp_path / "up.log"
     with open(log_path, "wb") as log:
-        up = subprocess.Popen([str(VENV_BIN / "capibara"), "--config", str(config_path), "up"], stdout=log,
-                              stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        up = subprocess.Popen(
+            [str(VENV_BIN / "capibara"), "--config", str(config_path), "up"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 60
         while "restarting it in 60 s" not in log_path.read_text() and time.monotonic() < deadline:
@@ -199,8 +224,9 @@ def llama_server_pids(port: int) -> list[int]:
 
 
 def chat(mesh, model: str) -> tuple[int, dict]:
-    status, body, _ = mesh.request("POST", "/api/chat", {"message": "hola", "model": model, "max_tokens": 3},
-                                   timeout=30)
+    status, body, _ = mesh.request(
+        "POST", "/api/chat", {"message": "hola", "model": model, "max_tokens": 3}, timeout=30
+    )
     return status, body
 
 
@@ -249,7 +275,7 @@ def test_a_killed_llama_server_serves_again_within_10_s(supervised_mesh):
     assert f"log: {supervised_mesh.config['state_dir']}/logs/llama-server-sturdy.log" in death
     assert f"restarted llama-server-sturdy (pid {new_pid}, restart 1)" in output
     # The same log file, appended to, says where the restart began.
-    server_log = (supervised_mesh.config["state_dir"] + "/logs/llama-server-sturdy.log")
+    server_log = supervised_mesh.config["state_dir"] + "/logs/llama-server-sturdy.log"
     text = open(server_log, errors="replace").read()
     assert "capibara up" in text and "restart 1, after the previous run killed by SIGKILL" in text
 

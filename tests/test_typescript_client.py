@@ -34,8 +34,13 @@ def test_generated_code_covers_every_service(built_client):
 
 
 def test_typescript_example_streams_a_chat_and_routes_through_envoy(mesh, built_client):
-    result = subprocess.run(["node", str(built_client), "--target", f"localhost:{mesh.edge.split(':')[1]}",
-                             "--ca", str(mesh.cert)], cwd=CLIENT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["node", str(built_client), "--target", f"localhost:{mesh.edge.split(':')[1]}", "--ca", str(mesh.cert)],
+        cwd=CLIENT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "route: programming -> gpt-oss-20b" in result.stdout
     assert "answering: " in result.stdout and "done: " in result.stdout

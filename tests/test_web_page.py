@@ -19,8 +19,9 @@ SCREENSHOTS = REPO / "test-artifacts" / "screenshots"
 @pytest.fixture(scope="module")
 def web_mesh(tmp_path_factory):
     assert shutil.which("node") and os.path.exists("/usr/bin/chromium"), "make test installs chromium; node is needed"
-    installed = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=BROWSER_TESTS, capture_output=True,
-                               text=True, timeout=600)
+    installed = subprocess.run(
+        ["npm", "ci", "--no-audit", "--no-fund"], cwd=BROWSER_TESTS, capture_output=True, text=True, timeout=600
+    )
     assert installed.returncode == 0, installed.stderr
     models = {"gpt-oss-20b": launched_model(20080), "phi": launched_model(20081), "mixtral": launched_model(20082)}
     # Not restarted: the backend-down phase needs phi to stay down (tests/test_supervision.py
@@ -30,8 +31,13 @@ def web_mesh(tmp_path_factory):
 
 
 def browser(mesh, phase: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["node", "web_chat.mjs", mesh.base_url, str(SCREENSHOTS), phase], cwd=BROWSER_TESTS,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        ["node", "web_chat.mjs", mesh.base_url, str(SCREENSHOTS), phase],
+        cwd=BROWSER_TESTS,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_page_is_served_offline_with_a_strict_policy(web_mesh):

@@ -56,8 +56,11 @@ def breaking(before: pathlib.Path, after: pathlib.Path, work: pathlib.Path) -> s
         image = work / f"{name}.binpb"
         subprocess.run([str(BUF), "build", str(workspace), "-o", str(image)], check=True)
         images.append(image)
-    return subprocess.run([str(BUF), "breaking", str(images[1]), "--against", str(images[0]), "--config", WIRE_JSON],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [str(BUF), "breaking", str(images[1]), "--against", str(images[0]), "--config", WIRE_JSON],
+        capture_output=True,
+        text=True,
+    )
 
 
 def main() -> int:

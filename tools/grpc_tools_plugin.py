@@ -27,9 +27,7 @@ def main() -> int:
         descriptors = pathlib.Path(tmp, "set.pb")
         out = pathlib.Path(tmp, "out")
         out.mkdir()
-        descriptors.write_bytes(
-            descriptor_pb2.FileDescriptorSet(file=request.proto_file).SerializeToString()
-        )
+        descriptors.write_bytes(descriptor_pb2.FileDescriptorSet(file=request.proto_file).SerializeToString())
         status = protoc.main(
             ["protoc", f"--descriptor_set_in={descriptors}", f"--{generator}_out={out}"]
             + list(request.file_to_generate)

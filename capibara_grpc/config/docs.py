@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import inspect
 import textwrap
+import types
 import typing
 
 import yaml
@@ -81,8 +82,13 @@ def _class_doc(cls) -> str:
     return " ".join(inspect.cleandoc(doc).split())
 
 
+def _is_optional(kind) -> bool:
+    """`X | None` (or typing.Optional[X])."""
+    return typing.get_origin(kind) in (typing.Union, types.UnionType)
+
+
 def _unwrap(kind):
-    if typing.get_origin(kind) is typing.Union:  # Optional[X]
+    if _is_optional(kind):
         (kind,) = [a for a in typing.get_args(kind) if a is not type(None)]
     return kind
 
@@ -149,7 +155,7 @@ def _sections(cls, path: str, intro: str, defaults: dict, depth: int) -> list[st
         elif section:
             kind, is_mapping = section
             sub = f"{key}.{PLACEHOLDERS.get(f.name, '<key>')}" if is_mapping else key
-            optional = typing.get_origin(hints[f.name]) is typing.Union
+            optional = _is_optional(hints[f.name])
             text = " ".join(filter(None, [comment, "Optional." if optional else ""]))
             inner = {name: getattr(d, f.name) for name, d in defaults.items()}
             if is_mapping or any(v is None for v in inner.values()):

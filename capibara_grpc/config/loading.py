@@ -13,8 +13,9 @@ from capibara_grpc.config.validation import validate
 from capibara_grpc.services import SERVICE_NAMES
 
 
-def load_config(path: str | os.PathLike | None = None, *, check_files: bool = True,
-                services: typing.Iterable[str] = SERVICE_NAMES) -> MeshConfig:
+def load_config(
+    path: str | os.PathLike | None = None, *, check_files: bool = True, services: typing.Iterable[str] = SERVICE_NAMES
+) -> MeshConfig:
     """Load and validate the mesh configuration.
 
     `path` defaults to $CAPIBARA_CONFIG, then config/capibara.yaml in the repository. With
@@ -32,7 +33,10 @@ def load_config(path: str | os.PathLike | None = None, *, check_files: bool = Tr
 
 
 def parse_config(
-    text: str, *, source: str = "<string>", base_dir: pathlib.Path = REPO_ROOT,
+    text: str,
+    *,
+    source: str = "<string>",
+    base_dir: pathlib.Path = REPO_ROOT,
     check_files: bool | set[str] = True,
 ) -> MeshConfig:
     """The configuration in `text`; `source` names it in messages. `check_files`: True (every

@@ -10,6 +10,7 @@ entries sit beside the class's other keys, as services.<name> does).
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 
 import yaml
@@ -69,7 +70,7 @@ def build(where: Where, node: yaml.Node, kind, path: str, default=None):
     """The value of type `kind` that `node` describes; `default` (a dataclass instance) supplies
     the keys the node leaves out."""
     origin = typing.get_origin(kind)
-    if origin is typing.Union:  # Optional[X]
+    if origin in (typing.Union, types.UnionType):  # X | None
         (inner,) = [a for a in typing.get_args(kind) if a is not type(None)]
         return build(where, node, inner, path)
     if origin is list:
@@ -108,7 +109,8 @@ def _build_dataclass(where: Where, node: yaml.Node, kind, path: str, default):
         key = _scalar(where, key_node, str, f"a key of {path or 'the file'}")
         if key not in known:
             raise where.error(
-                key_node, f"unknown key '{key}' in {path or 'the top level'} (known: {', '.join(sorted(known))})")
+                key_node, f"unknown key '{key}' in {path or 'the top level'} (known: {', '.join(sorted(known))})"
+            )
         key_path = f"{path}.{key}".lstrip(".")
         if key in inline_defaults:
             value_kind = typing.get_args(hints[inline.name])[1]

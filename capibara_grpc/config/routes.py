@@ -72,7 +72,11 @@ def parse_routes(text: str, config: MeshConfig, source: str = "<routes>") -> Rou
     if not routes.routes:
         fail(routes, "routes", "no routes defined under 'routes'")
     if routes.default.model not in config.models:
-        fail(routes.default, "model", f"default.model '{routes.default.model}' is not a model of the mesh (defined: {defined})")
+        fail(
+            routes.default,
+            "model",
+            f"default.model '{routes.default.model}' is not a model of the mesh (defined: {defined})",
+        )
     for name, route in routes.routes.items():
         route.name = name
         if route.model not in config.models:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import typing
 from dataclasses import dataclass, field
 
 from capibara_grpc.errors import NotFound
@@ -354,7 +353,7 @@ class ModelConfig:
     # openai: the server always does); `raw`: the text as is, no template.
     chat_template: str = "server"
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
-    launch: typing.Optional[LaunchConfig] = None
+    launch: LaunchConfig | None = None
     # Models to try, in order, when this one's backend is down or fails before its first token
     # (then the router's next-best). A request that names this model never fails over.
     fallbacks: list[str] = field(default_factory=list)

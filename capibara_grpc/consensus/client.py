@@ -28,14 +28,18 @@ class ConsensusClient:
 
     async def decide(self, prompt: str, params: SamplingParams, timeout_s: float) -> ConsensusAnswer:
         response = await self.stub.Decide(
-            consensus_pb2.DecideRequest(prompt=prompt, strategy=consensus_pb2.STRATEGY_VOTE,
-                                        params=chat_convert.params_to_pb(params)),
+            consensus_pb2.DecideRequest(
+                prompt=prompt, strategy=consensus_pb2.STRATEGY_VOTE, params=chat_convert.params_to_pb(params)
+            ),
             timeout=timeout_s,
         )
         final = response.final
         return ConsensusAnswer(
-            text=final.text, chosen_model_id=final.chosen_model_id, agreement=final.agreement,
-            reasoning=final.reasoning, scores=[(s.model_id, s.score) for s in final.scores],
+            text=final.text,
+            chosen_model_id=final.chosen_model_id,
+            agreement=final.agreement,
+            reasoning=final.reasoning,
+            scores=[(s.model_id, s.score) for s in final.scores],
             prompt_tokens=sum(c.usage.prompt_tokens for c in response.candidates),
             completion_tokens=sum(c.usage.completion_tokens for c in response.candidates),
         )

@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
 
 import numpy as np
 
@@ -121,9 +121,14 @@ class ConsensusEngine:
                 raise InvalidArgument(f"self_consistency needs between 2 and {MAX_CANDIDATES} samples, got {k}")
             temperature = request.params.temperature if request.params.temperature else 0.8
             base_seed = request.params.seed if request.params.seed is not None else 1234
-            return [(f"{models[0]}#{i + 1}", models[0],
-                     SamplingParams(**{**request.params.__dict__, "temperature": temperature, "seed": base_seed + i}))
-                    for i in range(k)]
+            return [
+                (
+                    f"{models[0]}#{i + 1}",
+                    models[0],
+                    SamplingParams(**{**request.params.__dict__, "temperature": temperature, "seed": base_seed + i}),
+                )
+                for i in range(k)
+            ]
         if len(models) > MAX_CANDIDATES:
             raise InvalidArgument(f"at most {MAX_CANDIDATES} models, got {len(models)}")
         return [(m, m, request.params) for m in models]
@@ -170,8 +175,15 @@ class ConsensusEngine:
             try:
                 timeout = max(0.01, min(per_model, deadline - time.monotonic()))
                 text, latency, finished = await self._collect(model_id, messages, params, timeout)
-                await queue.put(CandidateDone(label, text, latency, finished.prompt_tokens if finished else 0,
-                                              finished.completion_tokens if finished else 0))
+                await queue.put(
+                    CandidateDone(
+                        label,
+                        text,
+                        latency,
+                        finished.prompt_tokens if finished else 0,
+                        finished.completion_tokens if finished else 0,
+                    )
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - one candidate failing is an event, not a crash
@@ -190,9 +202,11 @@ class ConsensusEngine:
                 (done if isinstance(event, CandidateDone) else failed).append(event)
                 yield event
             if len(done) < quorum:
-                yield StreamError("UNAVAILABLE", f"quorum not met: {len(done)} of {len(plan)} candidates answered, "
-                                             f"{quorum} needed; failed: "
-                                             + ", ".join(f"{f.model_id} ({f.code}: {f.message})" for f in failed))
+                yield StreamError(
+                    "UNAVAILABLE",
+                    f"quorum not met: {len(done)} of {len(plan)} candidates answered, "
+                    f"{quorum} needed; failed: " + ", ".join(f"{f.model_id} ({f.code}: {f.message})" for f in failed),
+                )
                 return
             async for event in self._decide(request, done, deadline):
                 yield event
@@ -226,8 +240,10 @@ class ConsensusEngine:
         scores = [(c.model_id, float(similarity[i].mean())) for i, c in enumerate(done)]
         agreement = sum(weight(i) for i in best) / total
         strategy = "vote" if weights is None else "weighted"
-        reasoning = (f"{len(best)} of {len(done)} answers agree (groups: {[len(g) for g in groups]}); "
-                     f"the most central answer of the largest group is {done[central].model_id}'s")
+        reasoning = (
+            f"{len(best)} of {len(done)} answers agree (groups: {[len(g) for g in groups]}); "
+            f"the most central answer of the largest group is {done[central].model_id}'s"
+        )
         return Final(done[central].text, strategy, agreement, scores, done[central].model_id, reasoning)
 
     def _self_consistency(self, done: list[CandidateDone]) -> Final:
@@ -235,9 +251,15 @@ class ConsensusEngine:
         counts = {k: keys.count(k) for k in keys}
         winner = max(counts, key=lambda k: (counts[k], -keys.index(k)))
         chosen = keys.index(winner)
-        scores = [(c.model_id, counts[k] / len(keys)) for c, k in zip(done, keys)]
-        return Final(done[chosen].text, "self_consistency", counts[winner] / len(keys), scores, done[chosen].model_id,
-                     f"final answer '{winner}' in {counts[winner]} of {len(keys)} samples")
+        scores = [(c.model_id, counts[k] / len(keys)) for c, k in zip(done, keys, strict=True)]
+        return Final(
+            done[chosen].text,
+            "self_consistency",
+            counts[winner] / len(keys),
+            scores,
+            done[chosen].model_id,
+            f"final answer '{winner}' in {counts[winner]} of {len(keys)} samples",
+        )
 
     def _aux_model(self, configured: str) -> str:
         return configured or self.config.gateway.default_model
@@ -245,28 +267,45 @@ class ConsensusEngine:
     async def _judge(self, request: Request, done: list[CandidateDone], deadline: float) -> Final:
         judge = self._aux_model(self.settings.judge_model)
         listing = "\n\n".join(f"Answer {i + 1}:\n{c.text.strip()}" for i, c in enumerate(done))
-        prompt = (f"Question:\n{request.prompt}\n\n{listing}\n\nWhich answer is best? Reply exactly in the form\n"
-                  f"BEST: <number from 1 to {len(done)}>\nREASON: <one sentence>")
-        text, _, _ = await self._collect(judge, [Message("user", prompt)], SamplingParams(max_tokens=60, temperature=0),
-                                         max(0.01, deadline - time.monotonic()))
+        prompt = (
+            f"Question:\n{request.prompt}\n\n{listing}\n\nWhich answer is best? Reply exactly in the form\n"
+            f"BEST: <number from 1 to {len(done)}>\nREASON: <one sentence>"
+        )
+        text, _, _ = await self._collect(
+            judge,
+            [Message("user", prompt)],
+            SamplingParams(max_tokens=60, temperature=0),
+            max(0.01, deadline - time.monotonic()),
+        )
         match = re.search(r"BEST\s*:?\s*(?:answer\s*)?#?(\d+)", text, re.IGNORECASE)
         pick = int(match.group(1)) - 1 if match else -1
         if not 0 <= pick < len(done):
             fallback = self._vote(done)
             fallback.strategy = "judge"
-            fallback.reasoning = f"judge {judge} gave no usable pick ({text.strip()[:120]!r}); fell back to vote: {fallback.reasoning}"
+            fallback.reasoning = (
+                f"judge {judge} gave no usable pick ({text.strip()[:120]!r}); fell back to vote: {fallback.reasoning}"
+            )
             return fallback
         reason = re.search(r"REASON\s*:?\s*(.+)", text, re.IGNORECASE | re.DOTALL)
         scores = [(c.model_id, 1.0 if i == pick else 0.0) for i, c in enumerate(done)]
         agreement = self._vote(done).agreement
-        return Final(done[pick].text, "judge", agreement, scores, done[pick].model_id,
-                     f"judge {judge} picked answer {pick + 1}: " + (reason.group(1).strip()[:300] if reason else "(no reason given)"))
+        return Final(
+            done[pick].text,
+            "judge",
+            agreement,
+            scores,
+            done[pick].model_id,
+            f"judge {judge} picked answer {pick + 1}: "
+            + (reason.group(1).strip()[:300] if reason else "(no reason given)"),
+        )
 
     async def _fuse(self, request: Request, done: list[CandidateDone], deadline: float) -> AsyncIterator[Event]:
         aggregator = self._aux_model(self.settings.aggregator_model)
         listing = "\n\n".join(f"Answer {i + 1} ({c.model_id}):\n{c.text.strip()}" for i, c in enumerate(done))
-        prompt = (f"Several assistants answered this question:\n{request.prompt}\n\n{listing}\n\n"
-                  "Write one answer that combines what is correct in them, in the language of the question.")
+        prompt = (
+            f"Several assistants answered this question:\n{request.prompt}\n\n{listing}\n\n"
+            "Write one answer that combines what is correct in them, in the language of the question."
+        )
         parts = []
         timeout = max(0.01, deadline - time.monotonic())
         async for item in self._stream(aggregator, [Message("user", prompt)], request.params, timeout):
@@ -276,8 +315,14 @@ class ConsensusEngine:
         fused = "".join(parts)
         vectors = self.encode([fused or "(empty answer)"] + [c.text or "(empty answer)" for c in done])
         scores = [(c.model_id, float(vectors[0] @ vectors[i + 1])) for i, c in enumerate(done)]
-        yield Final(fused, "fuse", self._vote(done).agreement, scores, aggregator,
-                    f"{aggregator} wrote one answer from {len(done)} candidates")
+        yield Final(
+            fused,
+            "fuse",
+            self._vote(done).agreement,
+            scores,
+            aggregator,
+            f"{aggregator} wrote one answer from {len(done)} candidates",
+        )
 
     async def _decide(self, request: Request, done: list[CandidateDone], deadline: float) -> AsyncIterator[Event]:
         try:
@@ -296,4 +341,3 @@ class ConsensusEngine:
             raise
         except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
             yield StreamError.from_exception(exc, "combining", "combining failed: ")
-

@@ -16,8 +16,14 @@ from capibara_grpc.errors import StreamError, remaining_s
 from capibara_grpc.stubs import consensus_pb2 as pb
 from capibara_grpc.stubs import consensus_pb2_grpc, inference_pb2
 
-STRATEGY_FROM_PB = {pb.STRATEGY_UNSPECIFIED: "vote", pb.STRATEGY_VOTE: "vote", pb.STRATEGY_WEIGHTED: "weighted",
-                    pb.STRATEGY_JUDGE: "judge", pb.STRATEGY_FUSE: "fuse", pb.STRATEGY_SELF_CONSISTENCY: "self_consistency"}
+STRATEGY_FROM_PB = {
+    pb.STRATEGY_UNSPECIFIED: "vote",
+    pb.STRATEGY_VOTE: "vote",
+    pb.STRATEGY_WEIGHTED: "weighted",
+    pb.STRATEGY_JUDGE: "judge",
+    pb.STRATEGY_FUSE: "fuse",
+    pb.STRATEGY_SELF_CONSISTENCY: "self_consistency",
+}
 STRATEGY_TO_PB = {v: k for k, v in STRATEGY_FROM_PB.items() if k != pb.STRATEGY_UNSPECIFIED}
 
 
@@ -36,16 +42,26 @@ def request_from_pb(request) -> Request:
 
 def candidate_done_to_pb(event: CandidateDone) -> pb.CandidateFinished:
     return pb.CandidateFinished(
-        model_id=event.model_id, text=event.text, latency_ms=event.latency_ms,
-        usage=inference_pb2.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-                                  total_tokens=event.prompt_tokens + event.completion_tokens),
+        model_id=event.model_id,
+        text=event.text,
+        latency_ms=event.latency_ms,
+        usage=inference_pb2.Usage(
+            prompt_tokens=event.prompt_tokens,
+            completion_tokens=event.completion_tokens,
+            total_tokens=event.prompt_tokens + event.completion_tokens,
+        ),
     )
 
 
 def final_to_pb(event: Final) -> pb.FinalAnswer:
-    return pb.FinalAnswer(text=event.text, strategy=STRATEGY_TO_PB[event.strategy], agreement=event.agreement,
-                          scores=[pb.CandidateScore(model_id=m, score=s) for m, s in event.scores],
-                          chosen_model_id=event.chosen_model_id, reasoning=event.reasoning)
+    return pb.FinalAnswer(
+        text=event.text,
+        strategy=STRATEGY_TO_PB[event.strategy],
+        agreement=event.agreement,
+        scores=[pb.CandidateScore(model_id=m, score=s) for m, s in event.scores],
+        chosen_model_id=event.chosen_model_id,
+        reasoning=event.reasoning,
+    )
 
 
 def event_to_pb(event) -> pb.CombineResponse:
@@ -54,7 +70,9 @@ def event_to_pb(event) -> pb.CombineResponse:
     if isinstance(event, CandidateDone):
         return pb.CombineResponse(finished=candidate_done_to_pb(event))
     if isinstance(event, CandidateFailed):
-        return pb.CombineResponse(failed=pb.CandidateFailed(model_id=event.model_id, code=event.code, message=event.message))
+        return pb.CombineResponse(
+            failed=pb.CandidateFailed(model_id=event.model_id, code=event.code, message=event.message)
+        )
     if isinstance(event, Token):
         return pb.CombineResponse(token=inference_pb2.TokenChunk(text=event.text, index=event.index))
     if isinstance(event, Final):
@@ -81,7 +99,9 @@ class ConsensusServicer(consensus_pb2_grpc.ConsensusServiceServicer):
             if isinstance(event, CandidateDone):
                 response.candidates.append(candidate_done_to_pb(event))
             elif isinstance(event, CandidateFailed):
-                response.failures.append(pb.CandidateFailed(model_id=event.model_id, code=event.code, message=event.message))
+                response.failures.append(
+                    pb.CandidateFailed(model_id=event.model_id, code=event.code, message=event.message)
+                )
             elif isinstance(event, Final):
                 response.final.CopyFrom(final_to_pb(event))
             elif isinstance(event, StreamError):

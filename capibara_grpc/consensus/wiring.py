@@ -19,4 +19,6 @@ async def start(servers: MeshServers) -> None:
     inference = internal_channel(config, "inference")
     servers.on_stop(inference.close)
     servicer = ConsensusServicer(ConsensusEngine(config, InferenceClient(inference).generate, encoder.encode))
-    await servers.serve("consensus", lambda server: consensus_pb2_grpc.add_ConsensusServiceServicer_to_server(servicer, server))
+    await servers.serve(
+        "consensus", lambda server: consensus_pb2_grpc.add_ConsensusServiceServicer_to_server(servicer, server)
+    )

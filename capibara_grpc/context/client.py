@@ -25,15 +25,20 @@ class ContextClient:
         # stores the turn once.
         request_id = tracing.current_request_id.get()
         await self.stub.AppendTurn(
-            context_pb2.AppendTurnRequest(conversation_id=conversation_id, role=chat_convert.ROLE_TO_PB[role],
-                                          content=content, model_id=model_id,
-                                          request_id=f"{request_id}:{role}" if request_id else ""),
+            context_pb2.AppendTurnRequest(
+                conversation_id=conversation_id,
+                role=chat_convert.ROLE_TO_PB[role],
+                content=content,
+                model_id=model_id,
+                request_id=f"{request_id}:{role}" if request_id else "",
+            ),
             timeout=timeout_s,
         )
 
     async def recent_user_turns(self, conversation_id: str, count: int, timeout_s: float) -> list[str]:
         """The conversation's last `count` user messages, from the shared memory (any replica)."""
         response = await self.stub.GetConversation(
-            context_pb2.GetConversationRequest(conversation_id=conversation_id), timeout=timeout_s)
+            context_pb2.GetConversationRequest(conversation_id=conversation_id), timeout=timeout_s
+        )
         user = [turn.content for turn in response.turns if chat_convert.ROLE_FROM_PB.get(turn.role) == "user"]
         return user[-count:]

@@ -72,8 +72,9 @@ class ContextEngine:
         model_id = self._model(model_id)
         value = plain(value)
         toon = toon_format.encode(value)
-        return ToonEncoding(toon, await self.tokens.count(model_id, compact_json(value)),
-                            await self.tokens.count(model_id, toon))
+        return ToonEncoding(
+            toon, await self.tokens.count(model_id, compact_json(value)), await self.tokens.count(model_id, toon)
+        )
 
     @staticmethod
     def toon_decode(text: str):
@@ -93,20 +94,33 @@ class ContextEngine:
             text, tokens, form = compact_json(plain(data)), encoding.json_tokens, "compact JSON"
         if tokens > budget:
             raise InvalidArgument(f"data is {tokens} tokens as {form}, over the budget of {budget} tokens")
-        return Addition("data", f"Data ({form}):\n{text}",
-                        f"data passed with the request, as {form}: {tokens} tokens "
-                        f"(TOON {encoding.toon_tokens}, JSON {encoding.json_tokens})")
+        return Addition(
+            "data",
+            f"Data ({form}):\n{text}",
+            f"data passed with the request, as {form}: {tokens} tokens "
+            f"(TOON {encoding.toon_tokens}, JSON {encoding.json_tokens})",
+        )
 
-    async def enrich(self, message: str, conversation_id: str = "", data=NO_DATA, model_id: str = "",
-                     system_prompt: str | None = None) -> EnrichResult:
+    async def enrich(
+        self,
+        message: str,
+        conversation_id: str = "",
+        data=NO_DATA,
+        model_id: str = "",
+        system_prompt: str | None = None,
+    ) -> EnrichResult:
         if not message.strip():
             raise InvalidArgument("message must not be empty or only whitespace")
         model_id = self._model(model_id)
-        added = [a for a in (
-            providers.datetime_context(message, self.settings.timezone),
-            providers.identity_context(message, self.settings.assistant_name, self.settings.assistant_description),
-            providers.arithmetic_context(message),
-        ) if a]
+        added = [
+            a
+            for a in (
+                providers.datetime_context(message, self.settings.timezone),
+                providers.identity_context(message, self.settings.assistant_name, self.settings.assistant_description),
+                providers.arithmetic_context(message),
+            )
+            if a
+        ]
         if data is not NO_DATA and data is not None:
             added.append(await self._data(data, model_id))
         system = self.config.gateway.system_prompt if system_prompt is None else system_prompt
@@ -116,8 +130,13 @@ class ContextEngine:
         history = await self._history(conversation_id, model_id, head + [user])
         if history:
             kept, total = history
-            added.append(Addition("history", f"{len(kept)} earlier turns",
-                                  f"conversation memory: the newest {len(kept)} of {total} turns fit the context window"))
+            added.append(
+                Addition(
+                    "history",
+                    f"{len(kept)} earlier turns",
+                    f"conversation memory: the newest {len(kept)} of {total} turns fit the context window",
+                )
+            )
             head += [Message(t.role, t.content) for t in kept]
         return EnrichResult(head + [user], added)
 

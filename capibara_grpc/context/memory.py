@@ -26,8 +26,9 @@ class Turn:
 
 
 class ConversationStore(Protocol):
-    async def append(self, conversation_id: str, role: str, content: str, model_id: str = "",
-                     request_id: str = "") -> bool:
+    async def append(
+        self, conversation_id: str, role: str, content: str, model_id: str = "", request_id: str = ""
+    ) -> bool:
         """Store a turn; False when a turn with this request id was stored already."""
         ...
 
@@ -39,12 +40,14 @@ class ConversationStore(Protocol):
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
 
 # Migrations: (version, statements). Never edit a released one; add the next.
 SQLITE_MIGRATIONS = [
-    (1, """
+    (
+        1,
+        """
         CREATE TABLE IF NOT EXISTS turns (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             conversation_id TEXT NOT NULL,
@@ -54,14 +57,20 @@ SQLITE_MIGRATIONS = [
             created_at TEXT NOT NULL
         );
         CREATE INDEX IF NOT EXISTS turns_by_conversation ON turns (conversation_id, id);
-    """),
-    (2, """
+    """,
+    ),
+    (
+        2,
+        """
         ALTER TABLE turns ADD COLUMN request_id TEXT NOT NULL DEFAULT '';
         CREATE UNIQUE INDEX turns_once_per_request ON turns (conversation_id, request_id) WHERE request_id <> '';
-    """),
+    """,
+    ),
 ]
 POSTGRES_MIGRATIONS = [
-    (1, """
+    (
+        1,
+        """
         CREATE TABLE turns (
             id BIGSERIAL PRIMARY KEY,
             conversation_id TEXT NOT NULL,
@@ -71,11 +80,15 @@ POSTGRES_MIGRATIONS = [
             created_at TIMESTAMPTZ NOT NULL DEFAULT now()
         );
         CREATE INDEX turns_by_conversation ON turns (conversation_id, id);
-    """),
-    (2, """
+    """,
+    ),
+    (
+        2,
+        """
         ALTER TABLE turns ADD COLUMN request_id TEXT NOT NULL DEFAULT '';
         CREATE UNIQUE INDEX turns_once_per_request ON turns (conversation_id, request_id) WHERE request_id <> '';
-    """),
+    """,
+    ),
 ]
 
 
@@ -125,8 +138,9 @@ class SqliteStore:
         with self._lock:
             return self._db.execute("DELETE FROM turns WHERE conversation_id = ?", (conversation_id,)).rowcount
 
-    async def append(self, conversation_id: str, role: str, content: str, model_id: str = "",
-                     request_id: str = "") -> bool:
+    async def append(
+        self, conversation_id: str, role: str, content: str, model_id: str = "", request_id: str = ""
+    ) -> bool:
         return await asyncio.to_thread(self._append, conversation_id, role, content, model_id, request_id)
 
     async def turns(self, conversation_id: str) -> list[Turn]:
@@ -150,7 +164,7 @@ class PostgresStore:
         self.pool = pool
 
     @classmethod
-    async def open(cls, url: str, max_connections: int = 10) -> "PostgresStore":
+    async def open(cls, url: str, max_connections: int = 10) -> PostgresStore:
         from psycopg_pool import AsyncConnectionPool
 
         pool = AsyncConnectionPool(url, min_size=1, max_size=max_connections, open=False)
@@ -162,8 +176,10 @@ class PostgresStore:
     async def _migrate(self) -> None:
         async with self.pool.connection() as db, db.transaction():
             await db.execute("SELECT pg_advisory_xact_lock(%s)", (self.MIGRATION_LOCK,))
-            await db.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
-                             "(version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+            await db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
             applied = {row[0] for row in await (await db.execute("SELECT version FROM schema_migrations")).fetchall()}
             for number, statements in POSTGRES_MIGRATIONS:
                 if number not in applied:
@@ -174,8 +190,9 @@ class PostgresStore:
         async with self.pool.connection() as db:
             return (await (await db.execute("SELECT max(version) FROM schema_migrations")).fetchone())[0]
 
-    async def append(self, conversation_id: str, role: str, content: str, model_id: str = "",
-                     request_id: str = "") -> bool:
+    async def append(
+        self, conversation_id: str, role: str, content: str, model_id: str = "", request_id: str = ""
+    ) -> bool:
         async with self.pool.connection() as db:
             cursor = await db.execute(
                 "INSERT INTO turns (conversation_id, role, content, model_id, request_id) VALUES (%s, %s, %s, %s, %s) "
@@ -186,12 +203,16 @@ class PostgresStore:
 
     async def turns(self, conversation_id: str) -> list[Turn]:
         async with self.pool.connection() as db:
-            rows = await (await db.execute(
-                "SELECT role, content, model_id, created_at FROM turns WHERE conversation_id = %s ORDER BY id",
-                (conversation_id,),
-            )).fetchall()
-        return [Turn(role, content, model_id, created.isoformat(timespec="milliseconds"))
-                for role, content, model_id, created in rows]
+            rows = await (
+                await db.execute(
+                    "SELECT role, content, model_id, created_at FROM turns WHERE conversation_id = %s ORDER BY id",
+                    (conversation_id,),
+                )
+            ).fetchall()
+        return [
+            Turn(role, content, model_id, created.isoformat(timespec="milliseconds"))
+            for role, content, model_id, created in rows
+        ]
 
     async def delete(self, conversation_id: str) -> int:
         async with self.pool.connection() as db:

@@ -42,7 +42,7 @@ def datetime_context(message: str, tz: str, now: datetime.datetime | None = None
     if not any(p.search(text) for p in _DATE_RE):
         return None
     zone = zoneinfo.ZoneInfo(tz)
-    now = (now or datetime.datetime.now(datetime.timezone.utc)).astimezone(zone)
+    now = (now or datetime.datetime.now(datetime.UTC)).astimezone(zone)
     content = f"Current date and time: {now.strftime('%A %Y-%m-%d %H:%M')} ({tz})."
     return Addition("datetime", content, "the question depends on the current date or time")
 
@@ -50,12 +50,22 @@ def datetime_context(message: str, tz: str, now: datetime.datetime | None = None
 # -- identity ----------------------------------------------------------------------------------
 
 _IDENTITY_PATTERNS = [
-    r"\b(quien|que) eres\b", r"\bwho are you\b", r"\bwhat are you\b",
-    r"\bcomo te llamas\b", r"\btu nombre\b", r"\byour name\b",
-    r"\beres (un|una) (robot|ia|bot|persona|humano|maquina)\b", r"\bare you (a|an) (robot|ai|bot|human|person|machine)\b",
-    r"\bquien te (creo|hizo|programo|entreno)\b", r"\bwho (made|created|built|trained) you\b",
-    r"\bque (puedes|sabes) hacer\b", r"\bwhat can you do\b", r"\bpresentate\b", r"\bintroduce yourself\b",
-    r"\bhablame de ti\b", r"\btell me about yourself\b",
+    r"\b(quien|que) eres\b",
+    r"\bwho are you\b",
+    r"\bwhat are you\b",
+    r"\bcomo te llamas\b",
+    r"\btu nombre\b",
+    r"\byour name\b",
+    r"\beres (un|una) (robot|ia|bot|persona|humano|maquina)\b",
+    r"\bare you (a|an) (robot|ai|bot|human|person|machine)\b",
+    r"\bquien te (creo|hizo|programo|entreno)\b",
+    r"\bwho (made|created|built|trained) you\b",
+    r"\bque (puedes|sabes) hacer\b",
+    r"\bwhat can you do\b",
+    r"\bpresentate\b",
+    r"\bintroduce yourself\b",
+    r"\bhablame de ti\b",
+    r"\btell me about yourself\b",
 ]
 _IDENTITY_RE = [re.compile(p) for p in _IDENTITY_PATTERNS]
 
@@ -70,12 +80,23 @@ def identity_context(message: str, name: str, description: str) -> Addition | No
 # -- arithmetic --------------------------------------------------------------------------------
 
 _OPERATORS = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
-    ast.USub: operator.neg, ast.UAdd: operator.pos,
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+    ast.USub: operator.neg,
+    ast.UAdd: operator.pos,
 }
-_WORDS = [(r"\bpor\b|\btimes\b|×", "*"), (r"\bentre\b|\bdivided by\b|÷", "/"), (r"\bmas\b|\bplus\b", "+"),
-          (r"\bmenos\b|\bminus\b", "-"), (r"\^", "**")]
+_WORDS = [
+    (r"\bpor\b|\btimes\b|×", "*"),
+    (r"\bentre\b|\bdivided by\b|÷", "/"),
+    (r"\bmas\b|\bplus\b", "+"),
+    (r"\bmenos\b|\bminus\b", "-"),
+    (r"\^", "**"),
+]
 _EXPRESSION = re.compile(r"[-+(]*\d[\d.,]*(?:\s*(?:\*\*|[-+*/%])\s*[-+(]*\d[\d.,]*\)*)+")
 MAX_EXPONENT = 100
 MAX_MAGNITUDE = 1e100
@@ -117,7 +138,9 @@ def arithmetic_context(message: str) -> Addition | None:
     facts = []
     for match in _EXPRESSION.finditer(text):
         expression = " ".join(match.group(0).split())
-        if not re.search(r"\d\s*(\*\*|[-+*/%])\s*[-+(]*\d", expression) or re.fullmatch(r"\d{4}-\d{1,2}(-\d{1,2})?", expression):
+        if not re.search(r"\d\s*(\*\*|[-+*/%])\s*[-+(]*\d", expression) or re.fullmatch(
+            r"\d{4}-\d{1,2}(-\d{1,2})?", expression
+        ):
             continue  # a lone number or a date
         try:
             value = safe_eval(expression)
@@ -127,5 +150,8 @@ def arithmetic_context(message: str) -> Addition | None:
         facts.append(f"{expression} = {shown}")
     if not facts:
         return None
-    return Addition("arithmetic", "Verified arithmetic: " + "; ".join(facts) + ".",
-                    "the message contains arithmetic, computed exactly instead of left to the model")
+    return Addition(
+        "arithmetic",
+        "Verified arithmetic: " + "; ".join(facts) + ".",
+        "the message contains arithmetic, computed exactly instead of left to the model",
+    )

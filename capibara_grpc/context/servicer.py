@@ -30,15 +30,21 @@ class ContextServicer(context_pb2_grpc.ContextServiceServicer):
         return context_pb2.EnrichResponse(
             prompt=result.prompt,
             messages=convert.messages_to_pb(result.messages),
-            added_context=[context_pb2.AddedContext(kind=a.kind, content=a.content, reason=a.reason) for a in result.added],
+            added_context=[
+                context_pb2.AddedContext(kind=a.kind, content=a.content, reason=a.reason) for a in result.added
+            ],
         )
 
     async def EncodeToon(self, request, context):
         if not request.HasField("json"):
             raise InvalidArgument("json is required")
         encoding = await self.engine.toon_encode(value_to_python(request.json), request.model_id)
-        return context_pb2.EncodeToonResponse(toon=encoding.toon, json_tokens=encoding.json_tokens,
-                                              toon_tokens=encoding.toon_tokens, savings=encoding.savings)
+        return context_pb2.EncodeToonResponse(
+            toon=encoding.toon,
+            json_tokens=encoding.json_tokens,
+            toon_tokens=encoding.toon_tokens,
+            savings=encoding.savings,
+        )
 
     async def DecodeToon(self, request, context):
         return context_pb2.DecodeToonResponse(json=python_to_value(self.engine.toon_decode(request.toon)))
@@ -49,19 +55,26 @@ class ContextServicer(context_pb2_grpc.ContextServiceServicer):
         turns = await self.engine.store.turns(request.conversation_id)
         return context_pb2.GetConversationResponse(
             conversation_id=request.conversation_id,
-            turns=[context_pb2.ConversationTurn(role=convert.ROLE_TO_PB[t.role], content=t.content,
-                                                model_id=t.model_id, created_at=t.created_at) for t in turns],
+            turns=[
+                context_pb2.ConversationTurn(
+                    role=convert.ROLE_TO_PB[t.role], content=t.content, model_id=t.model_id, created_at=t.created_at
+                )
+                for t in turns
+            ],
         )
 
     async def DeleteConversation(self, request, context):
         if not request.conversation_id:
             raise InvalidArgument("conversation_id is required")
-        return context_pb2.DeleteConversationResponse(deleted_turns=await self.engine.store.delete(request.conversation_id))
+        return context_pb2.DeleteConversationResponse(
+            deleted_turns=await self.engine.store.delete(request.conversation_id)
+        )
 
     async def AppendTurn(self, request, context):
         role = convert.ROLE_FROM_PB.get(request.role)
         if not request.conversation_id or role not in ("user", "assistant") or not request.content:
             raise InvalidArgument("conversation_id, a user or assistant role and content are required")
-        stored = await self.engine.store.append(request.conversation_id, role, request.content, request.model_id,
-                                                request.request_id)
+        stored = await self.engine.store.append(
+            request.conversation_id, role, request.content, request.model_id, request.request_id
+        )
         return context_pb2.AppendTurnResponse(stored=stored)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import collections
 
 import aiohttp
@@ -26,12 +25,16 @@ class ModelTokens:
     async def _call(self, model_id: str, method: str, path: str, body: dict | None = None) -> dict:
         url = self._url(model_id) + path
         try:
-            async with self.session.request(method, url, json=body, timeout=aiohttp.ClientTimeout(total=10)) as response:
+            async with self.session.request(
+                method, url, json=body, timeout=aiohttp.ClientTimeout(total=10)
+            ) as response:
                 if response.status != 200:
                     raise Unavailable(f"model '{model_id}' backend answered HTTP {response.status} to {path}")
                 return await response.json(content_type=None)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise Unavailable(f"model '{model_id}' is unavailable: {url} unreachable ({exc.__class__.__name__})") from exc
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise Unavailable(
+                f"model '{model_id}' is unavailable: {url} unreachable ({exc.__class__.__name__})"
+            ) from exc
 
     async def count(self, model_id: str, text: str) -> int:
         """Tokens of `text` for the model (llama-server /tokenize; vLLM's answers with `count`)."""

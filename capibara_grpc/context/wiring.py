@@ -20,4 +20,6 @@ async def start(servers: MeshServers) -> None:
     session = aiohttp.ClientSession()
     servers.on_stop(session.close)
     servicer = ContextServicer(ContextEngine(config, store, ModelTokens(config, session)))
-    await servers.serve("context", lambda server: context_pb2_grpc.add_ContextServiceServicer_to_server(servicer, server))
+    await servers.serve(
+        "context", lambda server: context_pb2_grpc.add_ContextServiceServicer_to_server(servicer, server)
+    )

@@ -12,13 +12,22 @@ import pathlib
 
 import yaml
 
-from capibara_grpc.config import MeshConfig, api_keys, url_host_port
+from capibara_grpc.config import MeshConfig, api_keys
 from capibara_grpc.edge import descriptor
-from capibara_grpc.edge.policies import STATIC_FILES, cors_policy, local_reply_config, lua_source, rate_limit, static_file
+from capibara_grpc.edge.clusters import model_cluster, service_cluster, socket_address
+
 # Still importable from here (`as` marks a re-export): what Envoy loads and serves, the rate tiers.
 from capibara_grpc.edge.policies import GENERATING_SERVICES as GENERATING_SERVICES
 from capibara_grpc.edge.policies import LUA_FILTER as LUA_FILTER
 from capibara_grpc.edge.policies import OPENAPI_DOCUMENT as OPENAPI_DOCUMENT
+from capibara_grpc.edge.policies import (
+    STATIC_FILES,
+    cors_policy,
+    local_reply_config,
+    lua_source,
+    rate_limit,
+    static_file,
+)
 from capibara_grpc.edge.policies import WEB as WEB
 from capibara_grpc.edge.tls import ensure_certificate
 from capibara_grpc.services import SERVICES
@@ -31,72 +40,30 @@ MAX_REQUEST_BYTES = 1024 * 1024
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 
 
-def _endpoints(name: str, addresses: list[tuple[str, int]]) -> dict:
-    return {"cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(h, p)}} for h, p in addresses]}]}
-
-
-def _cluster(name: str, addresses: list[tuple[str, int]]) -> dict:
-    """A service's replicas (usually one)."""
-    return {
-        "name": name,
-        # Replicas may be named by host name (another machine, a Kubernetes Service).
-        "type": "STRICT_DNS",
-        "connect_timeout": "1s",
-        "lb_policy": "LEAST_REQUEST",
-        # grpc.health.v1 of the service itself: a replica that says NOT_SERVING (or does not
-        # answer) gets no new calls. With every replica down Envoy still tries them (panic mode),
-        # so callers get the service's own error instead of a bare "no healthy upstream".
-        "health_checks": [{
-            "timeout": "1s", "interval": "2s", "unhealthy_threshold": 2, "healthy_threshold": 1,
-            "no_traffic_interval": "2s",
-            "grpc_health_check": {"service_name": SERVICE_FULL_NAMES[name]},
-        }],
-        # A replica that keeps failing with 5xx / connection errors is ejected for a while.
-        "outlier_detection": {"consecutive_gateway_failure": 3, "consecutive_5xx": 5, "interval": "2s",
-                              "base_ejection_time": "5s", "max_ejection_percent": 100},
-        "circuit_breakers": {"thresholds": [{"max_connections": 4096, "max_pending_requests": 4096,
-                                             "max_requests": 4096, "max_retries": 64}]},
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        "load_assignment": _endpoints(name, addresses),
-    }
-
-
-def _model_cluster(model_id: str, urls: list[str]) -> dict:
-    """A model's servers (llama-server, vLLM): least requests, /health checked, failing ones ejected."""
-    name = f"model-{model_id}"
-    return {
-        "name": name,
-        "type": "STRICT_DNS",
-        "connect_timeout": "1s",
-        "lb_policy": "LEAST_REQUEST",
-        "health_checks": [{"timeout": "1s", "interval": "2s", "unhealthy_threshold": 2, "healthy_threshold": 1,
-                           "no_traffic_interval": "2s", "http_health_check": {"path": "/health"}}],
-        "outlier_detection": {"consecutive_gateway_failure": 2, "consecutive_5xx": 5, "interval": "2s",
-                              "base_ejection_time": "5s", "max_ejection_percent": 100},
-        "circuit_breakers": {"thresholds": [{"max_connections": 4096, "max_pending_requests": 4096,
-                                             "max_requests": 4096, "max_retries": 64}]},
-        "load_assignment": _endpoints(name, [url_host_port(url) for url in urls]),
-    }
-
-
 def _models_listener(config: MeshConfig, bind_all: bool = False) -> dict:
     """Plain HTTP on loopback to the models that have replicas: /models/<id>/<path> -> a server."""
-    routes = [{
-        "match": {"prefix": f"/models/{model.model_id}/"},
-        "route": {"cluster": f"model-{model.model_id}", "prefix_rewrite": "/", "timeout": "0s",
-                  # A refused or reset connection before any answer goes to another server, and
-                  # so does a 503: llama-server listens at once when (re)started and answers 503
-                  # "Loading model" until its weights are in (seen: 3 chats lost right after a
-                  # supervised restart). A 503 comes before any token, so nothing is replayed.
-                  "retry_policy": {"retry_on": "connect-failure,reset,retriable-status-codes",
-                                   "retriable_status_codes": [503], "num_retries": 2, **_OTHER_HOSTS}},
-    } for model in config.models.values() if model.backend.replicas]
+    routes = [
+        {
+            "match": {"prefix": f"/models/{model.model_id}/"},
+            "route": {
+                "cluster": f"model-{model.model_id}",
+                "prefix_rewrite": "/",
+                "timeout": "0s",
+                # A refused or reset connection before any answer goes to another server, and
+                # so does a 503: llama-server listens at once when (re)started and answers 503
+                # "Loading model" until its weights are in (seen: 3 chats lost right after a
+                # supervised restart). A 503 comes before any token, so nothing is replayed.
+                "retry_policy": {
+                    "retry_on": "connect-failure,reset,retriable-status-codes",
+                    "retriable_status_codes": [503],
+                    "num_retries": 2,
+                    **_OTHER_HOSTS,
+                },
+            },
+        }
+        for model in config.models.values()
+        if model.backend.replicas
+    ]
     return _internal_listener("models", config, config.edge.models_port, "AUTO", routes, bind_all)
 
 
@@ -110,18 +77,20 @@ def _internal_listener(name: str, config: MeshConfig, port: int, codec: str, rou
         "stream_idle_timeout": "0s",
         "request_timeout": "0s",
         "route_config": {"name": name, "virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes}]},
-        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+            }
+        ],
     }
     return {
         "name": name,
-        "address": _socket("0.0.0.0" if bind_all else config.edge.mesh_address, port),
-        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+        "address": socket_address("0.0.0.0" if bind_all else config.edge.mesh_address, port),
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+        ],
     }
-
-
-def _socket(host: str, port: int) -> dict:
-    return {"socket_address": {"address": host, "port_value": port}}
 
 
 # Retried: a call the replica refused or could not take (UNAVAILABLE, connection failure or reset).
@@ -129,18 +98,32 @@ def _socket(host: str, port: int) -> dict:
 # is never replayed.
 # A retry goes to another replica than the ones already tried, when there is one.
 _OTHER_HOSTS = {
-    "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+    "retry_host_predicate": [
+        {
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+            },
+        }
+    ],
     "host_selection_retry_max_attempts": 5,
 }
-RETRY_POLICY = {"retry_on": "unavailable,connect-failure,reset", "num_retries": 2,
-                "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.5s"}, **_OTHER_HOSTS}
+RETRY_POLICY = {
+    "retry_on": "unavailable,connect-failure,reset",
+    "num_retries": 2,
+    "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.5s"},
+    **_OTHER_HOSTS,
+}
 
 
 # At the edge only what surely never reached a service: a refused connection or stream, or a
 # replica that went away before answering. (UNAVAILABLE from a service is its answer to the client.)
-EDGE_RETRY_POLICY = {"retry_on": "connect-failure,refused-stream,reset", "num_retries": 2,
-                     "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.5s"}, **_OTHER_HOSTS}
+EDGE_RETRY_POLICY = {
+    "retry_on": "connect-failure,refused-stream,reset",
+    "num_retries": 2,
+    "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.5s"},
+    **_OTHER_HOSTS,
+}
 
 
 def _to_cluster(prefix: str, cluster: str, retry: dict | None = EDGE_RETRY_POLICY) -> dict:
@@ -177,8 +160,15 @@ def _service_addresses(config: MeshConfig, service: str) -> list[tuple[str, int]
     return [(config.services.host, endpoint.port), *replicas]
 
 
-def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path, key: pathlib.Path,
-          keys_file: str | None = None, addresses=None, bind_all: bool = False) -> dict:
+def build(
+    config: MeshConfig,
+    descriptor_path: pathlib.Path,
+    cert: pathlib.Path,
+    key: pathlib.Path,
+    keys_file: str | None = None,
+    addresses=None,
+    bind_all: bool = False,
+) -> dict:
     """Envoy's bootstrap. For a deployment elsewhere (Kubernetes), `keys_file` is where the API keys
     will be mounted, `addresses(service)` gives each service's endpoints by DNS name, and
     `bind_all` makes the mesh listeners listen on every interface of the pod."""
@@ -204,7 +194,9 @@ def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path,
             route["typed_per_filter_config"] = limit
         routes.append(route)
     routes += [static_file(path, file, content_type) for path, (file, content_type) in STATIC_FILES.items()]
-    routes.append({"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {"inline_string": "no such path"}}})
+    routes.append(
+        {"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {"inline_string": "no such path"}}}
+    )
     if config.edge.cors_origins:
         # Preflight requests carry REST paths, which no route above matches before transcoding;
         # the CORS filter answers them only on a route that forwards, so they get one (first).
@@ -237,26 +229,48 @@ def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path,
         # the services as gRPC metadata, back to the client, and into this access log.
         "preserve_external_request_id": True,
         "always_set_request_id_in_response": True,
-        "access_log": [{
-            "name": "envoy.access_loggers.stdout",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-                "log_format": {"json_format": {
-                    "ts": "%START_TIME%", "request_id": "%REQ(X-REQUEST-ID)%", "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
-                    "method": "%REQ(:METHOD)%", "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%", "status": "%RESPONSE_CODE%",
-                    "grpc_status": "%GRPC_STATUS%", "flags": "%RESPONSE_FLAGS%", "ms": "%DURATION%",
-                    "upstream": "%UPSTREAM_CLUSTER%",
-                }},
-            },
-        }],
+        "access_log": [
+            {
+                "name": "envoy.access_loggers.stdout",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                    "log_format": {
+                        "json_format": {
+                            "ts": "%START_TIME%",
+                            "request_id": "%REQ(X-REQUEST-ID)%",
+                            "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+                            "method": "%REQ(:METHOD)%",
+                            "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+                            "status": "%RESPONSE_CODE%",
+                            "grpc_status": "%GRPC_STATUS%",
+                            "flags": "%RESPONSE_FLAGS%",
+                            "ms": "%DURATION%",
+                            "upstream": "%UPSTREAM_CLUSTER%",
+                        }
+                    },
+                },
+            }
+        ],
         "stream_idle_timeout": f"{int(config.edge.stream_idle_timeout_s)}s",
         "request_timeout": "0s",
         # A client that trickles its request headers (slowloris) is cut off.
         "request_headers_timeout": "10s",
-        "route_config": {"name": "edge", "max_direct_response_body_size_bytes": 4 * 1024 * 1024, "virtual_hosts": [{
-            "name": "mesh", "domains": ["*"], "routes": routes,
-            **({"typed_per_filter_config": cors_policy(config.edge.cors_origins)} if config.edge.cors_origins else {}),
-        }]},
+        "route_config": {
+            "name": "edge",
+            "max_direct_response_body_size_bytes": 4 * 1024 * 1024,
+            "virtual_hosts": [
+                {
+                    "name": "mesh",
+                    "domains": ["*"],
+                    "routes": routes,
+                    **(
+                        {"typed_per_filter_config": cors_policy(config.edge.cors_origins)}
+                        if config.edge.cors_origins
+                        else {}
+                    ),
+                }
+            ],
+        },
         "http_filters": [
             {
                 "name": "envoy.filters.http.lua",
@@ -268,12 +282,18 @@ def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path,
             {"name": "envoy.filters.http.grpc_json_transcoder", "typed_config": transcoder},
             # CORS after the transcoder: a transcoded call has its gRPC route, and so the policy.
             # Preflight requests pass the guard (no key needed) and the transcoder (no such method).
-            {"name": "envoy.filters.http.cors",
-             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"}},
+            {
+                "name": "envoy.filters.http.cors",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"},
+            },
             # After the transcoder, so REST and gRPC calls of one method share one route and one limit.
-            {"name": "envoy.filters.http.local_ratelimit",
-             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
-                              "stat_prefix": "client_rate_limit"}},
+            {
+                "name": "envoy.filters.http.local_ratelimit",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+                    "stat_prefix": "client_rate_limit",
+                },
+            },
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
@@ -294,12 +314,12 @@ def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path,
         },
     }
     return {
-        "admin": {"address": _socket(config.edge.admin_address, config.edge.admin_port)},
+        "admin": {"address": socket_address(config.edge.admin_address, config.edge.admin_port)},
         "static_resources": {
             "listeners": [
                 {
                     "name": "edge",
-                    "address": _socket(config.edge.listen_address, config.edge.port),
+                    "address": socket_address(config.edge.listen_address, config.edge.port),
                     "filter_chains": [
                         {
                             "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}],
@@ -310,8 +330,8 @@ def build(config: MeshConfig, descriptor_path: pathlib.Path, cert: pathlib.Path,
                 *([_mesh_listener(config, bind_all)] if config.services.via_envoy else []),
                 *([_models_listener(config, bind_all)] if replicated_models else []),
             ],
-            "clusters": [_cluster(s, addresses(s)) for s in deployed]
-            + [_model_cluster(m.model_id, m.server_urls) for m in replicated_models],
+            "clusters": [service_cluster(s, addresses(s)) for s in deployed]
+            + [model_cluster(m.model_id, m.server_urls) for m in replicated_models],
         },
     }
 
@@ -328,7 +348,9 @@ def write(config: MeshConfig) -> pathlib.Path:
     envoy_yaml.touch(mode=0o600)
     envoy_yaml.chmod(0o600)
     envoy_yaml.write_text(
-        "# Generated by `capibara envoy-config` from " + config.source + "; do not edit.\n"
+        "# Generated by `capibara envoy-config` from "
+        + config.source
+        + "; do not edit.\n"
         + yaml.safe_dump(build(config, descriptor_path, cert, key), sort_keys=False, width=120)
     )
     return envoy_yaml

@@ -45,7 +45,11 @@ _WELL_KNOWN = {
 ERROR_SCHEMA = {
     "type": "object",
     "description": "google.rpc.Status: the gRPC code (e.g. 3 INVALID_ARGUMENT) and a message saying what is wrong",
-    "properties": {"code": {"type": "integer"}, "message": {"type": "string"}, "details": {"type": "array", "items": {}}},
+    "properties": {
+        "code": {"type": "integer"},
+        "message": {"type": "string"},
+        "details": {"type": "array", "items": {}},
+    },
     "required": ["code", "message"],
 }
 # Statuses any call may get from the edge or the services, with the matching gRPC codes.
@@ -100,46 +104,73 @@ def build() -> dict:
         method_name = rule["grpc_path"].rsplit("/", 1)[-1]
         operation = {
             "operationId": f"{rule['service'].rsplit('.', 1)[-1]}_{method_name}",
-            "summary": f"{rule['service']}/{method_name}" + (" (server-streaming, as SSE)" if rule["server_streaming"] else ""),
+            "summary": f"{rule['service']}/{method_name}"
+            + (" (server-streaming, as SSE)" if rule["server_streaming"] else ""),
             "tags": [rule["service"]],
-            "parameters": [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in path_params],
+            "parameters": [
+                {"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in path_params
+            ],
         }
         request = rule["input"]
         if rule["body"] == "*":
             schemas[_schema_name(request)] = _message_schema(request, wanted, set(path_params))
-            operation["requestBody"] = {"required": True, "content": _json({"$ref": f"#/components/schemas/{request.full_name}"})}
+            operation["requestBody"] = {
+                "required": True,
+                "content": _json({"$ref": f"#/components/schemas/{request.full_name}"}),
+            }
         else:
             for field in request.fields:
                 if field.name not in path_params and field.type != FieldDescriptor.TYPE_MESSAGE:
-                    operation["parameters"].append({"name": field.name, "in": "query", "required": False,
-                                                    "schema": _field_schema(field, wanted)})
+                    operation["parameters"].append(
+                        {"name": field.name, "in": "query", "required": False, "schema": _field_schema(field, wanted)}
+                    )
         output = rule["output"]
         if output.full_name == "google.api.HttpBody":
             content = {"*/*": {"schema": {"type": "string", "format": "binary"}}}
         else:
             wanted.append(output)
             reference = {"$ref": f"#/components/schemas/{output.full_name}"}
-            content = ({"text/event-stream": {"schema": {
-                "type": "string", "description": f"one `data: <JSON {output.full_name}>` line per event"}}}
-                if rule["server_streaming"] else _json(reference))
+            content = (
+                {
+                    "text/event-stream": {
+                        "schema": {
+                            "type": "string",
+                            "description": f"one `data: <JSON {output.full_name}>` line per event",
+                        }
+                    }
+                }
+                if rule["server_streaming"]
+                else _json(reference)
+            )
         operation["responses"] = {"200": {"description": "OK", "content": content}}
-        operation["responses"].update({code: {"description": text, "content": _json({"$ref": "#/components/schemas/Error"})}
-                                       for code, text in ERROR_STATUSES.items()})
+        operation["responses"].update(
+            {
+                code: {"description": text, "content": _json({"$ref": "#/components/schemas/Error"})}
+                for code, text in ERROR_STATUSES.items()
+            }
+        )
         paths.setdefault(rule["path"], {})[rule["verb"].lower()] = operation
     while wanted:
         message = wanted.pop()
         if message.full_name not in schemas:
             schemas[message.full_name] = _message_schema(message, wanted)
     schemas["Error"] = ERROR_SCHEMA
-    paths["/api/openapi.json"] = {"get": {
-        "operationId": "OpenApi", "summary": "this document", "tags": ["meta"],
-        "responses": {"200": {"description": "OK", "content": _json({"type": "object"})}}}}
+    paths["/api/openapi.json"] = {
+        "get": {
+            "operationId": "OpenApi",
+            "summary": "this document",
+            "tags": ["meta"],
+            "responses": {"200": {"description": "OK", "content": _json({"type": "object"})}},
+        }
+    }
     return {
         "openapi": "3.0.3",
-        "info": {"title": "Capibara mesh REST API",
-                 "description": "Generated from the protos' google.api.http annotations (capibara openapi); "
-                                "do not edit. Every path is also a gRPC method on the same port.",
-                 "version": "v1"},
+        "info": {
+            "title": "Capibara mesh REST API",
+            "description": "Generated from the protos' google.api.http annotations (capibara openapi); "
+            "do not edit. Every path is also a gRPC method on the same port.",
+            "version": "v1",
+        },
         "servers": [{"url": "https://localhost:5001"}],
         "security": [{}, {"bearer": []}, {"apiKey": []}],
         "paths": dict(sorted(paths.items())),

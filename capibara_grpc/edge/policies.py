@@ -40,13 +40,14 @@ def lua_source(keys_file: str) -> str:
     entries = []
     for path, (accepted, listing) in sorted(allowed_fields().items()):
         names = ", ".join(f"[{json.dumps(n)}] = true" for n in accepted)
-        entries.append(f'[{json.dumps(path)}] = {{fields = {{{names}}}, listing = {json.dumps(", ".join(listing))}}}')
+        entries.append(f"[{json.dumps(path)}] = {{fields = {{{names}}}, listing = {json.dumps(', '.join(listing))}}}")
     # The keys themselves never go into Envoy's config: the guard reads them when it loads, from
     # this file (a Kubernetes Secret, say) and from $CAPIBARA_API_KEYS.
-    return (f"ALLOWED_FIELDS = {_lua_table(entries)}\n\n"
-            f"API_KEYS_FILE = {json.dumps(keys_file)}\n\n"
-            f"OPEN_PATHS = {_lua_table([f'[{json.dumps(p)}] = true' for p in OPEN_PATHS])}\n\n"
-            + LUA_FILTER.read_text())
+    return (
+        f"ALLOWED_FIELDS = {_lua_table(entries)}\n\n"
+        f"API_KEYS_FILE = {json.dumps(keys_file)}\n\n"
+        f"OPEN_PATHS = {_lua_table([f'[{json.dumps(p)}] = true' for p in OPEN_PATHS])}\n\n" + LUA_FILTER.read_text()
+    )
 
 
 WEB = _REPO / "envoy" / "web"
@@ -58,8 +59,11 @@ STATIC_FILES = {
     "/api/openapi.json": (OPENAPI_DOCUMENT, "application/json"),
 }
 # The page loads nothing from elsewhere and runs no inline code.
-_PAGE_HEADERS = {"content-security-policy": "default-src 'self'; media-src 'self' blob:; connect-src 'self' blob:; img-src 'self' data:",
-                 "x-content-type-options": "nosniff", "referrer-policy": "no-referrer"}
+_PAGE_HEADERS = {
+    "content-security-policy": "default-src 'self'; media-src 'self' blob:; connect-src 'self' blob:; img-src 'self' data:",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
 
 
 def static_file(path: str, file: pathlib.Path, content_type: str) -> dict:
@@ -67,14 +71,22 @@ def static_file(path: str, file: pathlib.Path, content_type: str) -> dict:
     return {
         "match": {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
         "direct_response": {"status": 200, "body": {"filename": str(file)}},
-        "response_headers_to_add": [{"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
-                                    for k, v in headers.items()],
+        "response_headers_to_add": [
+            {"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+            for k, v in headers.items()
+        ],
     }
 
 
 # Open without an API key and never rate limited: load balancers and probes must see health, and
 # anyone may load the page and read the API's description (the page asks for a key itself).
-OPEN_PATHS = ["/health", *STATIC_FILES, f"/{MESH_SERVICE}/GetHealth", "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"]
+OPEN_PATHS = [
+    "/health",
+    *STATIC_FILES,
+    f"/{MESH_SERVICE}/GetHealth",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+]
 # Calls that generate (and so cost a model's time): the tighter per-client limit (each service's
 # rate_tier in capibara_grpc/services.py).
 GENERATING_SERVICES = tuple(s.name for s in SERVICES if s.rate_tier == CHAT)
@@ -86,34 +98,42 @@ def rate_limit(per_minute: int) -> dict:
         return {}
     refill_s = 60.0 / per_minute
     bucket = {"max_tokens": per_minute, "tokens_per_fill": 1, "fill_interval": f"{refill_s:.3f}s"}
-    return {"envoy.filters.http.local_ratelimit": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
-        "stat_prefix": "client_rate_limit",
-        # The route-wide bucket is never the limit; the per-client descriptor below is.
-        "token_bucket": {"max_tokens": 1_000_000_000, "tokens_per_fill": 1_000_000_000, "fill_interval": "1s"},
-        "filter_enabled": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
-        "filter_enforced": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
-        "descriptors": [{"entries": [{"key": "remote_address"}], "token_bucket": bucket}],
-        "max_dynamic_descriptors": 100_000,
-        "rate_limits": [{"actions": [{"remote_address": {}}]}],
-        # gRPC callers get RESOURCE_EXHAUSTED (as from a full model queue), not UNAVAILABLE.
-        "rate_limited_as_resource_exhausted": True,
-        "response_headers_to_add": [{"append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                                     "header": {"key": "retry-after", "value": str(max(1, math.ceil(refill_s)))}}],
-    }}
+    return {
+        "envoy.filters.http.local_ratelimit": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+            "stat_prefix": "client_rate_limit",
+            # The route-wide bucket is never the limit; the per-client descriptor below is.
+            "token_bucket": {"max_tokens": 1_000_000_000, "tokens_per_fill": 1_000_000_000, "fill_interval": "1s"},
+            "filter_enabled": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+            "filter_enforced": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+            "descriptors": [{"entries": [{"key": "remote_address"}], "token_bucket": bucket}],
+            "max_dynamic_descriptors": 100_000,
+            "rate_limits": [{"actions": [{"remote_address": {}}]}],
+            # gRPC callers get RESOURCE_EXHAUSTED (as from a full model queue), not UNAVAILABLE.
+            "rate_limited_as_resource_exhausted": True,
+            "response_headers_to_add": [
+                {
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    "header": {"key": "retry-after", "value": str(max(1, math.ceil(refill_s)))},
+                }
+            ],
+        }
+    }
 
 
 def cors_policy(origins: list[str]) -> dict:
-    return {"envoy.filters.http.cors": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
-        "allow_origin_string_match": [{"exact": origin} for origin in origins],
-        "allow_methods": "GET, POST, DELETE, OPTIONS",
-        "allow_headers": "authorization, x-api-key, content-type, grpc-timeout, x-grpc-web, x-user-agent, x-request-id",
-        "expose_headers": "retry-after, grpc-status, grpc-message, x-request-id",
-        "max_age": "600",
-        # No cookies: the API authenticates with keys in headers.
-        "allow_credentials": False,
-    }}
+    return {
+        "envoy.filters.http.cors": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+            "allow_origin_string_match": [{"exact": origin} for origin in origins],
+            "allow_methods": "GET, POST, DELETE, OPTIONS",
+            "allow_headers": "authorization, x-api-key, content-type, grpc-timeout, x-grpc-web, x-user-agent, x-request-id",
+            "expose_headers": "retry-after, grpc-status, grpc-message, x-request-id",
+            "max_age": "600",
+            # No cookies: the API authenticates with keys in headers.
+            "allow_credentials": False,
+        }
+    }
 
 
 # Envoy's own replies get the same JSON body as the services' errors, with the gRPC code that
@@ -132,7 +152,10 @@ def local_reply_config() -> dict:
         {
             "filter": {
                 "status_code_filter": {
-                    "comparison": {"op": "EQ", "value": {"default_value": http, "runtime_key": f"capibara.local_reply.{http}"}}
+                    "comparison": {
+                        "op": "EQ",
+                        "value": {"default_value": http, "runtime_key": f"capibara.local_reply.{http}"},
+                    }
                 }
             },
             "body_format_override": body(grpc),
@@ -141,9 +164,17 @@ def local_reply_config() -> dict:
     ]
     # Any other error status: UNKNOWN. Not a body_format for every local reply: direct responses
     # (the OpenAPI document) are local replies too, and must go out as they are.
-    mappers.append({
-        "filter": {"status_code_filter": {"comparison": {
-            "op": "GE", "value": {"default_value": 400, "runtime_key": "capibara.local_reply.any_error"}}}},
-        "body_format_override": body(2),
-    })
+    mappers.append(
+        {
+            "filter": {
+                "status_code_filter": {
+                    "comparison": {
+                        "op": "GE",
+                        "value": {"default_value": 400, "runtime_key": "capibara.local_reply.any_error"},
+                    }
+                }
+            },
+            "body_format_override": body(2),
+        }
+    )
     return {"mappers": mappers}

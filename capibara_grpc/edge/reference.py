@@ -32,7 +32,7 @@ def _relative(value, root: str):
     if isinstance(value, list):
         return [_relative(v, root) for v in value]
     if isinstance(value, str) and value.startswith(root + "/"):
-        return value[len(root) + 1:]
+        return value[len(root) + 1 :]
     return value
 
 
@@ -49,10 +49,12 @@ def render(config_path: pathlib.Path = DEFAULT_CONFIG_PATH) -> str:
     config = load_config(config_path, check_files=False)
     root = str(config.base_dir)
     source = _relative(config.source, root)
-    return (f"# Reference only: what `capibara envoy-config` renders from {source}, with paths relative\n"
-            f"# to the repository. Envoy loads the file `capibara up` writes to .state/envoy/envoy.yaml.\n"
-            f"# Regenerate: {REGENERATE}. (Generated, so longer than our 400 lines: every route and cluster.)\n"
-            + yaml.safe_dump(_relative(_bootstrap(config), root), sort_keys=False, width=120))
+    return (
+        f"# Reference only: what `capibara envoy-config` renders from {source}, with paths relative\n"
+        f"# to the repository. Envoy loads the file `capibara up` writes to .state/envoy/envoy.yaml.\n"
+        f"# Regenerate: {REGENERATE}. (Generated, so longer than our 400 lines: every route and cluster.)\n"
+        + yaml.safe_dump(_relative(_bootstrap(config), root), sort_keys=False, width=120)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,7 +38,10 @@ class Admission:
                 f"(at most {self.max_queued}); retry in {self.retry_after_s()} s",
                 self.retry_after_s(),
             )
-        queue_depth, active = metrics.QUEUE_DEPTH.labels(self.model_id), metrics.ACTIVE_GENERATIONS.labels(self.model_id)
+        queue_depth, active = (
+            metrics.QUEUE_DEPTH.labels(self.model_id),
+            metrics.ACTIVE_GENERATIONS.labels(self.model_id),
+        )
         self.queued += 1
         queue_depth.inc()
         try:

@@ -7,10 +7,9 @@ the model server stops generating for a closed connection.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 
@@ -83,13 +82,17 @@ class ModelBackend:
             response = await self.session.post(
                 url, json=body, timeout=aiohttp.ClientTimeout(sock_connect=self.model.backend.connect_timeout_s)
             )
-        except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
-            raise Unavailable(f"model '{self.model_id}' is unavailable: backend {self.base_url} unreachable ({exc.__class__.__name__})") from exc
+        except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+            raise Unavailable(
+                f"model '{self.model_id}' is unavailable: backend {self.base_url} unreachable ({exc.__class__.__name__})"
+            ) from exc
         if response.status != 200:
             text = _error_text(await response.text())
             response.release()
             if response.status == 503:
-                raise Unavailable(f"model '{self.model_id}' is unavailable: backend {self.base_url} answered 503 ({text})")
+                raise Unavailable(
+                    f"model '{self.model_id}' is unavailable: backend {self.base_url} answered 503 ({text})"
+                )
             if response.status == 400:
                 raise InvalidArgument(f"model '{self.model_id}' rejected the request: {text}")
             raise Unavailable(f"model '{self.model_id}' backend {url} answered HTTP {response.status}: {text}")
@@ -194,7 +197,7 @@ class LlamaCppBackend(ModelBackend):
             _, props = await self._get_json("/props")
             n_ctx = int((props.get("default_generation_settings") or {}).get("n_ctx") or 0)
             return self._status(True, "ok", n_ctx)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             return self._status(False, f"unreachable ({exc.__class__.__name__})")
 
 
@@ -275,7 +278,7 @@ class OpenAIBackend(ModelBackend):
             if code == 200:
                 context_window = int((props.get("default_generation_settings") or {}).get("n_ctx") or context_window)
             return self._status(True, "ok", context_window)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             return self._status(False, f"unreachable ({exc.__class__.__name__})")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 
@@ -54,9 +54,13 @@ class InferenceEngine:
         # No total timeout: a generation lasts as long as the caller's deadline allows.
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=64)
         self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
-        self.backends = {mid: make_backend(model, self._session, self.config.backend_base_url(mid))
-                         for mid, model in self.config.models.items()}
-        self.admission = {mid: Admission(mid, model.slots, model.max_queued) for mid, model in self.config.models.items()}
+        self.backends = {
+            mid: make_backend(model, self._session, self.config.backend_base_url(mid))
+            for mid, model in self.config.models.items()
+        }
+        self.admission = {
+            mid: Admission(mid, model.slots, model.max_queued) for mid, model in self.config.models.items()
+        }
         await self.refresh_health()
         self._health_task = asyncio.create_task(self._watch_health())
 

@@ -18,5 +18,8 @@ async def start(servers: MeshServers) -> None:
     await engine.start()
     servers.on_stop(engine.stop)
     servicer = InferenceServicer(engine)
-    await servers.serve("inference", lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server),
-                        health=health)
+    await servers.serve(
+        "inference",
+        lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server),
+        health=health,
+    )

@@ -7,7 +7,8 @@ worker thread, so the event loop keeps serving.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Generic, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
 Result = TypeVar("Result")
 
@@ -62,7 +63,7 @@ class MicroBatcher(Generic[Result]):
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))
                     collected += 1
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             live = [(text, future) for text, future in batch if not future.cancelled()]
             if not live:
@@ -75,6 +76,6 @@ class MicroBatcher(Generic[Result]):
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for (_, future), result in zip(live, results):
+            for (_, future), result in zip(live, results, strict=True):
                 if not future.done():
                     future.set_result(result)

@@ -85,13 +85,16 @@ class RouteClassifier:
 
     # -- fitting -----------------------------------------------------------------------------
 
-    def fit(self, texts: list[str], labels: list[str], embeddings: np.ndarray, threshold: float | None = None) -> FitReport:
+    def fit(
+        self, texts: list[str], labels: list[str], embeddings: np.ndarray, threshold: float | None = None
+    ) -> FitReport:
         self.labels = sorted(set(labels))
         y = np.array([self.labels.index(label) for label in labels])
         normalized = [normalize(t) for t in texts]
         self._chars = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True).fit(normalized)
-        self._words = TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True,
-                                      token_pattern=r"[\w+#]+").fit(normalized)
+        self._words = TfidfVectorizer(
+            analyzer="word", ngram_range=(1, 2), sublinear_tf=True, token_pattern=r"[\w+#]+"
+        ).fit(normalized)
         lexical = self._lexical(texts)
         self._lexical_model = LogisticRegression(C=20.0, max_iter=5000)
         self._meaning_model = LogisticRegression(C=20.0, max_iter=5000)
@@ -142,8 +145,8 @@ class RouteClassifier:
         confidence = proba.max(axis=1)
         best, best_score = 0.0, -1.0
         for threshold in np.arange(0.0, 0.61, 0.02):
-            chosen = [default_model if c < threshold else m for c, m in zip(confidence, predicted_models)]
-            score = np.mean([c == t for c, t in zip(chosen, true_models)])
+            chosen = [default_model if c < threshold else m for c, m in zip(confidence, predicted_models, strict=True)]
+            score = np.mean([c == t for c, t in zip(chosen, true_models, strict=True)])
             if score > best_score + 1e-9:
                 best, best_score = float(threshold), score
         return round(best, 2)

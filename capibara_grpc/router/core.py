@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -22,8 +22,25 @@ FOLLOW_UP_MAX_CONFIDENCE = 0.8
 # Words that open a message referring back to the previous one ("¿y en Java?", "another one",
 # "otro más corto"): such a message leans on the conversation even when it sounds confident.
 FOLLOW_UP_OPENERS = {
-    "y", "e", "and", "otro", "otra", "otros", "otras", "another", "more", "mas", "again", "tambien",
-    "also", "ahora", "now", "same", "igual", "pero", "but",
+    "y",
+    "e",
+    "and",
+    "otro",
+    "otra",
+    "otros",
+    "otras",
+    "another",
+    "more",
+    "mas",
+    "again",
+    "tambien",
+    "also",
+    "ahora",
+    "now",
+    "same",
+    "igual",
+    "pero",
+    "but",
 }
 
 Encode = Callable[[list[str]], np.ndarray]
@@ -74,8 +91,12 @@ class Router:
         texts, labels = self.training_set()
         threshold = None if self.config.router.threshold == "auto" else float(self.config.router.threshold)
         self.report = self.classifier.fit(texts, labels, self.encode(texts), threshold=threshold)
-        log.info("router fitted on %d examples in %.1f s: %s", self.report.examples,
-                 time.perf_counter() - started, self.report)
+        log.info(
+            "router fitted on %d examples in %.1f s: %s",
+            self.report.examples,
+            time.perf_counter() - started,
+            self.report,
+        )
         return self.report
 
     def predict_batch(self, texts: list[str]) -> np.ndarray:
@@ -129,7 +150,9 @@ class Router:
         if not self.is_healthy(model_id):
             for label, candidate, _ in scores:
                 if candidate != model_id and self.is_healthy(candidate):
-                    reasons.append(f"model '{model_id}' is unavailable: next best healthy is '{label}' on '{candidate}'")
+                    reasons.append(
+                        f"model '{model_id}' is unavailable: next best healthy is '{label}' on '{candidate}'"
+                    )
                     route_name, model_id = label, candidate
                     break
             else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import pathlib
 from dataclasses import dataclass
 
@@ -61,11 +62,18 @@ class Evaluation:
         """(low, high, count, mean confidence, accuracy) per confidence bin; a decision counts
         as right when its top route (before any fallback) is the expected one."""
         rows = []
-        for low, high in zip(CALIBRATION_BINS, CALIBRATION_BINS[1:]):
+        for low, high in itertools.pairwise(CALIBRATION_BINS):
             inside = [o for o in self.outcomes if low <= o.confidence < high]
             if inside:
-                rows.append((low, min(high, 1.0), len(inside), float(np.mean([o.confidence for o in inside])),
-                             self.accuracy(inside)))
+                rows.append(
+                    (
+                        low,
+                        min(high, 1.0),
+                        len(inside),
+                        float(np.mean([o.confidence for o in inside])),
+                        self.accuracy(inside),
+                    )
+                )
         return rows
 
     def report(self) -> str:
@@ -81,7 +89,9 @@ class Evaluation:
         for label in self.labels:
             subset = [o for o in self.outcomes if o.expected == label]
             if subset:
-                lines.append(f"  {label:17} {self.accuracy(subset):.3f}  ({sum(o.right for o in subset)}/{len(subset)})")
+                lines.append(
+                    f"  {label:17} {self.accuracy(subset):.3f}  ({sum(o.right for o in subset)}/{len(subset)})"
+                )
         names = [label for label in self.labels] + ([DEFAULT] if DEFAULT not in self.labels else [])
         short = {n: n[:6] for n in names}
         lines.append("\nconfusion (rows: expected, columns: decided):")
@@ -109,12 +119,18 @@ async def evaluate(router: Router, queries: list[dict]) -> Evaluation:
     outcomes = []
     for query in queries:
         decision = await router.route(query["text"])
-        outcomes.append(Outcome(
-            text=query["text"], lang=query.get("lang", "?"), expected=query["route"],
-            route=decision.route_name if not decision.fallback else DEFAULT,
-            confidence=decision.confidence, fallback=decision.fallback,
-            expected_model=router.model_of(query["route"]), model=decision.model_id,
-        ))
+        outcomes.append(
+            Outcome(
+                text=query["text"],
+                lang=query.get("lang", "?"),
+                expected=query["route"],
+                route=decision.route_name if not decision.fallback else DEFAULT,
+                confidence=decision.confidence,
+                fallback=decision.fallback,
+                expected_model=router.model_of(query["route"]),
+                model=decision.model_id,
+            )
+        )
     return Evaluation(outcomes, router.classifier.threshold, router.classifier.labels)
 
 

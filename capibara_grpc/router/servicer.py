@@ -77,6 +77,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 router_pb2.RouteDefinition(name=name, model_id=r.model, examples=r.examples, keywords=r.keywords)
                 for name, r in routes.routes.items()
             ]
-            + [router_pb2.RouteDefinition(name=DEFAULT, model_id=routes.default.model, examples=routes.default.examples)],
+            + [
+                router_pb2.RouteDefinition(
+                    name=DEFAULT, model_id=routes.default.model, examples=routes.default.examples
+                )
+            ],
             default_route=DEFAULT,
         )

@@ -7,8 +7,8 @@ is not listed is NOT_FOUND before any engine sees it.
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.errors import InvalidArgument, NotFound

@@ -12,8 +12,9 @@ import contextlib
 import logging
 import re
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+from typing import Protocol
 
 from capibara_grpc.config import CoquiConfig, EspeakConfig, MeshConfig
 from capibara_grpc.errors import MeshError, Unavailable
@@ -60,16 +61,27 @@ class EspeakEngine:
         self.settings = settings
 
     def voices(self) -> list[Voice]:
-        return [Voice(f"espeak:{key}", "espeak", language, description, espeak_voice)
-                for key, (espeak_voice, language, description) in ESPEAK_VOICES.items()]
+        return [
+            Voice(f"espeak:{key}", "espeak", language, description, espeak_voice)
+            for key, (espeak_voice, language, description) in ESPEAK_VOICES.items()
+        ]
 
     async def synthesize(self, sentence: str, voice: Voice) -> AsyncIterator[bytes]:
         # The text goes in on stdin, so it can never be read as an option; the voice name comes
         # from ESPEAK_VOICES, never from the request.
         process = await asyncio.create_subprocess_exec(
-            self.settings.binary, "--stdin", "--stdout", "-b", "1", "-v", voice.engine_voice,
-            "-s", str(self.settings.words_per_minute),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            self.settings.binary,
+            "--stdin",
+            "--stdout",
+            "-b",
+            "1",
+            "-v",
+            voice.engine_voice,
+            "-s",
+            str(self.settings.words_per_minute),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         try:
             wav, errors = await process.communicate(sentence.encode("utf-8"))
@@ -109,8 +121,11 @@ class CoquiEngine:
         from TTS.api import TTS  # imported here: torch is not in the router's environment
 
         if settings.model_path:
-            self.tts = TTS(model_path=str(config.resolve_path(settings.model_path)),
-                           config_path=str(config.resolve_path(settings.config_path)), progress_bar=False)
+            self.tts = TTS(
+                model_path=str(config.resolve_path(settings.model_path)),
+                config_path=str(config.resolve_path(settings.config_path)),
+                progress_bar=False,
+            )
             source = settings.model_path
         else:
             self.tts = TTS(model_name=settings.model_name, progress_bar=False)
@@ -125,13 +140,24 @@ class CoquiEngine:
         languages = [lang for lang in settings.languages if not model_languages or lang in model_languages]
         speakers = [s for s in (self.tts.speakers or []) if _SAFE_NAME.match(s)]
         self._voices = [
-            Voice(f"coqui:{speaker or 'default'}{'-' + language if len(languages) > 1 else ''}", "coqui", language,
-                  f"Coqui TTS {source}" + (f", speaker {speaker}" if speaker else ""), speaker)
-            for language in languages for speaker in (speakers or [""])
+            Voice(
+                f"coqui:{speaker or 'default'}{'-' + language if len(languages) > 1 else ''}",
+                "coqui",
+                language,
+                f"Coqui TTS {source}" + (f", speaker {speaker}" if speaker else ""),
+                speaker,
+            )
+            for language in languages
+            for speaker in (speakers or [""])
         ]
         self._model_languages = set(self.tts.languages or [])
-        log.info("coqui model %s loaded: %d Hz, %d voices, xtts=%s", source, self.sample_rate, len(self._voices),
-                 self.is_xtts)
+        log.info(
+            "coqui model %s loaded: %d Hz, %d voices, xtts=%s",
+            source,
+            self.sample_rate,
+            len(self._voices),
+            self.is_xtts,
+        )
 
     def voices(self) -> list[Voice]:
         return list(self._voices)
@@ -139,20 +165,26 @@ class CoquiEngine:
     def _language_argument(self, voice: Voice) -> str | None:
         if not self._model_languages:
             return None
-        return next((lang for lang in self._model_languages if lang.split("-")[0].lower() == voice.language),
-                    voice.language)
+        return next(
+            (lang for lang in self._model_languages if lang.split("-")[0].lower() == voice.language), voice.language
+        )
 
     def _whole_sentence(self, sentence: str, voice: Voice) -> bytes:
         with self._model_lock:
-            samples = self.tts.tts(sentence, speaker=voice.engine_voice or None,
-                                   language=self._language_argument(voice), split_sentences=False)
+            samples = self.tts.tts(
+                sentence,
+                speaker=voice.engine_voice or None,
+                language=self._language_argument(voice),
+                split_sentences=False,
+            )
         return _float_to_pcm16(samples)
 
     def _xtts_pieces(self, sentence: str, voice: Voice):
         """XTTS streaming inference: pieces of one sentence as the decoder produces them."""
         speaker = self.model.speaker_manager.speakers[voice.engine_voice]
-        for piece in self.model.inference_stream(sentence, self._language_argument(voice),
-                                                 speaker["gpt_cond_latent"], speaker["speaker_embedding"]):
+        for piece in self.model.inference_stream(
+            sentence, self._language_argument(voice), speaker["gpt_cond_latent"], speaker["speaker_embedding"]
+        ):
             yield _float_to_pcm16(piece.cpu().numpy())
 
     def _next_piece(self, pieces, done):

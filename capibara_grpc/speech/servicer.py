@@ -24,8 +24,12 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
                 audio = wav_header(chunk.sample_rate, None) + audio
             first = False
             yield speech_pb2.SynthesizeResponse(
-                audio=audio, format=audio_format, sample_rate=chunk.sample_rate, channels=1,
-                sentence_index=chunk.sentence_index, sentence=chunk.sentence,
+                audio=audio,
+                format=audio_format,
+                sample_rate=chunk.sample_rate,
+                channels=1,
+                sentence_index=chunk.sentence_index,
+                sentence=chunk.sentence,
             )
 
     async def Speak(self, request, context):
@@ -33,7 +37,9 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
         return httpbody_pb2.HttpBody(content_type="audio/wav", data=wav)
 
     async def ListVoices(self, request, context):
-        return speech_pb2.ListVoicesResponse(voices=[
-            speech_pb2.Voice(id=v.id, engine=v.engine, language=v.language, description=v.description)
-            for v in self.speech.voices(request.language)
-        ])
+        return speech_pb2.ListVoicesResponse(
+            voices=[
+                speech_pb2.Voice(id=v.id, engine=v.engine, language=v.language, description=v.description)
+                for v in self.speech.voices(request.language)
+            ]
+        )

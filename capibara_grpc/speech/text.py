@@ -61,7 +61,7 @@ class SentenceBuffer:
             if end is None:
                 break
             sentence = self._pending[: end.end(1)].strip()
-            self._pending = self._pending[end.end():]
+            self._pending = self._pending[end.end() :]
             sentences += _cut_long(sentence) if sentence else []
         # Text with no sentence end for a long while (a list, code) is still spoken in pieces.
         if len(self._pending) > MAX_PIECE_CHARS:

@@ -17,9 +17,13 @@ def wav_header(sample_rate: int, data_bytes: int | None, channels: int = 1) -> b
     data_size = _UNKNOWN_SIZE if data_bytes is None else data_bytes
     riff_size = _UNKNOWN_SIZE if data_bytes is None else 36 + data_bytes
     return (
-        b"RIFF" + struct.pack("<I", riff_size) + b"WAVE"
-        + b"fmt " + struct.pack("<IHHIIHH", 16, 1, channels, sample_rate, sample_rate * block_align, block_align, 16)
-        + b"data" + struct.pack("<I", data_size)
+        b"RIFF"
+        + struct.pack("<I", riff_size)
+        + b"WAVE"
+        + b"fmt "
+        + struct.pack("<IHHIIHH", 16, 1, channels, sample_rate, sample_rate * block_align, block_align, 16)
+        + b"data"
+        + struct.pack("<I", data_size)
     )
 
 
@@ -33,11 +37,11 @@ def parse_pcm16_wav(data: bytes) -> tuple[int, bytes]:
         raise MeshError("not a WAV file")
     position, sample_rate = 12, None
     while position + 8 <= len(data):
-        chunk, size = data[position:position + 4], struct.unpack("<I", data[position + 4:position + 8])[0]
+        chunk, size = data[position : position + 4], struct.unpack("<I", data[position + 4 : position + 8])[0]
         body = position + 8
         if chunk == b"fmt ":
-            audio_format, channels, sample_rate = struct.unpack("<HHI", data[body:body + 8])
-            bits = struct.unpack("<H", data[body + 14:body + 16])[0]
+            audio_format, channels, sample_rate = struct.unpack("<HHI", data[body : body + 8])
+            bits = struct.unpack("<H", data[body + 14 : body + 16])[0]
             if (audio_format, channels, bits) != (1, 1, 16):
                 raise MeshError(f"WAV is format {audio_format}, {channels} channels, {bits} bits; expected PCM16 mono")
         elif chunk == b"data":

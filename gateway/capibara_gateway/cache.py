@@ -21,8 +21,9 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -149,13 +150,16 @@ class ResponseCache:
             return None
         return threshold
 
-    async def lookup(self, model_id: str, params: SamplingParams, messages: list[Message], route: str,
-                     defaults=None) -> tuple[CachedAnswer | None, CacheLookup]:
+    async def lookup(
+        self, model_id: str, params: SamplingParams, messages: list[Message], route: str, defaults=None
+    ) -> tuple[CachedAnswer | None, CacheLookup]:
         """The cached answer for this prompt (exact, else semantic), and how to store a new one.
         `defaults` (the model's sampling defaults) fill what `params` leaves out, so they are part
         of the key too."""
-        parameters = {"request": dataclasses.asdict(params),
-                      "defaults": dataclasses.asdict(defaults) if defaults is not None else None}
+        parameters = {
+            "request": dataclasses.asdict(params),
+            "defaults": dataclasses.asdict(defaults) if defaults is not None else None,
+        }
         lookup = CacheLookup(_digest(model_id, parameters, [dataclasses.asdict(m) for m in messages]))
         if (hit := await self._answer(lookup.key)) is not None:
             metrics.CACHE_REQUESTS.labels("exact_hit", route).inc()
@@ -174,7 +178,9 @@ class ResponseCache:
                     best_key, best = key, similarity
             if best_key is not None and (hit := await self._answer(best_key)) is not None:
                 metrics.CACHE_REQUESTS.labels("semantic_hit", route).inc()
-                return dataclasses.replace(hit, finished=dataclasses.replace(hit.finished, cache_hit="semantic")), lookup
+                return dataclasses.replace(
+                    hit, finished=dataclasses.replace(hit.finished, cache_hit="semantic")
+                ), lookup
         metrics.CACHE_REQUESTS.labels("miss", route).inc()
         return None, lookup
 

@@ -10,12 +10,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
-from capibara_grpc import metrics
-from capibara_grpc.chat_types import Finished, GenerateFn, Message, Token
-from capibara_grpc.config import MeshConfig
-from capibara_grpc.errors import InvalidArgument, NotFound, StreamError, Unimplemented
 from capibara_gateway import failover
 from capibara_gateway.cache import CachedAnswer, CacheLookup, ResponseCache
 from capibara_gateway.events import (
@@ -28,6 +24,10 @@ from capibara_gateway.events import (
 from capibara_gateway.protocols import Consensus, Context, RouteFn, Speech
 from capibara_gateway.routing import Routing
 from capibara_gateway.speaking import spoken
+from capibara_grpc import metrics
+from capibara_grpc.chat_types import Finished, GenerateFn, Message, Token
+from capibara_grpc.config import MeshConfig
+from capibara_grpc.errors import InvalidArgument, NotFound, StreamError, Unimplemented
 from capibara_grpc.inference.core import validate_params
 
 log = logging.getLogger(__name__)
@@ -35,9 +35,16 @@ CONTEXT_TIMEOUT_S = 10.0
 
 
 class ChatGateway:
-    def __init__(self, config: MeshConfig, generate: GenerateFn, route: RouteFn | None = None,
-                 context: Context | None = None, consensus: Consensus | None = None, speech: Speech | None = None,
-                 cache: ResponseCache | None = None):
+    def __init__(
+        self,
+        config: MeshConfig,
+        generate: GenerateFn,
+        route: RouteFn | None = None,
+        context: Context | None = None,
+        consensus: Consensus | None = None,
+        speech: Speech | None = None,
+        cache: ResponseCache | None = None,
+    ):
         """Each service but inference is optional: None when it is not deployed in this mesh."""
         self.config = config
         self.generate = generate
@@ -132,11 +139,16 @@ class ChatGateway:
         """Every model answers, the consensus service combines (vote); the combined answer comes
         as one token delta, since it is only known once all candidates are in."""
         answer = await self.consensus(chat.message, chat.params, timeout_s)
-        yield RoutingDecision(answer.chosen_model_id, "consensus", answer.agreement, "consensus", answer.reasoning,
-                              scores=answer.scores)
+        yield RoutingDecision(
+            answer.chosen_model_id, "consensus", answer.agreement, "consensus", answer.reasoning, scores=answer.scores
+        )
         yield Token(answer.text, 0)
-        finished = Finished("stop", prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens,
-                            model_id=answer.chosen_model_id)
+        finished = Finished(
+            "stop",
+            prompt_tokens=answer.prompt_tokens,
+            completion_tokens=answer.completion_tokens,
+            model_id=answer.chosen_model_id,
+        )
         yield ChatDone(finished, (time.perf_counter() - started) * 1000)
 
     async def complete(self, chat: ChatInput, timeout_s: float) -> CompleteResult:
@@ -173,20 +185,27 @@ class ChatGateway:
     def _remembers(self, chat: ChatInput) -> bool:
         return self.context is not None and bool(chat.conversation_id)
 
-    async def _store_answer(self, chat: ChatInput, tokens: list[str], finished: Finished,
-                            decision: RoutingDecision) -> StreamError | None:
+    async def _store_answer(
+        self, chat: ChatInput, tokens: list[str], finished: Finished, decision: RoutingDecision
+    ) -> StreamError | None:
         """Store the answer in the conversation; the in-band error when that failed."""
         if not self._remembers(chat):
             return None
         try:
-            await self.context.append_turn(chat.conversation_id, "assistant", "".join(tokens),
-                                           finished.model_id or decision.model_id, CONTEXT_TIMEOUT_S)
+            await self.context.append_turn(
+                chat.conversation_id,
+                "assistant",
+                "".join(tokens),
+                finished.model_id or decision.model_id,
+                CONTEXT_TIMEOUT_S,
+            )
         except Exception as exc:  # noqa: BLE001 - the client must know it was not stored
             return StreamError.from_exception(exc, "storing the answer", "the answer was not stored: ")
         return None
 
-    async def _cached_answer(self, chat: ChatInput, model_id: str, messages: list[Message],
-                             route: str) -> tuple[CachedAnswer | None, CacheLookup | None]:
+    async def _cached_answer(
+        self, chat: ChatInput, model_id: str, messages: list[Message], route: str
+    ) -> tuple[CachedAnswer | None, CacheLookup | None]:
         """(the cached answer, None) on a hit; (None, where to store the live answer) on a miss;
         (None, None) without a cache, for sampled requests, or when the cache is down."""
         if self.cache is None:

@@ -14,27 +14,24 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import (
-    AsyncGenerator,
-    AsyncIterator,
-    Awaitable,
-    Callable,
     Generic,
-    Mapping,
     TypeVar,
 )
 
 import grpc
 
+from capibara_gateway.events import RoutingDecision
 from capibara_grpc import metrics
 from capibara_grpc.config import ModelConfig
 from capibara_grpc.errors import to_mesh_error
-from capibara_gateway.events import RoutingDecision
 
 # Failures of a model that another model may not share: its backend is down, full or broken.
-FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+FAILOVER_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+)
 
 Item = TypeVar("Item")
 # model id -> that model's answer stream (opening may already fail, e.g. enriching the prompt)
@@ -103,9 +100,13 @@ def decided(decision: RoutingDecision, started: Started) -> RoutingDecision:
     for failure in started.failed:
         metrics.FAILOVERS.labels(failure.model_id, started.model_id).inc()
     return dataclasses.replace(
-        decision, model_id=started.model_id, fallback=True, failed_models=[f.model_id for f in started.failed],
+        decision,
+        model_id=started.model_id,
+        fallback=True,
+        failed_models=[f.model_id for f in started.failed],
         reasoning=f"{decision.reasoning}; failed over to {started.model_id}: "
-                  + "; ".join(f.describe() for f in started.failed))
+        + "; ".join(f.describe() for f in started.failed),
+    )
 
 
 async def _again(first: Item, rest: AsyncGenerator[Item, None]) -> AsyncIterator[Item]:

@@ -112,8 +112,9 @@ class MeshHealth:
 
     async def _check_replica(self, channel: grpc.aio.Channel, name: str) -> ServiceHealth:
         try:
-            response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=name),
-                                                                        timeout=2.0)
+            response = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=name), timeout=2.0
+            )
             return ServiceHealth(name, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
         except grpc.aio.AioRpcError as exc:
             status = "SERVICE_UNKNOWN" if exc.code() == grpc.StatusCode.NOT_FOUND else "UNREACHABLE"
@@ -139,7 +140,8 @@ class MeshHealth:
         for channel in self.channels.get("inference", []):
             try:
                 reply = await inference_pb2_grpc.InferenceServiceStub(channel).ListModels(
-                    inference_pb2.ListModelsRequest(), timeout=2.0)
+                    inference_pb2.ListModelsRequest(), timeout=2.0
+                )
             except grpc.aio.AioRpcError:
                 continue
             return {model_health_name(m.model_id): m.status for m in reply.models if not m.healthy and m.status}

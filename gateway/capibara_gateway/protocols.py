@@ -7,7 +7,8 @@ decision that names the default model).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol
 
 from capibara_grpc.chat_types import Message, SamplingParams
 from capibara_grpc.consensus.client import ConsensusAnswer
@@ -27,8 +28,7 @@ class Context(Protocol):
         """The messages to send `model_id`: system prompt with added context, history, the message."""
         ...
 
-    async def append_turn(self, conversation_id: str, role: str, content: str, model_id: str,
-                          timeout_s: float) -> None:
+    async def append_turn(self, conversation_id: str, role: str, content: str, model_id: str, timeout_s: float) -> None:
         """Store one turn (idempotent per request id and role)."""
         ...
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import collections
 import logging
 
-from capibara_grpc.config import MeshConfig
-from capibara_grpc.errors import to_mesh_error
 from capibara_gateway.events import ChatInput, RoutingDecision
 from capibara_gateway.protocols import Context, RouteFn
+from capibara_grpc.config import MeshConfig
+from capibara_grpc.errors import to_mesh_error
 
 log = logging.getLogger(__name__)
 ROUTER_TIMEOUT_S = 2.0
@@ -31,7 +31,7 @@ class RecentTurns:
         if not conversation_id:
             return
         turns = self._recent.pop(conversation_id, [])
-        self._recent[conversation_id] = (turns + [message])[-self.turns:]
+        self._recent[conversation_id] = (turns + [message])[-self.turns :]
         while len(self._recent) > self.conversations:
             self._recent.popitem(last=False)
 
@@ -52,17 +52,29 @@ class Routing:
         if not chat.use_router:
             return RoutingDecision(default, "default", 1.0, "default", "use_router is false: configured default model")
         if self.route_with_router is None:
-            return RoutingDecision(default, "default", 1.0, "default", "no router service is deployed: configured default model")
+            return RoutingDecision(
+                default, "default", 1.0, "default", "no router service is deployed: configured default model"
+            )
         try:
             decision = await self.route_with_router(chat.message, await self._recent_turns(chat), ROUTER_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - routing must not fail the chat; the event says so
             error = to_mesh_error(exc, "routing")
-            return RoutingDecision(default, "default", 0.0, "default",
-                                   f"router unavailable ({error.code.name}: {error.message}): configured default model",
-                                   fallback=True)
+            return RoutingDecision(
+                default,
+                "default",
+                0.0,
+                "default",
+                f"router unavailable ({error.code.name}: {error.message}): configured default model",
+                fallback=True,
+            )
         return RoutingDecision(
-            decision.model_id, decision.route_name, decision.confidence, "router", decision.reasoning,
-            fallback=decision.fallback, scores=[(route, score) for route, _, score in decision.scores],
+            decision.model_id,
+            decision.route_name,
+            decision.confidence,
+            "router",
+            decision.reasoning,
+            fallback=decision.fallback,
+            scores=[(route, score) for route, _, score in decision.scores],
             next_best=[model for _, model, _ in sorted(decision.scores, key=lambda s: -s[2])],
         )
 
@@ -79,5 +91,7 @@ class Routing:
             try:
                 return await self.context.recent_user_turns(chat.conversation_id, self.recent.turns, ROUTER_TIMEOUT_S)
             except Exception as exc:  # noqa: BLE001 - a routing hint; the chat goes on without it
-                log.warning("recent turns unavailable (%s); routing without them", to_mesh_error(exc, "recent turns").message)
+                log.warning(
+                    "recent turns unavailable (%s); routing without them", to_mesh_error(exc, "recent turns").message
+                )
         return self.recent.get(chat.conversation_id)

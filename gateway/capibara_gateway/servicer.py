@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from capibara_grpc import chat_convert
-from capibara_grpc.chat_types import Token
-from capibara_grpc.errors import StreamError, Unavailable, remaining_s
 from capibara_gateway.core import ChatGateway
 from capibara_gateway.events import ChatDone, ChatInput, RoutingDecision
 from capibara_gateway.health import MeshHealth
+from capibara_grpc import chat_convert
+from capibara_grpc.chat_types import Token
+from capibara_grpc.errors import StreamError, Unavailable, remaining_s
 from capibara_grpc.speech.core import AudioChunk
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
 
@@ -62,8 +62,14 @@ def event_to_pb(event) -> gateway_pb2.ChatResponse:
     if isinstance(event, StreamError):
         return gateway_pb2.ChatResponse(error=gateway_pb2.StreamError(code=event.code, message=event.message))
     if isinstance(event, AudioChunk):
-        return gateway_pb2.ChatResponse(audio=gateway_pb2.SpokenAudio(
-            pcm16=event.pcm, sample_rate=event.sample_rate, sentence_index=event.sentence_index, sentence=event.sentence))
+        return gateway_pb2.ChatResponse(
+            audio=gateway_pb2.SpokenAudio(
+                pcm16=event.pcm,
+                sample_rate=event.sample_rate,
+                sentence_index=event.sentence_index,
+                sentence=event.sentence,
+            )
+        )
     raise TypeError(f"unknown chat event {event!r}")
 
 
@@ -106,8 +112,7 @@ class MeshServicer(gateway_pb2_grpc.MeshServiceServicer):
         return gateway_pb2.GetHealthResponse(
             status=verdict.status,
             services=[
-                gateway_pb2.ServiceHealth(service=s.service, status=s.status, detail=s.detail)
-                for s in report.services
+                gateway_pb2.ServiceHealth(service=s.service, status=s.status, detail=s.detail) for s in report.services
             ],
             down=verdict.down,
         )

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
+from capibara_gateway.events import ChatEvent
 from capibara_grpc.chat_types import Token
 from capibara_grpc.errors import StreamError
-from capibara_gateway.events import ChatEvent
 from capibara_grpc.speech.core import AudioChunk
 from capibara_grpc.speech.text import SentenceBuffer, speakable
 
@@ -66,8 +66,9 @@ class SpokenAnswer:
         await asyncio.gather(self._worker, return_exceptions=True)
 
 
-async def spoken(answer: AsyncIterator[ChatEvent], synthesize: SynthesizeFn, voice: str,
-                 timeout_s: float) -> AsyncIterator[ChatEvent]:
+async def spoken(
+    answer: AsyncIterator[ChatEvent], synthesize: SynthesizeFn, voice: str, timeout_s: float
+) -> AsyncIterator[ChatEvent]:
     """The answer's events, then its audio. Nothing is spoken after an in-band error; a speech
     failure once the text is out is the stream's in-band error."""
     speaker = SpokenAnswer(synthesize, voice, timeout_s)

@@ -12,12 +12,12 @@ import logging
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
-from capibara_grpc.consensus.client import ConsensusClient
-from capibara_grpc.context.client import ContextClient
 from capibara_gateway.cache import MemoryStore, RedisStore, ResponseCache, encoder_for
 from capibara_gateway.core import ChatGateway
 from capibara_gateway.health import MeshHealth
 from capibara_gateway.servicer import ChatServicer, MeshServicer
+from capibara_grpc.consensus.client import ConsensusClient
+from capibara_grpc.context.client import ContextClient
 from capibara_grpc.inference.client import InferenceClient
 from capibara_grpc.router.client import RouterClient
 from capibara_grpc.server import SERVING, MeshServers, health_channel, internal_channel
@@ -39,11 +39,14 @@ async def start(servers: MeshServers) -> None:
     consensus = ConsensusClient(channels["consensus"]).decide if "consensus" in deployed else None
     speech = SpeechClient(channels["speech"]) if "speech" in deployed else None
     cache = await response_cache(servers)
-    chat = ChatServicer(ChatGateway(config, InferenceClient(channels["inference"]).generate, router, context,
-                                    consensus, speech, cache))
+    chat = ChatServicer(
+        ChatGateway(config, InferenceClient(channels["inference"]).generate, router, context, consensus, speech, cache)
+    )
     health_channels = {
-        name: [health_channel(config, name, address)
-               for address in [config.services.address(name), *config.services.endpoint(name).replicas]]
+        name: [
+            health_channel(config, name, address)
+            for address in [config.services.address(name), *config.services.endpoint(name).replicas]
+        ]
         for name in deployed
     }
     for channels_of_service in health_channels.values():
@@ -58,8 +61,13 @@ async def start(servers: MeshServers) -> None:
         gateway_pb2_grpc.add_MeshServiceServicer_to_server(mesh, server)
 
     # The front door describes the whole mesh, including services declared but not deployed.
-    await servers.serve("gateway", add, reflected=list(SERVICE_FULL_NAMES.values()) + [MESH_SERVICE],
-                        health=gateway_health, serving=[SERVICE_FULL_NAMES["gateway"], MESH_SERVICE])
+    await servers.serve(
+        "gateway",
+        add,
+        reflected=list(SERVICE_FULL_NAMES.values()) + [MESH_SERVICE],
+        health=gateway_health,
+        serving=[SERVICE_FULL_NAMES["gateway"], MESH_SERVICE],
+    )
     watcher = asyncio.create_task(watch_required(mesh_health, gateway_health))
     servers.on_stop(_cancel, watcher)
 

@@ -9,7 +9,12 @@ import aiohttp
 
 # Greedy decoding of this prompt runs to max_tokens on the shipped SmolLM2 (no early end-of-sequence),
 # so the generation is surely still running when the client leaves.
-LONG = {"message": "Count from 1 to 1000, separated by commas.", "max_tokens": 1500, "temperature": 0, "repeat_penalty": 1.0}
+LONG = {
+    "message": "Count from 1 to 1000, separated by commas.",
+    "max_tokens": 1500,
+    "temperature": 0,
+    "repeat_penalty": 1.0,
+}
 
 
 async def busy_slots(backend_url: str) -> int:

@@ -36,11 +36,17 @@ def mesh_config(state_dir: pathlib.Path, base_port: int, models: dict, router: b
         "router": {"enabled": router, "routes_file": str(REPO / "config" / "routes.yaml")},
         "state_dir": str(state_dir),
         # No per-client rate limit: every test call comes from 127.0.0.1 (test_edge_policies sets one).
-        "edge": {"listen_address": "127.0.0.1", "port": base_port + 1, "admin_port": base_port + 901,
-                 "mesh_port": base_port + 2, "models_port": base_port + 3,
-                 "rate_limit": {"chat": 0, "other": 0}},
-        "services": {name: {"port": base_port + 50 + i, "metrics_port": base_port + 70 + i}
-                     for i, name in enumerate(SERVICES)},
+        "edge": {
+            "listen_address": "127.0.0.1",
+            "port": base_port + 1,
+            "admin_port": base_port + 901,
+            "mesh_port": base_port + 2,
+            "models_port": base_port + 3,
+            "rate_limit": {"chat": 0, "other": 0},
+        },
+        "services": {
+            name: {"port": base_port + 50 + i, "metrics_port": base_port + 70 + i} for i, name in enumerate(SERVICES)
+        },
         "gateway": {"default_model": next(iter(models))},
         # Off, so that repeated test prompts reach the models; test_cache turns it on.
         "cache": {"enabled": False},
@@ -114,12 +120,23 @@ class RunningMesh:
     def metrics_url(self, service: str) -> str:
         return f"http://127.0.0.1:{self.config['services'][service]['metrics_port']}/metrics"
 
-    def request(self, method: str, path: str, body=None, raw: bytes | None = None, timeout: float = 120,
-                headers: dict[str, str] | None = None):
+    def request(
+        self,
+        method: str,
+        path: str,
+        body=None,
+        raw: bytes | None = None,
+        timeout: float = 120,
+        headers: dict[str, str] | None = None,
+    ):
         """(status, parsed JSON, text or audio bytes, headers) of one REST call through Envoy."""
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        req = urllib.request.Request(self.base_url + path, data=data, method=method,
-                                     headers={"content-type": "application/json", **(headers or {})})
+        req = urllib.request.Request(
+            self.base_url + path,
+            data=data,
+            method=method,
+            headers={"content-type": "application/json", **(headers or {})},
+        )
         try:
             with urllib.request.urlopen(req, context=self.ssl_context(), timeout=timeout) as response:
                 status, payload, headers = response.status, response.read(), response.headers
@@ -141,7 +158,10 @@ def start_mesh(directory: pathlib.Path, config: dict, timeout_s: float = 240, sp
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [str(VENV_BIN / "capibara"), "--config", str(config_path), "up", *(["--split"] if split else [])],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
         )
     mesh = RunningMesh(config_path, config, process, log_path)
     deadline = time.monotonic() + timeout_s
@@ -183,20 +203,27 @@ def processes_using(marker: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def running_mesh(directory: pathlib.Path, base_port: int, models: dict, router: bool = True, split: bool = False,
-                 **sections):
+def running_mesh(
+    directory: pathlib.Path, base_port: int, models: dict, router: bool = True, split: bool = False, **sections
+):
     """A mesh on ports base_port+..., state in directory/state; stopped (Ctrl-C) on exit.
     `sections` are more top-level config sections, e.g. supervision={"restart": "no"}."""
-    mesh = start_mesh(directory, {**mesh_config(directory / "state", base_port, models, router), **sections},
-                      split=split)
+    mesh = start_mesh(
+        directory, {**mesh_config(directory / "state", base_port, models, router), **sections}, split=split
+    )
     try:
         yield mesh
     finally:
         stop_mesh(mesh)
 
 
-def serve_replica(config_path: pathlib.Path, service: str, port: int | None = None,
-                  metrics_port: int | None = None, timeout_s: float = 120) -> subprocess.Popen:
+def serve_replica(
+    config_path: pathlib.Path,
+    service: str,
+    port: int | None = None,
+    metrics_port: int | None = None,
+    timeout_s: float = 120,
+) -> subprocess.Popen:
     """Another replica of `service` (`capibara serve`, its own process), once it is serving. Its
     output goes to a log file beside the config: a pipe nobody reads would, once full, freeze it."""
     argv = [sys.executable, "-m", "capibara_grpc.cli", "--config", str(config_path), "serve", service]

@@ -35,14 +35,38 @@ def postgres_server(port: int):
     if os.geteuid() == 0:
         shutil.chown(directory, "postgres", "postgres")
     data = directory / "data"
-    subprocess.run(_as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "capibara"]),
-                   check=True, capture_output=True)
-    server = subprocess.Popen(_as_postgres([str(PG_BIN / "postgres"), "-D", str(data), "-p", str(port),
-                                            "-k", str(directory), "-c", "listen_addresses=127.0.0.1"]),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        _as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "capibara"]),
+        check=True,
+        capture_output=True,
+    )
+    server = subprocess.Popen(
+        _as_postgres(
+            [
+                str(PG_BIN / "postgres"),
+                "-D",
+                str(data),
+                "-p",
+                str(port),
+                "-k",
+                str(directory),
+                "-c",
+                "listen_addresses=127.0.0.1",
+            ]
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        _wait(lambda: subprocess.run([str(PG_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
-                                     capture_output=True).returncode == 0, "PostgreSQL")
+        _wait(
+            lambda: (
+                subprocess.run(
+                    [str(PG_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)], capture_output=True
+                ).returncode
+                == 0
+            ),
+            "PostgreSQL",
+        )
         yield f"postgresql://capibara@127.0.0.1:{port}/postgres"
     finally:
         server.terminate()
@@ -56,11 +80,18 @@ def redis_server(port: int):
     binary = shutil.which("redis-server")
     assert binary, "make test installs redis-server"
     directory = tempfile.mkdtemp(prefix="capibara-redis-")
-    server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                               "--dir", directory], stdout=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", directory],
+        stdout=subprocess.DEVNULL,
+    )
     try:
-        _wait(lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
-                                     text=True).stdout.strip() == "PONG", "Redis")
+        _wait(
+            lambda: (
+                subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True).stdout.strip()
+                == "PONG"
+            ),
+            "Redis",
+        )
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         server.terminate()

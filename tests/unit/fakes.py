@@ -4,8 +4,8 @@ other services as the gateway sees them. No llama-server, no Envoy, no network."
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 import grpc
 
@@ -57,8 +57,9 @@ class FakeModels:
         self.calls: list[tuple[str, list[Message]]] = []
         self.closed: list[str] = []
 
-    async def generate(self, model_id: str, messages: list[Message], params: SamplingParams,
-                       timeout_s: float) -> AsyncIterator[Token | Finished]:
+    async def generate(
+        self, model_id: str, messages: list[Message], params: SamplingParams, timeout_s: float
+    ) -> AsyncIterator[Token | Finished]:
         self.calls.append((model_id, messages))
         model = self.models.get(model_id, Model())
         try:
@@ -81,11 +82,21 @@ class FakeModels:
 class FakeRouter:
     """RouteFn: picks `model_id` for route `route`, the other models ranked by `scores`."""
 
-    def __init__(self, model_id: str = "alpha", route: str = "programming",
-                 scores: list[tuple[str, str, float]] | None = None, error: Exception | None = None):
-        self.decision = RouteDecision(model_id=model_id, route_name=route, confidence=0.9, fallback=False,
-                                      reasoning=f"router picked {route}",
-                                      scores=scores or [(route, model_id, 0.9)])
+    def __init__(
+        self,
+        model_id: str = "alpha",
+        route: str = "programming",
+        scores: list[tuple[str, str, float]] | None = None,
+        error: Exception | None = None,
+    ):
+        self.decision = RouteDecision(
+            model_id=model_id,
+            route_name=route,
+            confidence=0.9,
+            fallback=False,
+            reasoning=f"router picked {route}",
+            scores=scores or [(route, model_id, 0.9)],
+        )
         self.error = error
         self.queries: list[tuple[str, list[str]]] = []
 
@@ -108,8 +119,7 @@ class FakeContext:
         self.enriched.append(model_id)
         return [Message("system", f"context for {model_id}"), Message("user", message)]
 
-    async def append_turn(self, conversation_id: str, role: str, content: str, model_id: str,
-                          timeout_s: float) -> None:
+    async def append_turn(self, conversation_id: str, role: str, content: str, model_id: str, timeout_s: float) -> None:
         if self.fail_append and role == "assistant":
             raise self.fail_append
         self.turns.append((conversation_id, role, content, model_id))
@@ -137,8 +147,15 @@ class FakeSpeech:
 
 
 async def fake_consensus(prompt: str, params: SamplingParams, timeout_s: float) -> ConsensusAnswer:
-    return ConsensusAnswer(text="42", chosen_model_id="beta", agreement=2 / 3, reasoning="2 of 3 agree",
-                           scores=[("alpha", 0.5), ("beta", 0.9)], prompt_tokens=9, completion_tokens=3)
+    return ConsensusAnswer(
+        text="42",
+        chosen_model_id="beta",
+        agreement=2 / 3,
+        reasoning="2 of 3 agree",
+        scores=[("alpha", 0.5), ("beta", 0.9)],
+        prompt_tokens=9,
+        completion_tokens=3,
+    )
 
 
 async def collect(events: AsyncIterator) -> list:

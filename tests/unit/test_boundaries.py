@@ -29,9 +29,12 @@ def imported_modules(path: pathlib.Path) -> list[tuple[int, str]]:
 def test_the_library_never_imports_the_gateway():
     sources = [p for p in LIBRARY.rglob("*.py") if "generated" not in p.relative_to(LIBRARY).parts]
     assert len(sources) > 20
-    offending = [f"{path.relative_to(LIBRARY.parent)}:{line} imports {module}"
-                 for path in sources for line, module in imported_modules(path)
-                 if module == GATEWAY or module.startswith(GATEWAY + ".")]
+    offending = [
+        f"{path.relative_to(LIBRARY.parent)}:{line} imports {module}"
+        for path in sources
+        for line, module in imported_modules(path)
+        if module == GATEWAY or module.startswith(GATEWAY + ".")
+    ]
     assert offending == []
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from capibara_gateway.cache import MemoryStore, ResponseCache
+from capibara_gateway.core import ChatGateway
+from capibara_gateway.events import ChatDone, ChatInput, RoutingDecision
 
 from capibara_grpc.chat_types import Token
 from capibara_grpc.config import CacheConfig
 from capibara_grpc.errors import InvalidArgument, MeshError, ResourceExhausted, StreamError, Unavailable
-from capibara_gateway.cache import MemoryStore, ResponseCache
-from capibara_gateway.core import ChatGateway
-from capibara_gateway.events import ChatDone, ChatInput, RoutingDecision
 from capibara_grpc.speech.core import AudioChunk
 from tests.unit.fakes import (
     FakeContext,
@@ -68,8 +68,9 @@ async def test_a_full_model_fails_over_like_a_down_one():
 
 async def test_fallbacks_come_before_the_routers_next_best():
     models = FakeModels(alpha=Model(fail_first=Unavailable("down")), beta=Model(fail_first=Unavailable("down")))
-    router = FakeRouter("alpha", scores=[("programming", "alpha", 0.6), ("creative", "gamma", 0.3),
-                                         ("math", "beta", 0.1)])
+    router = FakeRouter(
+        "alpha", scores=[("programming", "alpha", 0.6), ("creative", "gamma", 0.3), ("math", "beta", 0.1)]
+    )
     events = await collect(gateway(models, route=router).chat(ChatInput("hola"), 5.0))
     assert models.called == ["alpha", "beta", "gamma"]
     assert events[0].model_id == "gamma" and events[0].failed_models == ["alpha", "beta"]
@@ -84,8 +85,9 @@ async def test_a_named_model_never_fails_over():
 
 
 async def test_every_candidate_down_is_a_status_naming_them():
-    models = FakeModels(alpha=Model(fail_first=Unavailable("alpha is down")),
-                        beta=Model(fail_first=Unavailable("beta is down")))
+    models = FakeModels(
+        alpha=Model(fail_first=Unavailable("alpha is down")), beta=Model(fail_first=Unavailable("beta is down"))
+    )
     with pytest.raises(MeshError) as raised:
         await collect(gateway(models).chat(ChatInput("hola"), 5.0))
     assert raised.value.code == grpc.StatusCode.UNAVAILABLE
@@ -114,13 +116,17 @@ async def test_complete_turns_the_in_band_error_into_a_status():
     assert result.response == "Hola, mundo" and result.routing.model_id == "alpha"
 
 
-@pytest.mark.parametrize("chat, code", [
-    (ChatInput("   "), grpc.StatusCode.INVALID_ARGUMENT),
-    (ChatInput("x" * 20000), grpc.StatusCode.INVALID_ARGUMENT),
-    (ChatInput("hola", model="nope"), grpc.StatusCode.NOT_FOUND),
-    (ChatInput("hola", consensus=True), grpc.StatusCode.UNIMPLEMENTED),
-    (ChatInput("hola", speak=True), grpc.StatusCode.UNIMPLEMENTED),
-], ids=["blank", "too-long", "unknown-model", "no-consensus", "no-speech"])
+@pytest.mark.parametrize(
+    "chat, code",
+    [
+        (ChatInput("   "), grpc.StatusCode.INVALID_ARGUMENT),
+        (ChatInput("x" * 20000), grpc.StatusCode.INVALID_ARGUMENT),
+        (ChatInput("hola", model="nope"), grpc.StatusCode.NOT_FOUND),
+        (ChatInput("hola", consensus=True), grpc.StatusCode.UNIMPLEMENTED),
+        (ChatInput("hola", speak=True), grpc.StatusCode.UNIMPLEMENTED),
+    ],
+    ids=["blank", "too-long", "unknown-model", "no-consensus", "no-speech"],
+)
 async def test_bad_requests_fail_before_anything_is_called(chat, code):
     models = FakeModels()
     with pytest.raises(MeshError) as raised:

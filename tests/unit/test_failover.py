@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from capibara_gateway import failover
+from capibara_gateway.events import RoutingDecision
 
 from capibara_grpc import metrics
 from capibara_grpc.errors import InvalidArgument, MeshError, NotFound, ResourceExhausted, Unavailable
-from capibara_gateway import failover
-from capibara_gateway.events import RoutingDecision
 from tests.unit.fakes import FakeModels, Model, collect, mesh_config
 
 CONFIG = mesh_config()
 
 
 def decision(model_id: str = "alpha", source: str = "router", next_best: list[str] | None = None) -> RoutingDecision:
-    return RoutingDecision(model_id, "programming", 0.9, source, "router picked programming",
-                           next_best=next_best or [])
+    return RoutingDecision(model_id, "programming", 0.9, source, "router picked programming", next_best=next_best or [])
 
 
 def test_a_named_model_is_the_only_candidate():
@@ -40,8 +39,10 @@ def opener(models: FakeModels):
 
 
 async def test_the_first_model_that_yields_answers_and_the_failed_ones_are_listed():
-    models = FakeModels(alpha=Model(fail_first=Unavailable("alpha is down")),
-                        beta=Model(fail_first=ResourceExhausted("beta is full", retry_after_s=2)))
+    models = FakeModels(
+        alpha=Model(fail_first=Unavailable("alpha is down")),
+        beta=Model(fail_first=ResourceExhausted("beta is full", retry_after_s=2)),
+    )
     started = await failover.first_to_answer(["alpha", "beta", "gamma"], opener(models))
     assert started.model_id == "gamma"
     assert [(f.model_id, f.code) for f in started.failed] == [("alpha", "UNAVAILABLE"), ("beta", "RESOURCE_EXHAUSTED")]
@@ -52,8 +53,9 @@ async def test_the_first_model_that_yields_answers_and_the_failed_ones_are_liste
     assert models.closed == ["alpha", "beta", "gamma"]
 
 
-@pytest.mark.parametrize("error", [InvalidArgument("bad"), NotFound("no such"),
-                                   MeshError("bug")], ids=["invalid", "not-found", "internal"])
+@pytest.mark.parametrize(
+    "error", [InvalidArgument("bad"), NotFound("no such"), MeshError("bug")], ids=["invalid", "not-found", "internal"]
+)
 async def test_only_failures_another_model_may_not_share_move_on(error):
     models = FakeModels(alpha=Model(fail_first=error))
     if error.code in failover.FAILOVER_CODES:
@@ -74,8 +76,9 @@ async def test_a_deadline_is_not_failed_over():
 
 
 async def test_when_every_candidate_fails_the_last_error_names_the_others():
-    models = FakeModels(alpha=Model(fail_first=Unavailable("alpha is down")),
-                        beta=Model(fail_first=Unavailable("beta is down")))
+    models = FakeModels(
+        alpha=Model(fail_first=Unavailable("alpha is down")), beta=Model(fail_first=Unavailable("beta is down"))
+    )
     with pytest.raises(MeshError) as raised:
         await failover.first_to_answer(["alpha", "beta"], opener(models))
     assert raised.value.code == grpc.StatusCode.UNAVAILABLE
@@ -99,8 +102,7 @@ async def test_the_decision_says_what_happened_and_failovers_are_counted():
     started = await failover.first_to_answer(["alpha", "gamma"], opener(models))
     routed = failover.decided(decision("alpha"), started)
     assert routed.model_id == "gamma" and routed.fallback and routed.failed_models == ["alpha"]
-    assert routed.reasoning == ("router picked programming; failed over to gamma: "
-                                "alpha (UNAVAILABLE: alpha is down)")
+    assert routed.reasoning == ("router picked programming; failed over to gamma: alpha (UNAVAILABLE: alpha is down)")
     assert counter._value.get() == before + 1
     await started.stream.aclose()
 

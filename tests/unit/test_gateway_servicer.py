@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import grpc
 import pytest
-
-from capibara_grpc.errors import ResourceExhausted, Unavailable
 from capibara_gateway.core import ChatGateway
 from capibara_gateway.health import HealthReport, ServiceHealth
 from capibara_gateway.servicer import ChatServicer, MeshServicer
+
+from capibara_grpc.errors import ResourceExhausted, Unavailable
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
 from tests.unit.fakes import FakeModels, Model, mesh_config, serving, status_of
 
@@ -32,16 +32,20 @@ class FakeMeshHealth:
 
 def report(*down: str) -> HealthReport:
     models = [f"{INFERENCE}/alpha", f"{INFERENCE}/beta"]
-    services = [ServiceHealth(name, "NOT_SERVING" if name in down else "SERVING")
-                for name in [GATEWAY, INFERENCE, "capibara.router.v1.RouterService", *models]]
+    services = [
+        ServiceHealth(name, "NOT_SERVING" if name in down else "SERVING")
+        for name in [GATEWAY, INFERENCE, "capibara.router.v1.RouterService", *models]
+    ]
     return HealthReport(services, required=[GATEWAY, INFERENCE], models=models)
 
 
 @pytest.fixture
 def models() -> FakeModels:
-    return FakeModels(alpha=Model(fail_first=Unavailable("model 'alpha' is unavailable: backend unreachable")),
-                      beta=Model(fail_first=ResourceExhausted("model 'beta' is busy", retry_after_s=3)),
-                      gamma=Model(fail_after=1, fail_with=Unavailable("backend died")))
+    return FakeModels(
+        alpha=Model(fail_first=Unavailable("model 'alpha' is unavailable: backend unreachable")),
+        beta=Model(fail_first=ResourceExhausted("model 'beta' is busy", retry_after_s=3)),
+        gamma=Model(fail_after=1, fail_with=Unavailable("backend died")),
+    )
 
 
 @pytest.fixture
@@ -56,14 +60,18 @@ async def stubs(models):
         yield gateway_pb2_grpc.ChatServiceStub(channel), gateway_pb2_grpc.MeshServiceStub(channel), health, channel
 
 
-@pytest.mark.parametrize("request_fields, code, details", [
-    ({"message": " "}, grpc.StatusCode.INVALID_ARGUMENT, "message must not be empty or only whitespace"),
-    ({"message": "hola", "max_tokens": -1}, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be between"),
-    ({"message": "hola", "model": "nope"}, grpc.StatusCode.NOT_FOUND, "unknown model 'nope'"),
-    ({"message": "hola", "model": "alpha"}, grpc.StatusCode.UNAVAILABLE, "model 'alpha' is unavailable"),
-    ({"message": "hola", "model": "beta"}, grpc.StatusCode.RESOURCE_EXHAUSTED, "model 'beta' is busy"),
-    ({"message": "hola", "consensus": True}, grpc.StatusCode.UNIMPLEMENTED, "consensus is not available"),
-], ids=["blank", "bad-params", "unknown-model", "backend-down", "full", "not-deployed"])
+@pytest.mark.parametrize(
+    "request_fields, code, details",
+    [
+        ({"message": " "}, grpc.StatusCode.INVALID_ARGUMENT, "message must not be empty or only whitespace"),
+        ({"message": "hola", "max_tokens": -1}, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be between"),
+        ({"message": "hola", "model": "nope"}, grpc.StatusCode.NOT_FOUND, "unknown model 'nope'"),
+        ({"message": "hola", "model": "alpha"}, grpc.StatusCode.UNAVAILABLE, "model 'alpha' is unavailable"),
+        ({"message": "hola", "model": "beta"}, grpc.StatusCode.RESOURCE_EXHAUSTED, "model 'beta' is busy"),
+        ({"message": "hola", "consensus": True}, grpc.StatusCode.UNIMPLEMENTED, "consensus is not available"),
+    ],
+    ids=["blank", "bad-params", "unknown-model", "backend-down", "full", "not-deployed"],
+)
 @pytest.mark.parametrize("method", ["Chat", "Complete"])
 async def test_errors_before_the_first_token_are_statuses(stubs, method, request_fields, code, details):
     chat, *_ = stubs
@@ -85,7 +93,9 @@ async def test_a_failure_after_the_first_token_is_an_error_event(stubs):
     events = [e async for e in chat.Chat(gateway_pb2.ChatRequest(message="hola", model="gamma"), timeout=5)]
     assert [e.WhichOneof("event") for e in events] == ["routing", "token", "error"]
     assert (events[-1].error.code, events[-1].error.message) == ("UNAVAILABLE", "backend died")
-    code, details = await status_of(chat.Complete(gateway_pb2.CompleteRequest(message="hola", model="gamma"), timeout=5))
+    code, details = await status_of(
+        chat.Complete(gateway_pb2.CompleteRequest(message="hola", model="gamma"), timeout=5)
+    )
     assert (code, details) == (grpc.StatusCode.UNAVAILABLE, "backend died")
 
 
@@ -94,8 +104,10 @@ async def test_when_every_candidate_fails_the_status_names_them(stubs):
     # No router: the default model alpha (down), then its fallback beta (full).
     code, details = await status_of(chat.Complete(gateway_pb2.CompleteRequest(message="hola"), timeout=5))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert details == "model 'beta' is busy (after failing over from alpha (UNAVAILABLE: model 'alpha' is unavailable: " \
-                      "backend unreachable))"
+    assert (
+        details == "model 'beta' is busy (after failing over from alpha (UNAVAILABLE: model 'alpha' is unavailable: "
+        "backend unreachable))"
+    )
 
 
 async def test_failover_is_in_the_routing_event():
@@ -106,7 +118,8 @@ async def test_failover_is_in_the_routing_event():
 
     async with serving(add) as channel:
         response = await gateway_pb2_grpc.ChatServiceStub(channel).Complete(
-            gateway_pb2.CompleteRequest(message="hola"), timeout=5)
+            gateway_pb2.CompleteRequest(message="hola"), timeout=5
+        )
     assert response.model_id == "beta" and response.response == "Hola, mundo"
     assert list(response.routing.failed_models) == ["alpha"] and response.routing.fallback
     assert "failed over to beta: alpha (UNAVAILABLE: alpha is down)" in response.routing.reasoning

@@ -26,8 +26,12 @@ def restore_logging(monkeypatch):
 def _log_a_call(request_id: str = "req-1234") -> None:
     token = tracing.current_request_id.set(request_id)
     try:
-        logging.getLogger("capibara.calls").info("%s %s", "/capibara.router.v1.RouterService/Route", "OK", extra={
-            "fields": {"method": "/capibara.router.v1.RouterService/Route", "code": "OK", "ms": 12.5}})
+        logging.getLogger("capibara.calls").info(
+            "%s %s",
+            "/capibara.router.v1.RouterService/Route",
+            "OK",
+            extra={"fields": {"method": "/capibara.router.v1.RouterService/Route", "code": "OK", "ms": 12.5}},
+        )
     finally:
         tracing.current_request_id.reset(token)
 
@@ -37,8 +41,14 @@ def test_a_terminal_gets_one_readable_line_per_call():
     tracing.configure_logging(stream=stream)
     _log_a_call()
     (line,) = stream.getvalue().splitlines()
-    assert line.split()[1:] == ["INFO", "capibara.calls:", "/capibara.router.v1.RouterService/Route", "OK",
-                                "ms=12.5", "request_id=req-1234"]
+    assert line.split()[1:] == [
+        "INFO",
+        "capibara.calls:",
+        "/capibara.router.v1.RouterService/Route",
+        "OK",
+        "ms=12.5",
+        "request_id=req-1234",
+    ]
     assert not line.startswith("{")
 
 
@@ -59,7 +69,9 @@ def test_the_log_file_is_json_even_when_the_terminal_shows_text(tmp_path):
     assert json.loads(log_file.read_text())["request_id"] == "req-1234"
 
 
-@pytest.mark.parametrize("chosen, on_terminal, as_json", [("json", True, True), ("text", False, False), ("", True, False)])
+@pytest.mark.parametrize(
+    "chosen, on_terminal, as_json", [("json", True, True), ("text", False, False), ("", True, False)]
+)
 def test_the_environment_can_choose(monkeypatch, chosen, on_terminal, as_json):
     monkeypatch.setenv(tracing.LOG_FORMAT_ENV, chosen)
     assert tracing.wants_json(Terminal() if on_terminal else io.StringIO()) is as_json

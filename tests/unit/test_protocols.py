@@ -5,10 +5,10 @@ from __future__ import annotations
 import inspect
 
 import pytest
+from capibara_gateway import protocols
 
 from capibara_grpc.consensus.client import ConsensusClient
 from capibara_grpc.context.client import ContextClient
-from capibara_gateway import protocols
 from capibara_grpc.speech.client import SpeechClient
 
 

@@ -45,8 +45,11 @@ from capibara_grpc.stubs import (
 from tests.unit.fakes import mesh_config, serving, status_of
 
 CONFIG = mesh_config()
-INVALID, NOT_FOUND, UNAVAILABLE = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-                                   grpc.StatusCode.UNAVAILABLE)
+INVALID, NOT_FOUND, UNAVAILABLE = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.UNAVAILABLE,
+)
 USER = inference_pb2.ChatMessage(role=inference_pb2.ROLE_USER, content="hola")
 
 
@@ -56,29 +59,36 @@ def hashed_encoding(texts: list[str]) -> np.ndarray:
     for row, text in enumerate(texts):
         padded = f"  {text.lower()} "
         for i in range(len(padded) - 2):
-            vectors[row, zlib.crc32(padded[i:i + 3].encode()) % 64] += 1
+            vectors[row, zlib.crc32(padded[i : i + 3].encode()) % 64] += 1
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
 
 
 # -- inference ---------------------------------------------------------------------------------
+
 
 @pytest.fixture
 async def inference():
     engine = InferenceEngine(CONFIG)
     await engine.start()
     servicer = InferenceServicer(engine)
-    async with serving(lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)) as ch:
+    async with serving(
+        lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+    ) as ch:
         yield inference_pb2_grpc.InferenceServiceStub(ch), engine
     await engine.stop()
 
 
-@pytest.mark.parametrize("fields, code, details", [
-    ({"model_id": "", "messages": [USER]}, INVALID, "model_id is required"),
-    ({"model_id": "alpha"}, INVALID, "messages must not be empty"),
-    ({"model_id": "alpha", "messages": [USER], "params": {"top_p": 2}}, INVALID, "top_p must be in (0, 1]"),
-    ({"model_id": "nope", "messages": [USER]}, NOT_FOUND, "unknown model 'nope'"),
-    ({"model_id": "alpha", "messages": [USER]}, UNAVAILABLE, "model 'alpha' is unavailable: backend"),
-], ids=["no-model", "no-messages", "bad-params", "unknown-model", "backend-down"])
+@pytest.mark.parametrize(
+    "fields, code, details",
+    [
+        ({"model_id": "", "messages": [USER]}, INVALID, "model_id is required"),
+        ({"model_id": "alpha"}, INVALID, "messages must not be empty"),
+        ({"model_id": "alpha", "messages": [USER], "params": {"top_p": 2}}, INVALID, "top_p must be in (0, 1]"),
+        ({"model_id": "nope", "messages": [USER]}, NOT_FOUND, "unknown model 'nope'"),
+        ({"model_id": "alpha", "messages": [USER]}, UNAVAILABLE, "model 'alpha' is unavailable: backend"),
+    ],
+    ids=["no-model", "no-messages", "bad-params", "unknown-model", "backend-down"],
+)
 async def test_inference_generate_errors(inference, fields, code, details):
     stub, _ = inference
     got = await status_of(stub.Generate(inference_pb2.GenerateRequest(**fields), timeout=5))
@@ -129,8 +139,10 @@ async def router():
 
 
 async def test_router_errors_and_answers(router):
-    assert await status_of(router.Route(router_pb2.RouteRequest(query="  "), timeout=5)) == \
-        (INVALID, "query must not be empty")
+    assert await status_of(router.Route(router_pb2.RouteRequest(query="  "), timeout=5)) == (
+        INVALID,
+        "query must not be empty",
+    )
     decision = await router.Route(router_pb2.RouteRequest(query="a python function to sort a list"), timeout=5)
     assert decision.model_id in CONFIG.models and decision.scores
     routes = await router.ListRoutes(router_pb2.ListRoutesRequest(), timeout=5)
@@ -139,29 +151,44 @@ async def test_router_errors_and_answers(router):
 
 # -- context -----------------------------------------------------------------------------------
 
+
 @pytest.fixture
 async def context(tmp_path):
     store = SqliteStore(tmp_path / "conversations.sqlite3")
     async with aiohttp.ClientSession() as session:
         servicer = ContextServicer(ContextEngine(CONFIG, store, ModelTokens(CONFIG, session)))
-        async with serving(lambda server: context_pb2_grpc.add_ContextServiceServicer_to_server(servicer, server)) as ch:
+        async with serving(
+            lambda server: context_pb2_grpc.add_ContextServiceServicer_to_server(servicer, server)
+        ) as ch:
             yield context_pb2_grpc.ContextServiceStub(ch)
     await store.close()
 
 
 async def test_context_errors(context):
-    await context.AppendTurn(context_pb2.AppendTurnRequest(conversation_id="c1", role=inference_pb2.ROLE_USER,
-                                                           content="earlier"), timeout=5)
+    await context.AppendTurn(
+        context_pb2.AppendTurnRequest(conversation_id="c1", role=inference_pb2.ROLE_USER, content="earlier"), timeout=5
+    )
     cases = [
         (lambda: context.Enrich(context_pb2.EnrichRequest(message=" ")), INVALID, "message must not be empty"),
-        (lambda: context.Enrich(context_pb2.EnrichRequest(message="hola", model_id="nope")), NOT_FOUND, "unknown model 'nope'"),
+        (
+            lambda: context.Enrich(context_pb2.EnrichRequest(message="hola", model_id="nope")),
+            NOT_FOUND,
+            "unknown model 'nope'",
+        ),
         # The conversation's history is counted in the model's tokens: its backend is down.
-        (lambda: context.Enrich(context_pb2.EnrichRequest(message="hola", conversation_id="c1", model_id="alpha")),
-         UNAVAILABLE, "model 'alpha' is unavailable"),
+        (
+            lambda: context.Enrich(context_pb2.EnrichRequest(message="hola", conversation_id="c1", model_id="alpha")),
+            UNAVAILABLE,
+            "model 'alpha' is unavailable",
+        ),
         (lambda: context.DecodeToon(context_pb2.DecodeToonRequest(toon="")), INVALID, "toon must not be empty"),
         (lambda: context.EncodeToon(context_pb2.EncodeToonRequest()), INVALID, "json is required"),
         (lambda: context.GetConversation(context_pb2.GetConversationRequest()), INVALID, "conversation_id is required"),
-        (lambda: context.AppendTurn(context_pb2.AppendTurnRequest(conversation_id="c1")), INVALID, "conversation_id, a user"),
+        (
+            lambda: context.AppendTurn(context_pb2.AppendTurnRequest(conversation_id="c1")),
+            INVALID,
+            "conversation_id, a user",
+        ),
     ]
     for call, code, details in cases:
         got = await status_of(call())
@@ -169,6 +196,7 @@ async def test_context_errors(context):
 
 
 # -- consensus ---------------------------------------------------------------------------------
+
 
 async def consensus_generate(model_id, messages, params, timeout_s):
     if model_id == "gamma":
@@ -180,16 +208,22 @@ async def consensus_generate(model_id, messages, params, timeout_s):
 @pytest.fixture
 async def consensus():
     servicer = ConsensusServicer(ConsensusEngine(CONFIG, consensus_generate, hashed_encoding))
-    async with serving(lambda server: consensus_pb2_grpc.add_ConsensusServiceServicer_to_server(servicer, server)) as ch:
+    async with serving(
+        lambda server: consensus_pb2_grpc.add_ConsensusServiceServicer_to_server(servicer, server)
+    ) as ch:
         yield consensus_pb2_grpc.ConsensusServiceStub(ch)
 
 
-@pytest.mark.parametrize("fields, code, details", [
-    ({"prompt": " "}, INVALID, "prompt must not be empty"),
-    ({"prompt": "2+2", "models": ["nope"]}, NOT_FOUND, "unknown model 'nope'"),
-    ({"prompt": "2+2", "quorum": 5}, INVALID, "quorum 5 is larger"),
-    ({"prompt": "2+2", "models": ["alpha", "gamma"], "quorum": 2}, UNAVAILABLE, "quorum not met: 1 of 2"),
-], ids=["blank", "unknown-model", "quorum", "below-quorum"])
+@pytest.mark.parametrize(
+    "fields, code, details",
+    [
+        ({"prompt": " "}, INVALID, "prompt must not be empty"),
+        ({"prompt": "2+2", "models": ["nope"]}, NOT_FOUND, "unknown model 'nope'"),
+        ({"prompt": "2+2", "quorum": 5}, INVALID, "quorum 5 is larger"),
+        ({"prompt": "2+2", "models": ["alpha", "gamma"], "quorum": 2}, UNAVAILABLE, "quorum not met: 1 of 2"),
+    ],
+    ids=["blank", "unknown-model", "quorum", "below-quorum"],
+)
 async def test_consensus_decide_errors(consensus, fields, code, details):
     got = await status_of(consensus.Decide(consensus_pb2.DecideRequest(**fields), timeout=5))
     assert got[0] == code and got[1].startswith(details), got
@@ -201,12 +235,14 @@ async def test_consensus_below_quorum_ends_the_stream_with_an_error_event(consen
     kinds = [e.WhichOneof("event") for e in events]
     assert kinds[:2] == ["started", "started"] and sorted(kinds[2:4]) == ["failed", "finished"]
     assert kinds[-1] == "error" and events[-1].error.code == "UNAVAILABLE"
-    answer = await consensus.Decide(consensus_pb2.DecideRequest(prompt="2+2", models=["alpha", "gamma"],
-                                                                quorum=1), timeout=5)
+    answer = await consensus.Decide(
+        consensus_pb2.DecideRequest(prompt="2+2", models=["alpha", "gamma"], quorum=1), timeout=5
+    )
     assert answer.final.text == "cuatro" and [f.model_id for f in answer.failures] == ["gamma"]
 
 
 # -- speech ------------------------------------------------------------------------------------
+
 
 class SilentEngine:
     name = "espeak"
@@ -228,14 +264,18 @@ async def speech():
         yield speech_pb2_grpc.SpeechServiceStub(ch)
 
 
-@pytest.mark.parametrize("fields, code, details", [
-    ({"text": "..."}, INVALID, "text has nothing to speak"),
-    ({"text": "hola", "voice": "nope"}, NOT_FOUND, "unknown voice 'nope'"),
-    ({"text": "hola", "language": "x!"}, INVALID, "language 'x!' is not a language tag"),
-    ({"text": "hola", "voice": "espeak:es", "language": "en"}, INVALID, "voice 'espeak:es' speaks 'es'"),
-    ({"text": "hola", "language": "fr"}, NOT_FOUND, "no espeak voice speaks 'fr'"),
-    ({"text": "please fail"}, UNAVAILABLE, "espeak-ng failed"),
-], ids=["nothing-to-speak", "unknown-voice", "bad-language", "wrong-language", "no-voice", "engine-failed"])
+@pytest.mark.parametrize(
+    "fields, code, details",
+    [
+        ({"text": "..."}, INVALID, "text has nothing to speak"),
+        ({"text": "hola", "voice": "nope"}, NOT_FOUND, "unknown voice 'nope'"),
+        ({"text": "hola", "language": "x!"}, INVALID, "language 'x!' is not a language tag"),
+        ({"text": "hola", "voice": "espeak:es", "language": "en"}, INVALID, "voice 'espeak:es' speaks 'es'"),
+        ({"text": "hola", "language": "fr"}, NOT_FOUND, "no espeak voice speaks 'fr'"),
+        ({"text": "please fail"}, UNAVAILABLE, "espeak-ng failed"),
+    ],
+    ids=["nothing-to-speak", "unknown-voice", "bad-language", "wrong-language", "no-voice", "engine-failed"],
+)
 @pytest.mark.parametrize("method", ["Synthesize", "Speak"])
 async def test_speech_errors(speech, method, fields, code, details):
     request_type = speech_pb2.SynthesizeRequest if method == "Synthesize" else speech_pb2.SpeakRequest

@@ -31,7 +31,7 @@ def test_names_ports_and_ranks_are_distinct():
 def test_each_full_name_is_a_service_of_its_proto_module():
     from capibara_grpc.stubs import PROTO_MODULES
 
-    for row, module in zip(SERVICES, PROTO_MODULES):
+    for row, module in zip(SERVICES, PROTO_MODULES, strict=True):
         assert module.__name__ == row.proto
         assert row.full_name in {s.full_name for s in module.DESCRIPTOR.services_by_name.values()}
 
@@ -62,15 +62,20 @@ def test_no_other_module_spells_out_the_list():
     names = "|".join(SERVICE_NAMES)
     listing = re.compile(rf"""["']({names})["'],\s*["']({names})["'],\s*["']({names})["']""")
     sources = [*(REPO / "capibara_grpc").rglob("*.py"), *(REPO / "gateway").rglob("*.py")]
-    offenders = [str(path.relative_to(REPO)) for path in sources
-                 if "generated" not in path.parts and path.name != "services.py" and listing.search(path.read_text())]
+    offenders = [
+        str(path.relative_to(REPO))
+        for path in sources
+        if "generated" not in path.parts and path.name != "services.py" and listing.search(path.read_text())
+    ]
     assert offenders == []
 
 
 def test_the_library_never_imports_the_gateway():
     """The gateway depends on the library, never the other way: its start function is a string."""
-    code = ("import sys, capibara_grpc.cli, capibara_grpc.launcher, capibara_grpc.server, capibara_grpc.config;"
-            "print([m for m in sys.modules if m.startswith(('capibara_gateway', 'capibara_grpc.gateway'))])")
+    code = (
+        "import sys, capibara_grpc.cli, capibara_grpc.launcher, capibara_grpc.server, capibara_grpc.config;"
+        "print([m for m in sys.modules if m.startswith(('capibara_gateway', 'capibara_grpc.gateway'))])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.stdout.strip() == "[]", out.stderr
 
@@ -93,14 +98,18 @@ async def test_a_process_starts_a_service_from_its_row(tmp_path):
     from capibara_grpc.server import MeshServers
 
     port, metrics_port = _free_port(), _free_port()
-    config = parse_config(f"""
+    config = parse_config(
+        f"""
 state_dir: {tmp_path}
 services: {{context: {{port: {port}, metrics_port: {metrics_port}}}}}
 router: {{enabled: false}}
 speech: {{enabled: false}}
 gateway: {{default_model: m}}
 models: {{m: {{backend: {{url: "http://127.0.0.1:9"}}}}}}
-""", source="test.yaml", check_files=False)
+""",
+        source="test.yaml",
+        check_files=False,
+    )
     servers = await MeshServers(config, ["context"]).start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -1,0 +1,96 @@
+"""Envoy clusters: a service's replicas (gRPC, health-checked with grpc.health.v1) and a model's
+servers (HTTP, /health), each with outlier detection and circuit breakers."""
+
+from __future__ import annotations
+
+from capibara_grpc.config import url_host_port
+from capibara_grpc.stubs import SERVICE_FULL_NAMES
+
+
+def socket_address(host: str, port: int) -> dict:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _endpoints(name: str, addresses: list[tuple[str, int]]) -> dict:
+    return {
+        "cluster_name": name,
+        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(h, p)}} for h, p in addresses]}],
+    }
+
+
+def service_cluster(name: str, addresses: list[tuple[str, int]]) -> dict:
+    """A service's replicas (usually one)."""
+    return {
+        "name": name,
+        # Replicas may be named by host name (another machine, a Kubernetes Service).
+        "type": "STRICT_DNS",
+        "connect_timeout": "1s",
+        "lb_policy": "LEAST_REQUEST",
+        # grpc.health.v1 of the service itself: a replica that says NOT_SERVING (or does not
+        # answer) gets no new calls. With every replica down Envoy still tries them (panic mode),
+        # so callers get the service's own error instead of a bare "no healthy upstream".
+        "health_checks": [
+            {
+                "timeout": "1s",
+                "interval": "2s",
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+                "no_traffic_interval": "2s",
+                "grpc_health_check": {"service_name": SERVICE_FULL_NAMES[name]},
+            }
+        ],
+        # A replica that keeps failing with 5xx / connection errors is ejected for a while.
+        "outlier_detection": {
+            "consecutive_gateway_failure": 3,
+            "consecutive_5xx": 5,
+            "interval": "2s",
+            "base_ejection_time": "5s",
+            "max_ejection_percent": 100,
+        },
+        "circuit_breakers": {
+            "thresholds": [
+                {"max_connections": 4096, "max_pending_requests": 4096, "max_requests": 4096, "max_retries": 64}
+            ]
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": _endpoints(name, addresses),
+    }
+
+
+def model_cluster(model_id: str, urls: list[str]) -> dict:
+    """A model's servers (llama-server, vLLM): least requests, /health checked, failing ones ejected."""
+    name = f"model-{model_id}"
+    return {
+        "name": name,
+        "type": "STRICT_DNS",
+        "connect_timeout": "1s",
+        "lb_policy": "LEAST_REQUEST",
+        "health_checks": [
+            {
+                "timeout": "1s",
+                "interval": "2s",
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+                "no_traffic_interval": "2s",
+                "http_health_check": {"path": "/health"},
+            }
+        ],
+        "outlier_detection": {
+            "consecutive_gateway_failure": 2,
+            "consecutive_5xx": 5,
+            "interval": "2s",
+            "base_ejection_time": "5s",
+            "max_ejection_percent": 100,
+        },
+        "circuit_breakers": {
+            "thresholds": [
+                {"max_connections": 4096, "max_pending_requests": 4096, "max_requests": 4096, "max_retries": 64}
+            ]
+        },
+        "load_assignment": _endpoints(name, [url_host_port(url) for url in urls]),
+    }
