@@ -218,15 +218,8 @@ def test_bad_routes_file_names_the_line_to_fix(text, message):
 
 def test_the_shipped_routes_cover_seven_routes_and_the_default():
     from capibara_grpc.config import load_routes
+    from tests.support.routes import ARCHITECTURE_DEFAULT_MODEL, ARCHITECTURE_ROUTES
 
     routes = load_routes(load_config())
-    assert {n: r.model for n, r in routes.routes.items()} == {
-        "programming": "gpt-oss-20b",
-        "creative_writing": "mixtral",
-        "quick_facts": "phi",
-        "analysis": "gpt-oss-20b",
-        "conversation": "phi",
-        "math": "gpt-oss-20b",
-        "translation": "mixtral",
-    }
-    assert routes.default.model == "gpt-oss-20b"
+    assert {n: r.model for n, r in routes.routes.items()} == ARCHITECTURE_ROUTES
+    assert routes.default.model == ARCHITECTURE_DEFAULT_MODEL

@@ -16,6 +16,7 @@ from capibara_grpc.router import evaluate
 from capibara_grpc.router.core import Router
 from capibara_grpc.stubs import router_pb2, router_pb2_grpc
 from tests.support.channels import edge_channel
+from tests.support.routes import ARCHITECTURE_DEFAULT_MODEL, ARCHITECTURE_ROUTES
 
 HOLDOUT = evaluate.DEFAULT_SET.with_name("router_holdout.yaml")
 
@@ -124,16 +125,7 @@ def test_list_routes_shows_every_route_with_its_model(mesh):
     status, body, _ = mesh.request("GET", "/api/router/routes")
     assert status == 200
     routes = {r["name"]: r for r in body["routes"]}
-    expected = {
-        "programming": "gpt-oss-20b",
-        "creative_writing": "mixtral",
-        "quick_facts": "phi",
-        "analysis": "gpt-oss-20b",
-        "conversation": "phi",
-        "math": "gpt-oss-20b",
-        "translation": "mixtral",
-        "default": "gpt-oss-20b",
-    }
+    expected = {**ARCHITECTURE_ROUTES, "default": ARCHITECTURE_DEFAULT_MODEL}
     assert {name: r["model_id"] for name, r in routes.items()} == expected
     assert body["default_route"] == "default"
     assert all(len(r["examples"]) >= 3 for r in routes.values())

@@ -11,24 +11,15 @@ def socket_address(host: str, port: int) -> dict:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def _endpoints(name: str, addresses: list[tuple[str, int]]) -> dict:
-    return {
-        "cluster_name": name,
-        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(h, p)}} for h, p in addresses]}],
-    }
-
-
-def service_cluster(name: str, addresses: list[tuple[str, int]]) -> dict:
-    """A service's replicas (usually one)."""
+def _cluster(name: str, addresses: list[tuple[str, int]], health_check: dict, gateway_failures: int, **extra) -> dict:
+    """Least requests over `addresses`, each health-checked every 2 s (`health_check` says how) and
+    ejected for a while after `gateway_failures` connection errors or 503s in a row, or 5 5xx."""
     return {
         "name": name,
         # Replicas may be named by host name (another machine, a Kubernetes Service).
         "type": "STRICT_DNS",
         "connect_timeout": "1s",
         "lb_policy": "LEAST_REQUEST",
-        # grpc.health.v1 of the service itself: a replica that says NOT_SERVING (or does not
-        # answer) gets no new calls. With every replica down Envoy still tries them (panic mode),
-        # so callers get the service's own error instead of a bare "no healthy upstream".
         "health_checks": [
             {
                 "timeout": "1s",
@@ -36,12 +27,11 @@ def service_cluster(name: str, addresses: list[tuple[str, int]]) -> dict:
                 "unhealthy_threshold": 2,
                 "healthy_threshold": 1,
                 "no_traffic_interval": "2s",
-                "grpc_health_check": {"service_name": SERVICE_FULL_NAMES[name]},
+                **health_check,
             }
         ],
-        # A replica that keeps failing with 5xx / connection errors is ejected for a while.
         "outlier_detection": {
-            "consecutive_gateway_failure": 3,
+            "consecutive_gateway_failure": gateway_failures,
             "consecutive_5xx": 5,
             "interval": "2s",
             "base_ejection_time": "5s",
@@ -52,45 +42,30 @@ def service_cluster(name: str, addresses: list[tuple[str, int]]) -> dict:
                 {"max_connections": 4096, "max_pending_requests": 4096, "max_requests": 4096, "max_retries": 64}
             ]
         },
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
+        **extra,
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(h, p)}} for h, p in addresses]}],
         },
-        "load_assignment": _endpoints(name, addresses),
     }
+
+
+def service_cluster(name: str, addresses: list[tuple[str, int]]) -> dict:
+    """A service's replicas (usually one), over HTTP/2. Health is the service's own
+    grpc.health.v1: a replica that says NOT_SERVING (or does not answer) gets no new calls. With
+    every replica down Envoy still tries them (panic mode), so callers get the service's own error
+    instead of a bare "no healthy upstream"."""
+    http2 = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+    health_check = {"grpc_health_check": {"service_name": SERVICE_FULL_NAMES[name]}}
+    return _cluster(name, addresses, health_check, 3, typed_extension_protocol_options=http2)
 
 
 def model_cluster(model_id: str, urls: list[str]) -> dict:
-    """A model's servers (llama-server, vLLM): least requests, /health checked, failing ones ejected."""
-    name = f"model-{model_id}"
-    return {
-        "name": name,
-        "type": "STRICT_DNS",
-        "connect_timeout": "1s",
-        "lb_policy": "LEAST_REQUEST",
-        "health_checks": [
-            {
-                "timeout": "1s",
-                "interval": "2s",
-                "unhealthy_threshold": 2,
-                "healthy_threshold": 1,
-                "no_traffic_interval": "2s",
-                "http_health_check": {"path": "/health"},
-            }
-        ],
-        "outlier_detection": {
-            "consecutive_gateway_failure": 2,
-            "consecutive_5xx": 5,
-            "interval": "2s",
-            "base_ejection_time": "5s",
-            "max_ejection_percent": 100,
-        },
-        "circuit_breakers": {
-            "thresholds": [
-                {"max_connections": 4096, "max_pending_requests": 4096, "max_requests": 4096, "max_retries": 64}
-            ]
-        },
-        "load_assignment": _endpoints(name, [url_host_port(url) for url in urls]),
-    }
+    """A model's servers (llama-server, vLLM), over HTTP/1.1, checked with GET /health."""
+    addresses = [url_host_port(url) for url in urls]
+    return _cluster(f"model-{model_id}", addresses, {"http_health_check": {"path": "/health"}}, 2)
