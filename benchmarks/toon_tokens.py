@@ -1,5 +1,6 @@
-"""Tokens for pretty JSON, compact JSON and TOON on realistic data, counted by the served model's
-own tokenizer (llama-server /tokenize on the shipped SmolLM2 GGUF).
+"""Tokens for pretty JSON, compact JSON and TOON with each delimiter (comma, tab, pipe) on realistic
+data, counted by the served model's own tokenizer (llama-server /tokenize on the shipped SmolLM2
+GGUF), and the form the context service picks for `data` (the fewest tokens).
 
     .venv/bin/python benchmarks/toon_tokens.py
 
@@ -15,11 +16,10 @@ import sys
 import time
 import urllib.request
 
-import toon_format
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from capibara_grpc.config import shipped_model_path
+from capibara_grpc.context import toon
 from capibara_grpc.install_check import llama_server_binary
 
 PORT = 29180
@@ -108,12 +108,25 @@ def main() -> None:
             except OSError:
                 time.sleep(0.1)
         print(f"\nTokens counted by SmolLM2-135M's tokenizer (llama-server /tokenize), {time.strftime('%Y-%m-%d')}")
-        print(f"{'data':28} {'pretty JSON':>12} {'compact JSON':>13} {'TOON':>6} {'TOON vs compact':>16}")
+        delimiters = toon.DELIMITER_NAMES
+        print(
+            f"{'data':28} {'pretty JSON':>12} {'compact JSON':>13}"
+            + "".join(f" {'TOON ' + n:>10}" for n in delimiters.values())
+            + f" {'picked':>22}"
+        )
         for name, value in datasets().items():
             pretty = count(json.dumps(value, indent=2, ensure_ascii=False))
-            compact = count(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
-            toon = count(toon_format.encode(value))
-            print(f"{name:28} {pretty:12d} {compact:13d} {toon:6d} {100 * (1 - toon / compact):15.1f}%")
+            compact = count(toon.compact_json(value))
+            tokens = {n: count(toon.encode(value, toon.EncodeOptions(delimiter=d))) for d, n in delimiters.items()}
+            best = min(tokens, key=tokens.get)
+            picked = (
+                f"TOON {best} {100 * (tokens[best] / compact - 1):+.1f}%" if tokens[best] <= compact else "compact JSON"
+            )
+            print(
+                f"{name:28} {pretty:12d} {compact:13d}"
+                + "".join(f" {t:10d}" for t in tokens.values())
+                + f" {picked:>22}"
+            )
     finally:
         server.terminate()
         server.wait(10)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-
-import toon_format
 
 from capibara_grpc.chat_types import Message
 from capibara_grpc.config import MeshConfig
-from capibara_grpc.context import providers
+from capibara_grpc.context import providers, toon
 from capibara_grpc.context.memory import ConversationStore, Turn
 from capibara_grpc.context.providers import Addition
 from capibara_grpc.context.tokens import ModelTokens
@@ -35,6 +32,7 @@ class ToonEncoding:
     toon: str
     json_tokens: int
     toon_tokens: int
+    json: str = ""
 
     @property
     def savings(self) -> float:
@@ -52,8 +50,7 @@ def plain(value):
     return value
 
 
-def compact_json(value) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+compact_json = toon.compact_json
 
 
 class ContextEngine:
@@ -68,37 +65,45 @@ class ContextEngine:
         self.config.model(model_id)
         return model_id
 
-    async def toon_encode(self, value, model_id: str = "") -> ToonEncoding:
+    async def toon_encode(
+        self,
+        value,
+        model_id: str = "",
+        options: toon.EncodeOptions = toon.EncodeOptions(),  # noqa: B008 (frozen)
+    ) -> ToonEncoding:
+        """`value` keeps its key order (parse JSON text with toon.parse_json, not a Struct)."""
         model_id = self._model(model_id)
-        value = plain(value)
-        toon = toon_format.encode(value)
+        text = toon.encode(value, options)
+        as_json = compact_json(value)
         return ToonEncoding(
-            toon, await self.tokens.count(model_id, compact_json(value)), await self.tokens.count(model_id, toon)
+            text, await self.tokens.count(model_id, as_json), await self.tokens.count(model_id, text), as_json
         )
 
     @staticmethod
-    def toon_decode(text: str):
-        if not text.strip():
-            raise InvalidArgument("toon must not be empty")
-        try:
-            return toon_format.decode(text)
-        except toon_format.ToonDecodeError as exc:
-            raise InvalidArgument(f"TOON does not parse: {exc}") from exc
+    def toon_decode(text: str, options: toon.DecodeOptions = toon.DecodeOptions()):  # noqa: B008 (frozen)
+        """The JSON value, keys in document order; an empty document is {} (spec section 5)."""
+        return toon.decode(text, options)
 
     async def _data(self, data, model_id: str) -> Addition:
-        encoding = await self.toon_encode(data, model_id)
+        """The data in the form that costs this model fewest tokens: TOON with a comma, tab or pipe
+        delimiter, or compact JSON when that is shorter still."""
+        encodings = {
+            name: await self.toon_encode(data, model_id, toon.EncodeOptions(delimiter=delimiter))
+            for delimiter, name in toon.DELIMITER_NAMES.items()
+        }
+        name, best = min(encodings.items(), key=lambda item: item[1].toon_tokens)  # first wins a tie
         budget = self.settings.max_data_tokens
-        if encoding.toon_tokens <= encoding.json_tokens:
-            text, tokens, form = encoding.toon, encoding.toon_tokens, "TOON"
+        if best.toon_tokens <= best.json_tokens:
+            text, tokens, form = best.toon, best.toon_tokens, f"TOON, {name}-delimited"
         else:
-            text, tokens, form = compact_json(plain(data)), encoding.json_tokens, "compact JSON"
+            text, tokens, form = best.json, best.json_tokens, "compact JSON"
         if tokens > budget:
             raise InvalidArgument(f"data is {tokens} tokens as {form}, over the budget of {budget} tokens")
+        counts = ", ".join(f"TOON {n} {e.toon_tokens}" for n, e in encodings.items())
         return Addition(
             "data",
             f"Data ({form}):\n{text}",
-            f"data passed with the request, as {form}: {tokens} tokens "
-            f"(TOON {encoding.toon_tokens}, JSON {encoding.json_tokens})",
+            f"data passed with the request, as {form}: {tokens} tokens ({counts}, JSON {best.json_tokens})",
         )
 
     async def enrich(

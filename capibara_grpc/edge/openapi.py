@@ -95,6 +95,24 @@ def _json(schema: dict) -> dict:
     return {"application/json": {"schema": schema}}
 
 
+# Raw JSON bodies (google.api.HttpBody, read by the service so that key order survives the edge)
+# described by the messages whose JSON shape they have: method -> (request, response, note).
+RAW_JSON_SHAPES = {
+    "/capibara.context.v1.ContextService/EncodeToonJson": (
+        "capibara.context.v1.EncodeToonRequest",
+        "capibara.context.v1.EncodeToonResponse",
+        "Raw JSON body, object key order kept. `options` also takes the spec's names (indentSize, keyFolding, "
+        "flattenDepth); unknown fields and bad option values are 400.",
+    ),
+    "/capibara.context.v1.ContextService/DecodeToonJson": (
+        "capibara.context.v1.DecodeToonRequest",
+        "capibara.context.v1.DecodeToonResponse",
+        "Raw JSON body, or the TOON document itself as text/plain. The answer is {json} only (json_text is "
+        "gRPC's), keys in document order. `options` also takes the spec's names (indentSize, expandPaths).",
+    ),
+}
+
+
 def build() -> dict:
     paths: dict = {}
     schemas: dict = {}
@@ -111,7 +129,10 @@ def build() -> dict:
                 {"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in path_params
             ],
         }
-        request = rule["input"]
+        request, output = rule["input"], rule["output"]
+        if rule["grpc_path"] in RAW_JSON_SHAPES:
+            *names, operation["description"] = RAW_JSON_SHAPES[rule["grpc_path"]]
+            request, output = (rule["input"].file.pool.FindMessageTypeByName(n) for n in names)
         if rule["body"] == "*":
             schemas[_schema_name(request)] = _message_schema(request, wanted, set(path_params))
             operation["requestBody"] = {
@@ -124,7 +145,6 @@ def build() -> dict:
                     operation["parameters"].append(
                         {"name": field.name, "in": "query", "required": False, "schema": _field_schema(field, wanted)}
                     )
-        output = rule["output"]
         if output.full_name == "google.api.HttpBody":
             content = {"*/*": {"schema": {"type": "string", "format": "binary"}}}
         else:

@@ -25,7 +25,8 @@ def allowed_fields() -> dict[str, tuple[list[str], list[str]]]:
     fields (the transcoder would silently drop them). Both snake_case and lowerCamel are valid."""
     allowed = {}
     for rule in descriptor.http_rules():
-        if rule["body"] == "*":
+        # An HttpBody request is passed on raw; its service checks the JSON itself.
+        if rule["body"] == "*" and rule["input"].full_name != "google.api.HttpBody":
             fields = rule["input"].fields
             accepted = sorted({f.name for f in fields} | {f.json_name for f in fields})
             allowed[rule["path"]] = (accepted, sorted(f.name for f in fields))

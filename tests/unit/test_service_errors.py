@@ -181,7 +181,11 @@ async def test_context_errors(context):
             UNAVAILABLE,
             "model 'alpha' is unavailable",
         ),
-        (lambda: context.DecodeToon(context_pb2.DecodeToonRequest(toon="")), INVALID, "toon must not be empty"),
+        (
+            lambda: context.DecodeToon(context_pb2.DecodeToonRequest(toon="a:\n   b: 1")),
+            INVALID,
+            "TOON does not parse: line 2",
+        ),
         (lambda: context.EncodeToon(context_pb2.EncodeToonRequest()), INVALID, "json is required"),
         (lambda: context.GetConversation(context_pb2.GetConversationRequest()), INVALID, "conversation_id is required"),
         (
