@@ -151,6 +151,17 @@ def test_uniform_records_go_in_as_toon_with_fewer_tokens(mesh):
     assert encoded["toon_tokens"] < encoded["json_tokens"] and encoded["savings"] > 0.2
 
 
+def test_data_json_keeps_key_order_in_the_prompt(mesh):
+    rows = [{"zeta": i, "alpha": f"row {i}", "mid": i % 2 == 0} for i in range(12)]
+    body = {"message": "resume", "model_id": "phi", "data_json": json.dumps({"rows": rows})}
+    status, body, _ = enrich(mesh, body)
+    assert status == 200, body
+    (data,) = [a for a in body["added_context"] if a["kind"] == "data"]
+    assert "TOON" in data["content"] and "]{zeta" in data["content"] and "alpha" in data["content"].split("}")[0]
+    status, error, _ = enrich(mesh, {"message": "resume", "data_json": '{"rows": [1,]}'})
+    assert status == 400 and "data_json at line 1, column 13" in error["message"], error
+
+
 def test_toon_round_trips_through_rest(mesh):
     value = {
         "order": {

@@ -31,7 +31,10 @@ class ContextServicer(context_pb2_grpc.ContextServiceServicer):
         self.engine = engine
 
     async def Enrich(self, request, context):
-        data = plain(value_to_python(request.data)) if request.HasField("data") else NO_DATA
+        if request.data_json:
+            data = toon.parse_json(request.data_json, "data_json")
+        else:
+            data = plain(value_to_python(request.data)) if request.HasField("data") else NO_DATA
         result = await self.engine.enrich(request.message, request.conversation_id, data, request.model_id)
         return context_pb2.EnrichResponse(
             prompt=result.prompt,
