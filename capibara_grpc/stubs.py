@@ -20,7 +20,7 @@ if str(_GENERATED) not in sys.path:
 # Imported by name for the code that uses them, after sys.path holds the generated folder (E402).
 from capibara.consensus.v1 import consensus_pb2, consensus_pb2_grpc  # noqa: E402
 from capibara.context.v1 import context_pb2, context_pb2_grpc  # noqa: E402
-from capibara.gateway.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
+from capibara.gateway.v1 import gateway_pb2, gateway_pb2_grpc, openai_pb2, openai_pb2_grpc  # noqa: E402
 from capibara.inference.v1 import inference_pb2, inference_pb2_grpc  # noqa: E402
 from capibara.router.v1 import router_pb2, router_pb2_grpc  # noqa: E402
 from capibara.speech.v1 import speech_pb2, speech_pb2_grpc  # noqa: E402
@@ -29,7 +29,13 @@ from capibara.speech.v1 import speech_pb2, speech_pb2_grpc  # noqa: E402
 SERVICE_FULL_NAMES = {s.name: s.full_name for s in SERVICES}
 # The gateway's second service: the mesh's health, behind GET /health.
 MESH_SERVICE = "capibara.gateway.v1.MeshService"
+# The gateway's third: the OpenAI-compatible API (/v1/...), OpenAI's JSON carried raw in HttpBody.
+OPENAI_SERVICE = "capibara.gateway.v1.OpenAIService"
+# The gateway's services besides ChatService, routed by Envoy to the gateway's cluster.
+GATEWAY_EXTRA_SERVICES = (MESH_SERVICE, OPENAI_SERVICE)
 PROTO_MODULES = tuple(importlib.import_module(s.proto) for s in SERVICES)
+# Every proto module with a service the edge serves: the transcoder's descriptor set, the REST rules.
+API_MODULES = (*PROTO_MODULES, openai_pb2)
 
 __all__ = [
     "consensus_pb2",
@@ -38,6 +44,8 @@ __all__ = [
     "context_pb2_grpc",
     "gateway_pb2",
     "gateway_pb2_grpc",
+    "openai_pb2",
+    "openai_pb2_grpc",
     "inference_pb2",
     "inference_pb2_grpc",
     "router_pb2",
@@ -46,5 +54,8 @@ __all__ = [
     "speech_pb2_grpc",
     "SERVICE_FULL_NAMES",
     "MESH_SERVICE",
+    "OPENAI_SERVICE",
+    "GATEWAY_EXTRA_SERVICES",
     "PROTO_MODULES",
+    "API_MODULES",
 ]

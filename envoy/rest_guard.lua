@@ -159,8 +159,80 @@ local function presented_key(headers)
   return key
 end
 
+-- The OpenAI-compatible API (/v1/...) answers errors in OpenAI's shape:
+-- {"error": {"message", "type", "param", "code"}}, whoever produced them (this guard, the
+-- transcoder from a gRPC status, Envoy's own replies). The gateway names the offending field by
+-- starting its message with "param <name>: ".
+OPENAI_PREFIX = "/v1/"
+OPENAI_ERRORS = {
+  [400] = { "invalid_request_error", "invalid_request" },
+  [401] = { "authentication_error", "invalid_api_key" },
+  [403] = { "permission_error", "permission_denied" },
+  [404] = { "invalid_request_error", "model_not_found" },
+  [413] = { "invalid_request_error", "request_too_large" },
+  [429] = { "rate_limit_error", "rate_limit_exceeded" },
+  [501] = { "invalid_request_error", "unsupported" },
+  [503] = { "server_error", "service_unavailable" },
+  [504] = { "server_error", "timeout" },
+}
+
+local function json_string(text)
+  local escaped = text:gsub('[%c"\\]', function(c)
+    if c == '"' then
+      return '\\"'
+    elseif c == "\\" then
+      return "\\\\"
+    elseif c == "\n" then
+      return "\\n"
+    end
+    return string.format("\\u%04x", c:byte())
+  end)
+  return '"' .. escaped .. '"'
+end
+
+-- `message` is raw text (escaped here), or already a JSON string literal when `literal` is true.
+function openai_error(status, message, literal)
+  local kind = OPENAI_ERRORS[status] or { status >= 500 and "server_error" or "invalid_request_error", "error" }
+  local param = "null"
+  local inner = literal and message:sub(2, -2) or message
+  local name, rest = inner:match("^param ([%w_%.%[%]]+): (.*)$")
+  if name then
+    param = json_string(name)
+    message = literal and ('"' .. rest .. '"') or rest
+  end
+  local text = literal and message or json_string(message)
+  return '{"error":{"message":' .. text .. ',"type":"' .. kind[1] .. '","param":' .. param
+    .. ',"code":"' .. kind[2] .. '"}}'
+end
+
+-- The JSON string literal (quotes included, escapes kept) of a top-level "name": "..." in `text`.
+function json_string_field(text, name)
+  local start = select(2, text:find('"' .. name .. '"%s*:%s*"'))
+  if start == nil then
+    return nil
+  end
+  local i = start + 1
+  while true do
+    local stop = text:find('["\\]', i)
+    if stop == nil then
+      return nil
+    elseif text:sub(stop, stop) == '"' then
+      return text:sub(start, stop)
+    end
+    i = stop + 2
+  end
+end
+
+local function is_openai(path)
+  return path:sub(1, #OPENAI_PREFIX) == OPENAI_PREFIX
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
+  if is_openai(headers:get(":path") or "") then
+    -- envoy_on_response rewrites its errors, this guard's own 401 included.
+    handle:streamInfo():dynamicMetadata():set("capibara", "openai", "1")
+  end
   if next(API_KEYS) ~= nil and headers:get(":method") ~= "OPTIONS" then
     local bare_path = (headers:get(":path") or ""):gsub("%?.*$", "")
     local key = presented_key(headers)
@@ -201,4 +273,29 @@ function envoy_on_request(handle)
       return
     end
   end
+end
+
+-- Errors on /v1/... leave in OpenAI's shape. The transcoder (from a gRPC status) and Envoy's local
+-- replies write {"code": <grpc code>, "message": "...", "details": []}; that becomes
+-- {"error": {...}} with the same HTTP status. Successful answers (streams too) are not touched.
+function envoy_on_response(handle)
+  local metadata = handle:streamInfo():dynamicMetadata():get("capibara")
+  if metadata == nil or metadata["openai"] ~= "1" then
+    return
+  end
+  local status = tonumber(handle:headers():get(":status") or "200")
+  if status < 400 then
+    return
+  end
+  local body = handle:body()
+  local text = body and body:getBytes(0, body:length()) or ""
+  if text:sub(1, 9) == '{"error":' then
+    return
+  end
+  local literal = json_string_field(text, "message")
+  local message = literal or json_string(text ~= "" and text or ("HTTP " .. status))
+  local rewritten = openai_error(status, message, true)
+  body:setBytes(rewritten)
+  handle:headers():replace("content-type", "application/json")
+  handle:headers():replace("content-length", tostring(#rewritten))
 end

@@ -9,7 +9,7 @@ from __future__ import annotations
 from google.protobuf import descriptor_pb2
 from google.rpc import status_pb2
 
-from capibara_grpc.stubs import PROTO_MODULES
+from capibara_grpc.stubs import API_MODULES
 
 
 def descriptor_set() -> descriptor_pb2.FileDescriptorSet:
@@ -27,7 +27,7 @@ def descriptor_set() -> descriptor_pb2.FileDescriptorSet:
         ordered.append(proto)
 
     # google.rpc.Status lets the transcoder turn gRPC errors into JSON bodies.
-    for module in (*PROTO_MODULES, status_pb2):
+    for module in (*API_MODULES, status_pb2):
         add(module.DESCRIPTOR)
     return descriptor_pb2.FileDescriptorSet(file=ordered)
 
@@ -37,7 +37,7 @@ def http_rules() -> list[dict]:
     from google.api import annotations_pb2
 
     rules = []
-    for module in PROTO_MODULES:
+    for module in API_MODULES:
         for service in module.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
                 options = method.GetOptions()

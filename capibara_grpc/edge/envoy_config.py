@@ -31,7 +31,7 @@ from capibara_grpc.edge.policies import (
 from capibara_grpc.edge.policies import WEB as WEB
 from capibara_grpc.edge.tls import ensure_certificate
 from capibara_grpc.services import SERVICES
-from capibara_grpc.stubs import MESH_SERVICE, SERVICE_FULL_NAMES
+from capibara_grpc.stubs import MESH_SERVICE, OPENAI_SERVICE, SERVICE_FULL_NAMES
 
 # Request body limit for REST calls (the gateway applies its own, smaller message limit).
 MAX_REQUEST_BYTES = 1024 * 1024
@@ -140,6 +140,12 @@ def _to_cluster(prefix: str, cluster: str, retry: dict | None = EDGE_RETRY_POLIC
     }
 
 
+def _rate_limited(route: dict, limit: dict) -> dict:
+    if limit:
+        route["typed_per_filter_config"] = limit
+    return route
+
+
 def _mesh_listener(config: MeshConfig, bind_all: bool = False) -> dict:
     """Loopback, plaintext h2: how the services reach each other (services.via_envoy)."""
     routes = [_to_cluster(f"/{SERVICE_FULL_NAMES[s]}/", s, retry=RETRY_POLICY) for s in config.deployed_services]
@@ -180,6 +186,8 @@ def build(
     replicated_models = [m for m in config.models.values() if m.backend.replicas]
     routes = [
         _to_cluster(f"/{MESH_SERVICE}/", "gateway"),
+        # The OpenAI-compatible API (/v1/...) is the gateway's, and generates: the chat limit.
+        _rate_limited(_to_cluster(f"/{OPENAI_SERVICE}/", "gateway"), rate_limit(config.edge.rate_limit.chat)),
         # Reflection and health of the front door are the gateway's: it describes the whole mesh.
         _to_cluster("/grpc.reflection.", "gateway"),
         _to_cluster("/grpc.health.v1.Health/", "gateway"),
@@ -189,10 +197,7 @@ def build(
             routes.append(_not_deployed(f"/{row.full_name}/", row.full_name))
             continue
         route = _to_cluster(f"/{row.full_name}/", row.name)
-        limit = rate_limit(getattr(config.edge.rate_limit, row.rate_tier))
-        if limit:
-            route["typed_per_filter_config"] = limit
-        routes.append(route)
+        routes.append(_rate_limited(route, rate_limit(getattr(config.edge.rate_limit, row.rate_tier))))
     routes += [static_file(path, file, content_type) for path, (file, content_type) in STATIC_FILES.items()]
     routes.append(
         {"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {"inline_string": "no such path"}}}
@@ -207,7 +212,7 @@ def build(
     transcoder = {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
         "proto_descriptor": str(descriptor_path),
-        "services": list(SERVICE_FULL_NAMES.values()) + [MESH_SERVICE],
+        "services": list(SERVICE_FULL_NAMES.values()) + [MESH_SERVICE, OPENAI_SERVICE],
         "print_options": {
             "add_whitespace": False,
             "always_print_primitive_fields": True,

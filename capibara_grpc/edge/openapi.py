@@ -52,6 +52,25 @@ ERROR_SCHEMA = {
     },
     "required": ["code", "message"],
 }
+# The OpenAI-compatible API (/v1/...) answers errors in OpenAI's shape (rewritten at the edge).
+OPENAI_PREFIX = "/v1/"
+OPENAI_ERROR_SCHEMA = {
+    "type": "object",
+    "description": "OpenAI's error shape; `param` names the offending request field, when there is one",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": "string", "nullable": True},
+                "code": {"type": "string", "nullable": True},
+            },
+            "required": ["message", "type"],
+        }
+    },
+    "required": ["error"],
+}
 # Statuses any call may get from the edge or the services, with the matching gRPC codes.
 ERROR_STATUSES = {
     "400": "bad input (INVALID_ARGUMENT), malformed JSON or an unknown field",
@@ -133,7 +152,10 @@ def build() -> dict:
         if rule["grpc_path"] in RAW_JSON_SHAPES:
             *names, operation["description"] = RAW_JSON_SHAPES[rule["grpc_path"]]
             request, output = (rule["input"].file.pool.FindMessageTypeByName(n) for n in names)
-        if rule["body"] == "*":
+        if rule["body"] == "*" and request.full_name == "google.api.HttpBody":
+            # Passed on raw (the OpenAI-compatible API): OpenAI's own JSON, checked by the service.
+            operation["requestBody"] = {"required": True, "content": _json({"type": "object"})}
+        elif rule["body"] == "*":
             schemas[_schema_name(request)] = _message_schema(request, wanted, set(path_params))
             operation["requestBody"] = {
                 "required": True,
@@ -145,7 +167,14 @@ def build() -> dict:
                     operation["parameters"].append(
                         {"name": field.name, "in": "query", "required": False, "schema": _field_schema(field, wanted)}
                     )
-        if output.full_name == "google.api.HttpBody":
+        if output.full_name == "google.api.HttpBody" and rule["server_streaming"]:
+            content = {
+                "application/json": {"schema": {"type": "object"}},
+                "text/event-stream": {"schema": {"type": "string"}},
+            }
+        elif output.full_name == "google.api.HttpBody" and rule["path"].startswith(OPENAI_PREFIX):
+            content = _json({"type": "object"})
+        elif output.full_name == "google.api.HttpBody":
             content = {"*/*": {"schema": {"type": "string", "format": "binary"}}}
         else:
             wanted.append(output)
@@ -163,9 +192,10 @@ def build() -> dict:
                 else _json(reference)
             )
         operation["responses"] = {"200": {"description": "OK", "content": content}}
+        error = "OpenAIError" if rule["path"].startswith(OPENAI_PREFIX) else "Error"
         operation["responses"].update(
             {
-                code: {"description": text, "content": _json({"$ref": "#/components/schemas/Error"})}
+                code: {"description": text, "content": _json({"$ref": f"#/components/schemas/{error}"})}
                 for code, text in ERROR_STATUSES.items()
             }
         )
@@ -175,6 +205,7 @@ def build() -> dict:
         if message.full_name not in schemas:
             schemas[message.full_name] = _message_schema(message, wanted)
     schemas["Error"] = ERROR_SCHEMA
+    schemas["OpenAIError"] = OPENAI_ERROR_SCHEMA
     paths["/api/openapi.json"] = {
         "get": {
             "operationId": "OpenApi",

@@ -178,9 +178,23 @@ class ChatGateway:
     async def _prompt(self, chat: ChatInput, model_id: str) -> list[Message]:
         """The messages for `model_id`: enriched by the context service (date, identity, memory,
         data, fitted to the model's window) unless the request brings its own system prompt."""
+        if chat.messages is not None:
+            return await self._client_conversation(chat, model_id)
         if self.context is not None and chat.system_prompt is None:
             return await self.context.enrich(chat.message, chat.conversation_id, model_id, CONTEXT_TIMEOUT_S)
         return self.messages(chat)
+
+    async def _client_conversation(self, chat: ChatInput, model_id: str) -> list[Message]:
+        """The client's own turns (no stored history): one system message first, the enriched one
+        (configured prompt and added context) followed by the client's system messages."""
+        system = self.config.gateway.system_prompt
+        if self.context is not None:
+            enriched = await self.context.enrich(chat.message, "", model_id, CONTEXT_TIMEOUT_S)
+            system = next((m.content for m in enriched if m.role == "system"), system)
+        systems = [system, *(m.content for m in chat.messages if m.role == "system")]
+        text = "\n\n".join(s for s in systems if s.strip())
+        turns = [m for m in chat.messages if m.role != "system"]
+        return ([Message("system", text)] if text else []) + turns
 
     def _remembers(self, chat: ChatInput) -> bool:
         return self.context is not None and bool(chat.conversation_id)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from capibara_grpc.chat_types import Finished, SamplingParams, Token
+from capibara_grpc.chat_types import Finished, Message, SamplingParams, Token
 from capibara_grpc.errors import StreamError
 from capibara_grpc.speech.core import AudioChunk
 
@@ -25,6 +25,9 @@ class ChatInput:
     system_prompt: str | None = None
     speak: bool = False
     voice: str = ""
+    # The whole conversation from the client (the OpenAI API): `message` is its last user message,
+    # routing and context read that; the model gets these turns after the enriched system message.
+    messages: list[Message] | None = None
 
 
 @dataclass

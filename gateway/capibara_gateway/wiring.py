@@ -15,6 +15,7 @@ from grpc_health.v1._async import HealthServicer
 from capibara_gateway.cache import MemoryStore, RedisStore, ResponseCache, encoder_for
 from capibara_gateway.core import ChatGateway
 from capibara_gateway.health import MeshHealth
+from capibara_gateway.openai_servicer import OpenAIServicer
 from capibara_gateway.servicer import ChatServicer, MeshServicer
 from capibara_grpc.consensus.client import ConsensusClient
 from capibara_grpc.context.client import ContextClient
@@ -23,7 +24,7 @@ from capibara_grpc.router.client import RouterClient
 from capibara_grpc.server import SERVING, MeshServers, health_channel, internal_channel
 from capibara_grpc.services import REQUIRED_BY_GATEWAY
 from capibara_grpc.speech.client import SpeechClient
-from capibara_grpc.stubs import MESH_SERVICE, SERVICE_FULL_NAMES, gateway_pb2_grpc
+from capibara_grpc.stubs import GATEWAY_EXTRA_SERVICES, SERVICE_FULL_NAMES, gateway_pb2_grpc, openai_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,11 @@ async def start(servers: MeshServers) -> None:
     consensus = ConsensusClient(channels["consensus"]).decide if "consensus" in deployed else None
     speech = SpeechClient(channels["speech"]) if "speech" in deployed else None
     cache = await response_cache(servers)
-    chat = ChatServicer(
-        ChatGateway(config, InferenceClient(channels["inference"]).generate, router, context, consensus, speech, cache)
+    gateway = ChatGateway(
+        config, InferenceClient(channels["inference"]).generate, router, context, consensus, speech, cache
     )
+    chat = ChatServicer(gateway)
+    openai = OpenAIServicer(gateway)
     health_channels = {
         name: [
             health_channel(config, name, address)
@@ -59,14 +62,15 @@ async def start(servers: MeshServers) -> None:
     def add(server):
         gateway_pb2_grpc.add_ChatServiceServicer_to_server(chat, server)
         gateway_pb2_grpc.add_MeshServiceServicer_to_server(mesh, server)
+        openai_pb2_grpc.add_OpenAIServiceServicer_to_server(openai, server)
 
     # The front door describes the whole mesh, including services declared but not deployed.
     await servers.serve(
         "gateway",
         add,
-        reflected=list(SERVICE_FULL_NAMES.values()) + [MESH_SERVICE],
+        reflected=list(SERVICE_FULL_NAMES.values()) + list(GATEWAY_EXTRA_SERVICES),
         health=gateway_health,
-        serving=[SERVICE_FULL_NAMES["gateway"], MESH_SERVICE],
+        serving=[SERVICE_FULL_NAMES["gateway"], *GATEWAY_EXTRA_SERVICES],
     )
     watcher = asyncio.create_task(watch_required(mesh_health, gateway_health))
     servers.on_stop(_cancel, watcher)

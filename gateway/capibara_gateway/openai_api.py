@@ -1,0 +1,285 @@
+"""The OpenAI-compatible API's JSON: requests parsed and checked into a ChatInput, answers and
+stream chunks written in OpenAI's shapes. No gRPC in here (openai_servicer.py carries it).
+
+Every field is either honoured or refused with INVALID_ARGUMENT naming it ("param <name>: ...",
+which the edge turns into OpenAI's `error.param`): nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass
+
+from capibara_gateway.events import ChatDone, ChatInput, RoutingDecision
+from capibara_grpc.chat_types import Message, SamplingParams
+from capibara_grpc.config import MeshConfig
+from capibara_grpc.errors import InvalidArgument, NotFound
+
+AUTO, CONSENSUS = "auto", "consensus"
+# Fields honoured; everything else (tools, logprobs, audio, n > 1...) is a 400 naming it.
+SUPPORTED_FIELDS = (
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "stream",
+    "stream_options",
+    "user",
+    "response_format",
+    "n",
+)
+# "developer" is the newer name of "system" in OpenAI's API.
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+FINISH_REASONS = {"stop": "stop", "stop_sequence": "stop", "length": "length"}
+
+
+def bad(param: str, text: str) -> InvalidArgument:
+    return InvalidArgument(f"param {param}: {text}")
+
+
+@dataclass
+class ChatCompletionRequest:
+    chat: ChatInput
+    model: str  # as asked: "auto", "consensus" or a model id
+    stream: bool = False
+    include_usage: bool = False
+
+
+def _number(body: dict, name: str, low: float, high: float, integer: bool = False):
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise bad(name, f"'{name}' must be {'an integer' if integer else 'a number'}")
+    if not (low <= value <= high) or (not integer and not math.isfinite(value)):
+        raise bad(name, f"'{name}' must be between {low} and {high}, got {value}")
+    return value
+
+
+def _content(value, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        parts = []
+        for i, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad(f"{where}[{i}]", "only text content parts ({'type': 'text', 'text': ...}) are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad(where, "content must be a string or a list of text parts")
+
+
+def parse_messages(value) -> list[Message]:
+    if not isinstance(value, list) or not value:
+        raise bad("messages", "'messages' must be a non-empty list")
+    messages = []
+    for i, item in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(item, dict):
+            raise bad(where, "each message must be an object with 'role' and 'content'")
+        for key in item:
+            if key not in ("role", "content", "name"):
+                raise bad(f"{where}.{key}", f"unsupported message field '{key}'")
+        role = ROLES.get(item.get("role"))
+        if role is None:
+            raise bad(f"{where}.role", f"role must be one of {', '.join(ROLES)}, got {item.get('role')!r}")
+        messages.append(Message(role, _content(item.get("content"), f"{where}.content")))
+    if not any(m.role == "user" for m in messages):
+        raise bad("messages", "there must be at least one user message")
+    return messages
+
+
+def parse_chat_request(raw: bytes, config: MeshConfig, consensus_available: bool = True) -> ChatCompletionRequest:
+    try:
+        body = json.loads(raw or b"")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidArgument("the body must be a JSON object")
+    for key in body:
+        if key not in SUPPORTED_FIELDS:
+            raise bad(key, f"unsupported field '{key}' (supported: {', '.join(SUPPORTED_FIELDS)})")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad("model", "'model' is required: 'auto', 'consensus' or a model id (GET /v1/models)")
+    if model not in (AUTO, CONSENSUS) and model not in config.models:
+        raise NotFound(f"param model: the model '{model[:80]}' does not exist (see GET /v1/models)")
+    if model == CONSENSUS and not consensus_available:
+        raise NotFound("param model: 'consensus' is not available: no consensus service is deployed")
+    messages = parse_messages(body.get("messages"))
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise bad("n", "only n=1 is supported (one choice per request)")
+    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
+        raise bad("max_tokens", "give max_tokens or max_completion_tokens, not both")
+    max_tokens = _number(body, "max_tokens", 1, 1 << 20, integer=True)
+    if max_tokens is None:
+        max_tokens = _number(body, "max_completion_tokens", 1, 1 << 20, integer=True)
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    elif not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop)):
+        raise bad("stop", "'stop' must be a string or a list of up to 4 strings")
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise bad("stream", "'stream' must be true or false")
+    include_usage = _stream_options(body.get("stream_options"), stream)
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise bad("user", "'user' must be a string")
+    _response_format(body.get("response_format"))
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 0, 2),
+        top_p=_number(body, "top_p", 0, 1),
+        stop=stop,
+        seed=_number(body, "seed", 0, (1 << 32) - 1, integer=True),
+    )
+    last_user = next(m.content for m in reversed(messages) if m.role == "user")
+    chat = ChatInput(
+        message=last_user,
+        model=model if model not in (AUTO, CONSENSUS) else "",
+        consensus=model == CONSENSUS,
+        params=params,
+        messages=messages,
+    )
+    return ChatCompletionRequest(chat, model, stream, include_usage)
+
+
+def _stream_options(value, stream: bool) -> bool:
+    if value is None:
+        return False
+    if not stream:
+        raise bad("stream_options", "'stream_options' is only allowed with 'stream': true")
+    if not isinstance(value, dict) or any(k != "include_usage" for k in value):
+        raise bad("stream_options", "only stream_options.include_usage is supported")
+    include = value.get("include_usage", False)
+    if not isinstance(include, bool):
+        raise bad("stream_options.include_usage", "must be true or false")
+    return include
+
+
+def _response_format(value) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict) or value.get("type") != "text":
+        kind = value.get("type") if isinstance(value, dict) else value
+        raise bad("response_format", f"response_format {kind!r} is not supported yet (only 'text')")
+
+
+# -- answers -----------------------------------------------------------------------------------
+
+
+def routing_extension(decision: RoutingDecision) -> dict:
+    """The mesh's decision, in the one extension field ("capibara") strict clients ignore."""
+    return {
+        "model_id": decision.model_id,
+        "route_name": decision.route_name,
+        "confidence": decision.confidence,
+        "source": decision.source,
+        "fallback": decision.fallback,
+        "failed_models": list(decision.failed_models),
+        "reasoning": decision.reasoning,
+    }
+
+
+def routing_headers(decision: RoutingDecision) -> tuple[tuple[str, str], ...]:
+    """The same decision as response headers (gRPC initial metadata, which the edge passes on)."""
+    return (
+        ("x-capibara-model", decision.model_id),
+        ("x-capibara-route", decision.route_name),
+        ("x-capibara-confidence", f"{decision.confidence:.4f}"),
+        ("x-capibara-source", decision.source),
+        ("x-capibara-failed-models", ",".join(decision.failed_models)),
+    )
+
+
+def usage(done: ChatDone) -> dict:
+    f = done.finished
+    return {
+        "prompt_tokens": f.prompt_tokens,
+        "completion_tokens": f.completion_tokens,
+        "total_tokens": f.prompt_tokens + f.completion_tokens,
+    }
+
+
+class Completion:
+    """The ids and timestamps one answer shares across its chunks."""
+
+    def __init__(self, model: str = ""):
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+
+    def _base(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def response(self, text: str, decision: RoutingDecision, done: ChatDone) -> dict:
+        self.model = done.finished.model_id or decision.model_id
+        return {
+            **self._base("chat.completion"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": FINISH_REASONS.get(done.finished.finish_reason, "stop"),
+                    "logprobs": None,
+                }
+            ],
+            "usage": usage(done),
+            "system_fingerprint": None,
+            "capibara": routing_extension(decision),
+        }
+
+    def chunk(self, delta: dict, finish_reason: str | None = None, include_usage: bool = False) -> dict:
+        chunk = {
+            **self._base("chat.completion.chunk"),
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+        }
+        if include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def first_chunk(self, decision: RoutingDecision, include_usage: bool) -> dict:
+        self.model = decision.model_id
+        chunk = self.chunk({"role": "assistant", "content": ""}, include_usage=include_usage)
+        chunk["capibara"] = routing_extension(decision)
+        return chunk
+
+    def last_chunk(self, done: ChatDone, include_usage: bool) -> dict:
+        reason = FINISH_REASONS.get(done.finished.finish_reason, "stop")
+        return self.chunk({}, reason, include_usage)
+
+    def usage_chunk(self, done: ChatDone) -> dict:
+        return {**self._base("chat.completion.chunk"), "choices": [], "usage": usage(done)}
+
+
+def sse(payload: dict | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
+def stream_error(code: str, message: str) -> dict:
+    """The in-band error of a stream that fails after its first token."""
+    kind = "server_error" if code not in ("INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED") else code.lower()
+    return {"error": {"message": message, "type": kind, "param": None, "code": code.lower()}}
+
+
+def model_list(config: MeshConfig, consensus_available: bool) -> list[dict]:
+    ids = [AUTO, *([CONSENSUS] if consensus_available else []), *config.models]
+    return [{"id": i, "object": "model", "created": 0, "owned_by": "capibara"} for i in ids]
+
+
+def model_entry(config: MeshConfig, consensus_available: bool, model_id: str) -> dict:
+    for entry in model_list(config, consensus_available):
+        if entry["id"] == model_id:
+            return entry
+    raise NotFound(f"param model: the model '{model_id[:80]}' does not exist (see GET /v1/models)")

@@ -1,0 +1,87 @@
+"""gRPC face of the OpenAI-compatible API (capibara.gateway.v1.OpenAIService): OpenAI's JSON in
+and out as google.api.HttpBody, which Envoy's transcoder passes raw (POST /v1/chat/completions,
+GET /v1/models[/{id}]). The chat itself is the ChatGateway's, as for ChatService.
+
+Before the first token any failure is a gRPC status, so the client gets an HTTP error (in OpenAI's
+shape, written by the edge); after it, an in-band `data: {"error": ...}` frame ends the stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+from google.api import httpbody_pb2
+
+from capibara_gateway import openai_api
+from capibara_gateway.core import ChatGateway
+from capibara_gateway.events import ChatDone, RoutingDecision
+from capibara_grpc.chat_types import Token
+from capibara_grpc.errors import StreamError, remaining_s
+from capibara_grpc.stubs import openai_pb2_grpc
+
+JSON, EVENT_STREAM = "application/json", "text/event-stream"
+
+
+def _json_body(payload: dict) -> httpbody_pb2.HttpBody:
+    return httpbody_pb2.HttpBody(
+        content_type=JSON, data=json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    )
+
+
+class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
+    def __init__(self, gateway: ChatGateway):
+        self.gateway = gateway
+
+    @property
+    def _consensus(self) -> bool:
+        return self.gateway.consensus is not None
+
+    async def ChatCompletions(self, request, context):
+        parsed = openai_api.parse_chat_request(request.data, self.gateway.config, self._consensus)
+        timeout_s = remaining_s(context, self.gateway.config.gateway.default_deadline_s)
+        completion = openai_api.Completion(parsed.model)
+        events = self.gateway.chat(parsed.chat, timeout_s)
+        async with contextlib.aclosing(events):
+            if parsed.stream:
+                async for body in self._stream(events, completion, parsed.include_usage, context):
+                    yield body
+                return
+            parts: list[str] = []
+            decision = None
+            async for event in events:
+                if isinstance(event, RoutingDecision):
+                    decision = event
+                    await context.send_initial_metadata(openai_api.routing_headers(event))
+                elif isinstance(event, Token):
+                    parts.append(event.text)
+                elif isinstance(event, StreamError):
+                    raise event.to_exception()
+                elif isinstance(event, ChatDone):
+                    yield _json_body(completion.response("".join(parts), decision, event))
+
+    async def _stream(self, events, completion: openai_api.Completion, include_usage: bool, context):
+        def frame(payload) -> httpbody_pb2.HttpBody:
+            return httpbody_pb2.HttpBody(content_type=EVENT_STREAM, data=openai_api.sse(payload))
+
+        async for event in events:
+            if isinstance(event, RoutingDecision):
+                await context.send_initial_metadata(openai_api.routing_headers(event))
+                yield frame(completion.first_chunk(event, include_usage))
+            elif isinstance(event, Token):
+                if event.text:
+                    yield frame(completion.chunk({"content": event.text}, include_usage=include_usage))
+            elif isinstance(event, StreamError):
+                yield frame(openai_api.stream_error(event.code, event.message))
+                return
+            elif isinstance(event, ChatDone):
+                yield frame(completion.last_chunk(event, include_usage))
+                if include_usage:
+                    yield frame(completion.usage_chunk(event))
+                yield frame("[DONE]")
+
+    async def ListModels(self, request, context):
+        return _json_body({"object": "list", "data": openai_api.model_list(self.gateway.config, self._consensus)})
+
+    async def GetModel(self, request, context):
+        return _json_body(openai_api.model_entry(self.gateway.config, self._consensus, request.model))

@@ -1,0 +1,131 @@
+"""The OpenAI-compatible API's request checks and answer shapes, without a mesh."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from capibara_gateway import openai_api
+from capibara_gateway.events import ChatDone, RoutingDecision
+
+from capibara_grpc.chat_types import Finished
+from capibara_grpc.config import load_config
+from capibara_grpc.errors import InvalidArgument, NotFound
+
+CONFIG = load_config()
+HELLO = [{"role": "user", "content": "hola"}]
+
+
+def parse(**body):
+    return openai_api.parse_chat_request(json.dumps(body).encode(), CONFIG)
+
+
+def test_auto_consensus_and_a_model_id():
+    auto = parse(model="auto", messages=HELLO)
+    assert auto.chat.model == "" and not auto.chat.consensus and auto.chat.use_router
+    assert parse(model="consensus", messages=HELLO).chat.consensus
+    assert parse(model="phi", messages=HELLO).chat.model == "phi"
+
+
+def test_the_messages_are_the_conversation_and_the_last_user_turn_is_the_message():
+    parsed = parse(
+        model="phi",
+        messages=[
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "last"},
+        ],
+    )
+    assert [(m.role, m.content) for m in parsed.chat.messages] == [
+        ("system", "be brief"),
+        ("user", "ab"),
+        ("assistant", "ok"),
+        ("user", "last"),
+    ]
+    assert parsed.chat.message == "last"
+
+
+def test_sampling_fields():
+    parsed = parse(
+        model="phi",
+        messages=HELLO,
+        max_completion_tokens=9,
+        temperature=0.5,
+        top_p=0.9,
+        stop="\n",
+        seed=3,
+        user="u",
+        n=1,
+        response_format={"type": "text"},
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    p = parsed.chat.params
+    assert (p.max_tokens, p.temperature, p.top_p, p.stop, p.seed) == (9, 0.5, 0.9, ["\n"], 3)
+    assert parsed.stream and parsed.include_usage
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"n": 2}, "n"),
+        ({"tools": []}, "tools"),
+        ({"logprobs": True}, "logprobs"),
+        ({"frequency_penalty": 0.1}, "frequency_penalty"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages[0].tool_calls"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
+        ({"messages": [{"role": "system", "content": "x"}]}, "messages"),
+    ],
+)
+def test_what_is_not_supported_is_refused_naming_the_field(body, param):
+    with pytest.raises(InvalidArgument) as refused:
+        parse(**{"model": "phi", "messages": HELLO, **body})
+    assert refused.value.message.startswith(f"param {param}: ")
+
+
+def test_unknown_model_and_bad_json():
+    with pytest.raises(NotFound, match="param model: the model 'gpt5' does not exist"):
+        parse(model="gpt5", messages=HELLO)
+    with pytest.raises(InvalidArgument, match="not valid JSON"):
+        openai_api.parse_chat_request(b"{", CONFIG)
+    with pytest.raises(NotFound, match="consensus"):
+        openai_api.parse_chat_request(json.dumps({"model": "consensus", "messages": HELLO}).encode(), CONFIG, False)
+
+
+def test_answer_and_chunks_in_openai_shapes():
+    decision = RoutingDecision("phi", "conversation", 0.9, "router", "why", failed_models=["ghost"])
+    done = ChatDone(Finished("stop_sequence", prompt_tokens=3, completion_tokens=2, model_id="phi"), 12.0)
+    completion = openai_api.Completion("auto")
+    answer = completion.response("hi", decision, done)
+    assert answer["object"] == "chat.completion" and answer["model"] == "phi"
+    assert answer["choices"][0] == {
+        "index": 0,
+        "message": {"role": "assistant", "content": "hi"},
+        "finish_reason": "stop",
+        "logprobs": None,
+    }
+    assert answer["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert answer["capibara"]["failed_models"] == ["ghost"]
+    first = completion.first_chunk(decision, include_usage=True)
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""} and first["usage"] is None
+    assert completion.last_chunk(done, False)["choices"][0]["finish_reason"] == "stop"
+    assert completion.usage_chunk(done)["choices"] == []
+    assert openai_api.sse("[DONE]") == b"data: [DONE]\n\n"
+    assert openai_api.sse({"a": "ñ"}) == 'data: {"a":"ñ"}\n\n'.encode()
+    assert dict(openai_api.routing_headers(decision))["x-capibara-failed-models"] == "ghost"
+
+
+def test_models():
+    ids = [m["id"] for m in openai_api.model_list(CONFIG, True)]
+    assert ids[:2] == ["auto", "consensus"] and set(CONFIG.models) <= set(ids)
+    assert "consensus" not in [m["id"] for m in openai_api.model_list(CONFIG, False)]
+    with pytest.raises(NotFound):
+        openai_api.model_entry(CONFIG, True, "nope")
