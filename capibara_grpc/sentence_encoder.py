@@ -61,6 +61,10 @@ class SentenceEncoder:
                 rows.append(self._cache[text])
         return np.vstack(rows)
 
+    def count_tokens(self, texts: list[str]) -> int:
+        """Tokens of `texts` as the encoder's tokenizer counts them (special tokens included)."""
+        return sum(len(ids) for ids in self.model.tokenizer(texts)["input_ids"])
+
 
 @functools.cache
 def shared_encoder(name: str = MINILM, cache_size: int = 10000) -> SentenceEncoder:

@@ -12,6 +12,7 @@ import httpx2
 import openai
 import pytest
 
+from tests.support.audio import read_wav, rms
 from tests.support.llama_slots import busy_slots, wait_until_idle
 from tests.support.mesh import launched_model, mesh_config, start_mesh, stop_mesh
 
@@ -243,3 +244,37 @@ async def test_concurrent_async_chats(mesh):
             *(api.chat.completions.create(model=m, messages=HELLO, max_tokens=4) for m in ("phi", "mixtral"))
         )
     assert [a.model for a in answers] == ["phi", "mixtral"]
+
+
+def test_embeddings(mesh):
+    api = client(mesh)
+    # The SDK asks for base64 unless told otherwise; both come back as floats.
+    for encoding in ({}, {"encoding_format": "float"}):
+        result = api.embeddings.create(
+            model="all-MiniLM-L6-v2", input=["a capybara", "un capibara", "tax law"], **encoding
+        )
+        vectors = [d.embedding for d in result.data]
+        assert [len(v) for v in vectors] == [384, 384, 384] and result.usage.prompt_tokens > 0
+        norms = [sum(x * x for x in v) for v in vectors]
+        assert all(abs(n - 1) < 1e-3 for n in norms)
+        same, other = (sum(a * b for a, b in zip(vectors[0], v, strict=True)) for v in vectors[1:])
+        assert same > other
+    single = api.embeddings.create(model="x", input="hola")
+    assert len(single.data) == 1 and single.data[0].index == 0
+    with pytest.raises(openai.BadRequestError) as bad:
+        api.embeddings.create(model="x", input=[[1, 2, 3]])
+    assert bad.value.body["param"] == "input"
+
+
+def test_audio_speech(mesh):
+    api = client(mesh)
+    wav = api.audio.speech.create(model="tts-1", input="Hola, soy un capibara.", voice="", response_format="wav")
+    assert wav.response.headers["content-type"] == "audio/wav"
+    sample_rate, samples = read_wav(wav.content)
+    assert sample_rate > 0 and len(samples) > sample_rate // 4 and rms(samples) > 100
+    pcm = api.audio.speech.create(model="tts-1", input="Hola.", voice="", response_format="pcm")
+    assert pcm.response.headers["content-type"] == "audio/pcm" and len(pcm.content) > 1000
+    for kwargs, param in (({"response_format": "mp3"}, "response_format"), ({"voice": "alloy"}, "voice")):
+        with pytest.raises(openai.BadRequestError) as bad:
+            api.audio.speech.create(model="tts-1", input="Hola.", **{"voice": "", **kwargs})
+        assert bad.value.body["param"] == param

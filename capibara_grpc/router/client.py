@@ -22,3 +22,8 @@ class RouterClient:
             reasoning=response.reasoning,
             scores=[(s.route_name, s.model_id, s.score) for s in response.scores],
         )
+
+    async def embed(self, texts: list[str], timeout_s: float) -> tuple[list[list[float]], int, str]:
+        """(one embedding per text, tokens counted, the encoder's name)."""
+        response = await self.stub.Embed(router_pb2.EmbedRequest(texts=texts), timeout=timeout_s)
+        return [list(e.values) for e in response.embeddings], response.tokens, response.model

@@ -8,6 +8,7 @@ import logging
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from capibara_grpc.errors import InvalidArgument, Unimplemented
 from capibara_grpc.health_names import model_health_name
 from capibara_grpc.router.classifier import DEFAULT
 from capibara_grpc.router.core import Router
@@ -56,8 +57,23 @@ class ModelHealthWatcher:
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
-    def __init__(self, router: Router):
+    def __init__(self, router: Router, encoder=None):
         self.router = router
+        self.encoder = encoder  # the SentenceEncoder the router scores with (Embed)
+
+    async def Embed(self, request, context):
+        texts = list(request.texts)
+        if not texts or any(not t for t in texts):
+            raise InvalidArgument("texts must be a non-empty list of non-empty strings")
+        if self.encoder is None:
+            raise Unimplemented("this router has no sentence encoder")
+        vectors = await asyncio.to_thread(self.encoder.encode, texts)
+        tokens = await asyncio.to_thread(self.encoder.count_tokens, texts)
+        return router_pb2.EmbedResponse(
+            embeddings=[router_pb2.Embedding(values=v.tolist()) for v in vectors],
+            tokens=tokens,
+            model=self.encoder.name,
+        )
 
     async def Route(self, request, context):
         decision = await self.router.route(request.query, list(request.history))

@@ -29,5 +29,5 @@ async def start(servers: MeshServers) -> None:
     router = Router(config, load_routes(config), encoder.encode, watcher.is_healthy)
     servers.on_stop(router.close)
     await asyncio.to_thread(router.fit)
-    servicer = RouterServicer(router)
+    servicer = RouterServicer(router, encoder)
     await servers.serve("router", lambda server: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server))

@@ -7,8 +7,10 @@ which the edge turns into OpenAI's `error.param`): nothing is silently dropped.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import struct
 import time
 import uuid
 from dataclasses import dataclass
@@ -96,7 +98,8 @@ def parse_messages(value) -> list[Message]:
     return messages
 
 
-def parse_chat_request(raw: bytes, config: MeshConfig, consensus_available: bool = True) -> ChatCompletionRequest:
+def json_body(raw: bytes, supported: tuple[str, ...]) -> dict:
+    """The body as a JSON object; a field outside `supported` is a 400 naming it."""
     try:
         body = json.loads(raw or b"")
     except (ValueError, UnicodeDecodeError) as exc:
@@ -104,8 +107,13 @@ def parse_chat_request(raw: bytes, config: MeshConfig, consensus_available: bool
     if not isinstance(body, dict):
         raise InvalidArgument("the body must be a JSON object")
     for key in body:
-        if key not in SUPPORTED_FIELDS:
-            raise bad(key, f"unsupported field '{key}' (supported: {', '.join(SUPPORTED_FIELDS)})")
+        if key not in supported:
+            raise bad(key, f"unsupported field '{key}' (supported: {', '.join(supported)})")
+    return body
+
+
+def parse_chat_request(raw: bytes, config: MeshConfig, consensus_available: bool = True) -> ChatCompletionRequest:
+    body = json_body(raw, SUPPORTED_FIELDS)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("model", "'model' is required: 'auto', 'consensus' or a model id (GET /v1/models)")
@@ -283,3 +291,83 @@ def model_entry(config: MeshConfig, consensus_available: bool, model_id: str) ->
         if entry["id"] == model_id:
             return entry
     raise NotFound(f"param model: the model '{model_id[:80]}' does not exist (see GET /v1/models)")
+
+
+# -- embeddings and speech -----------------------------------------------------------------------
+
+EMBEDDING_FIELDS = ("model", "input", "encoding_format", "user", "dimensions")
+MAX_EMBEDDING_INPUTS = 256
+
+
+@dataclass
+class EmbeddingRequest:
+    texts: list[str]
+    model: str
+    base64: bool
+
+
+def parse_embedding_request(raw: bytes) -> EmbeddingRequest:
+    """`input` a string or a list of strings (token arrays are refused); any `model` name is served
+    by the router's encoder, which the answer names."""
+    body = json_body(raw, EMBEDDING_FIELDS)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad("model", "'model' is required (the router's encoder answers whatever the name)")
+    texts = body.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not (isinstance(texts, list) and texts and all(isinstance(t, str) and t for t in texts)):
+        raise bad("input", "'input' must be a non-empty string or a list of non-empty strings")
+    if len(texts) > MAX_EMBEDDING_INPUTS:
+        raise bad("input", f"at most {MAX_EMBEDDING_INPUTS} inputs per request, got {len(texts)}")
+    encoding = body.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise bad("encoding_format", "'encoding_format' must be 'float' or 'base64'")
+    if body.get("dimensions") is not None:
+        raise bad("dimensions", "'dimensions' is not supported: the encoder's size is fixed")
+    return EmbeddingRequest(texts, model, encoding == "base64")
+
+
+def embedding_response(request: EmbeddingRequest, vectors: list[list[float]], tokens: int, model: str) -> dict:
+    def encoded(vector: list[float]):
+        if request.base64:
+            return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        return vector
+
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(vectors)],
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
+SPEECH_FIELDS = ("model", "input", "voice", "response_format", "speed")
+SPEECH_FORMATS = {"wav": "audio/wav", "pcm": "audio/pcm"}
+
+
+@dataclass
+class SpeechRequest:
+    text: str
+    voice: str
+    response_format: str
+
+
+def parse_speech_request(raw: bytes) -> SpeechRequest:
+    """`voice` is a voice id of GET /api/tts/voices ("" or absent = the default voice); wav (the
+    default here) and pcm (PCM16 little-endian mono, at the voice's rate) only."""
+    body = json_body(raw, SPEECH_FIELDS)
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise bad("model", "'model' is required (any name: the voice chooses the engine)")
+    text = body.get("input")
+    if not isinstance(text, str) or not text.strip():
+        raise bad("input", "'input' must be a non-empty string")
+    voice = body.get("voice") or ""
+    if not isinstance(voice, str):
+        raise bad("voice", "'voice' must be a voice id (GET /api/tts/voices)")
+    response_format = body.get("response_format", "wav")
+    if response_format not in SPEECH_FORMATS:
+        raise bad("response_format", f"response_format {response_format!r} is not supported (wav, pcm)")
+    if body.get("speed") not in (None, 1, 1.0):
+        raise bad("speed", "only speed 1.0 is supported")
+    return SpeechRequest(text, voice, response_format)

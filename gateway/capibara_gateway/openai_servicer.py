@@ -17,7 +17,8 @@ from capibara_gateway import openai_api
 from capibara_gateway.core import ChatGateway
 from capibara_gateway.events import ChatDone, RoutingDecision
 from capibara_grpc.chat_types import Token
-from capibara_grpc.errors import StreamError, remaining_s
+from capibara_grpc.errors import StreamError, Unimplemented, remaining_s
+from capibara_grpc.speech.wav import wav_file
 from capibara_grpc.stubs import openai_pb2_grpc
 
 JSON, EVENT_STREAM = "application/json", "text/event-stream"
@@ -30,8 +31,11 @@ def _json_body(payload: dict) -> httpbody_pb2.HttpBody:
 
 
 class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
-    def __init__(self, gateway: ChatGateway):
+    def __init__(self, gateway: ChatGateway, embed=None, speech=None):
         self.gateway = gateway
+        # RouterClient.embed and the SpeechClient; None when the service is not deployed.
+        self.embed = embed
+        self.speech = speech
 
     @property
     def _consensus(self) -> bool:
@@ -85,3 +89,27 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
 
     async def GetModel(self, request, context):
         return _json_body(openai_api.model_entry(self.gateway.config, self._consensus, request.model))
+
+    async def Embeddings(self, request, context):
+        parsed = openai_api.parse_embedding_request(request.data)
+        if self.embed is None:
+            raise Unimplemented("embeddings need the router service, which is not deployed in this mesh")
+        timeout_s = remaining_s(context, self.gateway.config.gateway.default_deadline_s)
+        vectors, tokens, model = await self.embed(parsed.texts, timeout_s)
+        return _json_body(openai_api.embedding_response(parsed, vectors, tokens, model))
+
+    async def AudioSpeech(self, request, context):
+        parsed = openai_api.parse_speech_request(request.data)
+        if self.speech is None:
+            raise Unimplemented("speech needs the speech service, which is not deployed in this mesh")
+        timeout_s = remaining_s(context, self.gateway.config.gateway.default_deadline_s)
+        if parsed.voice:
+            voices = await self.speech.voice_ids(timeout_s)
+            if parsed.voice not in voices:
+                raise openai_api.bad("voice", f"unknown voice '{parsed.voice[:80]}' (available: {', '.join(voices)})")
+        pcm, sample_rate = bytearray(), 0
+        async for chunk in self.speech.synthesize(parsed.text, parsed.voice, timeout_s):
+            pcm += chunk.pcm
+            sample_rate = chunk.sample_rate
+        audio = wav_file(bytes(pcm), sample_rate) if parsed.response_format == "wav" else bytes(pcm)
+        return httpbody_pb2.HttpBody(content_type=openai_api.SPEECH_FORMATS[parsed.response_format], data=audio)

@@ -44,7 +44,8 @@ async def start(servers: MeshServers) -> None:
         config, InferenceClient(channels["inference"]).generate, router, context, consensus, speech, cache
     )
     chat = ChatServicer(gateway)
-    openai = OpenAIServicer(gateway)
+    embed = RouterClient(channels["router"]).embed if "router" in deployed else None
+    openai = OpenAIServicer(gateway, embed, speech)
     health_channels = {
         name: [
             health_channel(config, name, address)

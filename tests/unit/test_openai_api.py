@@ -129,3 +129,37 @@ def test_models():
     assert "consensus" not in [m["id"] for m in openai_api.model_list(CONFIG, False)]
     with pytest.raises(NotFound):
         openai_api.model_entry(CONFIG, True, "nope")
+
+
+def test_embedding_requests():
+    one = openai_api.parse_embedding_request(b'{"model": "m", "input": "hola"}')
+    assert one.texts == ["hola"] and not one.base64
+    many = openai_api.parse_embedding_request(b'{"model": "m", "input": ["a", "b"], "encoding_format": "base64"}')
+    assert many.texts == ["a", "b"] and many.base64
+    answer = openai_api.embedding_response(many, [[1.0, 0.0], [0.0, 1.0]], 4, "minilm")
+    assert answer["usage"] == {"prompt_tokens": 4, "total_tokens": 4} and answer["model"] == "minilm"
+    assert answer["data"][1]["index"] == 1 and isinstance(answer["data"][1]["embedding"], str)
+    for body, param in (
+        ({"input": "x"}, "model"),
+        ({"model": "m", "input": [1, 2]}, "input"),
+        ({"model": "m", "input": ""}, "input"),
+        ({"model": "m", "input": "x", "dimensions": 8}, "dimensions"),
+        ({"model": "m", "input": "x", "encoding_format": "int8"}, "encoding_format"),
+    ):
+        with pytest.raises(InvalidArgument) as refused:
+            openai_api.parse_embedding_request(json.dumps(body).encode())
+        assert refused.value.message.startswith(f"param {param}: ")
+
+
+def test_speech_requests():
+    parsed = openai_api.parse_speech_request(b'{"model": "tts-1", "input": "hola", "voice": "espeak:es"}')
+    assert (parsed.text, parsed.voice, parsed.response_format) == ("hola", "espeak:es", "wav")
+    for body, param in (
+        ({"model": "tts-1", "input": "x", "response_format": "mp3"}, "response_format"),
+        ({"model": "tts-1", "input": " "}, "input"),
+        ({"model": "tts-1", "input": "x", "speed": 2}, "speed"),
+        ({"model": "tts-1", "input": "x", "instructions": "sing"}, "instructions"),
+    ):
+        with pytest.raises(InvalidArgument) as refused:
+            openai_api.parse_speech_request(json.dumps(body).encode())
+        assert refused.value.message.startswith(f"param {param}: ")
