@@ -278,3 +278,19 @@ def test_audio_speech(mesh):
         with pytest.raises(openai.BadRequestError) as bad:
             api.audio.speech.create(model="tts-1", input="Hola.", **{"voice": "", **kwargs})
         assert bad.value.body["param"] == param
+
+
+def test_the_native_api_takes_a_message_list_too(mesh):
+    messages = [
+        {"role": "ROLE_SYSTEM", "content": "You answer in one word."},
+        {"role": "ROLE_USER", "content": "My name is Ana."},
+        {"role": "ROLE_ASSISTANT", "content": "Hello Ana."},
+        {"role": "ROLE_USER", "content": "What is my name?"},
+    ]
+    auth = {"authorization": f"Bearer {KEY}"}
+    status, body, _ = mesh.request(
+        "POST", "/api/chat", {"messages": messages, "model": "phi", "max_tokens": 6}, headers=auth
+    )
+    assert status == 200 and body["model_id"] == "phi" and body["response"], body
+    status, body, _ = mesh.request("POST", "/api/chat", {"messages": messages, "message": "hola"}, headers=auth)
+    assert status == 400 and "not both" in body["message"]

@@ -6,16 +6,34 @@ from capibara_gateway.core import ChatGateway
 from capibara_gateway.events import ChatDone, ChatInput, RoutingDecision
 from capibara_gateway.health import MeshHealth
 from capibara_grpc import chat_convert
-from capibara_grpc.chat_types import Token
-from capibara_grpc.errors import StreamError, Unavailable, remaining_s
+from capibara_grpc.chat_types import Message, Token
+from capibara_grpc.errors import InvalidArgument, StreamError, Unavailable, remaining_s
 from capibara_grpc.speech.core import AudioChunk
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
 
 
+def conversation_from_pb(request) -> tuple[str, list[Message] | None]:
+    """(the message answered, the client's whole conversation or None) of a request."""
+    if not request.messages:
+        return request.message, None
+    if request.message or request.conversation_id:
+        raise InvalidArgument("give either messages, or message (with conversation_id if any), not both")
+    messages = chat_convert.messages_from_pb(request.messages)
+    for i, m in enumerate(messages):
+        if m.role not in ("system", "user", "assistant"):
+            raise InvalidArgument(f"messages[{i}].role must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
+    users = [m.content for m in messages if m.role == "user"]
+    if not users:
+        raise InvalidArgument("messages must hold at least one user message")
+    return users[-1], messages
+
+
 def chat_input_from_pb(request) -> ChatInput:
     """ChatRequest and CompleteRequest have the same fields."""
+    message, messages = conversation_from_pb(request)
     return ChatInput(
-        message=request.message,
+        message=message,
+        messages=messages,
         conversation_id=request.conversation_id,
         model=request.model,
         use_router=request.use_router if request.HasField("use_router") else True,

@@ -163,3 +163,26 @@ def test_speech_requests():
         with pytest.raises(InvalidArgument) as refused:
             openai_api.parse_speech_request(json.dumps(body).encode())
         assert refused.value.message.startswith(f"param {param}: ")
+
+
+def test_the_native_chat_request_takes_a_message_list():
+    from capibara_gateway.servicer import chat_input_from_pb
+
+    from capibara_grpc.stubs import gateway_pb2, inference_pb2
+
+    def turn(role, content):
+        return inference_pb2.ChatMessage(role=role, content=content)
+
+    request = gateway_pb2.ChatRequest(
+        messages=[turn(inference_pb2.ROLE_SYSTEM, "brief"), turn(inference_pb2.ROLE_USER, "hola")], model="phi"
+    )
+    chat = chat_input_from_pb(request)
+    assert chat.message == "hola" and [m.role for m in chat.messages] == ["system", "user"]
+    assert chat_input_from_pb(gateway_pb2.CompleteRequest(message="hola")).messages is None
+    for bad_request in (
+        gateway_pb2.ChatRequest(message="x", messages=[turn(inference_pb2.ROLE_USER, "y")]),
+        gateway_pb2.ChatRequest(messages=[turn(inference_pb2.ROLE_ASSISTANT, "y")]),
+        gateway_pb2.CompleteRequest(messages=[turn(inference_pb2.ROLE_UNSPECIFIED, "y")]),
+    ):
+        with pytest.raises(InvalidArgument):
+            chat_input_from_pb(bad_request)
