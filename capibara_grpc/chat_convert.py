@@ -24,6 +24,8 @@ _OPTIONAL_PARAMS = ("max_tokens", "temperature", "top_p", "repeat_penalty", "see
 def params_from_pb(message) -> SamplingParams:
     """Read sampling fields from any message that has them (GenerationParams, ChatRequest...)."""
     params = SamplingParams(stop=list(message.stop))
+    if "json_schema" in message.DESCRIPTOR.fields_by_name:
+        params.json_schema = message.json_schema
     for name in _OPTIONAL_PARAMS:
         if name in message.DESCRIPTOR.fields_by_name and message.HasField(name):
             setattr(params, name, getattr(message, name))
@@ -31,7 +33,7 @@ def params_from_pb(message) -> SamplingParams:
 
 
 def params_to_pb(params: SamplingParams) -> pb.GenerationParams:
-    out = pb.GenerationParams(stop=params.stop)
+    out = pb.GenerationParams(stop=params.stop, json_schema=params.json_schema)
     for name in _OPTIONAL_PARAMS:
         value = getattr(params, name)
         if value is not None:

@@ -31,6 +31,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     top_k: int | None = None
+    # A JSON Schema (JSON text) the answer must follow; "" = free text.
+    json_schema: str = ""
 
 
 @dataclass

@@ -172,7 +172,7 @@ def test_unknown_model_is_not_found(mesh):
         ({"n": 2}, "n"),
         ({"logprobs": True}, "logprobs"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
         ({"temperature": 7}, "temperature"),
     ],
 )
@@ -294,3 +294,22 @@ def test_the_native_api_takes_a_message_list_too(mesh):
     assert status == 200 and body["model_id"] == "phi" and body["response"], body
     status, body, _ = mesh.request("POST", "/api/chat", {"messages": messages, "message": "hola"}, headers=auth)
     assert status == 400 and "not both" in body["message"]
+
+
+@pytest.mark.parametrize("model", ["phi", "mixtral"])
+def test_response_format_json_schema_gives_json_that_parses(mesh, model):
+    schema = {
+        "type": "object",
+        "properties": {"animal": {"type": "string", "maxLength": 12}, "legs": {"type": "integer"}},
+        "required": ["animal", "legs"],
+        "additionalProperties": False,
+    }
+    completion = client(mesh).chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Name an animal and its number of legs, as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "animal", "schema": schema, "strict": True}},
+        max_tokens=60,
+        temperature=0,
+    )
+    answer = json.loads(completion.choices[0].message.content)
+    assert set(answer) == {"animal", "legs"} and isinstance(answer["legs"], int), answer

@@ -73,6 +73,7 @@ class ModelBackend:
             stop=list(params.stop),
             seed=params.seed,
             top_k=params.top_k if params.top_k is not None else defaults.top_k,
+            json_schema=params.json_schema,
         )
 
     async def _post(self, path: str, body: dict) -> aiohttp.ClientResponse:
@@ -154,6 +155,8 @@ class LlamaCppBackend(ModelBackend):
         }
         if params.seed is not None:
             body["seed"] = params.seed
+        if params.json_schema:
+            body["json_schema"] = json.loads(params.json_schema)
         response = await self._post("/completion", body)
         first_token_at = None
         index = 0
@@ -224,6 +227,9 @@ class OpenAIBackend(ModelBackend):
             body["stop"] = params.stop
         if params.seed is not None:
             body["seed"] = params.seed
+        if params.json_schema:
+            schema = json.loads(params.json_schema)
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
         response = await self._post("/v1/chat/completions", body)
         first_token_at = None
         finish_reason, usage, timings, backend_model = None, {}, {}, ""

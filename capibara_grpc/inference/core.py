@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,6 +36,13 @@ def validate_params(params: SamplingParams) -> None:
         raise InvalidArgument(f"top_k must not be negative, got {params.top_k}")
     if len(params.stop) > 8 or any(not s for s in params.stop):
         raise InvalidArgument("stop takes at most 8 non-empty strings")
+    if params.json_schema:
+        try:
+            schema = json.loads(params.json_schema)
+        except ValueError as exc:
+            raise InvalidArgument(f"json_schema is not valid JSON: {exc}") from None
+        if not isinstance(schema, dict):
+            raise InvalidArgument("json_schema must be a JSON object (a JSON Schema)")
 
 
 class InferenceEngine:

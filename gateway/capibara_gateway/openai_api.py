@@ -143,13 +143,14 @@ def parse_chat_request(raw: bytes, config: MeshConfig, consensus_available: bool
     include_usage = _stream_options(body.get("stream_options"), stream)
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise bad("user", "'user' must be a string")
-    _response_format(body.get("response_format"))
+    json_schema = _response_format(body.get("response_format"))
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 0, 2),
         top_p=_number(body, "top_p", 0, 1),
         stop=stop,
         seed=_number(body, "seed", 0, (1 << 32) - 1, integer=True),
+        json_schema=json_schema,
     )
     last_user = next(m.content for m in reversed(messages) if m.role == "user")
     chat = ChatInput(
@@ -175,12 +176,21 @@ def _stream_options(value, stream: bool) -> bool:
     return include
 
 
-def _response_format(value) -> None:
+def _response_format(value) -> str:
+    """The JSON Schema (JSON text) the answer must follow; "" for free text."""
     if value is None:
-        return
-    if not isinstance(value, dict) or value.get("type") != "text":
-        kind = value.get("type") if isinstance(value, dict) else value
-        raise bad("response_format", f"response_format {kind!r} is not supported yet (only 'text')")
+        return ""
+    kind = value.get("type") if isinstance(value, dict) else value
+    if kind == "text":
+        return ""
+    if kind == "json_object":
+        return json.dumps({"type": "object"})
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise bad("response_format.json_schema", "must be {name, schema, strict?} with schema a JSON Schema object")
+        return json.dumps(spec.get("schema") or {"type": "object"})
+    raise bad("response_format", f"response_format {kind!r} is not supported (text, json_object, json_schema)")
 
 
 # -- answers -----------------------------------------------------------------------------------

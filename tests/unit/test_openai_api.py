@@ -73,7 +73,8 @@ def test_sampling_fields():
         ({"tools": []}, "tools"),
         ({"logprobs": True}, "logprobs"),
         ({"frequency_penalty": 0.1}, "frequency_penalty"),
-        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"response_format": {"type": "grammar"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": []}}, "response_format.json_schema"),
         ({"temperature": "hot"}, "temperature"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
@@ -89,6 +90,15 @@ def test_what_is_not_supported_is_refused_naming_the_field(body, param):
     with pytest.raises(InvalidArgument) as refused:
         parse(**{"model": "phi", "messages": HELLO, **body})
     assert refused.value.message.startswith(f"param {param}: ")
+
+
+def test_response_format_becomes_a_json_schema():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    spec = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    assert json.loads(parse(model="phi", messages=HELLO, response_format=spec).chat.params.json_schema) == schema
+    as_object = parse(model="phi", messages=HELLO, response_format={"type": "json_object"})
+    assert json.loads(as_object.chat.params.json_schema) == {"type": "object"}
+    assert parse(model="phi", messages=HELLO, response_format={"type": "text"}).chat.params.json_schema == ""
 
 
 def test_unknown_model_and_bad_json():
