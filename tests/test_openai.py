@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
+import signal
 
+import aiohttp
 import httpx2
 import openai
 import pytest
@@ -313,3 +316,29 @@ def test_response_format_json_schema_gives_json_that_parses(mesh, model):
     )
     answer = json.loads(completion.choices[0].message.content)
     assert set(answer) == {"animal", "legs"} and isinstance(answer["legs"], int), answer
+
+
+# Last: it kills mixtral's llama-server (the mesh is stopped after this module).
+async def test_a_backend_dying_mid_stream_ends_it_with_an_in_band_error(mesh):
+    body = {
+        "model": "mixtral",
+        "messages": [{"role": "user", "content": "Count from 1 to 1000, separated by commas."}],
+        "max_tokens": 1500,
+        "temperature": 0,
+        "stream": True,
+    }
+    frames = []
+    headers = {"authorization": f"Bearer {KEY}"}
+    async with aiohttp.ClientSession() as session:
+        url = mesh.base_url + "/v1/chat/completions"
+        async with session.post(url, json=body, headers=headers, ssl=mesh.ssl_context()) as response:
+            assert response.status == 200
+            async for line in response.content:
+                if line.startswith(b"data: "):
+                    frames.append(line[6:].strip())
+                    if len(frames) == 4:
+                        for pid in mesh.llama_server_pids("mixtral"):
+                            os.kill(pid, signal.SIGKILL)
+    last = json.loads(frames[-1])
+    assert set(last) == {"error"} and "mixtral" in last["error"]["message"], last
+    assert last["error"]["code"] == "unavailable" and b"[DONE]" not in frames
