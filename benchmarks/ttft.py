@@ -5,6 +5,8 @@ measures three paths, one request at a time:
   direct   llama-server: /apply-template + /completion (stream), what a hand-written client does
   rest     Envoy (HTTPS, HTTP/1.1) -> transcoder -> gateway -> inference -> llama-server, SSE
   grpc     Envoy (TLS, h2) -> gateway -> inference -> llama-server, native gRPC stream
+  openai   Envoy (HTTPS, HTTP/1.1) -> transcoder (HttpBody) -> gateway -> inference -> llama-server,
+           POST /v1/chat/completions with stream: true (OpenAI's SSE chunks)
 
     .venv/bin/python benchmarks/ttft.py [--runs 20] [--max-tokens 64]
 
@@ -74,6 +76,24 @@ async def rest(session: aiohttp.ClientSession, mesh, max_tokens: int) -> Sample:
     return Sample(first - started, time.perf_counter() - started, tokens)
 
 
+async def openai_api(session: aiohttp.ClientSession, mesh, max_tokens: int) -> Sample:
+    started = time.perf_counter()
+    body = {
+        "model": "bench",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+    first, tokens = None, 0
+    async with session.post(mesh.base_url + "/v1/chat/completions", json=body, ssl=mesh.ssl_context()) as response:
+        async for line in response.content:
+            if line.startswith(b"data: {") and b'"content":"' in line and b'"content":""' not in line:
+                tokens += 1
+                first = first or time.perf_counter()
+    return Sample(first - started, time.perf_counter() - started, tokens)
+
+
 async def native_grpc(stub, max_tokens: int) -> Sample:
     started = time.perf_counter()
     first, tokens = None, 0
@@ -91,7 +111,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def measure(mesh, runs: int, max_tokens: int) -> dict[str, list[Sample]]:
-    results: dict[str, list[Sample]] = {"direct": [], "rest": [], "grpc": []}
+    results: dict[str, list[Sample]] = {"direct": [], "rest": [], "grpc": [], "openai": []}
     credentials = grpc.ssl_channel_credentials(root_certificates=mesh.cert.read_bytes())
     async with (
         aiohttp.ClientSession() as session,
@@ -103,10 +123,12 @@ async def measure(mesh, runs: int, max_tokens: int) -> dict[str, list[Sample]]:
         url = mesh.backend_url("bench")
         # Warm up every path (connections, prompt cache).
         await direct(session, url, 4), await rest(session, mesh, 4), await native_grpc(stub, 4)
+        await openai_api(session, mesh, 4)
         for _ in range(runs):  # interleaved, so drift on a noisy machine hits all paths alike
             results["direct"].append(await direct(session, url, max_tokens))
             results["rest"].append(await rest(session, mesh, max_tokens))
             results["grpc"].append(await native_grpc(stub, max_tokens))
+            results["openai"].append(await openai_api(session, mesh, max_tokens))
     return results
 
 
