@@ -1,6 +1,7 @@
 """The OpenAI-compatible API (/v1/...) through the edge, driven by the official openai SDK (sync
-and async) over TLS with an API key, on a mesh of its own: phi and mixtral launched, gpt-oss-20b
-configured but down (what the router picks for programming, failing over to phi)."""
+and async) over TLS with an API key, on a mesh of its own: phi (llama.cpp's native API) and mixtral
+(over the OpenAI API) launched, gpt-oss-20b configured but down (what the router picks for
+programming; it routes to the next best healthy model)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def mesh(tmp_path_factory):
     keys.write_text(f"{KEY}\n")
     models = {
         "phi": launched_model(29080),
-        "mixtral": launched_model(29081),
+        # Over llama-server's own OpenAI API: response_format reaches that backend kind too.
+        "mixtral": launched_model(29081, protocol="openai"),
         # Down: named, it is a 503; picked by the router (programming), it fails over to phi.
         "gpt-oss-20b": {"backend": {"url": "http://127.0.0.1:29099", "protocol": "llama_cpp"}, "fallbacks": ["phi"]},
     }
