@@ -1,15 +1,17 @@
 """The OpenAI-compatible API (/v1/...) through the edge, driven by the official openai SDK (sync
 and async) over TLS with an API key, on a mesh of its own: phi (llama.cpp's native API) and mixtral
-(over the OpenAI API) launched, gpt-oss-20b configured but down (what the router picks for
-programming; it routes to the next best healthy model)."""
+(over the OpenAI API) launched, gpt-oss-20b a fake backend that looks healthy and fails every generation (what the
+router picks for programming: the gateway fails over to phi)."""
 
 from __future__ import annotations
 
 import asyncio
 import http.client
+import http.server
 import json
 import os
 import signal
+import threading
 
 import aiohttp
 import httpx2
@@ -25,16 +27,43 @@ CHAT_PER_MINUTE = 120
 HELLO = [{"role": "user", "content": "Say hello."}]
 
 
+class BrokenBackend(http.server.BaseHTTPRequestHandler):
+    """A llama-server that looks healthy and fails every generation (HTTP 500): the router picks
+    it, and the gateway fails over before the first token."""
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        answer = {"/health": {"status": "ok"}, "/props": {"default_generation_settings": {"n_ctx": 2048}}}
+        self._send(200, answer.get(self.path.split("?")[0], {}))
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self._send(500, {"error": {"code": 500, "message": "the model crashed", "type": "server_error"}})
+
+    def _send(self, status: int, body: dict):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
     directory = tmp_path_factory.mktemp("openai")
     keys = directory / "api-keys.txt"
     keys.write_text(f"{KEY}\n")
+    broken = http.server.ThreadingHTTPServer(("127.0.0.1", 29099), BrokenBackend)
+    threading.Thread(target=broken.serve_forever, daemon=True).start()
     models = {
         "phi": launched_model(29080),
         # Over llama-server's own OpenAI API: response_format reaches that backend kind too.
         "mixtral": launched_model(29081, protocol="openai"),
-        # Down: named, it is a 503; picked by the router (programming), it fails over to phi.
+        # Healthy to the router, failing to generate: named, it is a 503; routed to (programming),
+        # the gateway fails over to phi.
         "gpt-oss-20b": {"backend": {"url": "http://127.0.0.1:29099", "protocol": "llama_cpp"}, "fallbacks": ["phi"]},
     }
     config = mesh_config(directory / "state", 29000, models)
@@ -44,6 +73,7 @@ def mesh(tmp_path_factory):
         yield running
     finally:
         stop_mesh(running)
+        broken.shutdown()
 
 
 def client(mesh, key: str = KEY, **transport) -> openai.OpenAI:
@@ -204,12 +234,10 @@ def test_auto_fails_over_when_the_routed_model_is_down(mesh):
     )
     completion = raw.parse()
     extension = completion.model_extra["capibara"]
-    # The router sees gpt-oss-20b down (its health) and names the next best healthy model; a
-    # model that fails when called is failed over by the gateway (failed_models), as natively.
-    assert completion.model in ("phi", "mixtral") and completion.choices[0].message.content
-    assert "'programming'" in extension["reasoning"] and "'gpt-oss-20b' is unavailable" in extension["reasoning"]
-    assert raw.headers["x-capibara-model"] == completion.model
-    assert raw.headers["x-capibara-route"] == extension["route_name"]
+    assert extension["route_name"] == "programming" and extension["source"] == "router", extension
+    assert completion.model == "phi" and extension["failed_models"] == ["gpt-oss-20b"], extension
+    assert extension["fallback"] and completion.choices[0].message.content
+    assert raw.headers["x-capibara-model"] == "phi" and raw.headers["x-capibara-failed-models"] == "gpt-oss-20b"
 
 
 async def test_disconnect_frees_the_slot(mesh):
