@@ -224,6 +224,10 @@ def test_a_named_model_that_is_down_is_503(mesh):
         client(mesh).chat.completions.create(model="gpt-oss-20b", messages=HELLO, max_tokens=4)
     assert down.value.status_code == 503 and "gpt-oss-20b" in down.value.body["message"]
     assert down.value.body["type"] == "server_error"
+    # A stream that fails before its first token is the same HTTP error, not an empty stream.
+    with pytest.raises(openai.InternalServerError) as down:
+        client(mesh).chat.completions.create(model="gpt-oss-20b", messages=HELLO, max_tokens=4, stream=True)
+    assert down.value.status_code == 503 and down.value.body["code"] == "service_unavailable"
 
 
 def test_auto_fails_over_when_the_routed_model_is_down(mesh):
