@@ -61,7 +61,8 @@ def mesh(tmp_path_factory):
     models = {
         "phi": launched_model(29080),
         # Over llama-server's own OpenAI API: response_format reaches that backend kind too.
-        "mixtral": launched_model(29081, protocol="openai"),
+        # One generation at a time and none waiting: a second concurrent request is a 429.
+        "mixtral": {**launched_model(29081, protocol="openai"), "max_concurrent": 1, "max_queued": 0},
         # Healthy to the router, failing to generate: named, it is a 503; routed to (programming),
         # the gateway fails over to phi.
         "gpt-oss-20b": {"backend": {"url": "http://127.0.0.1:29099", "protocol": "llama_cpp"}, "fallbacks": ["phi"]},
@@ -350,6 +351,27 @@ def test_response_format_json_schema_gives_json_that_parses(mesh, model):
     )
     answer = json.loads(completion.choices[0].message.content)
     assert set(answer) == {"animal", "legs"} and isinstance(answer["legs"], int), answer
+
+
+async def test_a_busy_model_is_429_with_retry_after(mesh):
+    url = mesh.backend_url("mixtral")
+    await wait_until_idle(url)
+    async with async_client(mesh) as api:
+        stream = await api.chat.completions.create(
+            model="mixtral",
+            messages=[{"role": "user", "content": "Count from 1 to 1000, separated by commas."}],
+            max_tokens=1500,
+            temperature=0,
+            stream=True,
+        )
+        async for _ in stream:
+            break
+        with pytest.raises(openai.RateLimitError) as busy:
+            await api.chat.completions.create(model="mixtral", messages=HELLO, max_tokens=3)
+        await stream.close()
+    assert int(busy.value.response.headers["retry-after"]) >= 1
+    assert busy.value.body["type"] == "rate_limit_error" and "mixtral" in busy.value.body["message"]
+    await wait_until_idle(url)
 
 
 # Last: it kills mixtral's llama-server (the mesh is stopped after this module).
