@@ -318,6 +318,22 @@ def test_audio_speech(mesh):
         assert bad.value.body["param"] == param
 
 
+def test_the_conversation_id_extension_keeps_the_history_in_the_mesh(mesh):
+    api = client(mesh)
+    for text in ("My name is Ana.", "What is my name?"):
+        api.chat.completions.create(
+            model="phi",
+            messages=[{"role": "user", "content": text}],
+            max_tokens=6,
+            extra_body={"capibara": {"conversation_id": "openai-c1"}},
+        )
+    status, stored, _ = mesh.request("GET", "/api/conversations/openai-c1", headers={"authorization": f"Bearer {KEY}"})
+    assert status == 200, stored
+    turns = [(t["role"], t["content"]) for t in stored["turns"]]
+    assert [r for r, _ in turns] == ["ROLE_USER", "ROLE_ASSISTANT"] * 2
+    assert turns[0][1] == "My name is Ana." and turns[2][1] == "What is my name?"
+
+
 def test_the_native_api_takes_a_message_list_too(mesh):
     messages = [
         {"role": "ROLE_SYSTEM", "content": "You answer in one word."},

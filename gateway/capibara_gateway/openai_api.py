@@ -36,6 +36,7 @@ SUPPORTED_FIELDS = (
     "user",
     "response_format",
     "n",
+    "capibara",
 )
 # "developer" is the newer name of "system" in OpenAI's API.
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -153,14 +154,32 @@ def parse_chat_request(raw: bytes, config: MeshConfig, consensus_available: bool
         json_schema=json_schema,
     )
     last_user = next(m.content for m in reversed(messages) if m.role == "user")
+    conversation_id = _conversation_id(body.get("capibara"))
+    if conversation_id and (len(messages) != 1 or messages[0].role != "user"):
+        raise bad(
+            "messages", "with capibara.conversation_id the mesh keeps the history: send only the new user message"
+        )
     chat = ChatInput(
         message=last_user,
+        conversation_id=conversation_id,
         model=model if model not in (AUTO, CONSENSUS) else "",
         consensus=model == CONSENSUS,
         params=params,
-        messages=messages,
+        messages=None if conversation_id else messages,
     )
     return ChatCompletionRequest(chat, model, stream, include_usage)
+
+
+def _conversation_id(value) -> str:
+    """The extension field {"capibara": {"conversation_id": "..."}}: the mesh's stored conversation."""
+    if value is None:
+        return ""
+    if not isinstance(value, dict) or any(k != "conversation_id" for k in value):
+        raise bad("capibara", "the extension takes only {'conversation_id': '...'}")
+    conversation_id = value.get("conversation_id") or ""
+    if not isinstance(conversation_id, str) or len(conversation_id) > 128:
+        raise bad("capibara.conversation_id", "must be a string of at most 128 characters")
+    return conversation_id
 
 
 def _stream_options(value, stream: bool) -> bool:

@@ -196,3 +196,17 @@ def test_the_native_chat_request_takes_a_message_list():
     ):
         with pytest.raises(InvalidArgument):
             chat_input_from_pb(bad_request)
+
+
+def test_the_conversation_id_extension_uses_the_stored_history():
+    parsed = parse(model="phi", messages=HELLO, capibara={"conversation_id": "c1"})
+    assert parsed.chat.conversation_id == "c1" and parsed.chat.messages is None and parsed.chat.message == "hola"
+    two = [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}]
+    for body, param in (
+        ({"messages": two, "capibara": {"conversation_id": "c1"}}, "messages"),
+        ({"capibara": {"memory": True}}, "capibara"),
+        ({"capibara": {"conversation_id": 5}}, "capibara.conversation_id"),
+    ):
+        with pytest.raises(InvalidArgument) as refused:
+            parse(**{"model": "phi", "messages": HELLO, **body})
+        assert refused.value.message.startswith(f"param {param}: ")
