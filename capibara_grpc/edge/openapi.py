@@ -83,6 +83,16 @@ ERROR_STATUSES = {
 }
 
 
+def _sse_event(data: str) -> dict:
+    """One Server-Sent Event (what SSE-aware tools such as schemathesis check each event against):
+    its `data` line holds `data`."""
+    return {
+        "type": "object",
+        "description": f"one event per message: `data: <{data}>` and a blank line",
+        "properties": {"data": {"type": "string", "description": data}},
+    }
+
+
 def _schema_name(message: Descriptor) -> str:
     return message.full_name
 
@@ -170,7 +180,7 @@ def build() -> dict:
         if output.full_name == "google.api.HttpBody" and rule["server_streaming"]:
             content = {
                 "application/json": {"schema": {"type": "object"}},
-                "text/event-stream": {"schema": {"type": "string"}},
+                "text/event-stream": {"schema": _sse_event("an OpenAI chat.completion.chunk, or [DONE] last")},
             }
         elif output.full_name == "google.api.HttpBody" and rule["path"].startswith(OPENAI_PREFIX):
             content = _json({"type": "object"})
@@ -180,14 +190,7 @@ def build() -> dict:
             wanted.append(output)
             reference = {"$ref": f"#/components/schemas/{output.full_name}"}
             content = (
-                {
-                    "text/event-stream": {
-                        "schema": {
-                            "type": "string",
-                            "description": f"one `data: <JSON {output.full_name}>` line per event",
-                        }
-                    }
-                }
+                {"text/event-stream": {"schema": _sse_event(f"JSON {output.full_name}")}}
                 if rule["server_streaming"]
                 else _json(reference)
             )
