@@ -245,17 +245,22 @@ def test_auto_fails_over_when_the_routed_model_is_down(mesh):
     assert raw.headers["x-capibara-model"] == "phi" and raw.headers["x-capibara-failed-models"] == "gpt-oss-20b"
 
 
+async def long_stream(api):
+    """A streamed answer to mixtral that runs for a long while (mixtral serves one at a time)."""
+    return await api.chat.completions.create(
+        model="mixtral",
+        messages=[{"role": "user", "content": "Count from 1 to 1000, separated by commas."}],
+        max_tokens=1500,
+        temperature=0,
+        stream=True,
+    )
+
+
 async def test_disconnect_frees_the_slot(mesh):
     url = mesh.backend_url("mixtral")
     await wait_until_idle(url)
     async with async_client(mesh) as api:
-        stream = await api.chat.completions.create(
-            model="mixtral",
-            messages=[{"role": "user", "content": "Count from 1 to 1000, separated by commas."}],
-            max_tokens=1500,
-            temperature=0,
-            stream=True,
-        )
+        stream = await long_stream(api)
         seen = 0
         async for _ in stream:
             seen += 1
@@ -373,13 +378,7 @@ async def test_a_busy_model_is_429_with_retry_after(mesh):
     url = mesh.backend_url("mixtral")
     await wait_until_idle(url)
     async with async_client(mesh) as api:
-        stream = await api.chat.completions.create(
-            model="mixtral",
-            messages=[{"role": "user", "content": "Count from 1 to 1000, separated by commas."}],
-            max_tokens=1500,
-            temperature=0,
-            stream=True,
-        )
+        stream = await long_stream(api)
         async for _ in stream:
             break
         with pytest.raises(openai.RateLimitError) as busy:
