@@ -1,5 +1,8 @@
 """Context service: relevance of each provider, data in TOON, memory, trimming, erase, bad input;
-TOON over REST and gRPC: key order both ways, every option of the spec, bad options."""
+TOON over REST and gRPC: key order both ways, every option of the spec, bad options.
+
+Over 400 lines: every test here shares one module-scoped mesh; split in two files, the suite would
+start a second mesh for nothing."""
 
 from __future__ import annotations
 

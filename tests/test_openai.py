@@ -1,7 +1,10 @@
 """The OpenAI-compatible API (/v1/...) through the edge, driven by the official openai SDK (sync
 and async) over TLS with an API key, on a mesh of its own: phi (llama.cpp's native API) and mixtral
 (over the OpenAI API) launched, gpt-oss-20b a fake backend that looks healthy and fails every generation (what the
-router picks for programming: the gateway fails over to phi)."""
+router picks for programming: the gateway fails over to phi).
+
+Over 400 lines: every test here shares that one module-scoped mesh; split in two files, the suite
+would start a second mesh for nothing."""
 
 from __future__ import annotations
 
