@@ -42,6 +42,15 @@ FAILOVERS = Counter(
 CACHE_REQUESTS = Counter(
     "capibara_cache_requests_total", "Response cache lookups: exact_hit, semantic_hit or miss", ["result", "route"]
 )
+# Usage per API key (edge.api_keys_file). `key` is the key's configured name or, without one, the
+# first 8 hex digits of its sha256 (capibara_grpc/api_keys.py), never the key itself. Only calls
+# that generate (Chat, Complete, OpenAI chat completions) are counted; code is the gRPC code name.
+KEY_REQUESTS = Counter(
+    "capibara_key_requests", "Generating calls per API key, model and gRPC code", ["key", "model", "code"]
+)
+KEY_TOKENS = Counter(
+    "capibara_key_tokens", "Tokens per API key and model; kind: prompt or completion", ["key", "model", "kind"]
+)
 QUEUE_DEPTH = Gauge("capibara_queue_depth", "Generations waiting for a slot of the model's backend", ["model"])
 ACTIVE_GENERATIONS = Gauge(
     "capibara_active_generations", "Generations holding a slot of the model's backend", ["model"]
