@@ -13,15 +13,12 @@ Prints prompt processing and generation tokens/s (median of the rounds) and the 
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import platform
 import statistics
 import subprocess
 import sys
 import tarfile
-import time
-import urllib.request
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -30,7 +27,6 @@ sys.path.insert(0, str(REPO / "tools"))
 from install_llama_server import COMMON_FLAGS, PACKAGE, pinned_version
 
 from capibara_grpc import install_check
-from capibara_grpc.config import shipped_model_path
 
 NATIVE_DIR = REPO / ".build" / "llama-native"
 PROMPT = (
@@ -84,36 +80,9 @@ def native_build(version: str) -> pathlib.Path:
     return binary
 
 
-def measure(binary: pathlib.Path, threads: int, port: int) -> tuple[float, float]:
+def measure(binary: pathlib.Path, threads: int) -> tuple[float, float]:
     """(prompt tokens/s, generated tokens/s) of one fresh server on one request, after a warm-up."""
-    argv = [
-        str(binary),
-        "--model",
-        str(shipped_model_path("smollm2")),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--ctx-size",
-        "2048",
-        "--parallel",
-        "1",
-        "--threads",
-        str(threads),
-        "--no-webui",
-    ]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{binary} did not start (exit {process.poll()})") from None
-                time.sleep(0.2)
+    with install_check.running_llama_server(binary, ctx_size=2048, threads=threads) as (url, _process):
 
         def complete(n_predict: int) -> dict:
             body = {
@@ -123,20 +92,11 @@ def measure(binary: pathlib.Path, threads: int, port: int) -> tuple[float, float
                 "cache_prompt": False,
                 "ignore_eos": True,
             }
-            request = urllib.request.Request(
-                f"http://127.0.0.1:{port}/completion",
-                data=json.dumps(body).encode(),
-                headers={"content-type": "application/json"},
-            )
-            with urllib.request.urlopen(request, timeout=300) as response:
-                return json.loads(response.read())["timings"]
+            return install_check.post_json(f"{url}/completion", body, timeout=300)["timings"]
 
         complete(8)  # warm-up: first-touch of the mapped weights
         timings = complete(N_PREDICT)
         return timings["prompt_per_second"], timings["predicted_per_second"]
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 def cpu_model() -> str:
@@ -160,7 +120,7 @@ def main() -> int:
     for round_number in range(args.rounds):
         order = list(builds) if round_number % 2 == 0 else list(reversed(builds))
         for name in order:
-            results[name].append(measure(builds[name], args.threads, 28790))
+            results[name].append(measure(builds[name], args.threads))
         print(
             f"round {round_number + 1}: "
             + ", ".join(f"{name} {results[name][-1][0]:.0f}/{results[name][-1][1]:.0f}" for name in builds)

