@@ -12,10 +12,17 @@ leaves Envoy, and REST, native gRPC and /v1 all pass the one guard, so one place
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import re
+from collections.abc import AsyncIterator
 
 from prometheus_client import REGISTRY
+
+from capibara_grpc import metrics
+from capibara_grpc.chat_types import Finished
+from capibara_grpc.errors import StreamError, as_mesh_error
 
 # Set by the edge guard after it accepted the key; read by the gateway as gRPC metadata.
 KEY_ID_HEADER = "x-capibara-key-id"
@@ -57,6 +64,70 @@ def request_key_id(metadata) -> str:
             value = item[1]
             return value.decode() if isinstance(value, bytes) else value
     return ""
+
+
+# The model label of a call that failed before a model was chosen (bad input, say) and named none.
+NO_MODEL = "-"
+
+
+class KeyUsage:
+    """One generating call of a key: its model, tokens and final code, counted once when it ends.
+
+    The gateway's servicers wrap the call in `counting()` and its chat events in `watch()`; the
+    events say the model (the routing decision), the tokens (the final event) and an in-band
+    error, an exception the code. Without a key id (a mesh without keys) nothing is counted."""
+
+    def __init__(self, context, models, requested: str = ""):
+        """`models`: the configured model ids; a requested model that is not one of them is not a
+        label (a client must not be able to add a time series per made-up name)."""
+        self.key = request_key_id(context.invocation_metadata())
+        self.models = models
+        self.model = requested if requested in models else ""
+        self.code = "OK"
+        self.prompt_tokens = self.completion_tokens = 0
+
+    @contextlib.contextmanager
+    def counting(self):
+        try:
+            yield self
+        except (asyncio.CancelledError, GeneratorExit):
+            self.code = "CANCELLED"
+            raise
+        except BaseException as exc:
+            error = as_mesh_error(exc)
+            self.code = error.code.name if error is not None else "INTERNAL"
+            raise
+        finally:
+            self._count()
+
+    async def watch(self, events: AsyncIterator) -> AsyncIterator:
+        """The same events, noted on the way."""
+        async with contextlib.aclosing(events):
+            async for event in events:
+                finished = getattr(event, "finished", None)
+                if isinstance(finished, Finished):
+                    self.finished(finished)
+                elif isinstance(event, StreamError):
+                    self.code = event.code
+                elif getattr(event, "route_name", None) is not None:  # the routing decision
+                    self.model = event.model_id
+                yield event
+
+    def finished(self, finished: Finished, routed_model: str = "") -> None:
+        """The answer's final event: its tokens, and the model that really answered."""
+        self.prompt_tokens += finished.prompt_tokens
+        self.completion_tokens += finished.completion_tokens
+        self.model = finished.model_id or routed_model or self.model
+
+    def _count(self) -> None:
+        if not self.key:
+            return
+        model = self.model if self.model in self.models else NO_MODEL
+        metrics.KEY_REQUESTS.labels(self.key, model, self.code).inc()
+        if self.prompt_tokens:
+            metrics.KEY_TOKENS.labels(self.key, model, "prompt").inc(self.prompt_tokens)
+        if self.completion_tokens:
+            metrics.KEY_TOKENS.labels(self.key, model, "completion").inc(self.completion_tokens)
 
 
 def key_usage(registry=REGISTRY) -> list[dict]:

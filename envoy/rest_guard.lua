@@ -130,11 +130,18 @@ end
 
 -- API keys: one per line in API_KEYS_FILE ('#' starts a comment) and comma-separated in
 -- $CAPIBARA_API_KEYS, read once when the filter loads (the mesh checked their format at startup).
+-- `name: key` gives a key a name; API_KEYS maps each key to its id, that name or the key's short
+-- id (key_id.lua), which is all the services and Envoy's rate limits ever see of it.
 API_KEYS = {}
+-- Set on every call with a valid key, for the gateway's usage counters and the per-key rate
+-- limits; a client's own copy is always dropped, so nobody can spend another key's quota.
+KEY_ID_HEADER = "x-capibara-key-id"
 local function add_key(text)
-  local key = (text:gsub("#.*$", "")):match("^%s*(.-)%s*$")
+  local entry = (text:gsub("#.*$", "")):match("^%s*(.-)%s*$")
+  local name, key = entry:match("^([^:]*):(.*)$")
+  name, key = (name or ""):match("^%s*(.-)%s*$"), (key or entry):match("^%s*(.-)%s*$")
   if key ~= "" then
-    API_KEYS[key] = true
+    API_KEYS[key] = name ~= "" and name or key_short_id(key)
   end
 end
 if API_KEYS_FILE ~= "" then
@@ -233,6 +240,7 @@ function envoy_on_request(handle)
     -- envoy_on_response rewrites its errors, this guard's own 401 included.
     handle:streamInfo():dynamicMetadata():set("capibara", "openai", "1")
   end
+  headers:remove(KEY_ID_HEADER)
   if next(API_KEYS) ~= nil and headers:get(":method") ~= "OPTIONS" then
     local bare_path = (headers:get(":path") or ""):gsub("%?.*$", "")
     local key = presented_key(headers)
@@ -243,6 +251,9 @@ function envoy_on_request(handle)
           or "invalid API key"
       )
       return
+    end
+    if key ~= nil and API_KEYS[key] then
+      headers:add(KEY_ID_HEADER, API_KEYS[key])
     end
   end
   if headers:get(":method") ~= "POST" then

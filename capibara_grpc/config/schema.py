@@ -44,6 +44,21 @@ class RateLimitConfig:
 
 
 @dataclass
+class KeyRateLimitConfig:
+    """Per API key (its name, or its short id), requests per minute, on top of the per-address
+    limit; 0 = no limit. A key over its limit gets 429 (RESOURCE_EXHAUSTED over gRPC) with
+    Retry-After, whatever address it calls from. Like the per-address limit, the native API (REST
+    and gRPC share it) and the OpenAI-compatible /v1 API each count on their own."""
+
+    # Calls that make a model generate, for every key without an entry in chat_overrides.
+    chat: int = 0
+    # Every other call (health checks are never limited).
+    other: int = 0
+    # The chat limit of particular keys, by name or short id: e.g. {batch-job: 600, trial: 2}.
+    chat_overrides: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
 class EdgeConfig:
     """Envoy, the mesh's front door."""
 
@@ -69,12 +84,15 @@ class EdgeConfig:
     models_port: int = 5003
     # API keys, one per line ('#' starts a comment), plus the comma-separated $CAPIBARA_API_KEYS.
     # With any key, every call but /health needs `Authorization: Bearer <key>` or `x-api-key: <key>`;
-    # without keys the mesh is open (fine on a laptop, not on a network).
+    # without keys the mesh is open (fine on a laptop, not on a network). `name: key` names a key
+    # (1-64 of A-Z a-z 0-9 . _ -): usage metrics and per-key limits call it by that name, and a key
+    # without a name by its short id, the first 8 hex digits of its sha256; never by the key itself.
     api_keys_file: str = ""
     # Browser origins allowed to call the API (CORS, no credentials), e.g. https://chat.example.com;
     # none = same origin only.
     cors_origins: list[str] = field(default_factory=list)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    key_rate_limit: KeyRateLimitConfig = field(default_factory=KeyRateLimitConfig)
 
 
 @dataclass

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 
+from capibara_grpc.api_keys import key_id, split_named_key
 from capibara_grpc.config.model_files import resolve_model_file
 from capibara_grpc.config.parsing import ConfigError, line_of
 from capibara_grpc.config.routes import load_routes
@@ -27,6 +28,11 @@ _API_KEY = re.compile(r"^[A-Za-z0-9._~+/=-]{16,256}$")
 
 def api_keys(config: MeshConfig) -> list[str]:
     """The configured API keys (file and environment); ConfigError for a malformed one."""
+    return list(api_key_ids(config))
+
+
+def api_key_ids(config: MeshConfig) -> dict[str, str]:
+    """Each configured API key -> its id (`name: key` lines; capibara_grpc/api_keys.py)."""
     lines: list[tuple[str, str]] = []
     if config.edge.api_keys_file:
         path = config.resolve_path(config.edge.api_keys_file)
@@ -39,14 +45,32 @@ def api_keys(config: MeshConfig) -> list[str]:
             ) from None
         lines += [(f"{path}:{n}", line.split("#", 1)[0].strip()) for n, line in enumerate(text.splitlines(), 1)]
     lines += [("$CAPIBARA_API_KEYS", key.strip()) for key in os.environ.get("CAPIBARA_API_KEYS", "").split(",")]
-    keys = []
-    for where, key in lines:
+    keys: dict[str, str] = {}
+    for where, entry in lines:
+        try:
+            name, key = split_named_key(entry)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
         if not key:
+            if name:
+                raise ConfigError(f"{where}: the name '{name}' has no key after it")
             continue
         if not _API_KEY.match(key):
             raise ConfigError(f"{where}: an API key must be 16 to 256 characters of A-Z a-z 0-9 . _ ~ + / = -")
-        keys.append(key)
-    return list(dict.fromkeys(keys))
+        id_ = key_id(name, key)
+        if key in keys and keys[key] != id_:
+            raise ConfigError(f"{where}: this key is listed twice, as '{keys[key]}' and as '{id_}'")
+        if key not in keys and id_ in keys.values():
+            raise ConfigError(f"{where}: two keys are called '{id_}'; usage and limits must tell them apart")
+        keys[key] = id_
+    overrides = config.edge.key_rate_limit.chat_overrides
+    if keys and (unknown := sorted(set(overrides) - set(keys.values()))):
+        raise ConfigError(
+            f"{config.source}:{line_of(config.edge.key_rate_limit, 'chat_overrides')}: "
+            f"edge.key_rate_limit.chat_overrides: no API key is called {', '.join(unknown)} "
+            f"(keys: {', '.join(sorted(keys.values()))})"
+        )
+    return keys
 
 
 def validate(config: MeshConfig, *, check_files: set[str]) -> None:
@@ -129,6 +153,17 @@ def _validate_edge(config: MeshConfig, fail) -> None:
         if getattr(config.edge.rate_limit, key) < 0:
             fail(
                 line_of(config.edge.rate_limit, key), f"edge.rate_limit.{key} must be 0 (no limit) or a positive number"
+            )
+        if getattr(config.edge.key_rate_limit, key) < 0:
+            fail(
+                line_of(config.edge.key_rate_limit, key),
+                f"edge.key_rate_limit.{key} must be 0 (no limit) or a positive number",
+            )
+    for name, limit in config.edge.key_rate_limit.chat_overrides.items():
+        if limit < 0:
+            fail(
+                line_of(config.edge.key_rate_limit, "chat_overrides"),
+                f"edge.key_rate_limit.chat_overrides.{name} must be 0 (no limit) or a positive number",
             )
     for origin in config.edge.cors_origins:
         if not re.match(r"^https?://[^/\s]+$", origin):

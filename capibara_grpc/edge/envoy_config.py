@@ -30,7 +30,7 @@ from capibara_grpc.edge.policies import (
 )
 from capibara_grpc.edge.policies import WEB as WEB
 from capibara_grpc.edge.tls import ensure_certificate
-from capibara_grpc.services import SERVICES
+from capibara_grpc.services import CHAT, SERVICES
 from capibara_grpc.stubs import MESH_SERVICE, OPENAI_SERVICE, SERVICE_FULL_NAMES
 
 # Request body limit for REST calls (the gateway applies its own, smaller message limit).
@@ -146,6 +146,13 @@ def _rate_limited(route: dict, limit: dict) -> dict:
     return route
 
 
+def _limit_of(config: MeshConfig, tier: str) -> dict:
+    """The rate limits of a tier's routes: per client address and per API key (overrides: chat)."""
+    per_key = config.edge.key_rate_limit
+    overrides = per_key.chat_overrides if tier == CHAT else None
+    return rate_limit(getattr(config.edge.rate_limit, tier), getattr(per_key, tier), overrides)
+
+
 def _mesh_listener(config: MeshConfig, bind_all: bool = False) -> dict:
     """Loopback, plaintext h2: how the services reach each other (services.via_envoy)."""
     routes = [_to_cluster(f"/{SERVICE_FULL_NAMES[s]}/", s, retry=RETRY_POLICY) for s in config.deployed_services]
@@ -187,7 +194,7 @@ def build(
     routes = [
         _to_cluster(f"/{MESH_SERVICE}/", "gateway"),
         # The OpenAI-compatible API (/v1/...) is the gateway's, and generates: the chat limit.
-        _rate_limited(_to_cluster(f"/{OPENAI_SERVICE}/", "gateway"), rate_limit(config.edge.rate_limit.chat)),
+        _rate_limited(_to_cluster(f"/{OPENAI_SERVICE}/", "gateway"), _limit_of(config, CHAT)),
         # Reflection and health of the front door are the gateway's: it describes the whole mesh.
         _to_cluster("/grpc.reflection.", "gateway"),
         _to_cluster("/grpc.health.v1.Health/", "gateway"),
@@ -197,7 +204,7 @@ def build(
             routes.append(_not_deployed(f"/{row.full_name}/", row.full_name))
             continue
         route = _to_cluster(f"/{row.full_name}/", row.name)
-        routes.append(_rate_limited(route, rate_limit(getattr(config.edge.rate_limit, row.rate_tier))))
+        routes.append(_rate_limited(route, _limit_of(config, row.rate_tier)))
     routes += [static_file(path, file, content_type) for path, (file, content_type) in STATIC_FILES.items()]
     routes.append(
         {"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {"inline_string": "no such path"}}}

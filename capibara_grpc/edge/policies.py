@@ -10,12 +10,15 @@ import json
 import math
 import pathlib
 
+from capibara_grpc.api_keys import KEY_ID_HEADER
 from capibara_grpc.edge import descriptor
 from capibara_grpc.services import CHAT, SERVICES
 from capibara_grpc.stubs import MESH_SERVICE
 
 _REPO = pathlib.Path(__file__).resolve().parent.parent.parent
 LUA_FILTER = _REPO / "envoy" / "rest_guard.lua"
+# key_short_id() for the guard: an API key's id when it has no name (capibara_grpc/api_keys.py).
+KEY_ID_LUA = _REPO / "envoy" / "key_id.lua"
 # Written by `capibara openapi` from the protos; served at GET /api/openapi.json.
 OPENAPI_DOCUMENT = _REPO / "docs" / "openapi.json"
 
@@ -47,7 +50,9 @@ def lua_source(keys_file: str) -> str:
     return (
         f"ALLOWED_FIELDS = {_lua_table(entries)}\n\n"
         f"API_KEYS_FILE = {json.dumps(keys_file)}\n\n"
-        f"OPEN_PATHS = {_lua_table([f'[{json.dumps(p)}] = true' for p in OPEN_PATHS])}\n\n" + LUA_FILTER.read_text()
+        f"OPEN_PATHS = {_lua_table([f'[{json.dumps(p)}] = true' for p in OPEN_PATHS])}\n\n"
+        + KEY_ID_LUA.read_text()
+        + LUA_FILTER.read_text()
     )
 
 
@@ -93,23 +98,45 @@ OPEN_PATHS = [
 GENERATING_SERVICES = tuple(s.name for s in SERVICES if s.rate_tier == CHAT)
 
 
-def rate_limit(per_minute: int) -> dict:
-    """Per client address: a bucket of `per_minute` tokens, one back every 60/per_minute s."""
+def _bucket(per_minute: int) -> dict:
+    """`per_minute` tokens, one back every 60/per_minute s; 0: never empty."""
     if per_minute <= 0:
+        return {"max_tokens": 1_000_000_000, "tokens_per_fill": 1_000_000_000, "fill_interval": "1s"}
+    return {"max_tokens": per_minute, "tokens_per_fill": 1, "fill_interval": f"{60.0 / per_minute:.3f}s"}
+
+
+def rate_limit(per_minute: int, per_key: int = 0, key_overrides: dict[str, int] | None = None) -> dict:
+    """Per client address: a bucket of `per_minute` tokens, one back every 60/per_minute s. Per API
+    key, by the id the guard puts in KEY_ID_HEADER: a bucket of `per_key` for each key, or of
+    `key_overrides[id]` (0: none) for the keys named there (Envoy prefers an exact descriptor to
+    the wildcard one). A call takes a token from every bucket it matches."""
+    descriptors, actions = [], []
+    if per_minute > 0:
+        descriptors.append({"entries": [{"key": "remote_address"}], "token_bucket": _bucket(per_minute)})
+        actions.append({"actions": [{"remote_address": {}}]})
+    key_limits = {**({"": per_key} if per_key > 0 else {}), **(key_overrides or {})}
+    for key_id, limit in key_limits.items():
+        entry = {"key": "api_key", **({"value": key_id} if key_id else {})}
+        descriptors.append({"entries": [entry], "token_bucket": _bucket(limit)})
+    if key_limits:
+        # No header (a mesh without keys, an open path): no descriptor, no per-key limit.
+        actions.append({"actions": [{"request_headers": {"header_name": KEY_ID_HEADER, "descriptor_key": "api_key"}}]})
+    if not descriptors:
         return {}
-    refill_s = 60.0 / per_minute
-    bucket = {"max_tokens": per_minute, "tokens_per_fill": 1, "fill_interval": f"{refill_s:.3f}s"}
+    # One Retry-After for the route, whichever bucket ran dry: the slowest refill, so that a
+    # client that waits that long always finds a token again.
+    refill_s = max(60.0 / n for n in (per_minute, *key_limits.values()) if n > 0)
     return {
         "envoy.filters.http.local_ratelimit": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
             "stat_prefix": "client_rate_limit",
-            # The route-wide bucket is never the limit; the per-client descriptor below is.
+            # The route-wide bucket is never the limit; the per-client and per-key descriptors are.
             "token_bucket": {"max_tokens": 1_000_000_000, "tokens_per_fill": 1_000_000_000, "fill_interval": "1s"},
             "filter_enabled": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
             "filter_enforced": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
-            "descriptors": [{"entries": [{"key": "remote_address"}], "token_bucket": bucket}],
+            "descriptors": descriptors,
             "max_dynamic_descriptors": 100_000,
-            "rate_limits": [{"actions": [{"remote_address": {}}]}],
+            "rate_limits": actions,
             # gRPC callers get RESOURCE_EXHAUSTED (as from a full model queue), not UNAVAILABLE.
             "rate_limited_as_resource_exhausted": True,
             "response_headers_to_add": [

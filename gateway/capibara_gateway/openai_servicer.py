@@ -16,6 +16,7 @@ from google.api import httpbody_pb2
 from capibara_gateway import openai_api
 from capibara_gateway.core import ChatGateway
 from capibara_gateway.events import ChatDone, RoutingDecision
+from capibara_grpc.api_keys import KeyUsage
 from capibara_grpc.chat_types import Token
 from capibara_grpc.errors import StreamError, Unimplemented, remaining_s
 from capibara_grpc.speech.wav import wav_file
@@ -42,10 +43,18 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
         return self.gateway.consensus is not None
 
     async def ChatCompletions(self, request, context):
+        usage = KeyUsage(context, self.gateway.config.models)
+        with usage.counting():
+            async with contextlib.aclosing(self._chat_completions(request, context, usage)) as bodies:
+                async for body in bodies:
+                    yield body
+
+    async def _chat_completions(self, request, context, usage: KeyUsage):
         parsed = openai_api.parse_chat_request(request.data, self.gateway.config, self._consensus)
+        usage.model = parsed.chat.model
         timeout_s = remaining_s(context, self.gateway.config.gateway.default_deadline_s)
         completion = openai_api.Completion(parsed.model)
-        events = self.gateway.chat(parsed.chat, timeout_s)
+        events = usage.watch(self.gateway.chat(parsed.chat, timeout_s))
         async with contextlib.aclosing(events):
             if parsed.stream:
                 async for body in self._stream(events, completion, parsed.include_usage, context):

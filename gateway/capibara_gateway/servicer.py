@@ -6,6 +6,7 @@ from capibara_gateway.core import ChatGateway
 from capibara_gateway.events import ChatDone, ChatInput, RoutingDecision
 from capibara_gateway.health import MeshHealth
 from capibara_grpc import chat_convert
+from capibara_grpc.api_keys import KeyUsage
 from capibara_grpc.chat_types import Message, Token
 from capibara_grpc.errors import InvalidArgument, StreamError, Unavailable, remaining_s
 from capibara_grpc.speech.core import AudioChunk
@@ -99,11 +100,16 @@ class ChatServicer(gateway_pb2_grpc.ChatServiceServicer):
         return remaining_s(context, self.gateway.config.gateway.default_deadline_s)
 
     async def Chat(self, request, context):
-        async for event in self.gateway.chat(chat_input_from_pb(request), self._timeout(context)):
-            yield event_to_pb(event)
+        usage = KeyUsage(context, self.gateway.config.models, request.model)
+        with usage.counting():
+            async for event in usage.watch(self.gateway.chat(chat_input_from_pb(request), self._timeout(context))):
+                yield event_to_pb(event)
 
     async def Complete(self, request, context):
-        result = await self.gateway.complete(chat_input_from_pb(request), self._timeout(context))
+        usage = KeyUsage(context, self.gateway.config.models, request.model)
+        with usage.counting():
+            result = await self.gateway.complete(chat_input_from_pb(request), self._timeout(context))
+            usage.finished(result.done.finished, result.routing.model_id)
         return gateway_pb2.CompleteResponse(
             response=result.response,
             model_id=result.done.finished.model_id or result.routing.model_id,
