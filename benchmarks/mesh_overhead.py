@@ -1,0 +1,365 @@
+"""The mesh's own overhead, each figure as a ratio to its ceiling measured in the same run.
+
+Starts a mesh (ports 33xxx, router and context on; one llama-server on the shipped SmolLM2 that
+serves the three model ids of config/routes.yaml), a no-op grpc.aio service in its own process,
+and a second Envoy built by the mesh's own builder (capibara_grpc.edge.envoy_config.build) from
+the mesh's config, with one extra route and cluster for the no-op service. Then:
+
+  1. no-op direct, no-op via the edge, Route direct, Route via the edge: h2load, 4 connections x 16
+     streams, one repeated 29-byte request (h2load sends one body);
+  2. Route via the edge with distinct queries (the 395 texts of the router's evaluation sets,
+     cycled): h2load cannot vary the body, so a grpc.aio load generator in its own process, 64 in
+     flight over 4 connections, against the no-op through the same Envoy with the same generator;
+     and Route p50 at concurrency 1;
+  3. chat time to first token (REST SSE through the edge, router and context on, temperature 0)
+     against llama-server given the same final prompt (the context service's Enrich), and given
+     the bare prompt: mesh processing and extra prompt tokens apart;
+  4. chat tokens/s alone and under routing load (the generator at the goal rate, half the no-op
+     ceiling);
+  5. consensus (vote, three candidates): from the last CandidateFinished to the FinalAnswer.
+
+    .venv/bin/python benchmarks/mesh_overhead.py [--seconds 8] [--chat-runs 10]
+
+A benchmark, not a test: it prints raw figures and ratios for this machine (about 4 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import pathlib
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import aiohttp
+import grpc
+import yaml
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from benchmarks import mesh_load
+from benchmarks.mesh_load import NOOP_METHOD, grpc_frame, load_process, load_result
+from capibara_grpc.config import load_config
+from capibara_grpc.edge import envoy_config
+from capibara_grpc.edge.clusters import service_cluster, socket_address
+from capibara_grpc.edge.tls import ensure_certificate
+from capibara_grpc.launch_commands import envoy_argv
+from capibara_grpc.stubs import (
+    consensus_pb2,
+    consensus_pb2_grpc,
+    context_pb2,
+    context_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
+from tests.support.mesh import launched_model, running_mesh
+
+BASE = 33000
+NOOP_PORT, BENCH_EDGE_PORT, BENCH_ADMIN_PORT = BASE + 40, BASE + 41, BASE + 42
+ROUTE_METHOD = "/capibara.router.v1.RouterService/Route"
+QUERY = "¿Cuánto es 17 por 23?"  # 29 bytes as a RouteRequest, as in the issue
+CHAT_PROMPT = "Explain in a few sentences why the sky is blue."
+STREAMS = 16  # per connection (mesh_load.CONNECTIONS)
+
+
+def bench_envoy_yaml(mesh, directory: pathlib.Path) -> pathlib.Path:
+    """The mesh's own Envoy bootstrap (same builder, same config) on other ports, with one more
+    route and cluster: the no-op service."""
+    config = load_config(mesh.config_path)
+    cert, key = ensure_certificate(config)
+    bootstrap = envoy_config.build(config, config.state_path / "envoy" / "capibara.pb", cert, key)
+    bootstrap["admin"]["address"] = socket_address("127.0.0.1", BENCH_ADMIN_PORT)
+    listeners = bootstrap["static_resources"]["listeners"]
+    edge = next(listener for listener in listeners if listener["name"] == "edge")
+    edge["address"] = socket_address("127.0.0.1", BENCH_EDGE_PORT)
+    bootstrap["static_resources"]["listeners"] = [edge]  # the mesh's Envoy keeps the internal ones
+    hcm = edge["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    routes.insert(0, {"match": {"prefix": "/capibara.bench.v1.Noop/"}, "route": {"cluster": "noop", "timeout": "10s"}})
+    noop = service_cluster("router", [("127.0.0.1", NOOP_PORT)])
+    noop["name"] = noop["load_assignment"]["cluster_name"] = "noop"
+    noop["health_checks"][0]["grpc_health_check"]["service_name"] = ""
+    bootstrap["static_resources"]["clusters"].append(noop)
+    path = directory / "bench-envoy.yaml"
+    path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
+    return path
+
+
+def wait_for(check, what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{what} did not come up")
+
+
+# -- h2load ------------------------------------------------------------------------------------
+
+
+def h2load(url: str, body: bytes, directory: pathlib.Path, seconds: float, extra: list[str] | None = None) -> dict:
+    frame = directory / "body.bin"
+    frame.write_bytes(grpc_frame(body))
+    log = directory / "h2load.log"
+    log.unlink(missing_ok=True)
+    argv = ["h2load", "-D", str(int(seconds)), "-c", str(mesh_load.CONNECTIONS), "-m", str(STREAMS), "-t", "1"]
+    argv += ["-d", str(frame), "-H", "content-type: application/grpc", "-H", "te: trailers"]
+    argv += ["--log-file", str(log), *(extra or []), url]
+    subprocess.run(argv, check=True, capture_output=True, text=True)
+    rows = [line.split("\t") for line in log.read_text().splitlines() if line.strip()]
+    ok = sorted(int(r[2]) / 1000 for r in rows if r[1] == "200")
+    return {
+        "rps": len(ok) / seconds,
+        "p50": statistics.median(ok) if ok else float("nan"),
+        "errors": len(rows) - len(ok),
+    }
+
+
+# -- chat --------------------------------------------------------------------------------------
+
+
+async def sse_chat(session, mesh, body: dict) -> tuple[float, float]:
+    """(time to first token s, tokens/s after the first) of /api/chat/stream through the edge."""
+    started, first, tokens = time.perf_counter(), None, 0
+    async with session.post(mesh.base_url + "/api/chat/stream", json=body, ssl=mesh.ssl_context()) as response:
+        async for line in response.content:
+            if line.startswith(b"data:") and b'"token"' in line:
+                tokens += 1
+                first = first or time.perf_counter()
+    end = time.perf_counter()
+    return first - started, (tokens - 1) / (end - first) if tokens > 1 and end > first else 0.0
+
+
+async def direct_chat(session, url: str, messages: list[dict], max_tokens: int) -> float:
+    """Time to first token of llama-server given `messages` (/apply-template + /completion)."""
+    started = time.perf_counter()
+    async with session.post(url + "/apply-template", json={"messages": messages}) as response:
+        prompt = (await response.json())["prompt"]
+    body = {"prompt": prompt, "stream": True, "n_predict": max_tokens, "temperature": 0, "cache_prompt": True}
+    async with session.post(url + "/completion", json=body) as response:
+        async for line in response.content:
+            if line.startswith(b"data:") and json.loads(line[5:]).get("content"):
+                return time.perf_counter() - started
+    raise RuntimeError("llama-server sent no token")
+
+
+async def routed_model(mesh) -> str:
+    async with grpc.aio.insecure_channel(mesh.service_address("router")) as channel:
+        decision = await router_pb2_grpc.RouterServiceStub(channel).Route(router_pb2.RouteRequest(query=CHAT_PROMPT))
+    return decision.model_id
+
+
+async def final_messages(mesh, model_id: str) -> list[dict]:
+    """The messages the mesh sends for CHAT_PROMPT to `model_id` (the context service's Enrich,
+    asked afresh each time: what it adds, the time for one, changes)."""
+    async with grpc.aio.insecure_channel(mesh.service_address("context")) as channel:
+        enriched = await context_pb2_grpc.ContextServiceStub(channel).Enrich(
+            context_pb2.EnrichRequest(message=CHAT_PROMPT, model_id=model_id)
+        )
+    roles = {1: "system", 2: "user", 3: "assistant"}
+    return [{"role": roles.get(m.role, "user"), "content": m.content} for m in enriched.messages]
+
+
+async def measure_chat(mesh, runs: int, max_tokens: int) -> dict:
+    url = mesh.backend_url("gpt-oss-20b")
+    model_id = await routed_model(mesh)
+    enriched = await final_messages(mesh, model_id)
+    bare = [{"role": "user", "content": CHAT_PROMPT}]
+    body = {"message": CHAT_PROMPT, "max_tokens": max_tokens, "temperature": 0}
+    result = {"direct_bare": [], "direct_final": [], "mesh": [], "mesh_tps": []}
+    async with aiohttp.ClientSession() as session:
+        await direct_chat(session, url, bare, 4), await direct_chat(session, url, enriched, 4)
+        await sse_chat(session, mesh, {**body, "max_tokens": 4})
+        for _ in range(runs):  # interleaved, so drift on a shared machine hits every path alike
+            result["direct_bare"].append(await direct_chat(session, url, bare, max_tokens))
+            enriched = await final_messages(mesh, model_id)
+            result["direct_final"].append(await direct_chat(session, url, enriched, max_tokens))
+            ttft, tps = await sse_chat(session, mesh, body)
+            result["mesh"].append(ttft)
+            result["mesh_tps"].append(tps)
+    result["final_prompt_chars"] = sum(len(m["content"]) for m in enriched)
+    return result
+
+
+async def chat_tokens_per_s(mesh, runs: int, max_tokens: int, until=None) -> list[float]:
+    """tokens/s of `runs` chats one after another (with `until`, at least 2 and as long as it is false)."""
+    body = {"message": CHAT_PROMPT, "max_tokens": max_tokens, "temperature": 0, "model": "gpt-oss-20b"}
+    speeds = []
+    async with aiohttp.ClientSession() as session:
+        while len(speeds) < (2 if until else runs) or (until and not until()):
+            speeds.append((await sse_chat(session, mesh, body))[1])
+    return speeds
+
+
+async def consensus_gaps(mesh, runs: int) -> list[float]:
+    """ms from the last candidate's CandidateFinished to the FinalAnswer (vote of three)."""
+    credentials = grpc.ssl_channel_credentials(root_certificates=mesh.cert.read_bytes())
+    options = [("grpc.ssl_target_name_override", "localhost")]
+    gaps = []
+    async with grpc.aio.secure_channel(mesh.edge, credentials, options=options) as channel:
+        stub = consensus_pb2_grpc.ConsensusServiceStub(channel)
+        request = consensus_pb2.CombineRequest(
+            models=["gpt-oss-20b", "phi", "mixtral"],
+            strategy=consensus_pb2.STRATEGY_VOTE,
+        )
+        request.params.max_tokens, request.params.temperature = 32, 0
+        for run in range(runs + 1):
+            request.prompt = f"Name three primary colours, then count to {run + 3}."  # distinct: no cache
+            last_finished = None
+            async for event in stub.Combine(request, timeout=120):
+                kind = event.WhichOneof("event")
+                if kind == "finished":
+                    last_finished = time.perf_counter()
+                elif kind == "final" and run:  # the first run warms up
+                    gaps.append((time.perf_counter() - last_finished) * 1000)
+    return gaps
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+def load_average() -> str:
+    return " ".join(pathlib.Path("/proc/loadavg").read_text().split()[:3])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=8.0, help="duration of each throughput run")
+    parser.add_argument("--chat-runs", type=int, default=10)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--consensus-runs", type=int, default=5)
+    args = parser.parse_args()
+    if not shutil.which("h2load"):
+        raise SystemExit("h2load is missing: apt-get install nghttp2-client")
+    started = time.time()
+    load_before = load_average()
+    models = {
+        "gpt-oss-20b": launched_model(BASE + 80, parallel=4, threads=2),
+        # The routes' other model ids on the same llama-server: one process on 2 cores.
+        "phi": {"backend": {"url": f"http://127.0.0.1:{BASE + 80}"}},
+        "mixtral": {"backend": {"url": f"http://127.0.0.1:{BASE + 80}"}},
+    }
+    with tempfile.TemporaryDirectory() as tmp, running_mesh(pathlib.Path(tmp), BASE, models) as mesh:
+        directory = pathlib.Path(tmp)
+        noop = subprocess.Popen([sys.executable, mesh_load.__file__, "noop", str(NOOP_PORT)], stdout=subprocess.PIPE)
+        envoy_log = open(directory / "bench-envoy.log", "wb")  # noqa: SIM115 - closed below
+        envoy = subprocess.Popen(
+            envoy_argv(bench_envoy_yaml(mesh, directory)), stdout=envoy_log, stderr=subprocess.STDOUT
+        )
+        try:
+            assert noop.stdout.readline().startswith(b"noop serving")
+            admin = f"http://127.0.0.1:{BENCH_ADMIN_PORT}"
+            wait_for(
+                lambda: (
+                    "LIVE" in subprocess.run(["curl", "-s", admin + "/ready"], capture_output=True, text=True).stdout
+                ),
+                "bench Envoy",
+            )
+            time.sleep(2.5)  # first health checks of the no-op cluster
+            report = run_all(mesh, directory, args)
+        finally:
+            for process in (envoy, noop):
+                process.terminate()
+                process.wait(10)
+            envoy_log.close()
+    print_report(report, args, load_before, time.time() - started)
+
+
+def run_all(mesh, directory: pathlib.Path, args) -> dict:
+    s = args.seconds
+    edge = f"https://localhost:{BENCH_EDGE_PORT}"
+    router = mesh.service_address("router")
+    route_body = router_pb2.RouteRequest(query=QUERY).SerializeToString()
+    r: dict = {}
+    r["noop_direct"] = h2load(f"http://127.0.0.1:{NOOP_PORT}{NOOP_METHOD}", route_body, directory, s)
+    r["noop_edge"] = h2load(edge + NOOP_METHOD, route_body, directory, s)
+    r["route_direct"] = h2load(f"http://{router}{ROUTE_METHOD}", route_body, directory, s)
+    r["route_edge"] = h2load(edge + ROUTE_METHOD, route_body, directory, s)
+    cert = str(mesh.cert)
+    bench_edge = f"127.0.0.1:{BENCH_EDGE_PORT}"
+    r["gen_noop_edge"] = load_result(load_process(bench_edge, NOOP_METHOD, s, 64, cert))
+    r["gen_route_edge"] = load_result(load_process(bench_edge, ROUTE_METHOD, s, 64, cert))
+    r["gen_route_edge_c1"] = load_result(load_process(bench_edge, ROUTE_METHOD, s / 2, 1, cert))
+    r["chat"] = asyncio.run(measure_chat(mesh, args.chat_runs, args.max_tokens))
+    r["tps_alone"] = asyncio.run(chat_tokens_per_s(mesh, args.chat_runs, args.max_tokens))
+    goal_rate = 0.5 * r["noop_edge"]["rps"]
+    background = load_process(bench_edge, ROUTE_METHOD, 2 * s, 64, cert, goal_rate)
+    time.sleep(1.0)
+    ends = time.monotonic() + 2 * s - 1.5
+    r["tps_loaded"] = asyncio.run(chat_tokens_per_s(mesh, 0, args.max_tokens, lambda: time.monotonic() > ends))
+    r["background"] = load_result(background)
+    r["goal_rate"] = goal_rate
+    r["consensus_gaps"] = asyncio.run(consensus_gaps(mesh, args.consensus_runs))
+    return r
+
+
+def print_report(r: dict, args, load_before: str, wall_s: float) -> None:
+    med = statistics.median
+    print(
+        f"\nmesh_overhead.py: {platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+        f"load average before {load_before}, after {load_average()}; {wall_s:.0f} s"
+    )
+    print(
+        f"\n{'unary throughput (' + str(mesh_load.CONNECTIONS) + ' conn x ' + str(STREAMS) + ' streams, ' + str(args.seconds) + ' s)':58} {'req/s':>8} {'p50 ms':>8} {'errors':>7}"
+    )
+    rows = [
+        ("no-op grpc.aio, direct (h2load)", r["noop_direct"]),
+        ("no-op grpc.aio, via the edge (h2load)", r["noop_edge"]),
+        ("Route, one query, direct (h2load)", r["route_direct"]),
+        ("Route, one query, via the edge (h2load)", r["route_edge"]),
+        ("no-op, via the edge (grpc.aio generator, 64 in flight)", r["gen_noop_edge"]),
+        ("Route, distinct queries, via the edge (generator, 64)", r["gen_route_edge"]),
+        ("Route, distinct queries, via the edge, concurrency 1", r["gen_route_edge_c1"]),
+    ]
+    for label, row in rows:
+        print(f"{label:58} {row['rps']:8.0f} {row['p50']:8.2f} {row['errors']:7d}")
+    chat = r["chat"]
+    bare, final, mesh_ttft = (med(chat[k]) * 1000 for k in ("direct_bare", "direct_final", "mesh"))
+    alone, loaded = med(r["tps_alone"]), med(r["tps_loaded"])
+    gaps = r["consensus_gaps"]
+    ceiling = r["noop_edge"]["rps"]
+    print(f"\nchat, REST SSE via the edge, {args.max_tokens} tokens, temperature 0, {args.chat_runs} runs (p50):")
+    print(f"  llama-server direct, bare prompt            TTFT {bare:7.1f} ms")
+    print(f"  llama-server direct, the mesh's final prompt TTFT {final:7.1f} ms  ({chat['final_prompt_chars']} chars)")
+    print(f"  mesh, routed + enriched                      TTFT {mesh_ttft:7.1f} ms")
+    print(
+        f"  chat tokens/s alone {alone:.1f}; under routing load {loaded:.1f} ({len(r['tps_loaded'])} chats; Route "
+        f"offered {r['goal_rate']:.0f}/s = half the no-op ceiling, served {r['background']['rps']:.0f}/s)"
+    )
+    print(f"  consensus vote of 3, last candidate finished -> decision: p50 {med(gaps):.1f} ms, max {max(gaps):.1f} ms")
+    print(f"\n{'goal':62} {'measured':>10} {'target':>8}")
+    goals = [
+        (
+            "Route (distinct, generator) / no-op ceiling via the same Envoy",
+            r["gen_route_edge"]["rps"] / ceiling,
+            ">= 0.50",
+        ),
+        (
+            "  same, generator's own no-op via the edge as the ceiling",
+            r["gen_route_edge"]["rps"] / r["gen_noop_edge"]["rps"],
+            ">= 0.50",
+        ),
+        ("Route (one query, h2load) / no-op via the edge (h2load)", r["route_edge"]["rps"] / ceiling, ""),
+        ("no-op via the edge / no-op direct", ceiling / r["noop_direct"]["rps"], ""),
+        ("Route p50 at concurrency 1, ms", r["gen_route_edge_c1"]["p50"], "<= 5"),
+        ("chat TTFT added by the mesh's processing, ms", mesh_ttft - final, "<= 10"),
+        ("chat TTFT added by the extra prompt tokens, ms", final - bare, ""),
+        ("chat tokens/s slowdown under routing load", 1 - loaded / alone, "< 0.05"),
+        ("consensus last token -> decision p50, ms", med(gaps), "<= 30"),
+    ]
+    for label, value, target in goals:
+        print(f"{label:62} {value:10.2f} {target:>8}")
+
+
+if __name__ == "__main__":
+    main()
