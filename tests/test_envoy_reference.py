@@ -18,7 +18,9 @@ def test_what_envoy_loads_and_serves_lives_in_envoy():
     assert envoy_config.LUA_FILTER == ENVOY_DIR / "rest_guard.lua" and envoy_config.LUA_FILTER.is_file()
     assert envoy_config.WEB == ENVOY_DIR / "web"
     page = {path: file for path, (file, _) in envoy_config.STATIC_FILES.items() if file.parent == envoy_config.WEB}
-    assert sorted(page) == ["/", "/app.js", "/style.css"] and all(file.is_file() for file in page.values())
+    assert sorted(page) == ["/", "/app.js", "/status", "/status.css", "/status.js", "/style.css"] and all(
+        file.is_file() for file in page.values()
+    )
 
 
 def test_the_reference_config_is_current():

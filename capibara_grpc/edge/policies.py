@@ -62,6 +62,10 @@ STATIC_FILES = {
     "/": (WEB / "index.html", "text/html; charset=utf-8"),
     "/app.js": (WEB / "app.js", "text/javascript; charset=utf-8"),
     "/style.css": (WEB / "style.css", "text/css; charset=utf-8"),
+    # The live status page (data from GET /api/status, which needs a key when keys are on).
+    "/status": (WEB / "status.html", "text/html; charset=utf-8"),
+    "/status.js": (WEB / "status.js", "text/javascript; charset=utf-8"),
+    "/status.css": (WEB / "status.css", "text/css; charset=utf-8"),
     "/api/openapi.json": (OPENAPI_DOCUMENT, "application/json"),
 }
 # The page loads nothing from elsewhere and runs no inline code.

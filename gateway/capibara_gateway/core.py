@@ -24,6 +24,7 @@ from capibara_gateway.events import (
 from capibara_gateway.protocols import Consensus, Context, RouteFn, Speech
 from capibara_gateway.routing import Routing
 from capibara_gateway.speaking import spoken
+from capibara_gateway.status import ChatStats
 from capibara_grpc import metrics
 from capibara_grpc.chat_types import Finished, GenerateFn, Message, Token
 from capibara_grpc.config import MeshConfig
@@ -44,6 +45,7 @@ class ChatGateway:
         consensus: Consensus | None = None,
         speech: Speech | None = None,
         cache: ResponseCache | None = None,
+        stats: ChatStats | None = None,
     ):
         """Each service but inference is optional: None when it is not deployed in this mesh."""
         self.config = config
@@ -53,6 +55,7 @@ class ChatGateway:
         self.consensus = consensus
         self.speech = speech
         self.cache = cache  # None when cache.enabled is false
+        self.stats = stats  # what the status page shows of each chat; None: not recorded
 
     # -- the chat, top to bottom -----------------------------------------------------------
 
@@ -64,6 +67,8 @@ class ChatGateway:
             answer = self._consensus(chat, timeout_s, started)
         else:
             answer = self._answer(chat, timeout_s, started)
+        if self.stats is not None:
+            answer = self.stats.observe(answer, chat.model)
         if chat.speak:
             answer = spoken(answer, self.speech.synthesize, chat.voice, timeout_s)
         # aclosing: a client that goes away stops generation upstream at once, not at garbage collection.

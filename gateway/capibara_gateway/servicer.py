@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from google.protobuf import json_format
+
 from capibara_gateway.core import ChatGateway
 from capibara_gateway.events import ChatDone, ChatInput, RoutingDecision
 from capibara_gateway.health import MeshHealth
-from capibara_grpc import chat_convert
+from capibara_gateway.status import MeshStatus
+from capibara_grpc import api_keys, chat_convert
 from capibara_grpc.api_keys import KeyUsage
 from capibara_grpc.chat_types import Message, Token
-from capibara_grpc.errors import InvalidArgument, StreamError, Unavailable, remaining_s
+from capibara_grpc.errors import InvalidArgument, StreamError, Unavailable, Unimplemented, remaining_s
 from capibara_grpc.speech.core import AudioChunk
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
 
@@ -123,8 +126,15 @@ class ChatServicer(gateway_pb2_grpc.ChatServiceServicer):
 
 
 class MeshServicer(gateway_pb2_grpc.MeshServiceServicer):
-    def __init__(self, health: MeshHealth):
+    def __init__(self, health: MeshHealth, status: MeshStatus | None = None):
         self.health = health
+        self.status = status
+
+    async def GetStatus(self, request, context):
+        if self.status is None:
+            raise Unimplemented("the status endpoint is not enabled in this gateway")
+        snapshot = self.status.snapshot(api_keys.key_usage())
+        return json_format.ParseDict(snapshot, gateway_pb2.GetStatusResponse())
 
     async def GetHealth(self, request, context):
         report = await self.health.check()

@@ -17,6 +17,8 @@ from capibara_gateway.core import ChatGateway
 from capibara_gateway.health import MeshHealth
 from capibara_gateway.openai_servicer import OpenAIServicer
 from capibara_gateway.servicer import ChatServicer, MeshServicer
+from capibara_gateway.status import MeshStatus
+from capibara_gateway.status_probes import run_sampler
 from capibara_grpc.consensus.client import ConsensusClient
 from capibara_grpc.context.client import ContextClient
 from capibara_grpc.inference.client import InferenceClient
@@ -40,8 +42,9 @@ async def start(servers: MeshServers) -> None:
     consensus = ConsensusClient(channels["consensus"]).decide if "consensus" in deployed else None
     speech = SpeechClient(channels["speech"]) if "speech" in deployed else None
     cache = await response_cache(servers)
+    status = MeshStatus(sorted(config.models), {name: SERVICE_FULL_NAMES[name] for name in deployed})
     gateway = ChatGateway(
-        config, InferenceClient(channels["inference"]).generate, router, context, consensus, speech, cache
+        config, InferenceClient(channels["inference"]).generate, router, context, consensus, speech, cache, status.chats
     )
     chat = ChatServicer(gateway)
     embed = RouterClient(channels["router"]).embed if "router" in deployed else None
@@ -57,7 +60,7 @@ async def start(servers: MeshServers) -> None:
         for channel in channels_of_service:
             servers.on_stop(channel.close)
     mesh_health = MeshHealth(config, deployed, health_channels)
-    mesh = MeshServicer(mesh_health)
+    mesh = MeshServicer(mesh_health, status)
     gateway_health = HealthServicer()
 
     def add(server):
@@ -75,6 +78,8 @@ async def start(servers: MeshServers) -> None:
     )
     watcher = asyncio.create_task(watch_required(mesh_health, gateway_health))
     servers.on_stop(_cancel, watcher)
+    sampler = asyncio.create_task(run_sampler(status, mesh_health, config))
+    servers.on_stop(_cancel, sampler)
 
 
 async def response_cache(servers: MeshServers) -> ResponseCache | None:
