@@ -122,7 +122,7 @@ class ContextEngine:
             for a in (
                 providers.datetime_context(message, self.settings.timezone),
                 providers.identity_context(message, self.settings.assistant_name, self.settings.assistant_description),
-                providers.arithmetic_context(message),
+                await providers.arithmetic_context_async(message),
             )
             if a
         ]

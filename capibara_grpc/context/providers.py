@@ -78,6 +78,8 @@ def identity_context(message: str, name: str, description: str) -> Addition | No
 
 
 # -- arithmetic --------------------------------------------------------------------------------
+# safe_eval is the small evaluator the first arithmetic provider used; the math package replaced it
+# for messages, and it stays for callers of plain + - * / % ** on numbers.
 
 _OPERATORS = {
     ast.Add: operator.add,
@@ -90,14 +92,6 @@ _OPERATORS = {
     ast.USub: operator.neg,
     ast.UAdd: operator.pos,
 }
-_WORDS = [
-    (r"\bpor\b|\btimes\b|×", "*"),
-    (r"\bentre\b|\bdivided by\b|÷", "/"),
-    (r"\bmas\b|\bplus\b", "+"),
-    (r"\bmenos\b|\bminus\b", "-"),
-    (r"\^", "**"),
-]
-_EXPRESSION = re.compile(r"[-+(]*\d[\d.,]*(?:\s*(?:\*\*|[-+*/%])\s*[-+(]*\d[\d.,]*\)*)+")
 MAX_EXPONENT = 100
 MAX_MAGNITUDE = 1e100
 
@@ -130,28 +124,17 @@ def safe_eval(expression: str) -> float | int:
 
 
 def arithmetic_context(message: str) -> Addition | None:
-    text = message.lower()
-    for pattern, symbol in _WORDS:
-        text = re.sub(pattern, f" {symbol} ", text)
-    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)  # 1,000 -> 1000
-    text = re.sub(r"(?<=\d),(?=\d)", ".", text)  # 2,5 -> 2.5
-    facts = []
-    for match in _EXPRESSION.finditer(text):
-        expression = " ".join(match.group(0).split())
-        if not re.search(r"\d\s*(\*\*|[-+*/%])\s*[-+(]*\d", expression) or re.fullmatch(
-            r"\d{4}-\d{1,2}(-\d{1,2})?", expression
-        ):
-            continue  # a lone number or a date
-        try:
-            value = safe_eval(expression)
-        except (_Unsafe, SyntaxError, ZeroDivisionError, OverflowError, ValueError):
-            continue
-        shown = f"{value:.10g}" if isinstance(value, float) else str(value)
-        facts.append(f"{expression} = {shown}")
-    if not facts:
-        return None
-    return Addition(
-        "arithmetic",
-        "Verified arithmetic: " + "; ".join(facts) + ".",
-        "the message contains arithmetic, computed exactly instead of left to the model",
-    )
+    """Verified math (capibara_grpc/context/math): percentages, powers and roots, fractions, numbers
+    in words, equations, derivatives and integrals, primes, combinations; computed by sympy in a
+    worker process under a time limit. Blocks up to that limit, and on the first call until the worker
+    has started: async code uses the _async form."""
+    from capibara_grpc.context import math as verified_math  # it imports this module (Addition)
+
+    verified_math.POOL.wait_ready(60)
+    return verified_math.math_context(message)
+
+
+async def arithmetic_context_async(message: str) -> Addition | None:
+    from capibara_grpc.context import math as verified_math
+
+    return await verified_math.math_context_async(message)

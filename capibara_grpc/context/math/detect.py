@@ -1,0 +1,126 @@
+"""Which parts of a message ask for a computation, as tasks for the sympy worker (plain dicts).
+
+Precision over recall: a clause (a sentence, or the text around a '?') is a question only when
+ALL of it is the question, after a leading cue ("cuánto es", "what's", "calcula") and trailing
+courtesy ("por favor", "thanks") are taken off. "I have 3 kids and 2 dogs", "la versión 2.0 salió
+en 2019", "call me at 555-1234" or "the 80/20 rule" have words the grammar does not know, so
+nothing is added; a message that looks like code is skipped whole.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from capibara_grpc.context.math import categories, words
+from capibara_grpc.context.math.grammar import ParseError, has_operation, parse, render, variables
+
+MAX_MESSAGE = 1000  # characters; longer messages get nothing (a person's calculation is short)
+MAX_TASKS = 3
+
+_SYMBOLS = [
+    ("²", "^2"), ("³", "^3"), ("×", "*"), ("·", "*"), ("÷", "/"), ("−", "-"), ("–", "-"),
+    ("√", " sqrt "), ("∫", " integral "), ("’", "'"), ("⁄", "/"), ("$", ""), ("€", ""), ("£", ""),
+]  # fmt: skip
+_CODE = re.compile(
+    r"```|\bdef |\breturn\b|\bimport |print\(|console\.|==|\+=|-=|=>|[{}\[\]]|&&|\|\||#include|"
+    r"\b(?:var|let|const|int|float|for|while|if) *\(|\bfor \w+ in\b|\bx *= *\d+ *;"
+)
+_CLAUSES = re.compile(r"[?¿¡\n]+|(?<![\d)])!|\.(?=\s|$)|:(?=\s)")
+_LEADING = re.compile(
+    r"^(?:hey|hi|hello|ok(?:ay)?|so|please|pls|quick question|(?:can|could|would) you(?: please)?"
+    r"(?: help me)?(?: tell me| calculate| compute| work out| figure out| find| give me)?|(?:tell|show) me"
+    r"|do you know|i (?:need|want) to know|i need|help me(?: with)?|calculate|compute|evaluate|work out"
+    r"|figure out|find|give me|what(?: ?'s| is| s|s)|what are|how much (?:is|are|does|do)|(?:the )?(?:value|result|answer)"
+    r" (?:of|to)|simplify|reduce|the fraction|the expression|the number"
+    r"|hola|oye|oiga|buenas|por favor|porfa|(?:me )?(?:puedes|podrias|puede|podria) (?:decirme|decir|calcular(?:me)?"
+    r"|ayudarme a calcular)|me dices|dime|sabes|quiero saber|necesito saber|necesito|ayudame (?:a calcular|con)"
+    r"|cuanto (?:es|son|da|vale|seria|sale|hace|dan)|calcula(?:r|me)?|calcule|evalua|halla(?:r)?|encuentra"
+    r"|cual es|cuales son|que es|(?:el |la )?(?:valor|resultado) de|simplifica(?:r)?|la fraccion|la expresion"
+    r"|el numero)\b[\s,]*"
+)
+_TRAILING = re.compile(
+    r"(?:[\s,]*(?:por favor|porfa|please|pls|thanks|thank you|gracias|exactly|exactamente|exacto|=|equals"
+    r"|es igual a|is equal to))+\s*$"
+)
+
+
+def normalize(text: str) -> str:
+    text = text.lower()
+    for symbol, replacement in _SYMBOLS:
+        text = text.replace(symbol, replacement)
+    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    return text
+
+
+def clauses(message: str) -> list[str]:
+    found = []
+    for part in _CLAUSES.split(normalize(message)):
+        part = " ".join(part.split()).strip(" ,")
+        if not part:
+            continue
+        for rule in words.FRACTION_WORDS:
+            part = re.sub(rule[0], rule[1], part)
+        part = words.numbers_to_digits(" ".join(part.split()))
+        while True:
+            shorter = _TRAILING.sub("", _LEADING.sub("", part)).strip(" ,")
+            if shorter == part:
+                break
+            part = shorter
+        if part:
+            found.append(part)
+    return found
+
+
+_DECIMAL_COMMA = [(r"(?<=\d),(?=\d{3}(?!\d))", ""), (r"(?<=\d),(?=\d)", ".")]
+_AMBIGUOUS_DOTS = re.compile(r"(?<![\d.])\d{1,3}\.\d{3}(?![\d.])")  # 1.000: a thousand (es) or one (en)?
+_NOT_ARITHMETIC = re.compile(
+    r"\b\d{1,2}/\d{1,2}/\d{2,4}\b|\b\d{4}-\d{1,2}-\d{1,2}\b|\b\d{1,2}-\d{1,2}-\d{2,4}\b|^\+?\d{3}-\d{4}$"
+    r"|^\d{2,4}(?:-\d{2,4}){2,}$|^(?:19|20)\d\d-(?:19|20)?\d\d$|\b\d{1,2}:\d\d\b"
+)
+
+
+def _meaningful(tree) -> bool:
+    """An operation on numbers, not a lone number ('-5', '5%')."""
+    return has_operation(tree) and not (tree[0] in ("neg", "pct") and tree[1][0] == "n")
+
+
+def arithmetic(clause: str) -> dict | None:
+    if _NOT_ARITHMETIC.search(clause):
+        return None
+    text = words.rewrite(clause, words.OPERATOR_WORDS)
+    for pattern, replacement in words.VERB_FORMS:
+        text = re.sub(pattern, replacement, text)
+    text = re.sub(r"^(\d+ ?/ ?\d+) (?:of|de|del) ", r"(\1) * ", text)  # "3/4 of 200"
+    try:
+        tree = parse(text)
+    except ParseError:
+        return None
+    if not _meaningful(tree) or variables(tree):
+        return None
+    return {"op": "eval", "label": render(tree), "tree": tree, "fraction": "/" in text}
+
+
+def task_for(clause: str) -> dict | None:
+    special = categories.combinatorics_call(clause)
+    if special:
+        return special
+    if _AMBIGUOUS_DOTS.search(clause):
+        return None
+    clause = words.rewrite(clause, _DECIMAL_COMMA)
+    for matcher in categories.MATCHERS:
+        task = matcher(clause)
+        if task is not None:
+            return task or None  # {} means "a category of its own, but not valid math": nothing
+    return arithmetic(clause)
+
+
+def find_tasks(message: str) -> list[dict]:
+    if len(message) > MAX_MESSAGE or _CODE.search(message.lower()):
+        return []
+    tasks = []
+    for clause in clauses(message):
+        task = task_for(clause)
+        if task and task not in tasks:
+            tasks.append(task)
+    return tasks[:MAX_TASKS]

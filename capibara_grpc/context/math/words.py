@@ -1,0 +1,121 @@
+"""Spanish and English math in words, rewritten to symbols: "doce por doce" -> "12 * 12",
+"twice 17" -> "2 * 17", "raíz cuadrada de 1764" -> "sqrt 1764", "2 elevado a 10" -> "2 ^ 10".
+
+Text is already lowercase without accents (detect.normalize).
+"""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {
+    # Spanish
+    "cero": 0, "uno": 1, "dos": 2, "tres": 3, "cuatro": 4, "cinco": 5, "seis": 6, "siete": 7,
+    "ocho": 8, "nueve": 9, "diez": 10, "once": 11, "doce": 12, "trece": 13, "catorce": 14,
+    "quince": 15, "dieciseis": 16, "diecisiete": 17, "dieciocho": 18, "diecinueve": 19,
+    "veinte": 20, "veintiuno": 21, "veintiun": 21, "veintidos": 22, "veintitres": 23,
+    "veinticuatro": 24, "veinticinco": 25, "veintiseis": 26, "veintisiete": 27, "veintiocho": 28,
+    "veintinueve": 29, "treinta": 30, "cuarenta": 40, "cincuenta": 50, "sesenta": 60,
+    "setenta": 70, "ochenta": 80, "noventa": 90, "cien": 100, "ciento": 100, "doscientos": 200,
+    "doscientas": 200, "trescientos": 300, "trescientas": 300, "cuatrocientos": 400,
+    "cuatrocientas": 400, "quinientos": 500, "quinientas": 500, "seiscientos": 600,
+    "seiscientas": 600, "setecientos": 700, "setecientas": 700, "ochocientos": 800,
+    "ochocientas": 800, "novecientos": 900, "novecientas": 900,
+    # English
+    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
+    "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13,
+    "fourteen": 14, "fifteen": 15, "sixteen": 16, "seventeen": 17, "eighteen": 18,
+    "nineteen": 19, "twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60,
+    "seventy": 70, "eighty": 80, "ninety": 90,
+}  # fmt: skip
+_SCALES = {"hundred": 100, "mil": 1000, "thousand": 1000, "millon": 10**6, "millones": 10**6, "million": 10**6}
+_JOINERS = {"y", "and"}
+_WORD = "|".join(sorted([*_UNITS, *_SCALES], key=len, reverse=True))
+# "un"/"una"/"a" count only before a scale ("un millón", "a hundred"): elsewhere they are articles.
+_NUMBER_WORDS = re.compile(
+    rf"\b(?:(?:un|a)\s+(?=(?:hundred|thousand|million|millon|mil)\b))?(?:{_WORD})(?:[\s-]+(?:(?:y|and)\s+)?(?:{_WORD}))*\b"
+)
+
+
+def _value(words: list[str]) -> int | None:
+    """The number, or None for a sequence that is not one number ("dos tres")."""
+    total, current, last = 0, 0, None
+    for word in words:
+        if word in ("un", "a"):
+            current = 1
+        elif word in _UNITS:
+            value = _UNITS[word]
+            if last == "unit" and not (value < 10 and current % 10 == 0 and current % 100 >= 20):
+                if not (current % 100 == 0 and current and value < 100):
+                    return None
+            current += value
+        elif word == "hundred":
+            current = (current or 1) * 100
+        elif word in _SCALES:
+            total += (current or 1) * _SCALES[word]
+            current = 0
+        last = "unit" if word in _UNITS else "scale"
+    return total + current
+
+
+def numbers_to_digits(text: str) -> str:
+    def replace(match: re.Match) -> str:
+        words = [w for w in re.split(r"[\s-]+", match.group(0)) if w not in _JOINERS]
+        value = _value(words)
+        if value is not None:
+            return str(value)
+        # Not one number ("tres y cuatro", "dos tres"): each word on its own.
+        return re.sub(rf"\b(?:{_WORD})\b", lambda w: str(_value([w.group(0)])), match.group(0))
+
+    return _NUMBER_WORDS.sub(replace, text)
+
+
+# Before number words: phrases that would lose their meaning once "un"/"a" became numbers.
+FRACTION_WORDS = [
+    (r"\bpor ?ciento\b|\bper ?cent\b", "%"),  # before "ciento" becomes 100
+    (r"\b(?:la|the)?\s*mitad de\b|\bhalf of\b|\bhalf\b", " 1/2 * "),
+    (r"\b(?:un|a|one) (?:tercio|third) (?:de|of)\b|\bla tercera parte de\b", " 1/3 * "),
+    (r"\b(?:un|a|one) (?:cuarto|quarter) (?:de|of)\b|\bla cuarta parte de\b", " 1/4 * "),
+]
+
+TIMES_X = r"(?<=\d) ?x ?(?=\d)"  # "3 x 4"; only where no variable is expected
+# After number words, on text that holds digits.
+OPERATOR_WORDS = [
+    (r"\bpor ?ciento\b|\bper ?cent\b", "%"),
+    (
+        r"\b(?:elevado|elevada) a(?: la(?: potencia)?)?\b|\b(?:raised )?to the power(?: of)?\b|\braised to(?: the)?\b",
+        " ^ ",
+    ),
+    (r"(?<=\d) (?:a la|to the) (?=\d)", " ^ "),
+    (r"(?<=\^ )(\d+)(?:st|nd|rd|th|a)\b(?: power| potencia)?", r"\1"),
+    (r"\bal cuadrado\b|\bsquared\b", " ^ 2 "),
+    (r"\bal cubo\b|\bcubed\b", " ^ 3 "),
+    (r"\b(?:la )?raiz cubica de\b|\b(?:the )?cube root of\b", " cbrt "),
+    (r"\b(?:la )?raiz(?: cuadrada)? de\b|\b(?:the )?square root of\b|\bsqrt of\b", " sqrt "),
+    (r"\bfactorial (?:de|of) (\d+)\b|\b(\d+) factorial\b", r"\1\2!"),
+    (r"\b(?:el )?doble de\b|\b(?:the )?double of\b|\btwice\b|\bdouble\b", " 2 * "),
+    (r"\b(?:el )?triple de\b|\b(?:the )?triple of\b|\bthrice\b|\btriple\b", " 3 * "),
+    (r"\bmultiplicad[oa] por\b|\bmultiplied by\b|\bpor\b|\btimes\b", " * "),
+    (TIMES_X, " * "),
+    (r"\bdividid[oa] (?:por|entre)\b|\bdivided by\b|\bentre\b|\bover\b", " / "),
+    (r"\bmas\b|\bplus\b", " + "),
+    (r"\bmenos\b|\bminus\b", " - "),
+    (r"\bmodulo\b", " mod "),
+]
+# Verb forms: "suma 3 y 4", "add 3 and 4", "the sum of 3 and 4", "resta 4 de 10", "subtract 4 from 10".
+_N = r"(-?\d+(?:\.\d+)?)"
+VERB_FORMS = [
+    (rf"^(?:suma|sumar|add|(?:la |the )?suma de|(?:the )?sum of) {_N} (?:y|and|to|con|\+) {_N}$", r"\1 + \2"),
+    (
+        rf"^(?:multiplica|multiplicar|multiply|(?:el |the )?producto de|(?:the )?product of) {_N} (?:y|and|by|\*|con) {_N}$",
+        r"\1 * \2",
+    ),
+    (rf"^(?:divide|dividir) {_N} (?:by|/|y) {_N}$", r"\1 / \2"),
+    (rf"^(?:resta|restar|subtract|take) {_N} (?:de|from|away from|a) {_N}$", r"\2 - \1"),
+]
+
+
+def rewrite(text: str, rules) -> str:
+    for pattern, replacement in rules:
+        text = re.sub(pattern, replacement, text)
+    return " ".join(text.split())
