@@ -288,10 +288,14 @@ class MeshStatus:
         models = []
         for model_id in self.model_ids:
             queue, active = latest.get(model_id, (0.0, 0.0))
+            # A model the inference service has not admitted anything for yet has no gauge: zero.
             load = [
-                {"at": at, "queue_depth": s[model_id][0], "active_generations": s[model_id][1]}
+                {
+                    "at": at,
+                    "queue_depth": s.get(model_id, (0.0, 0.0))[0],
+                    "active_generations": s.get(model_id, (0.0, 0.0))[1],
+                }
                 for at, s in self._load
-                if model_id in s
             ]
             models.append(
                 {

@@ -131,6 +131,8 @@ def test_the_snapshot_is_a_valid_get_status_response():
     by_model = {m.model_id: m for m in response.models}
     assert by_model["alpha"].status == "SERVING" and by_model["beta"].detail == "unreachable"
     assert (by_model["alpha"].queue_depth, by_model["alpha"].active_generations) == (2.0, 1.0)
+    # beta has no gauge yet (nothing admitted for it): its plot is flat zero, not missing.
+    assert [(p.queue_depth, p.active_generations) for p in by_model["beta"].load] == [(0.0, 0.0)]
     assert by_model["alpha"].requests == 1 and by_model["alpha"].tokens_per_second == 3.0
     assert response.services[0].name == "gateway" and response.services[0].since == clock.now
     assert response.processes[0].name == "envoy" and response.processes[0].rss_mib == 30.5
