@@ -55,6 +55,16 @@ QUEUE_DEPTH = Gauge("capibara_queue_depth", "Generations waiting for a slot of t
 ACTIVE_GENERATIONS = Gauge(
     "capibara_active_generations", "Generations holding a slot of the model's backend", ["model"]
 )
+# The context service as an MCP client (context.mcp_servers): `name` is the tool or resource as
+# configured; outcome: ok, error (the server answered an error), timeout, unavailable (no session).
+MCP_CALLS = Counter(
+    "capibara_mcp_calls_total",
+    "MCP tool calls and resource reads by the context service",
+    ["server", "name", "outcome"],
+)
+MCP_SESSIONS = Counter(
+    "capibara_mcp_sessions_total", "MCP sessions: opened, failed (could not open) or lost", ["server", "event"]
+)
 
 
 def split_method(full_method: str) -> tuple[str, str]:

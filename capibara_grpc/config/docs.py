@@ -24,7 +24,14 @@ from capibara_grpc.config.schema import REPO_ROOT, MeshConfig
 
 DOC_PATH = REPO_ROOT / "docs" / "configuration.md"
 # The placeholder of a mapping's keys in the reference: models.<id>, routes.<name>.
-PLACEHOLDERS = {"models": "<id>", "endpoints": "<name>", "routes": "<name>"}
+PLACEHOLDERS = {
+    "models": "<id>",
+    "endpoints": "<name>",
+    "routes": "<name>",
+    "mcp_servers": "<id>",
+    "tools": "<id>",
+    "resources": "<id>",
+}
 _SCALARS = {str: "string", int: "integer", float: "number", bool: "true/false"}
 
 PREAMBLE = """\

@@ -183,6 +183,66 @@ class RouterConfig:
 
 
 @dataclass
+class McpToolConfig:
+    """A tool of an MCP server (its name is the key), called when the chat's route is one of
+    `routes` and/or a pattern matches the message; both when both are given. See
+    docs/context.md#mcp-servers."""
+
+    # Routes (names from router.routes_file) whose chats call the tool, e.g. [quick_facts].
+    routes: list[str] = field(default_factory=list)
+    # Python regular expressions searched in the message lowercased, without accents or punctuation
+    # ("¿Qué tiempo hace en Málaga?" is searched as "que tiempo hace en malaga"), e.g.
+    # ['\b(weather|tiempo|clima)\b.*\b(in|en) (?P<city>[a-z ]+)$'].
+    patterns: list[str] = field(default_factory=list)
+    # Tool arguments from the message: argument -> a named group of the pattern that matched (its
+    # text, normalized as above), or `message` for the whole message as written. Only arguments
+    # in the tool's inputSchema are sent; a required one left empty means the tool is not called.
+    arguments: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class McpResourceConfig:
+    """A resource of an MCP server, read when its trigger matches (the same triggers as a tool:
+    `routes` and/or `patterns`). The key names it in `added_context`."""
+
+    # The resource's URI, as the server lists it, e.g. notes://style-guide.
+    uri: str = ""
+    # Routes whose chats read it.
+    routes: list[str] = field(default_factory=list)
+    # Regular expressions on the normalized message that read it.
+    patterns: list[str] = field(default_factory=list)
+
+
+@dataclass
+class McpServerConfig:
+    """An MCP server the context service keeps one session with (opened at start, reopened with
+    backoff when it dies): a command it starts and talks to over stdio, or a Streamable HTTP URL.
+    What it returns is added as context of kind `mcp:<server>/<tool or resource>`; a server that
+    is slow, failing or down never fails a chat."""
+
+    # A command to start, spoken to over stdin/stdout, e.g. `uvx`; empty when `url` is set.
+    command: str = ""
+    # The command's arguments, e.g. [mcp-server-time, --local-timezone, Europe/Madrid].
+    args: list[str] = field(default_factory=list)
+    # Environment for the command, on top of a minimal one (HOME, PATH, ...): the mesh's own
+    # environment is not passed on.
+    env: dict[str, str] = field(default_factory=dict)
+    # A Streamable HTTP endpoint, e.g. http://127.0.0.1:8000/mcp; instead of `command`.
+    url: str = ""
+    # Seconds one tool call or resource read may take (at most 8: the gateway gives the whole
+    # enrichment 10); past it the chat goes on without that result.
+    timeout_s: float = 3.0
+    # Longest result added to the prompt, in characters; a longer one is cut, saying so.
+    max_result_chars: int = 2000
+    # While the server is down, reconnection attempts back off from 1 s up to this many seconds.
+    reconnect_max_s: float = 30.0
+    # Tools to call, by tool name.
+    tools: dict[str, McpToolConfig] = field(default_factory=dict)
+    # Resources to read, by a name of your choice.
+    resources: dict[str, McpResourceConfig] = field(default_factory=dict)
+
+
+@dataclass
 class ContextConfig:
     """What the context service adds to a prompt, and the conversation memory."""
 
@@ -196,6 +256,8 @@ class ContextConfig:
     assistant_description: str = "A multi-model assistant served by the Capibara mesh. Answers in the user's language."
     # Structured `data` may use at most this many tokens of the prompt; more is refused.
     max_data_tokens: int = 1500
+    # MCP servers whose tools and resources add context, by a name of your choice (none by default).
+    mcp_servers: dict[str, McpServerConfig] = field(default_factory=dict)
 
 
 @dataclass

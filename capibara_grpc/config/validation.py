@@ -119,6 +119,7 @@ def validate(config: MeshConfig, *, check_files: set[str]) -> None:
         load_routes(config)
     _validate_speech(config, fail, "speech" in check_files)
     _validate_cache(config, fail)
+    _validate_mcp_servers(config, fail)
     _validate_edge(config, fail)
     if "gateway" in check_files:
         api_keys(config)
@@ -145,6 +146,63 @@ def _validate_cache(config: MeshConfig, fail) -> None:
             fail(
                 line_of(cache, "semantic_routes"),
                 "cache.semantic_routes: math answers depend on every digit; they are never matched by meaning",
+            )
+
+
+# The gateway gives the whole enrichment 10 s (CONTEXT_TIMEOUT_S); one MCP call must fit inside.
+MCP_MAX_TIMEOUT_S = 8.0
+
+
+def _validate_mcp_servers(config: MeshConfig, fail) -> None:
+    servers = config.context.mcp_servers.values()
+    route_names = None  # checked against the routes file when the router runs
+    if config.router.enabled and any(u.routes for s in servers for u in [*s.tools.values(), *s.resources.values()]):
+        route_names = {*load_routes(config).routes, "default"}
+    for name, server in config.context.mcp_servers.items():
+        where = f"context.mcp_servers.{name}"
+        if not re.fullmatch(r"[\w.-]{1,64}", name):
+            fail(line_of(server), f"{where}: a server name is 1-64 of A-Z a-z 0-9 _ . -")
+        if bool(server.command) == bool(server.url):
+            fail(line_of(server), f"{where}: give either command (a stdio server) or url (Streamable HTTP), not both")
+        if server.url and not re.match(r"^https?://[^/\s]+", server.url):
+            fail(line_of(server, "url"), f"{where}.url must be an http(s) URL, got '{server.url}'")
+        if not 0 < server.timeout_s <= MCP_MAX_TIMEOUT_S:
+            fail(line_of(server, "timeout_s"), f"{where}.timeout_s must be above 0 and at most {MCP_MAX_TIMEOUT_S:g}")
+        if server.max_result_chars <= 0:
+            fail(line_of(server, "max_result_chars"), f"{where}.max_result_chars must be positive")
+        if server.reconnect_max_s < 1:
+            fail(line_of(server, "reconnect_max_s"), f"{where}.reconnect_max_s must be at least 1")
+        if not server.tools and not server.resources:
+            fail(line_of(server), f"{where}: no tools and no resources: nothing would ever be used")
+        uses = [(f"{where}.tools.{k}", use, use.arguments) for k, use in server.tools.items()]
+        uses += [(f"{where}.resources.{k}", use, {}) for k, use in server.resources.items()]
+        for path, use, arguments in uses:
+            _validate_mcp_trigger(path, use, arguments, route_names, fail)
+        for key, resource in server.resources.items():
+            if not resource.uri:
+                fail(line_of(resource), f"{where}.resources.{key}.uri is required")
+
+
+def _validate_mcp_trigger(path: str, use, arguments: dict[str, str], route_names, fail) -> None:
+    if not use.routes and not use.patterns:
+        fail(line_of(use), f"{path}: give routes and/or patterns, or it is never used")
+    groups = {"message"}
+    for pattern in use.patterns:
+        try:
+            groups |= set(re.compile(pattern).groupindex)
+        except re.error as exc:
+            fail(line_of(use, "patterns"), f"{path}.patterns: '{pattern}' is not a regular expression: {exc}")
+    unknown = sorted(set(use.routes) - route_names) if route_names is not None else []
+    if unknown:
+        fail(
+            line_of(use, "routes"),
+            f"{path}.routes: no route is called {', '.join(unknown)} (routes: {', '.join(sorted(route_names))})",
+        )
+    for argument, source in arguments.items():
+        if source not in groups:
+            fail(
+                line_of(use, "arguments"),
+                f"{path}.arguments.{argument}: '{source}' is neither `message` nor a named group of the patterns",
             )
 
 

@@ -13,9 +13,11 @@ class ContextClient:
     def __init__(self, channel: grpc.aio.Channel):
         self.stub = context_pb2_grpc.ContextServiceStub(channel)
 
-    async def enrich(self, message: str, conversation_id: str, model_id: str, timeout_s: float) -> list[Message]:
+    async def enrich(
+        self, message: str, conversation_id: str, model_id: str, timeout_s: float, route: str = ""
+    ) -> list[Message]:
         response = await self.stub.Enrich(
-            context_pb2.EnrichRequest(message=message, conversation_id=conversation_id, model_id=model_id),
+            context_pb2.EnrichRequest(message=message, conversation_id=conversation_id, model_id=model_id, route=route),
             timeout=timeout_s,
         )
         return chat_convert.messages_from_pb(response.messages)

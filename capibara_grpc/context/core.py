@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 
 from capibara_grpc.chat_types import Message
@@ -11,6 +12,9 @@ from capibara_grpc.context.memory import ConversationStore, Turn
 from capibara_grpc.context.providers import Addition
 from capibara_grpc.context.tokens import ModelTokens
 from capibara_grpc.errors import InvalidArgument
+
+if typing.TYPE_CHECKING:  # the MCP SDK is imported only where MCP servers are configured
+    from capibara_grpc.context.mcp_sources import McpSources
 
 # Chat templates add a few tokens around every message.
 PER_MESSAGE_OVERHEAD = 8
@@ -54,11 +58,15 @@ compact_json = toon.compact_json
 
 
 class ContextEngine:
-    def __init__(self, config: MeshConfig, store: ConversationStore, tokens: ModelTokens):
+    def __init__(
+        self, config: MeshConfig, store: ConversationStore, tokens: ModelTokens, mcp: McpSources | None = None
+    ):
         self.config = config
         self.settings = config.context
         self.store = store
         self.tokens = tokens
+        providers.warm_up_arithmetic()  # sympy workers start with the service, not at the first question
+        self.mcp = mcp  # context.mcp_servers
 
     def _model(self, model_id: str) -> str:
         model_id = model_id or self.config.gateway.default_model
@@ -113,6 +121,7 @@ class ContextEngine:
         data=NO_DATA,
         model_id: str = "",
         system_prompt: str | None = None,
+        route: str = "",
     ) -> EnrichResult:
         if not message.strip():
             raise InvalidArgument("message must not be empty or only whitespace")
@@ -126,6 +135,8 @@ class ContextEngine:
             )
             if a
         ]
+        if self.mcp is not None:
+            added += await self.mcp.additions(message, route)
         if data is not NO_DATA and data is not None:
             added.append(await self._data(data, model_id))
         system = self.config.gateway.system_prompt if system_prompt is None else system_prompt

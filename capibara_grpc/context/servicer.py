@@ -35,7 +35,9 @@ class ContextServicer(context_pb2_grpc.ContextServiceServicer):
             data = toon.parse_json(request.data_json, "data_json")
         else:
             data = plain(value_to_python(request.data)) if request.HasField("data") else NO_DATA
-        result = await self.engine.enrich(request.message, request.conversation_id, data, request.model_id)
+        result = await self.engine.enrich(
+            request.message, request.conversation_id, data, request.model_id, route=request.route
+        )
         return context_pb2.EnrichResponse(
             prompt=result.prompt,
             messages=convert.messages_to_pb(result.messages),

@@ -19,7 +19,15 @@ async def start(servers: MeshServers) -> None:
     # Token counts come from each model's own tokenizer (its server's /tokenize).
     session = aiohttp.ClientSession()
     servers.on_stop(session.close)
-    servicer = ContextServicer(ContextEngine(config, store, ModelTokens(config, session)))
+    # MCP sessions open in the background: the service serves at once, without them until they are up.
+    mcp = None
+    if config.context.mcp_servers:
+        from capibara_grpc.context.mcp_sources import McpSources  # the MCP SDK, only when used
+
+        mcp = McpSources(config.context.mcp_servers)
+        mcp.start()
+        servers.on_stop(mcp.stop)
+    servicer = ContextServicer(ContextEngine(config, store, ModelTokens(config, session), mcp))
     await servers.serve(
         "context", lambda server: context_pb2_grpc.add_ContextServiceServicer_to_server(servicer, server)
     )

@@ -105,7 +105,7 @@ class ChatGateway:
         cache_slots: dict[str, CacheLookup | None] = {}
 
         async def open_model(model_id: str):
-            messages = await self._prompt(chat, model_id)
+            messages = await self._prompt(chat, model_id, decision.route_name)
             cached, cache_slots[model_id] = await self._cached_answer(chat, model_id, messages, decision.route_name)
             return _replay(cached) if cached else self.generate(model_id, messages, chat.params, timeout_s)
 
@@ -180,21 +180,21 @@ class ChatGateway:
         messages.append(Message("user", chat.message))
         return messages
 
-    async def _prompt(self, chat: ChatInput, model_id: str) -> list[Message]:
+    async def _prompt(self, chat: ChatInput, model_id: str, route: str = "") -> list[Message]:
         """The messages for `model_id`: enriched by the context service (date, identity, memory,
         data, fitted to the model's window) unless the request brings its own system prompt."""
         if chat.messages is not None:
-            return await self._client_conversation(chat, model_id)
+            return await self._client_conversation(chat, model_id, route)
         if self.context is not None and chat.system_prompt is None:
-            return await self.context.enrich(chat.message, chat.conversation_id, model_id, CONTEXT_TIMEOUT_S)
+            return await self.context.enrich(chat.message, chat.conversation_id, model_id, CONTEXT_TIMEOUT_S, route)
         return self.messages(chat)
 
-    async def _client_conversation(self, chat: ChatInput, model_id: str) -> list[Message]:
+    async def _client_conversation(self, chat: ChatInput, model_id: str, route: str = "") -> list[Message]:
         """The client's own turns (no stored history): one system message first, the enriched one
         (configured prompt and added context) followed by the client's system messages."""
         system = self.config.gateway.system_prompt
         if self.context is not None:
-            enriched = await self.context.enrich(chat.message, "", model_id, CONTEXT_TIMEOUT_S)
+            enriched = await self.context.enrich(chat.message, "", model_id, CONTEXT_TIMEOUT_S, route)
             system = next((m.content for m in enriched if m.role == "system"), system)
         systems = [system, *(m.content for m in chat.messages if m.role == "system")]
         text = "\n\n".join(s for s in systems if s.strip())

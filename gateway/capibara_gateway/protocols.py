@@ -24,8 +24,11 @@ RouteFn = Callable[[str, list[str], float], Awaitable["RouteDecision"]]
 class Context(Protocol):
     """The context service (ContextClient): prompts with context, and conversation memory."""
 
-    async def enrich(self, message: str, conversation_id: str, model_id: str, timeout_s: float) -> list[Message]:
-        """The messages to send `model_id`: system prompt with added context, history, the message."""
+    async def enrich(
+        self, message: str, conversation_id: str, model_id: str, timeout_s: float, route: str = ""
+    ) -> list[Message]:
+        """The messages to send `model_id`: system prompt with added context, history, the message.
+        `route`: the router's choice, which may trigger MCP servers."""
         ...
 
     async def append_turn(self, conversation_id: str, role: str, content: str, model_id: str, timeout_s: float) -> None:

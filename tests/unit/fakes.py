@@ -115,7 +115,9 @@ class FakeContext:
         self.enriched: list[str] = []
         self.fail_append = fail_append
 
-    async def enrich(self, message: str, conversation_id: str, model_id: str, timeout_s: float) -> list[Message]:
+    async def enrich(
+        self, message: str, conversation_id: str, model_id: str, timeout_s: float, route: str = ""
+    ) -> list[Message]:
         self.enriched.append(model_id)
         return [Message("system", f"context for {model_id}"), Message("user", message)]
 
