@@ -1,4 +1,4 @@
-"""The `capibara` command: up, serve, chat, check, envoy-config and the generators (protoset, k8s,
+"""The `capibara` command: up, serve, chat, mcp, check, envoy-config and the generators (protoset, k8s,
 openapi, config-docs). Every command takes `--config FILE`, before or after its name."""
 
 from __future__ import annotations
@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float)
     chat.add_argument("--target", help="edge host:port (default: localhost:<edge.port>)")
     chat.add_argument("--timeout", type=float, default=120.0)
+    mcp = command("mcp", "serve the mesh's tools over MCP on stdio (for desktop assistants), through Envoy")
+    mcp.add_argument("--target", help="edge host:port (default: localhost:<edge.port>); API key: $CAPIBARA_API_KEY")
+    mcp.add_argument("--timeout", type=float, default=300.0, help="deadline of a generating tool call, in seconds")
     command("check", "check that the installed llama-server, Envoy, buf and grpcurl run on this machine")
     evaluation = command("router-eval", "router accuracy, confusion and calibration on a labelled set")
     evaluation.add_argument(
@@ -179,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     if args.command == "chat":
         return asyncio.run(_chat(args, config))
+    if args.command == "mcp":
+        from capibara_grpc.mcp_server import stdio
+
+        return asyncio.run(stdio.serve(lambda: _edge_channel(config, args.target), args.timeout))
     if args.command == "router-eval":
         from capibara_grpc.router import evaluate
 

@@ -155,6 +155,10 @@ class GatewayConfig:
     default_deadline_s: float = 300.0
     # The system message; a request's own system_prompt replaces it.
     system_prompt: str = "You are Capibara, a helpful assistant. Answer in the user's language."
+    # MCP over Streamable HTTP (plain HTTP on services.host), served by the gateway's process and
+    # reached only through the edge's /mcp route; 0 = the gateway's port + 10 (50060 by default;
+    # each gateway replica: its own port + 10). Set it only for a mesh without gateway replicas.
+    mcp_port: int = 0
 
 
 @dataclass

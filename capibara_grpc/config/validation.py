@@ -21,6 +21,7 @@ from capibara_grpc.config.schema import (
     SupervisionConfig,
     url_host_port,
 )
+from capibara_grpc.mcp_server import http_port as mcp_http_port
 from capibara_grpc.services import SERVICE_NAMES
 
 _API_KEY = re.compile(r"^[A-Za-z0-9._~+/=-]{16,256}$")
@@ -313,6 +314,8 @@ def _validate_sockets(config: MeshConfig, claim, fail) -> None:
         for replica in endpoint.replicas:
             if not re.match(r"^[\w.\-]+:\d{1,5}$", replica):
                 fail(line_of(endpoint, "replicas"), f"services.{name}.replicas: '{replica}' is not host:port")
+    # The gateway's process also serves MCP over HTTP (capibara_grpc/mcp_server/http.py).
+    claim(config.services.host, mcp_http_port(config), "gateway.mcp_port", line_of(config.gateway, "mcp_port"))
 
 
 def _validate_model(config: MeshConfig, model_id: str, defined: str, claim, fail, check_files: bool) -> None:

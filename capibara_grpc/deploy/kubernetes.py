@@ -32,6 +32,7 @@ from capibara_grpc.deploy.objects import (
     selector,
 )
 from capibara_grpc.edge import descriptor, envoy_config
+from capibara_grpc.mcp_server import http_port as mcp_http_port
 from capibara_grpc.stubs import SERVICE_FULL_NAMES
 
 
@@ -62,6 +63,11 @@ def _config_yaml(pods: MeshConfig) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
+def _mcp_ports(config: MeshConfig, service: str, key: str) -> list[dict]:
+    """The gateway's pods also serve MCP over HTTP, which Envoy's /mcp route reaches."""
+    return [{"name": "mcp", key: mcp_http_port(config)}] if service == "gateway" else []
+
+
 def _service_deployment(config: MeshConfig, service: str) -> list[dict]:
     endpoint = config.services.endpoint(service)
     requests, limits = RESOURCES.get(service, DEFAULT_RESOURCES)
@@ -73,6 +79,7 @@ def _service_deployment(config: MeshConfig, service: str) -> list[dict]:
         "ports": [
             {"name": "grpc", "containerPort": endpoint.port},
             {"name": "metrics", "containerPort": endpoint.metrics},
+            *_mcp_ports(config, service, "containerPort"),
         ],
         "readinessProbe": probe,
         "livenessProbe": {**probe, "initialDelaySeconds": 30, "failureThreshold": 6},
@@ -114,6 +121,7 @@ def _service_deployment(config: MeshConfig, service: str) -> list[dict]:
                 "ports": [
                     {"name": "grpc", "port": endpoint.port, "targetPort": "grpc", "appProtocol": "grpc"},
                     {"name": "metrics", "port": endpoint.metrics, "targetPort": "metrics"},
+                    *_mcp_ports(config, service, "port"),
                 ],
             },
         },
@@ -275,7 +283,8 @@ def _network_policies(config: MeshConfig) -> list[dict]:
     )
     for service in config.deployed_services:
         endpoint = config.services.endpoint(service)
-        policies.append(policy(f"{service}-from-envoy", selector(service), [envoy], [endpoint.port]))
+        ports = [endpoint.port, *(p["port"] for p in _mcp_ports(config, service, "port"))]
+        policies.append(policy(f"{service}-from-envoy", selector(service), [envoy], ports))
     for model_id in config.models:
         # The context service counts tokens with the model's own tokenizer (/tokenize).
         callers = [{"podSelector": {"matchLabels": selector(s)}} for s in ("inference", "context")]

@@ -69,3 +69,8 @@ def model_cluster(model_id: str, urls: list[str]) -> dict:
     """A model's servers (llama-server, vLLM), over HTTP/1.1, checked with GET /health."""
     addresses = [url_host_port(url) for url in urls]
     return _cluster(f"model-{model_id}", addresses, {"http_health_check": {"path": "/health"}}, 2)
+
+
+def mcp_cluster(addresses: list[tuple[str, int]]) -> dict:
+    """The gateways' MCP over Streamable HTTP (HTTP/1.1, uvicorn), checked with GET /health."""
+    return _cluster("mcp", addresses, {"http_health_check": {"path": "/health"}}, 2)

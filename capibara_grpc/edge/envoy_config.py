@@ -14,7 +14,7 @@ import yaml
 
 from capibara_grpc.config import MeshConfig, api_keys
 from capibara_grpc.edge import descriptor
-from capibara_grpc.edge.clusters import model_cluster, service_cluster, socket_address
+from capibara_grpc.edge.clusters import mcp_cluster, model_cluster, service_cluster, socket_address
 
 # Still importable from here (`as` marks a re-export): what Envoy loads and serves, the rate tiers.
 from capibara_grpc.edge.policies import GENERATING_SERVICES as GENERATING_SERVICES
@@ -30,6 +30,8 @@ from capibara_grpc.edge.policies import (
 )
 from capibara_grpc.edge.policies import WEB as WEB
 from capibara_grpc.edge.tls import ensure_certificate
+from capibara_grpc.mcp_server import PATH as MCP_PATH
+from capibara_grpc.mcp_server import http_addresses as mcp_addresses
 from capibara_grpc.services import CHAT, SERVICES
 from capibara_grpc.stubs import MESH_SERVICE, OPENAI_SERVICE, SERVICE_FULL_NAMES
 
@@ -195,6 +197,10 @@ def build(
         _to_cluster(f"/{MESH_SERVICE}/", "gateway"),
         # The OpenAI-compatible API (/v1/...) is the gateway's, and generates: the chat limit.
         _rate_limited(_to_cluster(f"/{OPENAI_SERVICE}/", "gateway"), _limit_of(config, CHAT)),
+        # MCP over Streamable HTTP (capibara_grpc/mcp_server/http.py), the path exactly. Its tools
+        # generate, so every MCP request counts against the chat limits. The Lua guard checks the key
+        # as for any call and reads no body off its REST paths: JSON-RPC passes, SSE streams unbuffered.
+        _rate_limited({**_to_cluster(MCP_PATH, "mcp"), "match": {"path": MCP_PATH}}, _limit_of(config, CHAT)),
         # Reflection and health of the front door are the gateway's: it describes the whole mesh.
         _to_cluster("/grpc.reflection.", "gateway"),
         _to_cluster("/grpc.health.v1.Health/", "gateway"),
@@ -343,6 +349,7 @@ def build(
                 *([_models_listener(config, bind_all)] if replicated_models else []),
             ],
             "clusters": [service_cluster(s, addresses(s)) for s in deployed]
+            + [mcp_cluster(mcp_addresses(config, addresses("gateway")))]
             + [model_cluster(m.model_id, m.server_urls) for m in replicated_models],
         },
     }

@@ -22,6 +22,7 @@ from capibara_gateway.status_probes import run_sampler
 from capibara_grpc.consensus.client import ConsensusClient
 from capibara_grpc.context.client import ContextClient
 from capibara_grpc.inference.client import InferenceClient
+from capibara_grpc.mcp_server import http as mcp_http
 from capibara_grpc.router.client import RouterClient
 from capibara_grpc.server import SERVING, MeshServers, health_channel, internal_channel
 from capibara_grpc.services import REQUIRED_BY_GATEWAY
@@ -78,6 +79,8 @@ async def start(servers: MeshServers) -> None:
     )
     watcher = asyncio.create_task(watch_required(mesh_health, gateway_health))
     servers.on_stop(_cancel, watcher)
+    # MCP over Streamable HTTP, behind the edge's /mcp route (capibara_grpc/mcp_server/http.py).
+    await mcp_http.start(servers)
     sampler = asyncio.create_task(run_sampler(status, mesh_health, config))
     servers.on_stop(_cancel, sampler)
 
