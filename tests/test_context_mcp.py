@@ -259,3 +259,50 @@ def test_the_route_field_is_optional_and_unknown_routes_trigger_nothing(mesh):
     assert re.search(
         r"capibara_mcp_sessions_total\{", urllib.request.urlopen(mesh.metrics_url("context")).read().decode()
     )
+
+
+def test_a_server_down_at_start_costs_nothing_and_is_used_once_it_is_up(logs):
+    """In-process (no mesh): McpSources with a command that does not exist and a URL nobody
+    answers yet; messages get no MCP context at once, and the URL is used once a server is there."""
+    import asyncio
+
+    from prometheus_client import REGISTRY
+
+    from capibara_grpc.config.schema import McpServerConfig, McpToolConfig
+    from capibara_grpc.context.mcp_sources import McpSources
+
+    port = BASE + 96
+    tool = {"forecast": McpToolConfig(patterns=WEATHER_PATTERNS, arguments={"city": "city"})}
+    servers = {
+        "missing": McpServerConfig(command="/nonexistent/mcp-server", tools=tool, reconnect_max_s=1),
+        "later": McpServerConfig(url=f"http://127.0.0.1:{port}/mcp", tools=tool, reconnect_max_s=1),
+    }
+
+    async def scenario():
+        sources = McpSources(servers)
+        sources.start()
+        try:
+            await asyncio.sleep(0.5)
+            assert await sources.additions("weather in Quito", "") == []
+            argv = [*SERVER, "--transport", "http", "--port", str(port), "--log", str(logs / "later.jsonl")]
+            process = await asyncio.create_subprocess_exec(*argv, cwd=REPO, stderr=subprocess.DEVNULL)
+            try:
+                for _ in range(300):
+                    added = await sources.additions("weather in Quito", "")
+                    if added:
+                        return added
+                    await asyncio.sleep(0.1)
+                raise AssertionError("the server that came up later was never used")
+            finally:
+                process.kill()
+                await process.wait()
+        finally:
+            await sources.stop()
+
+    def failed() -> float:
+        return REGISTRY.get_sample_value("capibara_mcp_sessions_total", {"server": "missing", "event": "failed"}) or 0
+
+    before = failed()
+    added = asyncio.run(scenario())
+    assert [a.kind for a in added] == ["mcp:later/forecast"] and "Forecast for Quito" in added[0].content
+    assert failed() > before
