@@ -12,12 +12,19 @@ Fast path: encoding a sentence costs ~15 ms of CPU here, the spelling model well
 spelling+keywords-only combiner decides on its own when it is sure enough, with a confidence
 bar fitted on out-of-fold decisions so that it is no less accurate than the full stack; only the
 other queries are encoded.
+
+Scoring is plain numpy over the fitted weights (LinearScorer, SparseText): scikit-learn's
+transform and predict_proba validate their input and build sparse matrices on every call, which
+cost more than the arithmetic for the few short texts of one batch (profiled under load). The
+results are the same; tests/unit/test_router_classifier.py checks them against scikit-learn.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +46,48 @@ def normalize(text: str) -> str:
     decomposed = unicodedata.normalize("NFKD", text.lower())
     plain = "".join(c for c in decomposed if not unicodedata.combining(c))
     return " ".join(_NON_WORD.sub(" ", plain).split())
+
+
+class LinearScorer:
+    """A fitted LogisticRegression's predict_proba on dense rows, as numpy arithmetic."""
+
+    def __init__(self, model: LogisticRegression):
+        self.weights = np.ascontiguousarray(model.coef_.T)
+        self.intercept = model.intercept_.copy()
+
+    def proba(self, logits: np.ndarray) -> np.ndarray:
+        """Class probabilities from decision values (rows: texts), as scikit-learn computes them."""
+        logits = logits + self.intercept
+        if logits.shape[1] == 1:  # two classes: one logistic
+            positive = 1.0 / (1.0 + np.exp(-logits[:, 0]))
+            return np.column_stack([1.0 - positive, positive])
+        logits -= logits.max(axis=1, keepdims=True)
+        exp = np.exp(logits)
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    def predict_proba(self, rows: np.ndarray) -> np.ndarray:
+        return self.proba(rows @ self.weights)
+
+
+class SparseText:
+    """A fitted TfidfVectorizer's transform (sublinear tf, l2 norm) of one text, times a weight
+    matrix, without building a sparse matrix: the text's few columns are gathered."""
+
+    def __init__(self, vectorizer: TfidfVectorizer, weights: np.ndarray):
+        self.analyze = vectorizer.build_analyzer()
+        self.vocabulary = vectorizer.vocabulary_
+        self.idf = vectorizer.idf_
+        self.weights = np.ascontiguousarray(weights)  # features x classes
+
+    def logits(self, text: str) -> np.ndarray:
+        counts = Counter(term for term in self.analyze(text) if term in self.vocabulary)
+        if not counts:
+            return np.zeros(self.weights.shape[1])
+        columns = np.fromiter((self.vocabulary[t] for t in counts), dtype=np.intp, count=len(counts))
+        values = np.fromiter((1.0 + math.log(c) for c in counts.values()), dtype=float, count=len(counts))
+        values *= self.idf[columns]
+        values /= np.sqrt(values @ values)
+        return values @ self.weights[columns]
 
 
 @dataclass
@@ -64,11 +113,13 @@ class RouteClassifier:
         padded = f" {normalize(text)} "
         return sum(f" {word} " in padded for word in self.keywords.get(label, ()))
 
-    def _keyword_hits(self, texts: list[str]) -> np.ndarray:
+    def _keyword_hits(self, texts: list[str], normalized: list[str] | None = None) -> np.ndarray:
+        normalized = normalized or [normalize(t) for t in texts]
         hits = np.zeros((len(texts), len(self.labels) + 1))
-        for row, text in enumerate(texts):
+        for row, (text, plain) in enumerate(zip(texts, normalized, strict=True)):
+            padded = f" {plain} "
             for column, label in enumerate(self.labels):
-                hits[row, column] = self.keyword_hits(text, label)
+                hits[row, column] = sum(f" {word} " in padded for word in self.keywords.get(label, ()))
             hits[row, -1] = 2.0 if _ARITHMETIC.search(text.lower()) else 0.0
         return np.minimum(hits, 2.0)
 
@@ -115,8 +166,19 @@ class RouteClassifier:
         fast_oof = cross_val_predict(self._fast_combiner, spelled, y, cv=folds, method="predict_proba")
         self._fast_combiner.fit(spelled, y)
         self.fast_threshold = self._fit_fast_threshold(fast_oof, combined_oof, y)
+        self._prepare_scoring()
         fast_share = float(np.mean(fast_oof.max(axis=1) >= self.fast_threshold))
         return FitReport(self.threshold, accuracy, len(texts), self.fast_threshold, fast_share)
+
+    def _prepare_scoring(self) -> None:
+        lexical = LinearScorer(self._lexical_model)
+        chars = len(self._chars.vocabulary_)
+        self._lexical_scorer = lexical
+        self._char_logits = SparseText(self._chars, lexical.weights[:chars])
+        self._word_logits = SparseText(self._words, lexical.weights[chars:])
+        self._meaning_scorer = LinearScorer(self._meaning_model)
+        self._combiner_scorer = LinearScorer(self._combiner)
+        self._fast_scorer = LinearScorer(self._fast_combiner)
 
     def _spelled(self, lexical_proba, keyword_hits) -> np.ndarray:
         return np.hstack([np.log(lexical_proba + 1e-6), keyword_hits])
@@ -156,12 +218,15 @@ class RouteClassifier:
     def predict_proba(self, texts: list[str], encode) -> np.ndarray:
         """Probabilities per label for each text; `encode(texts) -> embeddings` is only called
         for the texts the fast path is not sure about."""
-        lexical = self._lexical_model.predict_proba(self._lexical(texts))
-        keywords = self._keyword_hits(texts)
-        proba = self._fast_combiner.predict_proba(self._spelled(lexical, keywords))
+        normalized = [normalize(t) for t in texts]
+        lexical = self._lexical_scorer.proba(
+            np.array([self._char_logits.logits(t) + self._word_logits.logits(t) for t in normalized])
+        )
+        keywords = self._keyword_hits(texts, normalized)
+        proba = self._fast_scorer.predict_proba(self._spelled(lexical, keywords))
         unsure = np.flatnonzero(proba.max(axis=1) < self.fast_threshold)
         if len(unsure):
             embeddings = encode([texts[i] for i in unsure])
-            stacked = self._stack(lexical[unsure], self._meaning_model.predict_proba(embeddings), keywords[unsure])
-            proba[unsure] = self._combiner.predict_proba(stacked)
+            meaning = self._meaning_scorer.predict_proba(np.asarray(embeddings, dtype=float))
+            proba[unsure] = self._combiner_scorer.predict_proba(self._stack(lexical[unsure], meaning, keywords[unsure]))
         return proba
