@@ -327,3 +327,24 @@ def test_history_survives_a_restart_of_the_service(mesh, tmp_path):
     finally:
         second.terminate()
         second.wait(10)
+
+
+def test_math_questions_get_a_verified_fact_and_others_nothing(mesh):
+    status, body, _ = enrich(mesh, {"message": "¿cuánto es la raíz cuadrada de 1764?", "model_id": "phi"})
+    assert status == 200, body
+    (fact,) = [a for a in body["added_context"] if a["kind"] == "arithmetic"]
+    assert fact["content"] == "Verified: sqrt(1764) = 42." and "sympy" in fact["reason"]
+    assert fact["content"] in body["messages"][0]["content"]
+    status, body, _ = enrich(mesh, {"message": "solve the system x + y = 10, x - y = 2"})
+    assert status == 200 and "gives x = 6, y = 4" in body["prompt"], body
+    for message in ("la versión 2.0 salió en 2019", "call me at 555-1234", "what is python?"):
+        status, body, _ = enrich(mesh, {"message": message})
+        assert status == 200 and body["added_context"] == [], (message, body)
+
+
+def test_a_runaway_computation_adds_nothing_and_the_next_question_is_answered(mesh):
+    semiprime = "295720860623744131884353542918956801025583845068242037678727"  # two 30-digit primes
+    status, body, _ = enrich(mesh, {"message": f"factoriza {semiprime}"})
+    assert status == 200 and body["added_context"] == [], body
+    status, body, _ = enrich(mesh, {"message": "what is 15% of 80"})
+    assert status == 200 and "Verified: 15% of 80 = 12." in body["prompt"], body

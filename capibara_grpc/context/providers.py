@@ -134,6 +134,12 @@ def arithmetic_context(message: str) -> Addition | None:
     return verified_math.math_context(message)
 
 
+def warm_up_arithmetic() -> None:
+    from capibara_grpc.context import math as verified_math
+
+    verified_math.POOL.warm_up()
+
+
 async def arithmetic_context_async(message: str) -> Addition | None:
     from capibara_grpc.context import math as verified_math
 

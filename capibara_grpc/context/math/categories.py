@@ -150,9 +150,11 @@ _COMBINATORICS = [
 ]
 _HOW_MANY = [
     rf"how many (?:different |possible )?(?:ways|combinations|arrangements)(?: are there)?(?: (?:can you|can i|can we|to|could you|are there to))? "
-    rf"(?P<verb>{_CHOOSE_VERBS}|{_ORDER_VERBS}) {_INT}{W}(?: (?:from|out of|of|among|from a group of|from a set of) {_INT}{W})?",
+    rf"(?P<verb>{_CHOOSE_VERBS}|{_ORDER_VERBS}) {_INT}{W}(?: (?:from|out of|of|among|from a group of|from a set of) {_INT}{W})?"
+    r"(?: in a (?:line|row))?",
     rf"de cuantas (?:formas|maneras)(?: distintas| diferentes| posibles)?(?: se pueden| se puede| puedo| puedes| podemos| hay de| hay para)? "
-    rf"(?P<verb>{_CHOOSE_VERBS}|{_ORDER_VERBS}) (?:a )?{_INT}{W}(?: (?:de|entre|de entre|de un grupo de) {_INT}{W})?",
+    rf"(?P<verb>{_CHOOSE_VERBS}|{_ORDER_VERBS}) (?:a )?{_INT}{W}(?: (?:de|entre|de entre|de un grupo de) {_INT}{W})?"
+    r"(?: en (?:una )?(?:fila|linea))?",
 ]  # fmt: skip
 
 

@@ -64,6 +64,7 @@ def clauses(message: str) -> list[str]:
         part = words.numbers_to_digits(" ".join(part.split()))
         while True:
             shorter = _TRAILING.sub("", _LEADING.sub("", part)).strip(" ,")
+            shorter = re.sub(r"^what (.+) (?:is|are|equals|makes)$", r"\1", shorter)  # "tell me what 2+2 is"
             if shorter == part:
                 break
             part = shorter
@@ -73,7 +74,11 @@ def clauses(message: str) -> list[str]:
 
 
 _DECIMAL_COMMA = [(r"(?<=\d),(?=\d{3}(?!\d))", ""), (r"(?<=\d),(?=\d)", ".")]
-_AMBIGUOUS_DOTS = re.compile(r"(?<![\d.])\d{1,3}\.\d{3}(?![\d.])")  # 1.000: a thousand (es) or one (en)?
+# 2.000 is two thousand in Spanish and two in English: only a Spanish clause decides it (for
+# thousands), an English one for a decimal point; with neither, the clause is left alone.
+_THOUSANDS = re.compile(r"(?<![\d.,])\d{1,3}(?:\.\d{3})+(?![\d.,])")
+_SPANISH = re.compile(r"\b(?:cuanto|cuanta|calcula|el|la|los|las|de|del|es|son|por|mas|menos|entre|y)\b")
+_ENGLISH = re.compile(r"\b(?:what|whats|of|is|are|how|plus|minus|times|and|the)\b")
 _NOT_ARITHMETIC = re.compile(
     r"\b\d{1,2}/\d{1,2}/\d{2,4}\b|\b\d{4}-\d{1,2}-\d{1,2}\b|\b\d{1,2}-\d{1,2}-\d{2,4}\b|^\+?\d{3}-\d{4}$"
     r"|^\d{2,4}(?:-\d{2,4}){2,}$|^(?:19|20)\d\d-(?:19|20)?\d\d$|\b\d{1,2}:\d\d\b"
@@ -105,8 +110,6 @@ def task_for(clause: str) -> dict | None:
     special = categories.combinatorics_call(clause)
     if special:
         return special
-    if _AMBIGUOUS_DOTS.search(clause):
-        return None
     clause = words.rewrite(clause, _DECIMAL_COMMA)
     for matcher in categories.MATCHERS:
         task = matcher(clause)
@@ -119,7 +122,14 @@ def find_tasks(message: str) -> list[dict]:
     if len(message) > MAX_MESSAGE or _CODE.search(message.lower()):
         return []
     tasks = []
+    text = normalize(message)
     for clause in clauses(message):
+        if _THOUSANDS.search(clause):
+            spanish, english = bool(_SPANISH.search(text)), bool(_ENGLISH.search(text))
+            if spanish == english:
+                continue
+            if spanish:
+                clause = _THOUSANDS.sub(lambda m: m.group(0).replace(".", ""), clause)
         task = task_for(clause)
         if task and task not in tasks:
             tasks.append(task)

@@ -32,10 +32,11 @@ import time
 log = logging.getLogger(__name__)
 
 CPU_LIMIT = 2.0  # seconds of the worker's CPU per task
-WALL_LIMIT = 6.0  # seconds per task, whatever the CPU: within the gateway's 10 s context deadline
-# Seconds a question waits for a worker that is still importing sympy (about 0.5 s of CPU). A
-# worker that is late is not killed, only skipped for that question (nothing added).
-STARTUP_WAIT = 3.0
+WALL_LIMIT = 4.0  # seconds per task, whatever the CPU
+# Seconds a question waits for a worker that is still importing sympy (about 0.5 s of CPU; the
+# workers start with the service, so normally none). A worker that is late is not killed, only
+# skipped for that question (nothing added). With WALL_LIMIT, within the gateway's 10 s deadline.
+STARTUP_WAIT = 4.0
 _ROOT = str(pathlib.Path(__file__).resolve().parents[3])
 _TICK = os.sysconf("SC_CLK_TCK")
 

@@ -200,7 +200,8 @@ def prime(n: int) -> str:
     small = sympy.factorint(n, limit=10**5)  # trial division and a little Pollard rho only
     if all(sympy.isprime(p) for p in small):
         return f"{n} is not prime: {n} = {_factors(n, small)}"
-    return f"{n} is not prime: it is divisible by {min(small)}"
+    divisors = [p for p in small if 1 < p < n]  # what is left unfactored may be n itself
+    return f"{n} is not prime: it is divisible by {min(divisors)}" if divisors else f"{n} is not prime"
 
 
 def _factors(n: int, found: dict | None = None) -> str:

@@ -78,18 +78,24 @@ FRACTION_WORDS = [
     (r"\b(?:un|a|one) (?:cuarto|quarter) (?:de|of)\b|\bla cuarta parte de\b", " 1/4 * "),
 ]
 
+ORDINALS = {
+    "segunda": 2, "tercera": 3, "cuarta": 4, "quinta": 5, "sexta": 6, "septima": 7, "octava": 8,
+    "novena": 9, "decima": 10, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6,
+    "seventh": 7, "eighth": 8, "ninth": 9, "tenth": 10,
+}  # fmt: skip
 TIMES_X = r"(?<=\d) ?x ?(?=\d)"  # "3 x 4"; only where no variable is expected
 # After number words, on text that holds digits.
 OPERATOR_WORDS = [
     (r"\bpor ?ciento\b|\bper ?cent\b", "%"),
+    (r"\b(?:(?:elevad[oa] )?al|to the) (?:cuadrado|segunda)\b|\bsquared\b", " ^ 2 "),
+    (r"\b(?:(?:elevad[oa] )?al|to the) (?:cubo|tercera)\b|\bcubed\b", " ^ 3 "),
     (
         r"\b(?:elevado|elevada) a(?: la(?: potencia)?)?\b|\b(?:raised )?to the power(?: of)?\b|\braised to(?: the)?\b",
         " ^ ",
     ),
-    (r"(?<=\d) (?:a la|to the) (?=\d)", " ^ "),
-    (r"(?<=\^ )(\d+)(?:st|nd|rd|th|a)\b(?: power| potencia)?", r"\1"),
-    (r"\bal cuadrado\b|\bsquared\b", " ^ 2 "),
-    (r"\bal cubo\b|\bcubed\b", " ^ 3 "),
+    (rf"(?<=\d) (?:a la|to the) (?=\d|(?:{'|'.join(ORDINALS)})\b)", " ^ "),
+    (r"\^\s*(\d+)(?:st|nd|rd|th|a)\b(?: power| potencia)?", r"^ \1"),
+    (rf"\^\s*({'|'.join(ORDINALS)})\b(?: power| potencia)?", lambda m: f"^ {ORDINALS[m.group(1)]}"),
     (r"\b(?:la )?raiz cubica de\b|\b(?:the )?cube root of\b", " cbrt "),
     (r"\b(?:la )?raiz(?: cuadrada)? de\b|\b(?:the )?square root of\b|\bsqrt of\b", " sqrt "),
     (r"\bfactorial (?:de|of) (\d+)\b|\b(\d+) factorial\b", r"\1\2!"),
