@@ -205,14 +205,12 @@ class McpSources:
     async def _use(self, use: triggers.Use, hit: triggers.Hit, message: str) -> Addition | None:
         session = self.sessions[use.server]
         arguments = None
-        if not use.is_resource and use.name in session.tool_schemas:
-            arguments = triggers.tool_arguments(use, hit, message, session.tool_schemas[use.name])
-            if arguments is None:
-                log.info(
-                    "%s not called: %s, but the message gives no value for a required argument", use.kind, hit.reason
-                )
-                return None
-        try:
+        try:  # everything that involves what the server said: a server never fails the chat
+            if not use.is_resource and use.name in session.tool_schemas:
+                arguments = triggers.tool_arguments(use, hit, message, session.tool_schemas[use.name])
+                if arguments is None:
+                    log.info("%s not called: %s, but no value for a required argument", use.kind, hit.reason)
+                    return None
             text = await session.use(use, arguments)
         except Unavailable as exc:
             return self._failed(use, "unavailable", str(exc))
