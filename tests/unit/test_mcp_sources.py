@@ -180,3 +180,32 @@ def test_an_unknown_route_is_refused_when_the_router_runs():
     message = config_error("      command: uvx\n      tools:\n        t: {routes: [progamming]}", router=True)
     assert message.startswith("mesh.yaml:11:") and "no route is called progamming" in message
     assert "programming" in message.split("(routes:")[1]
+
+
+# -- the gateway passes the router's choice to Enrich --------------------------------------------
+
+
+async def test_the_gateway_passes_the_chosen_route_to_the_context_service():
+    from capibara_gateway.core import ChatGateway
+    from capibara_gateway.events import ChatInput
+
+    from capibara_grpc.chat_types import Message
+    from tests.unit.fakes import FakeContext, FakeModels, FakeRouter, collect, mesh_config
+
+    class RouteRecordingContext(FakeContext):
+        def __init__(self):
+            super().__init__()
+            self.routes: list[str] = []
+
+        async def enrich(self, message, conversation_id, model_id, timeout_s, route=""):
+            self.routes.append(route)
+            return [Message("user", message)]
+
+    context = RouteRecordingContext()
+    gateway = ChatGateway(
+        mesh_config(), FakeModels().generate, route=FakeRouter("beta", "translation"), context=context
+    )
+    await collect(gateway.chat(ChatInput("traduce gato"), 5.0))
+    # The client's own turns (the OpenAI API) are enriched with the route too.
+    await collect(gateway.chat(ChatInput("traduce perro", messages=[Message("user", "traduce perro")]), 5.0))
+    assert context.routes == ["translation", "translation"]
