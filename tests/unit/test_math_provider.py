@@ -4,6 +4,7 @@ task is given up (its worker killed and replaced) without stopping the next ques
 
 from __future__ import annotations
 
+import asyncio
 import pathlib
 import re
 
@@ -11,7 +12,6 @@ import pytest
 import yaml
 
 from capibara_grpc.context import math as verified_math
-from capibara_grpc.context import providers
 from capibara_grpc.context.math import detect, grammar
 from capibara_grpc.context.math.pool import SympyPool
 
@@ -65,9 +65,10 @@ def test_a_runaway_task_is_killed_and_the_next_question_answered(pool):
     assert verified_math.math_context("cuánto es 17 por 3", pool).content == "Verified: 17 * 3 = 51."
 
 
-def test_the_old_entry_point_gives_the_same_facts(pool):
-    addition = providers.arithmetic_context("what is 15% of 80")
-    assert addition is not None and addition.content == "Verified: 15% of 80 = 12."
+def test_the_async_form_gives_the_same_fact(pool):
+    addition = asyncio.run(verified_math.math_context_async("doce por doce", pool))
+    assert addition.content == "Verified: 12 * 12 = 144."
+    assert asyncio.run(verified_math.math_context_async("tengo 3 gatos y 2 perros", pool)) is None
 
 
 @pytest.mark.parametrize(

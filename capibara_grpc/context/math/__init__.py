@@ -28,6 +28,8 @@ def statement(task: dict, answer: str) -> str:
             part, whole = task["label"].split(" as a percentage of ")
             return f"{part} is {answer}{task['unit']} of {whole}"
         note = f" ({task['note']})" if task.get("note") else ""
+        if answer.startswith(task["label"] + " "):  # 9/11 is already exact: "9/11 ≈ 0.8181818182"
+            return f"{answer}{note}"
         return f"{task['label']} = {answer}{note}"
     if op in ("prime", "factor"):
         return answer
@@ -36,10 +38,10 @@ def statement(task: dict, answer: str) -> str:
     return f"{task['label']} is {answer}"
 
 
-def facts(message: str, pool: SympyPool | None = None) -> list[str]:
+def facts(tasks: list[dict], pool: SympyPool | None = None) -> list[str]:
     pool = pool or POOL
     found = []
-    for task in find_tasks(message):
+    for task in tasks:
         work = {k: v for k, v in task.items() if k not in ("label", "note", "unit")}
         answer = pool.run(work)
         if answer and "text" in answer:
@@ -54,13 +56,14 @@ def addition(found: list[str]) -> Addition | None:
 
 
 def math_context(message: str, pool: SympyPool | None = None) -> Addition | None:
-    return addition(facts(message, pool))
+    return addition(facts(find_tasks(message), pool))
 
 
 async def math_context_async(message: str, pool: SympyPool | None = None) -> Addition | None:
     """The same, with the (blocking, bounded) wait for the worker off the event loop. The first call,
     whatever the message, starts a worker, so the first question does not wait for sympy's import."""
     (pool or POOL).warm_up()
-    if not find_tasks(message):  # most messages: no thread, no worker
+    tasks = find_tasks(message)  # no sympy here: well under a millisecond for most messages
+    if not tasks:
         return None
-    return await asyncio.to_thread(math_context, message, pool)
+    return addition(await asyncio.to_thread(facts, tasks, pool))

@@ -35,7 +35,7 @@ _LEADING = re.compile(
     r" (?:of|to)|simplify|reduce|the fraction|the expression|the number"
     r"|hola|oye|oiga|buenas|por favor|porfa|(?:me )?(?:puedes|podrias|puede|podria) (?:decirme|decir|calcular(?:me)?"
     r"|ayudarme a calcular)|me dices|dime|sabes|quiero saber|necesito saber|necesito|ayudame (?:a calcular|con)"
-    r"|cuanto (?:es|son|da|vale|seria|sale|hace|dan)|calcula(?:r|me)?|calcule|evalua|halla(?:r)?|encuentra"
+    r"|cuant[oa]s? (?:es|son|da|vale|seria|sale|hace|dan)|calcula(?:r|me)?|calcule|evalua|halla(?:r)?|encuentra"
     r"|cual es|cuales son|que es|(?:el |la )?(?:valor|resultado) de|simplifica(?:r)?|la fraccion|la expresion"
     r"|el numero)\b[\s,]*"
 )
@@ -53,7 +53,8 @@ def normalize(text: str) -> str:
     return text
 
 
-def clauses(message: str) -> list[str]:
+def clauses(message: str) -> list[tuple[str, bool]]:
+    """Each clause, cue and courtesy removed, and whether a cue ("cuánto es", "what's") was there."""
     found = []
     for part in _CLAUSES.split(normalize(message)):
         part = " ".join(part.split()).strip(" ,")
@@ -62,14 +63,17 @@ def clauses(message: str) -> list[str]:
         for rule in words.FRACTION_WORDS:
             part = re.sub(rule[0], rule[1], part)
         part = words.numbers_to_digits(" ".join(part.split()))
+        cued = False
         while True:
-            shorter = _TRAILING.sub("", _LEADING.sub("", part)).strip(" ,")
+            without_cue = _LEADING.sub("", part)
+            cued = cued or without_cue != part
+            shorter = _TRAILING.sub("", without_cue).strip(" ,")
             shorter = re.sub(r"^what (.+) (?:is|are|equals|makes)$", r"\1", shorter)  # "tell me what 2+2 is"
             if shorter == part:
                 break
             part = shorter
         if part:
-            found.append(part)
+            found.append((part, cued))
     return found
 
 
@@ -79,6 +83,9 @@ _DECIMAL_COMMA = [(r"(?<=\d),(?=\d{3}(?!\d))", ""), (r"(?<=\d),(?=\d)", ".")]
 _THOUSANDS = re.compile(r"(?<![\d.,])\d{1,3}(?:\.\d{3})+(?![\d.,])")
 _SPANISH = re.compile(r"\b(?:cuanto|cuanta|calcula|el|la|los|las|de|del|es|son|por|mas|menos|entre|y)\b")
 _ENGLISH = re.compile(r"\b(?:what|whats|of|is|are|how|plus|minus|times|and|the)\b")
+# "9/11", "24/7", "50/50", "3-2" alone are names, dates or scores as often as sums: computed
+# only when asked ("cuánto es 9/11").
+_BARE_PAIR = re.compile(r"\d+[/-]\d+")
 _NOT_ARITHMETIC = re.compile(
     r"\b\d{1,2}/\d{1,2}/\d{2,4}\b|\b\d{4}-\d{1,2}-\d{1,2}\b|\b\d{1,2}-\d{1,2}-\d{2,4}\b|^\+?\d{3}-\d{4}$"
     r"|^\d{2,4}(?:-\d{2,4}){2,}$|^(?:19|20)\d\d-(?:19|20)?\d\d$|\b\d{1,2}:\d\d\b"
@@ -90,8 +97,8 @@ def _meaningful(tree) -> bool:
     return has_operation(tree) and not (tree[0] in ("neg", "pct") and tree[1][0] == "n")
 
 
-def arithmetic(clause: str) -> dict | None:
-    if _NOT_ARITHMETIC.search(clause):
+def arithmetic(clause: str, cued: bool = True) -> dict | None:
+    if _NOT_ARITHMETIC.search(clause) or (not cued and _BARE_PAIR.fullmatch(clause)):
         return None
     text = words.rewrite(clause, words.OPERATOR_WORDS)
     for pattern, replacement in words.VERB_FORMS:
@@ -106,7 +113,7 @@ def arithmetic(clause: str) -> dict | None:
     return {"op": "eval", "label": render(tree), "tree": tree, "fraction": "/" in text}
 
 
-def task_for(clause: str) -> dict | None:
+def task_for(clause: str, cued: bool = True) -> dict | None:
     special = categories.combinatorics_call(clause)
     if special:
         return special
@@ -115,7 +122,7 @@ def task_for(clause: str) -> dict | None:
         task = matcher(clause)
         if task is not None:
             return task or None  # {} means "a category of its own, but not valid math": nothing
-    return arithmetic(clause)
+    return arithmetic(clause, cued)
 
 
 def find_tasks(message: str) -> list[dict]:
@@ -123,14 +130,14 @@ def find_tasks(message: str) -> list[dict]:
         return []
     tasks = []
     text = normalize(message)
-    for clause in clauses(message):
+    for clause, cued in clauses(message):
         if _THOUSANDS.search(clause):
             spanish, english = bool(_SPANISH.search(text)), bool(_ENGLISH.search(text))
             if spanish == english:
                 continue
             if spanish:
                 clause = _THOUSANDS.sub(lambda m: m.group(0).replace(".", ""), clause)
-        task = task_for(clause)
+        task = task_for(clause, cued)
         if task and task not in tasks:
             tasks.append(task)
     return tasks[:MAX_TASKS]

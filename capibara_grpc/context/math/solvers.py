@@ -215,6 +215,8 @@ def factor(tree) -> str:
         n = int(expr)
         if abs(n) < 2:
             raise Refused("nothing to factor")
+        if sympy.isprime(abs(n)):
+            return f"{n} is prime: it has no other factors"
         sign = "-" if n < 0 else ""
         return f"{n} = {sign}{_factors(abs(n))}"
     if not expr.free_symbols:
