@@ -38,6 +38,7 @@ from capibara_grpc.launch_commands import (
     service_argv,
     speech_in_own_process,
 )
+from capibara_grpc.mcp_server import http_port as mcp_http_port
 from capibara_grpc.process_exit import describe_exit
 from capibara_grpc.server import MeshServers
 from capibara_grpc.supervisor import GIVE_UP, RESTART, RestartTracker
@@ -79,6 +80,8 @@ class Mesh:
             if m.launch
             for url in m.server_urls
         ]
+        if "gateway" in self.config.deployed_services:
+            wanted.append((self.config.services.host, mcp_http_port(self.config), "gateway MCP over HTTP"))
         if self.config.services.via_envoy:
             wanted.append((self.config.edge.mesh_address, self.config.edge.mesh_port, "Envoy mesh listener"))
         if any(m.backend.replicas for m in self.config.models.values()):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import urllib.request
 import uuid
 
 import httpx2
@@ -25,6 +26,8 @@ from tests.support.mesh import REPO, VENV_BIN, launched_model, mesh_config, star
 
 BASE = 30000
 KEY = "mcp-test-key-0123456789abcdef"
+# Named in the keys file: the gateway's usage counters call it by this name.
+HTTP_KEY_NAME, HTTP_KEY = "mcp-http", "mcp-http-key-0123456789abcdef"
 TOOLS = {"chat", "route", "consensus", "speak", "list_models", "toon_encode", "toon_decode"}
 TRANSPORTS = ["stdio", "http"]
 
@@ -33,7 +36,7 @@ TRANSPORTS = ["stdio", "http"]
 def mesh(tmp_path_factory):
     directory = tmp_path_factory.mktemp("mcp")
     keys = directory / "api-keys.txt"
-    keys.write_text(f"{KEY}\n")
+    keys.write_text(f"{KEY}\n{HTTP_KEY_NAME}: {HTTP_KEY}\n")
     phi = launched_model(BASE + 80, max_tokens=16)
     shared = {"backend": {"url": f"http://127.0.0.1:{BASE + 80}", "protocol": "llama_cpp"}, "defaults": phi["defaults"]}
     models = {"phi": phi, "gpt-oss-20b": shared, "mixtral": shared}
@@ -198,12 +201,12 @@ async def test_http_without_a_key_is_401_at_the_edge(mesh):
     assert seen and all(r.status_code == 401 for r in seen)
 
 
-async def test_http_streams_sse_through_the_edge_and_passes_the_request_id_on(mesh):
+async def test_http_streams_sse_through_the_edge_and_passes_request_and_key_ids_on(mesh):
     request_id = f"mcp-test-{uuid.uuid4()}"
     seen: list[httpx2.Response] = []
     # A handshake-era client (mode="legacy"), as most desktop assistants still are: every answer
     # is a Server-Sent Events stream, which must come through Envoy whole.
-    async with connect(mesh, "http", seen=seen, mode="legacy", request_id=request_id) as client:
+    async with connect(mesh, "http", HTTP_KEY, seen=seen, mode="legacy", request_id=request_id) as client:
         answer = await client.call_tool("chat", {"message": "Say hi", "model": "phi", "max_tokens": 4})
         models = await client.call_tool("list_models", {})
     assert not answer.is_error and answer.structured_content["answer"].strip(), text_of(answer)
@@ -219,6 +222,11 @@ async def test_http_streams_sse_through_the_edge_and_passes_the_request_id_on(me
         "/capibara.gateway.v1.ChatService/Complete",
         "/capibara.inference.v1.InferenceService/ListModels",
     } <= methods, calls
+    # So did the id of the caller's key: the gateway counted the chat for it (only this test uses it).
+    with urllib.request.urlopen(mesh.metrics_url("gateway"), timeout=10) as response:
+        metrics = response.read().decode()
+    counted = f'capibara_key_requests_total{{code="OK",key="{HTTP_KEY_NAME}",model="phi"}} 1.0'
+    assert counted in metrics, [line for line in metrics.splitlines() if "key_requests" in line]
 
 
 def _chain(error: BaseException):

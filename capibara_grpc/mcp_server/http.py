@@ -77,8 +77,11 @@ async def start(servers: MeshServers) -> None:
     except OSError as exc:
         listener.close()
         raise OSError(f"cannot listen on {config.services.host}:{port} for MCP over HTTP ({exc.strerror})") from exc
-    # Envoy logs every request; uvicorn's own log config would replace the mesh's.
-    server = _EmbeddedServer(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
+    # Envoy logs every request; uvicorn's own log config would replace the mesh's. Calls still
+    # running when the mesh stops get the gRPC servers' grace too, then are cancelled.
+    server = _EmbeddedServer(
+        uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=2)
+    )
     task = asyncio.create_task(server.serve(sockets=[listener]))
     while not server.started and not task.done():
         await asyncio.sleep(0.02)

@@ -26,6 +26,7 @@ from mcp.server.mcpserver.utilities.types import Audio
 from pydantic import BaseModel, Field
 
 from capibara_grpc import tracing
+from capibara_grpc.api_keys import KEY_ID_HEADER
 from capibara_grpc.stubs import (
     consensus_pb2,
     consensus_pb2_grpc,
@@ -157,12 +158,16 @@ def build_server(
             raise ToolError(f"the {service} service is not deployed in this mesh")
         method = getattr(stubs[service], method_name)
         # Over HTTP, the edge's x-request-id goes on to the services (the channels' interceptors
-        # send the current one), so one id follows a tool call through every hop's logs.
-        headers = ctx.headers if ctx is not None else None
-        request_id = headers.get(tracing.REQUEST_ID, "") if headers else ""
+        # send the current one), so one id follows a tool call through every hop's logs; and so
+        # does the id of the caller's API key, which the edge's guard alone sets (it drops a
+        # client's own copy), so the gateway counts MCP usage per key as for any other call.
+        headers = (ctx.headers if ctx is not None else None) or {}
+        request_id = headers.get(tracing.REQUEST_ID, "")
+        key_id = headers.get(KEY_ID_HEADER, "")
+        metadata = (*call_metadata, (KEY_ID_HEADER, key_id)) if key_id else call_metadata
         token = tracing.current_request_id.set(request_id) if request_id else None
         try:
-            return await method(request, timeout=timeout_s, metadata=call_metadata)
+            return await method(request, timeout=timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise _tool_error(exc) from None
         finally:
