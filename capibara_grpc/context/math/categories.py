@@ -32,7 +32,7 @@ def _full(pattern: str, clause: str):
 # -- percentages ---------------------------------------------------------------------------------
 
 _PERCENT = r"(?: ?%| ?por ?ciento| ?percent| ?per cent)"
-_PCT_OF = rf"(?:el |the )?{N}{_PERCENT} (?:de|del|of|of the|de los|de las){W} {N}{W}"
+_PCT_OF = rf"(?:el |the |un |a )?{N}{_PERCENT} (?:de|del|of|of the|de los|de las){W} {N}{W}"
 _WHAT_PERCENT = r"(?:que|what) (?:porcentaje|percent|percentage|%|tanto por ciento)"
 _PCT_IS = [
     (
@@ -137,9 +137,9 @@ _COMBINATORICS = [
     (r"(\d+)c(\d+)", "choose"),
     (r"(\d+)p(\d+)", "order"),
     (
-        rf"(?:las |the )?(?:numero de |number of )?(?:combinaciones|combinations)(?: posibles| possible)? (?:de|of) {_INT}{W}"
+        rf"(?:how many |cuantas )?(?:las |the )?(?:numero de |number of )?(?:combinaciones|combinations)(?: posibles| possible)? (?:de|of) {_INT}{W}"
         rf"(?: (?:tomad[oa]s|taken|elegid[oa]s|chosen))?(?: (?:de|en grupos de|in groups of|by|from|out of|de entre|entre))? {_INT}{W}"
-        rf"(?: (?:en|a) \d+| at a time| a la vez)?",
+        rf"(?: (?:en|a) \d+| at a time| a la vez)?(?: hay| are there)?",
         "choose",
     ),
     (

@@ -86,6 +86,7 @@ _ENGLISH = re.compile(r"\b(?:what|whats|of|is|are|how|plus|minus|times|and|the)\
 # "9/11", "24/7", "50/50", "3-2" alone are names, dates or scores as often as sums: computed
 # only when asked ("cuánto es 9/11").
 _BARE_PAIR = re.compile(r"\d+[/-]\d+")
+_FRACTION = re.compile(r"(?<![\d.^/])(\d+) ?/ ?(\d+)(?![\d./]| ?\^)")
 _NOT_ARITHMETIC = re.compile(
     r"\b\d{1,2}/\d{1,2}/\d{2,4}\b|\b\d{4}-\d{1,2}-\d{1,2}\b|\b\d{1,2}-\d{1,2}-\d{2,4}\b|^\+?\d{3}-\d{4}$"
     r"|^\d{2,4}(?:-\d{2,4}){2,}$|^(?:19|20)\d\d-(?:19|20)?\d\d$|\b\d{1,2}:\d\d\b"
@@ -100,10 +101,13 @@ def _meaningful(tree) -> bool:
 def arithmetic(clause: str, cued: bool = True) -> dict | None:
     if _NOT_ARITHMETIC.search(clause) or (not cued and _BARE_PAIR.fullmatch(clause)):
         return None
-    text = words.rewrite(clause, words.OPERATOR_WORDS)
+    text = clause
     for pattern, replacement in words.VERB_FORMS:
         text = re.sub(pattern, replacement, text)
     text = re.sub(r"^(\d+ ?/ ?\d+) (?:of|de|del) ", r"(\1) * ", text)  # "3/4 of 200"
+    # A typed fraction is one number: "7/8 entre 1/4" is (7/8) / (1/4), not 7/8/1/4.
+    text = _FRACTION.sub(r"(\1/\2)", text)
+    text = words.rewrite(text, words.OPERATOR_WORDS)
     try:
         tree = parse(text)
     except ParseError:

@@ -175,7 +175,7 @@ def solve(equations) -> str:
 
 def differentiate(tree, variable: str, order: int) -> str:
     expr = build(tree)
-    return _plain(sympy.simplify(sympy.diff(expr, sympy.Symbol(variable, real=True), order)))
+    return _plain(sympy.diff(expr, sympy.Symbol(variable, real=True), order))  # as sympy gives it: expanded
 
 
 def integrate(tree, variable: str, bounds) -> str:

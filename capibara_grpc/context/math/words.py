@@ -108,16 +108,20 @@ OPERATOR_WORDS = [
     (r"\bmenos\b|\bminus\b", " - "),
     (r"\bmodulo\b", " mod "),
 ]
-# Verb forms: "suma 3 y 4", "add 3 and 4", "the sum of 3 and 4", "resta 4 de 10", "subtract 4 from 10".
-_N = r"(-?\d+(?:\.\d+)?)"
+# Verb forms: "suma 3 y 4", "add 2/5 and 1/10", "the sum of 3 and 4", "subtract 4 from 10".
+_N = r"(-?\d+(?:\.\d+)?(?: ?/ ?\d+)?)"
 VERB_FORMS = [
-    (rf"^(?:suma|sumar|add|(?:la |the )?suma de|(?:the )?sum of) {_N} (?:y|and|to|con|\+) {_N}$", r"\1 + \2"),
     (
-        rf"^(?:multiplica|multiplicar|multiply|(?:el |the )?producto de|(?:the )?product of) {_N} (?:y|and|by|\*|con) {_N}$",
-        r"\1 * \2",
+        rf"^(?:suma|sumar|add|(?:la |the )?suma de|(?:the )?sum of) {_N} (?:y|and|to|con|\+|mas|plus) {_N}$",
+        r"(\1) + (\2)",
     ),
-    (rf"^(?:divide|dividir) {_N} (?:by|/|y) {_N}$", r"\1 / \2"),
-    (rf"^(?:resta|restar|subtract|take) {_N} (?:de|from|away from|a) {_N}$", r"\2 - \1"),
+    (
+        rf"^(?:multiplica|multiplicar|multiply|(?:el |the )?producto de|(?:the )?product of) {_N} (?:y|and|by|\*|con|por|times|x) {_N}$",
+        r"(\1) * (\2)",
+    ),
+    (rf"^(?:divide|dividir) {_N} (?:by|/|y|entre|por) {_N}$", r"(\1) / (\2)"),
+    (rf"^(?:resta|restar|subtract|take) {_N} (?:de|from|away from|a) {_N}$", r"(\2) - (\1)"),
+    (rf"^(?:resta|restar) {_N} (?:menos|-) {_N}$", r"(\1) - (\2)"),
 ]
 
 
