@@ -78,9 +78,11 @@ def clauses(message: str) -> list[tuple[str, bool]]:
 
 
 _DECIMAL_COMMA = [(r"(?<=\d),(?=\d{3}(?!\d))", ""), (r"(?<=\d),(?=\d)", ".")]
-# 2.000 is two thousand in Spanish and two in English: only a Spanish clause decides it (for
-# thousands), an English one for a decimal point; with neither, the clause is left alone.
-_THOUSANDS = re.compile(r"(?<![\d.,])\d{1,3}(?:\.\d{3})+(?![\d.,])")
+# A separator before exactly three digits: 1,250 is 1250 in English; 1.250 is 1.25. In Spanish
+# both are either, by country (Spain writes 1.250 for 1250 and 1,25 for 1.25; Mexico the English
+# way), so a Spanish message decides only 2.000 or 1,000,000 (groups of zeros: thousands, as nobody
+# writes 2,000 for 2); anything else, or a message in neither language, is left alone.
+_THOUSANDS = re.compile(r"(?<![\d.,])\d{1,3}(?:[.,]\d{3})+(?![\d.,])")
 _SPANISH = re.compile(r"\b(?:cuanto|cuanta|calcula|el|la|los|las|de|del|es|son|por|mas|menos|entre|y)\b")
 _ENGLISH = re.compile(r"\b(?:what|whats|of|is|are|how|plus|minus|times|and|the)\b")
 # "9/11", "24/7", "50/50", "3-2" alone are names, dates or scores as often as sums: computed
@@ -129,6 +131,20 @@ def task_for(clause: str, cued: bool = True) -> dict | None:
     return arithmetic(clause, cued)
 
 
+def _grouped_numbers(clause: str, spanish, english) -> str | None:
+    """The clause with 1,250 / 2.000 read as the language says, or None when it cannot say."""
+    numbers = _THOUSANDS.findall(clause)
+    if bool(spanish) == bool(english):
+        return None
+    if spanish:
+        if not all(set(re.split(r"[.,]", n)[1:]) == {"000"} for n in numbers):
+            return None
+        return _THOUSANDS.sub(lambda m: re.sub(r"[.,]", "", m.group(0)), clause)
+    if any(n.count(".") > 1 or ("." in n and "," in n) for n in numbers):
+        return None
+    return _THOUSANDS.sub(lambda m: m.group(0).replace(",", ""), clause)
+
+
 def find_tasks(message: str) -> list[dict]:
     if len(message) > MAX_MESSAGE or _CODE.search(message.lower()):
         return []
@@ -136,11 +152,9 @@ def find_tasks(message: str) -> list[dict]:
     text = normalize(message)
     for clause, cued in clauses(message):
         if _THOUSANDS.search(clause):
-            spanish, english = bool(_SPANISH.search(text)), bool(_ENGLISH.search(text))
-            if spanish == english:
+            clause = _grouped_numbers(clause, _SPANISH.search(text), _ENGLISH.search(text))
+            if clause is None:
                 continue
-            if spanish:
-                clause = _THOUSANDS.sub(lambda m: m.group(0).replace(".", ""), clause)
         task = task_for(clause, cued)
         if task and task not in tasks:
             tasks.append(task)
