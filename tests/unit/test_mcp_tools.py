@@ -12,6 +12,7 @@ import pytest
 from mcp import Client
 
 from capibara_grpc.config import ConfigError, load_config
+from capibara_grpc.edge import envoy_config
 from capibara_grpc.mcp_server import http_addresses, http_port
 from capibara_grpc.mcp_server.tools import build_server
 
@@ -106,3 +107,23 @@ def test_an_mcp_port_taken_by_a_service_stops_startup_naming_the_line(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_config(str(_config(tmp_path, ", mcp_port: 50051")))
     assert "capibara.yaml:2: gateway.mcp_port uses port 50051, already used by services.router.port" in str(error.value)
+
+
+def test_the_edge_routes_exactly_mcp_to_the_gateways_with_the_chat_limit(tmp_path):
+    config = load_config(str(_config(tmp_path, "")))
+    config.edge.rate_limit.chat = 7
+    config.services.endpoint("gateway").replicas = ["10.0.0.2:50050"]
+    bootstrap = envoy_config.build(config, tmp_path / "d.pb", tmp_path / "c.pem", tmp_path / "k.pem")
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    (route,) = [r for r in routes if r["match"] == {"path": "/mcp"}]
+    # No route timeout (a stream lasts as long as the call), and the generating calls' limit.
+    assert route["route"]["cluster"] == "mcp" and route["route"]["timeout"] == "0s"
+    limit = route["typed_per_filter_config"]["envoy.filters.http.local_ratelimit"]
+    assert limit["descriptors"][0]["token_bucket"]["max_tokens"] == 7
+    (cluster,) = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "mcp"]
+    endpoints = [
+        e["endpoint"]["address"]["socket_address"] for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    ]
+    assert [(e["address"], e["port_value"]) for e in endpoints] == [("127.0.0.1", 50060), ("10.0.0.2", 50060)]
+    assert cluster["health_checks"][0]["http_health_check"]["path"] == "/health"
