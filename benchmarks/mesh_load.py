@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import json
 import pathlib
+import signal
 import statistics
 import struct
 import subprocess
@@ -71,7 +72,8 @@ async def serve_noop(port: int) -> None:
 
 async def generate_load(target: str, tls_cert: str, method: str, seconds: float, in_flight: int, rate: float) -> dict:
     """Closed loop, `in_flight` calls over 4 connections, each a distinct query (cycled); with
-    `rate`, no faster than that many calls/s in all. Prints {"rps", "p50", "errors"}."""
+    `rate`, no faster than that many calls/s in all; SIGTERM ends it early (with its figures).
+    Returns {"rps", "p50", "errors"}."""
     texts = distinct_queries()
     bodies = itertools.cycle([router_pb2.RouteRequest(query=t).SerializeToString() for t in texts])
     options = [("grpc.use_local_subchannel_pool", 1), ("grpc.ssl_target_name_override", "localhost")]
@@ -86,6 +88,12 @@ async def generate_load(target: str, tls_cert: str, method: str, seconds: float,
     started = time.perf_counter()
     stop_at = started + seconds
     sent = 0
+
+    def stop() -> None:
+        nonlocal stop_at
+        stop_at = 0.0
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
 
     async def worker(call):
         nonlocal errors, sent
