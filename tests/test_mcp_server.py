@@ -30,6 +30,8 @@ KEY = "mcp-test-key-0123456789abcdef"
 HTTP_KEY_NAME, HTTP_KEY = "mcp-http", "mcp-http-key-0123456789abcdef"
 TOOLS = {"chat", "route", "consensus", "speak", "list_models", "toon_encode", "toon_decode"}
 TRANSPORTS = ["stdio", "http"]
+# A web page allowed to call the mesh: an MCP client running in a browser.
+ORIGIN = "https://assistant.example.com"
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,7 @@ def mesh(tmp_path_factory):
     shared = {"backend": {"url": f"http://127.0.0.1:{BASE + 80}", "protocol": "llama_cpp"}, "defaults": phi["defaults"]}
     models = {"phi": phi, "gpt-oss-20b": shared, "mixtral": shared}
     config = mesh_config(directory / "state", BASE, models)
-    config["edge"].update(api_keys_file=str(keys))
+    config["edge"].update(api_keys_file=str(keys), cors_origins=[ORIGIN])
     running = start_mesh(directory, config)
     try:
         yield running
@@ -237,3 +239,15 @@ def _chain(error: BaseException):
         yield current
         stack += list(getattr(current, "exceptions", ()))
         stack += [e for e in (current.__cause__, current.__context__) if e is not None]
+
+
+def test_a_browser_mcp_client_passes_the_cors_preflight(mesh):
+    asked = "authorization, content-type, mcp-protocol-version, mcp-method, mcp-name"
+    status, _, headers = mesh.request(
+        "OPTIONS",
+        "/mcp",
+        headers={"origin": ORIGIN, "access-control-request-method": "POST", "access-control-request-headers": asked},
+    )
+    assert status == 200 and headers["access-control-allow-origin"] == ORIGIN
+    allowed = {h.strip() for h in headers["access-control-allow-headers"].split(",")}
+    assert {h.strip() for h in asked.split(",")} <= allowed, allowed
