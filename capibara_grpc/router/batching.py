@@ -1,25 +1,27 @@
-"""Micro-batching: concurrent calls collected into one call of a blocking function.
+"""Micro-batching: concurrent calls collected into one call of an async function.
 
-The router scores concurrent queries in one call (one encoder forward pass for all of them) in a
-worker thread, so the event loop keeps serving.
+The router scores concurrent queries in one call: one numpy pass over all of them on the event
+loop, and one encoder forward pass, in a worker thread, for those that need their meaning.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 Result = TypeVar("Result")
 
 
 class MicroBatcher(Generic[Result]):
-    """Collects concurrent `submit` calls into one call of `work(batch)`, run in a worker thread.
+    """Collects concurrent `submit` calls into one awaited call of `work(batch)`.
 
     A batch waits at most `wait_ms` for more items, and only while other calls are known to be
     coming (more submitted than collected), so a lone request never waits."""
 
-    def __init__(self, work: Callable[[list[str]], Sequence[Result]], batch_max: int = 32, wait_ms: float = 2.0):
+    def __init__(
+        self, work: Callable[[list[str]], Awaitable[Sequence[Result]]], batch_max: int = 32, wait_ms: float = 2.0
+    ):
         self.work = work
         self.batch_max = batch_max
         self.wait_s = wait_ms / 1000
@@ -70,7 +72,7 @@ class MicroBatcher(Generic[Result]):
                 continue
             self.batches += 1
             try:
-                results = await asyncio.to_thread(self.work, [text for text, _ in live])
+                results = await self.work([text for text, _ in live])
             except Exception as exc:  # noqa: BLE001 - hand the failure to every waiting caller
                 for _, future in live:
                     if not future.done():

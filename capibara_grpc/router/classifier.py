@@ -91,6 +91,14 @@ class SparseText:
 
 
 @dataclass
+class Scores:
+    proba: np.ndarray  # texts x labels
+    unsure: np.ndarray  # indices of the texts the fast path is not sure about
+    lexical: np.ndarray
+    keywords: np.ndarray
+
+
+@dataclass
 class FitReport:
     threshold: float
     oof_accuracy: float
@@ -218,15 +226,25 @@ class RouteClassifier:
     def predict_proba(self, texts: list[str], encode) -> np.ndarray:
         """Probabilities per label for each text; `encode(texts) -> embeddings` is only called
         for the texts the fast path is not sure about."""
+        scores = self.fast_scores(texts)
+        if len(scores.unsure):
+            self.add_meaning(scores, encode([texts[i] for i in scores.unsure]))
+        return scores.proba
+
+    def fast_scores(self, texts: list[str]) -> Scores:
+        """Spelling and keywords only (well under a millisecond a text): probabilities, and which
+        texts the fast path is not sure about (`unsure`: they need `add_meaning`)."""
         normalized = [normalize(t) for t in texts]
         lexical = self._lexical_scorer.proba(
             np.array([self._char_logits.logits(t) + self._word_logits.logits(t) for t in normalized])
         )
         keywords = self._keyword_hits(texts, normalized)
         proba = self._fast_scorer.predict_proba(self._spelled(lexical, keywords))
-        unsure = np.flatnonzero(proba.max(axis=1) < self.fast_threshold)
-        if len(unsure):
-            embeddings = encode([texts[i] for i in unsure])
-            meaning = self._meaning_scorer.predict_proba(np.asarray(embeddings, dtype=float))
-            proba[unsure] = self._combiner_scorer.predict_proba(self._stack(lexical[unsure], meaning, keywords[unsure]))
-        return proba
+        return Scores(proba, np.flatnonzero(proba.max(axis=1) < self.fast_threshold), lexical, keywords)
+
+    def add_meaning(self, scores: Scores, embeddings) -> None:
+        """The unsure texts' probabilities from the full stack, given their embeddings (in order)."""
+        unsure = scores.unsure
+        meaning = self._meaning_scorer.predict_proba(np.asarray(embeddings, dtype=float))
+        stacked = self._stack(scores.lexical[unsure], meaning, scores.keywords[unsure])
+        scores.proba[unsure] = self._combiner_scorer.predict_proba(stacked)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -99,9 +100,16 @@ class Router:
         )
         return self.report
 
-    def predict_batch(self, texts: list[str]) -> np.ndarray:
-        """Route probabilities for a batch of texts (blocking: runs in the batcher's thread)."""
-        return self.classifier.predict_proba([t[: self.config.router.max_query_chars] for t in texts], self.encode)
+    async def predict_batch(self, texts: list[str]) -> np.ndarray:
+        """Route probabilities for a batch of texts. The fast path runs here, on the event loop (a
+        thread hop per batch cost more than its numpy work, and the GIL would serialize it
+        anyway); only the texts it is unsure about are encoded, in a thread (torch releases the GIL)."""
+        texts = [t[: self.config.router.max_query_chars] for t in texts]
+        scores = self.classifier.fast_scores(texts)
+        if len(scores.unsure):
+            embeddings = await asyncio.to_thread(self.encode, [texts[i] for i in scores.unsure])
+            self.classifier.add_meaning(scores, embeddings)
+        return scores.proba
 
     async def close(self) -> None:
         await self.batcher.close()

@@ -13,15 +13,19 @@ from capibara_grpc.router.batching import MicroBatcher
 
 
 class Work:
-    """Upper-cases each text; fails a batch that holds "boom"; can be held while a batch runs."""
+    """Upper-cases each text, in a thread as the router's encoder runs; fails a batch that holds
+    "boom"; can be held while a batch runs."""
 
     def __init__(self):
         self.batches: list[list[str]] = []
         self.release = threading.Event()
         self.release.set()
 
-    def __call__(self, texts: list[str]) -> list[str]:
+    async def __call__(self, texts: list[str]) -> list[str]:
         self.batches.append(list(texts))
+        return await asyncio.to_thread(self._blocking, texts)
+
+    def _blocking(self, texts: list[str]) -> list[str]:
         self.release.wait(5)
         if "boom" in texts:
             raise RuntimeError("the batch failed")
