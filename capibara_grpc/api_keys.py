@@ -3,7 +3,8 @@
 The keys are checked at the edge (envoy/rest_guard.lua). Once a key is valid, the guard puts its
 id, never the key, in the `x-capibara-key-id` request header (a client's own copy is dropped), and
 Envoy passes it to the services as gRPC metadata. The gateway counts generating calls and their
-tokens per id (capibara_grpc/metrics.py: KEY_REQUESTS, KEY_TOKENS) and Envoy rate limits per id
+tokens per id (capibara_grpc/metrics.py: KEY_REQUESTS, KEY_TOKENS), every service's interceptor
+counts each call of every API per id (KEY_CALLS, capibara_grpc/errors.py), and Envoy rate limits per id
 (edge/policies.py: key_rate_limit).
 
 Why a header set by the edge rather than the services checking keys themselves: the key never
@@ -20,12 +21,10 @@ from collections.abc import AsyncIterator
 
 from prometheus_client import REGISTRY
 
-from capibara_grpc import metrics
+from capibara_grpc import metrics, tracing
 from capibara_grpc.chat_types import Finished
 from capibara_grpc.errors import StreamError, as_mesh_error
 
-# Set by the edge guard after it accepted the key; read by the gateway as gRPC metadata.
-KEY_ID_HEADER = "x-capibara-key-id"
 # A name for a key (the `name: key` form of a keys file line); it goes into metrics and logs.
 _KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SHORT_ID_HEX = 8
@@ -56,16 +55,6 @@ def key_id(name: str, key: str) -> str:
     return name or short_id(key)
 
 
-def request_key_id(metadata) -> str:
-    """The caller's key id from a call's invocation metadata ('' when the mesh has no keys or the
-    call did not come through the edge)."""
-    for item in metadata or ():
-        if item[0] == KEY_ID_HEADER:
-            value = item[1]
-            return value.decode() if isinstance(value, bytes) else value
-    return ""
-
-
 # The model label of a call that failed before a model was chosen (bad input, say) and named none.
 NO_MODEL = "-"
 
@@ -80,7 +69,7 @@ class KeyUsage:
     def __init__(self, context, models, requested: str = ""):
         """`models`: the configured model ids; a requested model that is not one of them is not a
         label (a client must not be able to add a time series per made-up name)."""
-        self.key = request_key_id(context.invocation_metadata())
+        self.key = tracing.key_id_from(context.invocation_metadata())
         self.models = models
         self.model = requested if requested in models else ""
         self.code = "OK"
@@ -156,4 +145,27 @@ def key_usage(registry=REGISTRY) -> list[dict]:
                     entry["errors"] += value
             else:
                 entry[f"{labels['kind']}_tokens"] += value
+    return [rows[k] for k in sorted(rows)]
+
+
+def key_calls(registry=REGISTRY) -> list[dict]:
+    """Calls of every API per key, from this process's counters (capibara_key_calls_total): one
+    dict per (key, method) with calls and errors (code not OK), method as 'RouterService/Route',
+    sorted by key then method. With every service in one process (the default) that is all of
+    them; with services in their own processes, only the gateway's (Prometheus sums them all)."""
+    rows: dict[tuple[str, str], dict] = {}
+    for family in registry.collect():
+        if family.name != "capibara_key_calls":
+            continue
+        for sample in family.samples:
+            if not sample.name.endswith("_total"):
+                continue
+            labels, value = sample.labels, int(sample.value)
+            method = f"{labels['service'].rsplit('.', 1)[-1]}/{labels['method']}"
+            entry = rows.setdefault(
+                (labels["key"], method), {"key": labels["key"], "method": method, "calls": 0, "errors": 0}
+            )
+            entry["calls"] += value
+            if labels["code"] != "OK":
+                entry["errors"] += value
     return [rows[k] for k in sorted(rows)]

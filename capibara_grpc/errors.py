@@ -146,6 +146,7 @@ class _Call:
     async def __aenter__(self) -> None:
         self.started = time.perf_counter()
         tracing.current_request_id.set(tracing.request_id_from(self.context))
+        self.key = tracing.key_id_from(self.context.invocation_metadata())
 
     async def __aexit__(self, exc_type, exc, tb) -> bool:
         code = "OK"
@@ -163,7 +164,7 @@ class _Call:
             await _abort(self.context, error)  # raises AbortError, which ends the call
             return False
         finally:
-            metrics.observe_call(self.method, code, self.started)
+            metrics.observe_call(self.method, code, self.started, self.key)
             # Health checks (Envoy's, every 2 s per replica) would drown the log: debug level.
             level = logging.DEBUG if self.method.startswith("/grpc.health.v1.") else logging.INFO
             calls_log.log(

@@ -51,6 +51,13 @@ KEY_REQUESTS = Counter(
 KEY_TOKENS = Counter(
     "capibara_key_tokens", "Tokens per API key and model; kind: prompt or completion", ["key", "model", "kind"]
 )
+# Every call that came through the edge with a key, whatever its API (route, TOON, speech, ...),
+# counted by the service the edge sent it to; internal hops carry no key id, so none is counted twice.
+KEY_CALLS = Counter(
+    "capibara_key_calls",
+    "Calls through the edge per API key, by service, method and gRPC code",
+    ["key", "service", "method", "code"],
+)
 QUEUE_DEPTH = Gauge("capibara_queue_depth", "Generations waiting for a slot of the model's backend", ["model"])
 ACTIVE_GENERATIONS = Gauge(
     "capibara_active_generations", "Generations holding a slot of the model's backend", ["model"]
@@ -73,10 +80,13 @@ def split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
-def observe_call(full_method: str, code: str, started: float) -> None:
+def observe_call(full_method: str, code: str, started: float, key: str = "") -> None:
+    """One finished call; `key` is the caller's API key id when it came through the edge with one."""
     service, method = split_method(full_method)
     REQUESTS.labels(service, method, code).inc()
     REQUEST_SECONDS.labels(service, method, code).observe(time.perf_counter() - started)
+    if key:
+        KEY_CALLS.labels(key, service, method, code).inc()
 
 
 async def _metrics(_request: web.Request) -> web.Response:

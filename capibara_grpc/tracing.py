@@ -21,6 +21,10 @@ import uuid
 import grpc
 
 REQUEST_ID = "x-request-id"
+# The caller's API key id (its name or short hash, never the key), set by the edge's guard once it
+# accepted the key; capibara_grpc/api_keys.py says why. Not copied onto internal calls: each call
+# from outside is counted once, by the service the edge sent it to.
+KEY_ID_HEADER = "x-capibara-key-id"
 current_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 
@@ -29,6 +33,15 @@ def request_id_from(context: grpc.aio.ServicerContext) -> str:
         if key == REQUEST_ID and value:
             return value[:128]
     return uuid.uuid4().hex
+
+
+def key_id_from(metadata) -> str:
+    """The caller's API key id in a call's invocation metadata ('' when the mesh has no keys or the
+    call did not come through the edge)."""
+    for key, value in metadata or ():
+        if key == KEY_ID_HEADER:
+            return value.decode() if isinstance(value, bytes) else value
+    return ""
 
 
 def _with_request_id(client_call_details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:

@@ -158,6 +158,42 @@ async def test_usage_is_counted_per_key_exactly(mesh):
     assert {key for _, key, _, _ in samples} <= {"alice", unnamed_id, "trial", "carol"}
 
 
+def key_calls(mesh, key: str) -> dict[tuple[str, str], float]:
+    """(method, code) -> calls of every API by `key` (capibara_key_calls_total; one process here)."""
+    calls = {}
+    for family in text_string_to_metric_families(metrics_text(mesh)):
+        for sample in family.samples:
+            if sample.name == "capibara_key_calls_total" and sample.labels["key"] == key:
+                method = f"{sample.labels['service'].rsplit('.', 1)[-1]}/{sample.labels['method']}"
+                calls[(method, sample.labels["code"])] = sample.value
+    return calls
+
+
+def test_every_api_call_is_counted_per_key(mesh):
+    before = key_calls(mesh, "carol")
+    auth = {"x-api-key": CAROL_KEY}
+    for _ in range(3):
+        assert mesh.request("GET", "/api/models", headers=auth)[0] == 200
+    assert mesh.request("POST", "/api/toon/encode", {"json": {"a": [1, 2]}}, headers=auth)[0] == 200
+    assert mesh.request("POST", "/api/toon/decode", {"toon": "items[3]: 1,2"}, headers=auth)[0] == 400
+    status, body, _ = mesh.request("POST", "/api/chat", HELLO, headers=auth)
+    assert status == 200, body
+    after = key_calls(mesh, "carol")
+    grown = {call: after[call] - before.get(call, 0) for call in after if after[call] != before.get(call, 0)}
+    assert grown == {
+        ("InferenceService/ListModels", "OK"): 3,
+        ("ContextService/EncodeToonJson", "OK"): 1,
+        ("ContextService/DecodeToonJson", "INVALID_ARGUMENT"): 1,
+        ("ChatService/Complete", "OK"): 1,
+    }
+    # The gateway's own calls to inference and context for that chat carry no key: not counted again.
+    status_body = mesh.request("GET", "/api/status", headers=auth)[1]
+    listed = {(row["method"], row["key"]): row for row in status_body["key_calls"]}
+    row = listed[("ContextService/DecodeToonJson", "carol")]  # int64 fields are JSON strings
+    decode_errors = after[("ContextService/DecodeToonJson", "INVALID_ARGUMENT")]
+    assert (int(row["calls"]), int(row["errors"])) == (decode_errors, decode_errors)
+
+
 def test_the_keys_never_appear_in_metrics_or_logs(mesh):
     # After at least one call per key (module order: the usage test ran; this call makes sure).
     for key in ALL_KEYS[2:]:

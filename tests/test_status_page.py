@@ -44,7 +44,10 @@ def status_mesh(tmp_path_factory):
     config = mesh_config(directory / "state", BASE, models)
     config["router"]["routes_file"] = str(directory / "routes.yaml")
     config["edge"]["api_keys_file"] = str(directory / "keys.txt")
-    config["supervision"] = {"restart": "on-failure", "backoff_initial_s": 0.5, "backoff_max_s": 2, "give_up_after": 0}
+    # The restart waits 6 s: with the default 0.5 s a killed llama-server is back within about a
+    # second on a quiet machine, between two of the sampler's 2 s health rounds, and the page never
+    # sees it down (seen). 6 s is three rounds and three polls of the page.
+    config["supervision"] = {"restart": "on-failure", "backoff_initial_s": 6, "backoff_max_s": 6, "give_up_after": 0}
     mesh = start_mesh(directory, config)
     try:
         yield mesh

@@ -10,10 +10,10 @@ import json
 import math
 import pathlib
 
-from capibara_grpc.api_keys import KEY_ID_HEADER
 from capibara_grpc.edge import descriptor
 from capibara_grpc.services import CHAT, SERVICES
 from capibara_grpc.stubs import MESH_SERVICE
+from capibara_grpc.tracing import KEY_ID_HEADER
 
 _REPO = pathlib.Path(__file__).resolve().parent.parent.parent
 LUA_FILTER = _REPO / "envoy" / "rest_guard.lua"

@@ -26,7 +26,6 @@ from mcp.server.mcpserver.utilities.types import Audio
 from pydantic import BaseModel, Field
 
 from capibara_grpc import tracing
-from capibara_grpc.api_keys import KEY_ID_HEADER
 from capibara_grpc.stubs import (
     consensus_pb2,
     consensus_pb2_grpc,
@@ -41,6 +40,7 @@ from capibara_grpc.stubs import (
     speech_pb2,
     speech_pb2_grpc,
 )
+from capibara_grpc.tracing import KEY_ID_HEADER
 
 # "auto": the router picks the model by the message's meaning (the gateway's empty model).
 AUTO = "auto"

@@ -178,6 +178,20 @@ function renderKeys(status) {
       ),
     ),
   );
+  const calls = status.key_calls || [];
+  $("key-calls").hidden = calls.length === 0;
+  $("key-calls").tBodies[0].replaceChildren(
+    ...calls.map((c) =>
+      element(
+        "tr",
+        { "data-key": c.key, "data-method": c.method },
+        element("td", {}, c.key),
+        element("td", {}, c.method),
+        element("td", { class: "number" }, number(c.calls)),
+        element("td", { class: "number" }, number(c.errors)),
+      ),
+    ),
+  );
 }
 
 function render(status) {

@@ -133,7 +133,7 @@ class MeshServicer(gateway_pb2_grpc.MeshServiceServicer):
     async def GetStatus(self, request, context):
         if self.status is None:
             raise Unimplemented("the status endpoint is not enabled in this gateway")
-        snapshot = self.status.snapshot(api_keys.key_usage())
+        snapshot = self.status.snapshot(api_keys.key_usage(), api_keys.key_calls())
         return json_format.ParseDict(snapshot, gateway_pb2.GetStatusResponse())
 
     async def GetHealth(self, request, context):

@@ -323,7 +323,7 @@ class MeshStatus:
             for name, (pid, rss) in sorted(latest.items())
         ]
 
-    def snapshot(self, keys: list[dict] | None = None) -> dict:
+    def snapshot(self, keys: list[dict] | None = None, key_calls: list[dict] | None = None) -> dict:
         """Everything the status page shows, as GetStatusResponse's JSON (proto field names)."""
         figures = self.chats.models(self.model_ids)
         answered = sum(f["requests"] - f["errors"] for f in figures.values())
@@ -343,4 +343,5 @@ class MeshStatus:
             "unattributed_errors": self.chats.unattributed_errors(self.model_ids),
             "processes": self._processes(),
             "keys": keys or [],
+            "key_calls": key_calls or [],
         }

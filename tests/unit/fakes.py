@@ -3,6 +3,7 @@ other services as the gateway sees them. No llama-server, no Envoy, no network."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -40,13 +41,15 @@ def mesh_config(extra: str = "") -> MeshConfig:
 @dataclass
 class Model:
     """How one fake model behaves: its tokens, and an error before the first token
-    (`fail_first`) or after `fail_after` tokens; `finish=False` ends without a final event."""
+    (`fail_first`) or after `fail_after` tokens; `finish=False` ends without a final event;
+    `first_token_delay_s` is how long it thinks before its first token."""
 
     tokens: list[str] = field(default_factory=lambda: ["Hola", ", ", "mundo"])
     fail_first: MeshError | None = None
     fail_after: int | None = None
     fail_with: MeshError = field(default_factory=lambda: Unavailable("backend died"))
     finish: bool = True
+    first_token_delay_s: float = 0.0
 
 
 class FakeModels:
@@ -65,6 +68,7 @@ class FakeModels:
         try:
             if model.fail_first is not None:
                 raise model.fail_first
+            await asyncio.sleep(model.first_token_delay_s)
             for index, text in enumerate(model.tokens):
                 if model.fail_after is not None and index == model.fail_after:
                     raise model.fail_with

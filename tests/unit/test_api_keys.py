@@ -11,11 +11,12 @@ import pytest
 from capibara_gateway.core import ChatGateway
 from capibara_gateway.servicer import ChatServicer
 
-from capibara_grpc.api_keys import KEY_ID_HEADER, key_usage, short_id, split_named_key
+from capibara_grpc.api_keys import key_usage, short_id, split_named_key
 from capibara_grpc.config import ConfigError, parse_config
 from capibara_grpc.config.validation import api_key_ids
 from capibara_grpc.errors import Unavailable
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
+from capibara_grpc.tracing import KEY_ID_HEADER
 from tests.unit.fakes import FakeModels, Model, mesh_config, serving, status_of
 
 KEY = "key-0123456789abcdef"

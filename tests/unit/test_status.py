@@ -39,11 +39,11 @@ def gateway(stats: ChatStats, **models: Model) -> ChatGateway:
 async def test_answered_chats_are_counted_per_model_with_their_route_and_first_token():
     stats = ChatStats()
     for _ in range(3):
-        await collect(gateway(stats).chat(ChatInput(message="hola"), 5.0))
+        await collect(gateway(stats, alpha=Model(first_token_delay_s=0.003)).chat(ChatInput(message="hola"), 5.0))
     figures = stats.models(["alpha", "beta"])
     assert figures["alpha"]["requests"] == 3 and figures["alpha"]["errors"] == 0
     assert figures["alpha"]["completion_tokens"] == 9  # three tokens each
-    assert figures["alpha"]["ttft_p95_ms"] > 0
+    assert figures["alpha"]["ttft_p50_ms"] >= 3 and figures["alpha"]["ttft_p95_ms"] >= 3
     assert figures["beta"]["requests"] == 0
     assert stats.routes() == [{"route_name": "programming", "requests": 3, "mean_confidence": 0.9, "fallbacks": 0}]
     assert stats.sources() == {"router": 3}
