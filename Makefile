@@ -106,6 +106,7 @@ bench: install protos
 	@$(call APT_INSTALL,$(BENCH_PACKAGES))
 	$(PY) benchmarks/ttft.py
 	$(PY) benchmarks/api_throughput.py
+	$(PY) benchmarks/mesh_overhead.py
 
 clean:
 	rm -rf .build .state .test-state capibara_grpc/generated

@@ -243,7 +243,7 @@ def main() -> None:
     parser.add_argument("--split", action="store_true", help="every service in its own process (capibara up --split)")
     args = parser.parse_args()
     if not shutil.which("h2load"):
-        raise SystemExit("h2load is missing: apt-get install nghttp2-client")
+        raise SystemExit("h2load is missing: `make bench` installs it (Debian package nghttp2-client)")
     started = time.time()
     load_before = load_average()
     models = {
