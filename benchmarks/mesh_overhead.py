@@ -59,7 +59,7 @@ from capibara_grpc.stubs import (
     router_pb2,
     router_pb2_grpc,
 )
-from tests.support.mesh import launched_model, running_mesh
+from tests.support.mesh import launched_model, mesh_config, running_mesh
 
 BASE = 33000
 NOOP_PORT, BENCH_EDGE_PORT, BENCH_ADMIN_PORT = BASE + 40, BASE + 41, BASE + 42
@@ -241,6 +241,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--consensus-runs", type=int, default=5)
     parser.add_argument("--split", action="store_true", help="every service in its own process (capibara up --split)")
+    parser.add_argument(
+        "--direct",
+        action="store_true",
+        help="services call each other directly, not through Envoy (services.via_envoy: false)",
+    )
     args = parser.parse_args()
     if not shutil.which("h2load"):
         raise SystemExit("h2load is missing: `make bench` installs it (Debian package nghttp2-client)")
@@ -252,7 +257,14 @@ def main() -> None:
         "phi": {"backend": {"url": f"http://127.0.0.1:{BASE + 80}"}},
         "mixtral": {"backend": {"url": f"http://127.0.0.1:{BASE + 80}"}},
     }
-    with tempfile.TemporaryDirectory() as tmp, running_mesh(pathlib.Path(tmp), BASE, models, split=args.split) as mesh:
+    sections = {}
+    if args.direct:
+        services = mesh_config(pathlib.Path("unused"), BASE, models)["services"]
+        sections["services"] = {**services, "via_envoy": False}
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        running_mesh(pathlib.Path(tmp), BASE, models, split=args.split, **sections) as mesh,
+    ):
         directory = pathlib.Path(tmp)
         noop = subprocess.Popen([sys.executable, mesh_load.__file__, "noop", str(NOOP_PORT)], stdout=subprocess.PIPE)
         envoy_log = open(directory / "bench-envoy.log", "wb")  # noqa: SIM115 - closed below
@@ -311,6 +323,7 @@ def print_report(r: dict, args, load_before: str, wall_s: float) -> None:
     print(
         f"\nmesh_overhead.py: {platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
         f"{'split: one process per service' if args.split else 'services in one process'}; "
+        f"{'services call each other directly' if args.direct else 'services call each other through Envoy'}; "
         f"load average before {load_before}, after {load_average()}; {wall_s:.0f} s"
     )
     print(

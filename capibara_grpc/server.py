@@ -54,6 +54,14 @@ def internal_channel(config: MeshConfig, service: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors())
 
 
+def internal_channels(servers: MeshServers) -> dict[str, grpc.aio.Channel]:
+    """A channel to every deployed service, closed when `servers` stop."""
+    channels = {name: internal_channel(servers.config, name) for name in servers.config.deployed_services}
+    for channel in channels.values():
+        servers.on_stop(channel.close)
+    return channels
+
+
 def health_channel(config: MeshConfig, service: str, address: str | None = None) -> grpc.aio.Channel:
     """Straight to the service (or one replica): grpc.health.v1 asks about one process, and every
     service's Health/Check has the same path, so Envoy could not route it to the right one."""

@@ -32,7 +32,7 @@ from starlette.responses import PlainTextResponse
 
 from capibara_grpc.mcp_server import PATH, http_port
 from capibara_grpc.mcp_server.tools import build_server
-from capibara_grpc.server import MeshServers, internal_channel
+from capibara_grpc.server import MeshServers, internal_channels
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,7 @@ class _EmbeddedServer(uvicorn.Server):
 async def start(servers: MeshServers) -> None:
     """Serve MCP over HTTP in this process until its services stop."""
     config = servers.config
-    deployed = config.deployed_services
-    channels = {name: internal_channel(config, name) for name in deployed}
-    for channel in channels.values():
-        servers.on_stop(channel.close)
+    channels = internal_channels(servers)
     mcp = build_server(channels.get, generate_timeout_s=config.gateway.default_deadline_s)
 
     @mcp.custom_route(HEALTH_PATH, methods=["GET"])

@@ -24,7 +24,7 @@ from capibara_grpc.context.client import ContextClient
 from capibara_grpc.inference.client import InferenceClient
 from capibara_grpc.mcp_server import http as mcp_http
 from capibara_grpc.router.client import RouterClient
-from capibara_grpc.server import SERVING, MeshServers, health_channel, internal_channel
+from capibara_grpc.server import SERVING, MeshServers, health_channel, internal_channels
 from capibara_grpc.services import REQUIRED_BY_GATEWAY
 from capibara_grpc.speech.client import SpeechClient
 from capibara_grpc.stubs import GATEWAY_EXTRA_SERVICES, SERVICE_FULL_NAMES, gateway_pb2_grpc, openai_pb2_grpc
@@ -35,9 +35,7 @@ log = logging.getLogger(__name__)
 async def start(servers: MeshServers) -> None:
     config = servers.config
     deployed = config.deployed_services
-    channels = {name: internal_channel(config, name) for name in deployed}
-    for channel in channels.values():
-        servers.on_stop(channel.close)
+    channels = internal_channels(servers)
     router = RouterClient(channels["router"]).route if "router" in deployed else None
     context = ContextClient(channels["context"]) if "context" in deployed else None
     consensus = ConsensusClient(channels["consensus"]).decide if "consensus" in deployed else None
