@@ -141,15 +141,19 @@ def cached_mesh(tmp_path_factory, redis_url):
     mesh = start_mesh(directory, config, split=True)
     # A second gateway replica, its own process and port, sharing the Redis cache.
     second = dict(json.loads(json.dumps(config)))
-    second["services"]["gateway"] = {"port": 19060, "metrics_port": 19061}
+    # Its own port, metrics port and MCP port: 19060 is the first gateway's MCP port (its port + 10).
+    second["services"]["gateway"] = {"port": 19062, "metrics_port": 19063}
+    second["gateway"] = {**second["gateway"], "mcp_port": 19064}
     second_path = directory / "second-gateway.yaml"
     second_path.write_text(json.dumps(second))
-    replica = serve_replica(second_path, "gateway")
+    replica = None
     try:
+        replica = serve_replica(second_path, "gateway")
         yield mesh
     finally:
-        replica.terminate()
-        replica.wait(10)
+        if replica is not None:
+            replica.terminate()
+            replica.wait(10)
         stop_mesh(mesh)
 
 
@@ -179,7 +183,7 @@ async def test_a_hit_replays_over_grpc_from_another_gateway_replica(cached_mesh)
     )
     async with (
         grpc.aio.insecure_channel(cached_mesh.service_address("gateway")) as first,
-        grpc.aio.insecure_channel("127.0.0.1:19060") as second,
+        grpc.aio.insecure_channel("127.0.0.1:19062") as second,
     ):
         live = [e async for e in gateway_pb2_grpc.ChatServiceStub(first).Chat(request, timeout=60)]
         replayed = [e async for e in gateway_pb2_grpc.ChatServiceStub(second).Chat(request, timeout=60)]
@@ -246,7 +250,7 @@ async def test_a_follow_up_through_the_other_gateway_keeps_the_conversations_rou
     )
     async with (
         grpc.aio.insecure_channel(cached_mesh.service_address("gateway")) as one,
-        grpc.aio.insecure_channel("127.0.0.1:19060") as other,
+        grpc.aio.insecure_channel("127.0.0.1:19062") as other,
     ):
         opened = [e async for e in gateway_pb2_grpc.ChatServiceStub(one).Chat(first, timeout=60)]
         continued = [e async for e in gateway_pb2_grpc.ChatServiceStub(other).Chat(follow_up, timeout=60)]

@@ -28,12 +28,14 @@ def replicated_mesh(tmp_path_factory):
     config = mesh_config(directory / "state", 17000, {"gpt-oss-20b": model}, router=False)
     config["services"]["inference"]["replicas"] = [f"127.0.0.1:{INFERENCE_REPLICA}"]
     mesh = start_mesh(directory, config, split=True)
-    replica = serve_replica(mesh.config_path, "inference", INFERENCE_REPLICA)
-    try:
+    replica = None
+    try:  # the mesh is stopped even when its replica fails to start
+        replica = serve_replica(mesh.config_path, "inference", INFERENCE_REPLICA)
         yield mesh
     finally:
-        replica.terminate()
-        replica.wait(10)
+        if replica is not None:
+            replica.terminate()
+            replica.wait(10)
         stop_mesh(mesh)
 
 
