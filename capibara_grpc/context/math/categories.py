@@ -201,40 +201,43 @@ def _variable(tree, named: str | None) -> str | None:
     return "x" if "x" in found else None
 
 
-def derivative(clause: str) -> dict | None:
-    for pattern in _DERIVATIVE:
+def _function_of_variable(patterns: list[str], clause: str):
+    """(match, expression tree, variable) of the first pattern the whole clause matches; {} when
+    one matched but its expression does not parse or has no clear variable (the clause asked, but
+    for nothing we can compute); None when none matched."""
+    for pattern in patterns:
         if match := _full(pattern, clause):
             try:
                 tree = _expression(match.group("e"))
             except ParseError:
                 return {}
             variable = _variable(tree, match.group("v"))
-            if variable is None:
-                return {}
-            order = 2 if match.group(1) else 1
-            label = f"the {'second ' * (order == 2)}derivative of {render(tree)} with respect to {variable}"
-            return {"op": "diff", "label": label, "tree": tree, "variable": variable, "order": order}
+            return (match, tree, variable) if variable is not None else {}
     return None
+
+
+def derivative(clause: str) -> dict | None:
+    found = _function_of_variable(_DERIVATIVE, clause)
+    if not found:
+        return found
+    match, tree, variable = found
+    order = 2 if match.group(1) else 1
+    label = f"the {'second ' * (order == 2)}derivative of {render(tree)} with respect to {variable}"
+    return {"op": "diff", "label": label, "tree": tree, "variable": variable, "order": order}
 
 
 def integral(clause: str) -> dict | None:
-    for pattern in _INTEGRAL:
-        if match := _full(pattern, clause):
-            try:
-                tree = _expression(match.group("e"))
-            except ParseError:
-                return {}
-            variable = _variable(tree, match.group("v"))
-            if variable is None:
-                return {}
-            bounds = [b for b in match.groups() if b and re.fullmatch(_BOUND, b)]
-            task = {"op": "integrate", "tree": tree, "variable": variable, "bounds": None}
-            task["label"] = f"the integral of {render(tree)} d{variable}"
-            if len(bounds) == 2:
-                task["bounds"] = [_expression(b) for b in bounds]
-                task["label"] += f" from {bounds[0]} to {bounds[1]}"
-            return task
-    return None
+    found = _function_of_variable(_INTEGRAL, clause)
+    if not found:
+        return found
+    match, tree, variable = found
+    bounds = [b for b in match.groups() if b and re.fullmatch(_BOUND, b)]
+    task = {"op": "integrate", "tree": tree, "variable": variable, "bounds": None}
+    task["label"] = f"the integral of {render(tree)} d{variable}"
+    if len(bounds) == 2:
+        task["bounds"] = [_expression(b) for b in bounds]
+        task["label"] += f" from {bounds[0]} to {bounds[1]}"
+    return task
 
 
 # -- equations -----------------------------------------------------------------------------------
