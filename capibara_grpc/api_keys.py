@@ -17,9 +17,7 @@ import asyncio
 import contextlib
 import hashlib
 import re
-from collections.abc import AsyncIterator
-
-from prometheus_client import REGISTRY
+from collections.abc import AsyncIterator, Iterator
 
 from capibara_grpc import metrics, tracing
 from capibara_grpc.chat_types import Finished
@@ -119,53 +117,48 @@ class KeyUsage:
             metrics.KEY_TOKENS.labels(self.key, model, "completion").inc(self.completion_tokens)
 
 
-def key_usage(registry=REGISTRY) -> list[dict]:
+def _counts(counter) -> Iterator[tuple[dict[str, str], int]]:
+    """(labels, value) of each series of one of this process's counters; reads that counter only,
+    not the whole registry (its histograms have a sample per bucket)."""
+    for family in counter.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                yield sample.labels, int(sample.value)
+
+
+def key_usage() -> list[dict]:
     """Usage per key and model, from this process's counters (the gateway's): one dict per
     (key, model) with requests, errors (calls whose code is not OK), prompt_tokens and
     completion_tokens, sorted by key then model. For the status endpoint."""
     rows: dict[tuple[str, str], dict] = {}
 
-    def row(key: str, model: str) -> dict:
-        return rows.setdefault(
-            (key, model),
-            {"key": key, "model": model, "requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0},
-        )
+    def row(labels: dict[str, str]) -> dict:
+        key, model = labels["key"], labels["model"]
+        empty = {"key": key, "model": model, "requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        return rows.setdefault((key, model), empty)
 
-    for family in registry.collect():
-        if family.name not in ("capibara_key_requests", "capibara_key_tokens"):
-            continue
-        for sample in family.samples:
-            if not sample.name.endswith("_total"):
-                continue
-            labels, value = sample.labels, int(sample.value)
-            entry = row(labels["key"], labels["model"])
-            if family.name == "capibara_key_requests":
-                entry["requests"] += value
-                if labels["code"] != "OK":
-                    entry["errors"] += value
-            else:
-                entry[f"{labels['kind']}_tokens"] += value
+    for labels, value in _counts(metrics.KEY_REQUESTS):
+        entry = row(labels)
+        entry["requests"] += value
+        if labels["code"] != "OK":
+            entry["errors"] += value
+    for labels, value in _counts(metrics.KEY_TOKENS):
+        row(labels)[f"{labels['kind']}_tokens"] += value
     return [rows[k] for k in sorted(rows)]
 
 
-def key_calls(registry=REGISTRY) -> list[dict]:
+def key_calls() -> list[dict]:
     """Calls of every API per key, from this process's counters (capibara_key_calls_total): one
     dict per (key, method) with calls and errors (code not OK), method as 'RouterService/Route',
     sorted by key then method. With every service in one process (the default) that is all of
     them; with services in their own processes, only the gateway's (Prometheus sums them all)."""
     rows: dict[tuple[str, str], dict] = {}
-    for family in registry.collect():
-        if family.name != "capibara_key_calls":
-            continue
-        for sample in family.samples:
-            if not sample.name.endswith("_total"):
-                continue
-            labels, value = sample.labels, int(sample.value)
-            method = f"{labels['service'].rsplit('.', 1)[-1]}/{labels['method']}"
-            entry = rows.setdefault(
-                (labels["key"], method), {"key": labels["key"], "method": method, "calls": 0, "errors": 0}
-            )
-            entry["calls"] += value
-            if labels["code"] != "OK":
-                entry["errors"] += value
+    for labels, value in _counts(metrics.KEY_CALLS):
+        method = f"{labels['service'].rsplit('.', 1)[-1]}/{labels['method']}"
+        entry = rows.setdefault(
+            (labels["key"], method), {"key": labels["key"], "method": method, "calls": 0, "errors": 0}
+        )
+        entry["calls"] += value
+        if labels["code"] != "OK":
+            entry["errors"] += value
     return [rows[k] for k in sorted(rows)]
