@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import pathlib
-import statistics
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ sys.path.insert(0, str(REPO))
 from mcp import Client  # noqa: E402
 from mcp.client.stdio import StdioServerParameters  # noqa: E402
 
+from benchmarks.mcp_tools import percentiles  # noqa: E402
 from capibara_grpc.config.schema import McpServerConfig, McpToolConfig  # noqa: E402
 from capibara_grpc.context.mcp_sources import McpSources  # noqa: E402
 
@@ -34,11 +34,6 @@ SERVER = ["-m", "tests.support.mcp_weather_server"]
 HTTP_PORT = 31195
 QUESTION = "¿Qué tiempo hace en Málaga?"
 TOOL = McpToolConfig(patterns=[r"\bque tiempo hace en (?P<city>[a-z]+)"], arguments={"city": "city"})
-
-
-def percentiles(samples: list[float]) -> str:
-    ms = sorted(s * 1000 for s in samples)
-    return f"p50 {statistics.median(ms):7.2f} ms   p95 {ms[int(len(ms) * 0.95) - 1]:7.2f} ms   n={len(ms)}"
 
 
 async def kept_session(config: McpServerConfig, calls: int) -> list[float]:
