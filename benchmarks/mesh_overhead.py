@@ -252,7 +252,7 @@ def main() -> None:
     started = time.time()
     load_before = load_average()
     models = {
-        "gpt-oss-20b": launched_model(BASE + 80, parallel=4, threads=2),
+        "gpt-oss-20b": launched_model(BASE + 80, parallel=4, threads=1),
         # The routes' other model ids on the same llama-server: one process on 2 cores.
         "phi": {"backend": {"url": f"http://127.0.0.1:{BASE + 80}"}},
         "mixtral": {"backend": {"url": f"http://127.0.0.1:{BASE + 80}"}},

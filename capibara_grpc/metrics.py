@@ -80,13 +80,21 @@ def split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
+# (method, code) -> its request counter and duration histogram: prometheus_client's labels() takes
+# a lock and builds a key on every call, which showed in the router's per-call profile.
+_CALL_METRICS: dict[tuple[str, str], tuple] = {}
+
+
 def observe_call(full_method: str, code: str, started: float, key: str = "") -> None:
     """One finished call; `key` is the caller's API key id when it came through the edge with one."""
-    service, method = split_method(full_method)
-    REQUESTS.labels(service, method, code).inc()
-    REQUEST_SECONDS.labels(service, method, code).observe(time.perf_counter() - started)
+    children = _CALL_METRICS.get((full_method, code))
+    if children is None:
+        labels = (*split_method(full_method), code)
+        children = _CALL_METRICS[(full_method, code)] = (REQUESTS.labels(*labels), REQUEST_SECONDS.labels(*labels))
+    children[0].inc()
+    children[1].observe(time.perf_counter() - started)
     if key:
-        KEY_CALLS.labels(key, service, method, code).inc()
+        KEY_CALLS.labels(key, *split_method(full_method), code).inc()
 
 
 async def _metrics(_request: web.Request) -> web.Response:

@@ -1,7 +1,7 @@
 """Builds and runs the gRPC servers of the mesh; one or several services per process.
 
 Each service listens on its own port (services.<name>.port) with grpc.health.v1, server
-reflection and the error-mapping interceptor. Which services exist, in which order a process
+reflection and the error mapping (errors.py). Which services exist, in which order a process
 starts them and how is the service table's (capibara_grpc/services.py): each row names a start
 function, `async def start(servers: MeshServers)`, beside its service (e.g. router/wiring.py),
 which builds the servicers and calls `servers.serve(...)`. This module imports none of them.
@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from capibara_grpc import metrics, services, tracing
 from capibara_grpc.config import MeshConfig
-from capibara_grpc.errors import ErrorMappingInterceptor
+from capibara_grpc.errors import error_mapping_server
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def health_channel(config: MeshConfig, service: str, address: str | None = None)
 
 
 def _new_server() -> grpc.aio.Server:
-    return grpc.aio.server(interceptors=[ErrorMappingInterceptor()], options=SERVER_OPTIONS)
+    return error_mapping_server(SERVER_OPTIONS)
 
 
 def _listen(server: grpc.aio.Server, config: MeshConfig, service: str) -> None:

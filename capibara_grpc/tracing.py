@@ -28,11 +28,17 @@ KEY_ID_HEADER = "x-capibara-key-id"
 current_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 
-def request_id_from(context: grpc.aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
+def ids_from(metadata) -> tuple[str, str]:
+    """(request id, API key id) of a call, from its invocation metadata in one pass: the request
+    id the caller (or the edge) sent, else a new one; the key id '' when the mesh has no keys or
+    the call did not come through the edge."""
+    request_id = key_id = ""
+    for key, value in metadata or ():
         if key == REQUEST_ID and value:
-            return value[:128]
-    return uuid.uuid4().hex
+            request_id = value[:128]
+        elif key == KEY_ID_HEADER:
+            key_id = value.decode() if isinstance(value, bytes) else value
+    return request_id or uuid.uuid4().hex, key_id
 
 
 def key_id_from(metadata) -> str:

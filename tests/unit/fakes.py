@@ -13,7 +13,7 @@ import grpc
 from capibara_grpc.chat_types import Finished, Message, SamplingParams, Token
 from capibara_grpc.config import MeshConfig, parse_config
 from capibara_grpc.consensus.client import ConsensusAnswer
-from capibara_grpc.errors import ErrorMappingInterceptor, MeshError, Unavailable
+from capibara_grpc.errors import MeshError, Unavailable, error_mapping_server
 from capibara_grpc.router.core import RouteDecision
 from capibara_grpc.speech.core import AudioChunk
 
@@ -170,9 +170,9 @@ async def collect(events: AsyncIterator) -> list:
 
 @contextlib.asynccontextmanager
 async def serving(add_servicers):
-    """A real grpc.aio server on a free loopback port, with the mesh's ErrorMappingInterceptor,
-    and a channel to it: `add_servicers(server)` puts the servicers under test on it."""
-    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
+    """A real grpc.aio server on a free loopback port, with the mesh's error mapping, and a
+    channel to it: `add_servicers(server)` puts the servicers under test on it."""
+    server = error_mapping_server()
     add_servicers(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

@@ -1,5 +1,5 @@
 """The gateway's servicers over real gRPC: a grpc.aio server on a loopback port with the mesh's
-ErrorMappingInterceptor, the chat flow behind it with fake models (no llama-server, no Envoy).
+error mapping, the chat flow behind it with fake models (no llama-server, no Envoy).
 
 grpcio-testing's server runs synchronous servicers only; these are grpc.aio servicers behind an
 aio interceptor, so they are served for real on 127.0.0.1:0 instead (a few ms per call).

@@ -1,5 +1,5 @@
 """Each service's error mapping over real gRPC (a grpc.aio server on a loopback port with the mesh's
-ErrorMappingInterceptor; see test_gateway_servicer.py for why not grpcio-testing). The real cores
+error mapping (errors.ErrorMappingServer); see test_gateway_servicer.py for why not grpcio-testing). The real cores
 run behind the servicers; what they would reach is faked: model backends on a closed port (backend
 down), a hashing sentence encoder, a speech engine that writes silence."""
 
