@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 
+from capibara_grpc.priority import lower_session_group, nicer_argv
 from capibara_grpc.process_exit import describe_exit
 from capibara_grpc.supervisor import RestartTracker
 
@@ -43,6 +44,7 @@ class ChildProcess:
         env: dict[str, str] | None = None,
         role: str = "",
         ports: list[tuple[str, int]] | None = None,
+        nice: int = 0,
     ):
         self.name = name
         self.argv = argv
@@ -50,6 +52,9 @@ class ChildProcess:
         self.env = {**os.environ, **env} if env else None
         self.role = role or name
         self.ports = ports or []
+        # Levels nicer than the thread that starts it (capibara_grpc/priority.py): the mesh's own
+        # processes run nicer than the model servers.
+        self.nice = nice
         self.process: subprocess.Popen | None = None
         self.started_at = 0.0
         self.state = RUNNING
@@ -64,13 +69,15 @@ class ChildProcess:
                 log.write(f"\n--- capibara up, {time.strftime('%Y-%m-%d %H:%M:%S')}: {note} ---\n".encode())
                 log.flush()
             self.process = subprocess.Popen(
-                self.argv,
+                nicer_argv(self.argv, self.nice),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 env=self.env,
             )
+        if self.nice:  # its own session, so its own scheduling group where the kernel has them
+            lower_session_group(self.process.pid, self.nice)
         self.started_at = time.monotonic()
         self.state = RUNNING
 

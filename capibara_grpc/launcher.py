@@ -39,6 +39,7 @@ from capibara_grpc.launch_commands import (
     speech_in_own_process,
 )
 from capibara_grpc.mcp_server import http_port as mcp_http_port
+from capibara_grpc.priority import Spawner
 from capibara_grpc.process_exit import describe_exit
 from capibara_grpc.server import MeshServers
 from capibara_grpc.supervisor import GIVE_UP, RESTART, RestartTracker
@@ -62,6 +63,8 @@ class Mesh:
         self.failed = asyncio.Event()
         self.missing_models: list[str] = []
         self.up = False  # start() finished
+        # Starts every child; the rest of this process runs supervision.mesh_nice levels nicer.
+        self.spawner: Spawner | None = None
 
     def _check_ports(self) -> None:
         wanted = [
@@ -90,11 +93,11 @@ class Mesh:
         if busy:
             raise StartupError("already in use (another mesh running?): " + ", ".join(busy))
 
-    def _launch(self, child: ChildProcess) -> ChildProcess:
+    async def _launch(self, child: ChildProcess) -> ChildProcess:
         """Start a child under supervision."""
         child.tracker = RestartTracker(self.config.supervision)
-        child.start()
-        self.children.append(child)
+        self.children.append(child)  # first: stop() finds it even if this is cancelled mid-start
+        await self.spawner.run(child.start)
         if self.watcher is None:
             self.watcher = asyncio.create_task(self._watch())
         return child
@@ -110,11 +113,16 @@ class Mesh:
 
     async def start(self) -> None:
         self._check_ports()
+        # Model servers first (capibara_grpc/priority.py): children start from the spawner's
+        # thread, at the priority capibara up was started with; the services in this process,
+        # and Envoy and service processes (`nice`), run mesh_nice levels nicer.
+        self.spawner = Spawner()
+        self.spawner.lower_the_rest(self.config.supervision.mesh_nice)
         backends = []  # (child, url) of every llama-server started, replicas included
         for model in (m for m in self.config.models.values() if m.launch):
             for number, url in enumerate(model.server_urls):
                 name = f"llama-server-{model.model_id}" + (f"-{number}" if number else "")
-                child = self._launch(
+                child = await self._launch(
                     ChildProcess(
                         name,
                         llama_server_argv(self.config, model, url),
@@ -133,7 +141,7 @@ class Mesh:
         host = self.config.services.host
         for service, argv in own_process.items():
             endpoint = self.config.services.endpoint(service)
-            service_children[service] = self._launch(
+            service_children[service] = await self._launch(
                 ChildProcess(
                     service,
                     argv,
@@ -141,6 +149,7 @@ class Mesh:
                     env={"PYTHONPATH": str(REPO_ROOT), LOG_FORMAT_ENV: "json"},
                     role=f"the {service} service",
                     ports=[(host, endpoint.port), (host, endpoint.metrics)],
+                    nice=self.config.supervision.mesh_nice,
                 )
             )
         envoy_yaml = envoy_config.write(self.config)
@@ -160,13 +169,14 @@ class Mesh:
                 for service, child in service_children.items()
             )
         )
-        envoy = self._launch(
+        envoy = await self._launch(
             ChildProcess(
                 "envoy",
                 envoy_argv(envoy_yaml),
                 self.logs / "envoy.log",
                 role="Envoy, the mesh's front door",
                 ports=self._envoy_ports(),
+                nice=self.config.supervision.mesh_nice,
             )
         )
         await self._wait_http(envoy, f"http://{self.config.edge.admin_address}:{self.config.edge.admin_port}/ready")
@@ -248,7 +258,7 @@ class Mesh:
         if busy:
             self.log(f"capibara up: {child.name}: port {busy[0][0]}:{busy[0][1]} still in use; starting it anyway")
         try:
-            child.start(note=f"restart {attempt}, after the previous run {last_exit}")
+            await self.spawner.run(child.start, f"restart {attempt}, after the previous run {last_exit}")
         except OSError as exc:  # the binary went away, say
             child.state = GIVEN_UP
             self.log(
@@ -320,6 +330,8 @@ class Mesh:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.spawner:  # a child being started is started before it is stopped
+            await asyncio.to_thread(self.spawner.close)
         for child in reversed(self.children):
             if child.name == "envoy":
                 child.stop()

@@ -16,6 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from capibara_grpc.priority import thread_nice
 from tests.support.mesh import launched_model, processes_using, running_mesh, stop_mesh
 from tests.support.sse import read_events
 
@@ -75,6 +76,9 @@ async def eventually(check, timeout_s: float = 10.0):
 def test_every_service_runs_as_its_own_process(split_mesh):
     pids = {service: split_mesh.service_pid(service) for service in SERVICES}
     assert len(set(pids.values())) == len(SERVICES)
+    # Each as nice as the mesh's own work (supervision.mesh_nice: 5), behind the model servers.
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert {service: thread_nice(pid) for service, pid in pids.items()} == dict.fromkeys(SERVICES, base + 5)
 
 
 def test_services_call_each_other_through_envoy(split_mesh):

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from capibara_grpc.config import ConfigError, SupervisionConfig, parse_config
+from capibara_grpc.priority import autogroup_enabled, autogroup_nice, thread_nice
 from capibara_grpc.process_exit import describe_exit
 from capibara_grpc.supervisor import GIVE_UP, LEAVE, RESTART, RestartTracker, backoff_delays
 from tests.support.mesh import REPO, VENV_BIN, launched_model, mesh_config, processes_using, running_mesh, stop_mesh
@@ -116,7 +117,7 @@ router:
 
 def test_supervision_defaults_and_settings():
     config = parse_config(CONFIG, check_files=False)
-    assert config.supervision == SupervisionConfig("on-failure", 0.5, 30.0, 5, 30.0)
+    assert config.supervision == SupervisionConfig("on-failure", 0.5, 30.0, 5, 30.0, mesh_nice=5)
     # `no` unquoted is a YAML boolean; the setting still reads it as the word.
     config = parse_config(
         CONFIG + "supervision: {restart: no, backoff_initial_s: 1, give_up_after: 0}\n", check_files=False
@@ -136,6 +137,8 @@ def test_supervision_defaults_and_settings():
         ("backoff_initial_s: 5\n  backoff_max_s: 1", 11, "supervision.backoff_max_s (1) must not be below"),
         ("give_up_after: -1", 10, "supervision.give_up_after must be 0 (never give up) or more"),
         ("stable_after_s: -3", 10, "supervision.stable_after_s must be a positive number"),
+        ("mesh_nice: 20", 10, "supervision.mesh_nice must be a whole number from 0 to 19"),
+        ("mesh_nice: -1", 10, "supervision.mesh_nice must be a whole number from 0 to 19"),
         ("restrat: no", 10, "unknown key 'restrat' in supervision"),
         ("backoff_max_s: soon", 10, "supervision.backoff_max_s must be a number"),
     ],
@@ -252,6 +255,29 @@ def test_a_model_that_never_starts_is_given_up_and_the_rest_keeps_serving(superv
     assert status == 503 and "broken" in error["message"], error
 
 
+def envoy_pid(mesh) -> int:
+    state_dir = mesh.config["state_dir"]
+    (line,) = [p for p in processes_using(f"{state_dir}/envoy") if "envoy" in p.split()[1]]
+    return int(line.split(":", 1)[0])
+
+
+def test_model_servers_run_ahead_of_the_mesh(supervised_mesh):
+    """supervision.mesh_nice (5 by default): Envoy and capibara up's own threads (the services) are
+    5 levels nicer than the llama-server, which keeps the priority capibara up was started with;
+    one thread of capibara up (the one that starts children) keeps it too."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # capibara up inherited the test's
+    (server,) = llama_server_pids(STURDY_PORT)
+    assert thread_nice(server) == base
+    assert thread_nice(envoy_pid(supervised_mesh)) == base + 5
+    up = supervised_mesh.process.pid
+    threads = [thread_nice(f"{up}/task/{tid}") for tid in os.listdir(f"/proc/{up}/task")]
+    assert threads.count(base) == 1 and threads.count(base + 5) == len(threads) - 1, threads
+    if autogroup_enabled():  # each child leads its own session, so it is its own scheduling group
+        assert autogroup_nice(server) == 0
+        assert autogroup_nice(envoy_pid(supervised_mesh)) == 5
+        assert autogroup_nice(up) == 5  # capibara up leads its own session here (the test started it so)
+
+
 def test_a_killed_llama_server_serves_again_within_10_s(supervised_mesh):
     assert chat(supervised_mesh, "sturdy")[0] == 200
     (old_pid,) = llama_server_pids(STURDY_PORT)
@@ -268,6 +294,8 @@ def test_a_killed_llama_server_serves_again_within_10_s(supervised_mesh):
     assert back_after < 10
     (new_pid,) = llama_server_pids(STURDY_PORT)
     assert new_pid != old_pid
+    # Started again by capibara up's spawner thread: at the model servers' priority, not the mesh's.
+    assert thread_nice(new_pid) == os.getpriority(os.PRIO_PROCESS, 0)
     output = supervised_mesh.output()
     (death,) = [line for line in output.splitlines() if f"llama-server-sturdy (pid {old_pid})" in line]
     assert "killed by SIGKILL (killed outright: by the kernel's out-of-memory killer" in death, death
@@ -282,8 +310,7 @@ def test_a_killed_llama_server_serves_again_within_10_s(supervised_mesh):
 
 def test_a_killed_envoy_is_restarted_and_the_edge_answers_again(supervised_mesh):
     state_dir = supervised_mesh.config["state_dir"]
-    (line,) = [p for p in processes_using(f"{state_dir}/envoy") if "envoy" in p.split()[1]]
-    old_pid = int(line.split(":", 1)[0])
+    old_pid = envoy_pid(supervised_mesh)
     os.kill(old_pid, signal.SIGKILL)
     killed_at = time.monotonic()
     output = supervised_mesh.wait_for_output("restarted envoy (pid ", timeout_s=10)
@@ -300,6 +327,8 @@ def test_a_killed_envoy_is_restarted_and_the_edge_answers_again(supervised_mesh)
     assert status == 200, body
     print(f"the edge answered again {time.monotonic() - killed_at:.1f} s after Envoy's SIGKILL")
     assert supervised_mesh.process.poll() is None  # capibara up is still running
+    # Started again as nice as the first time: the restart keeps the mesh behind the model servers.
+    assert thread_nice(envoy_pid(supervised_mesh)) == os.getpriority(os.PRIO_PROCESS, 0) + 5
 
 
 # Last: it stops the module's mesh.

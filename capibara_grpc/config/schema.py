@@ -375,6 +375,10 @@ class SupervisionConfig:
     give_up_after: int = 5
     # A process up this long counts as working again: the next death starts from the first delay.
     stable_after_s: float = 30.0
+    # Model servers first: the mesh's own processes (its services and Envoy) run this many nice
+    # levels below the llama-servers `capibara up` launches, so a burst of routing on busy cores
+    # waits and token generation does not (0-19; 0 = the same priority; capibara_grpc/priority.py).
+    mesh_nice: int = 5
 
 
 @dataclass

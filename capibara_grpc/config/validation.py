@@ -271,6 +271,8 @@ def _validate_supervision(supervision: SupervisionConfig, fail) -> None:
     for key in ("backoff_initial_s", "backoff_max_s", "stable_after_s"):
         if getattr(supervision, key) <= 0:
             fail(line_of(supervision, key), f"supervision.{key} must be a positive number of seconds")
+    if not 0 <= supervision.mesh_nice <= 19:
+        fail(line_of(supervision, "mesh_nice"), "supervision.mesh_nice must be a whole number from 0 to 19")
     if supervision.backoff_max_s < supervision.backoff_initial_s:
         fail(
             line_of(supervision, "backoff_max_s"),
