@@ -1,23 +1,26 @@
 """Load for benchmarks/mesh_overhead.py, each in its own process: the no-op grpc.aio ceiling
-service, and a grpc.aio load generator (h2load sends one body; this one cycles distinct Route
-queries).
+service, and a load generator that cycles distinct Route queries (h2load sends one body):
+benchmarks/grpc_load.mjs, on Node's built-in http2, because the grpc.aio generator it replaced
+used much of the machine's CPU itself and skewed the figures.
 
     .venv/bin/python benchmarks/mesh_load.py noop PORT
-    .venv/bin/python benchmarks/mesh_load.py generate TARGET METHOD SECONDS IN_FLIGHT [CERT] [RATE]
+    node benchmarks/grpc_load.mjs TARGET METHOD SECONDS IN_FLIGHT CERT RATE BODIES_FILE
+
+load_process starts the generator (writing its BODIES_FILE), load_result reads its figures.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import atexit
+import functools
 import json
 import pathlib
-import signal
-import statistics
+import shutil
 import struct
 import subprocess
 import sys
-import time
+import tempfile
 
 import grpc
 
@@ -27,7 +30,8 @@ from capibara_grpc.router import evaluate
 from capibara_grpc.stubs import router_pb2
 
 NOOP_METHOD = "/capibara.bench.v1.Noop/Call"
-CONNECTIONS = 4
+CONNECTIONS = 4  # grpc_load.mjs opens as many
+GENERATOR = pathlib.Path(__file__).resolve().parent / "grpc_load.mjs"
 
 
 def grpc_frame(message: bytes) -> bytes:
@@ -67,73 +71,54 @@ async def serve_noop(port: int) -> None:
     await server.wait_for_termination()
 
 
-# -- grpc.aio load generator (its own process) --------------------------------------------------
+# -- the load generator (grpc_load.mjs, its own process) ----------------------------------------
 
 
-async def generate_load(target: str, tls_cert: str, method: str, seconds: float, in_flight: int, rate: float) -> dict:
-    """Closed loop, `in_flight` calls over 4 connections, each a distinct query (cycled); with
-    `rate`, no faster than that many calls/s in all; SIGTERM ends it early (with its figures).
-    Returns {"rps", "p50", "errors"}."""
-    texts = distinct_queries()
-    bodies = itertools.cycle([router_pb2.RouteRequest(query=t).SerializeToString() for t in texts])
-    options = [("grpc.use_local_subchannel_pool", 1), ("grpc.ssl_target_name_override", "localhost")]
-    if tls_cert:
-        credentials = grpc.ssl_channel_credentials(root_certificates=pathlib.Path(tls_cert).read_bytes())
-        channels = [grpc.aio.secure_channel(target, credentials, options=options) for _ in range(CONNECTIONS)]
-    else:
-        channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(CONNECTIONS)]
-    calls = [channel.unary_unary(method) for channel in channels]
-    await asyncio.gather(*(call(next(bodies), timeout=10) for call in calls))  # connect first
-    latencies, errors = [], 0
-    started = time.perf_counter()
-    stop_at = started + seconds
-    sent = 0
+@functools.cache
+def route_bodies() -> bytes:
+    """Every distinct query as a framed RouteRequest, back to back: grpc_load.mjs sends them in turn."""
+    return b"".join(grpc_frame(router_pb2.RouteRequest(query=t).SerializeToString()) for t in distinct_queries())
 
-    def stop() -> None:
-        nonlocal stop_at
-        stop_at = 0.0
 
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
-
-    async def worker(call):
-        nonlocal errors, sent
-        while (now := time.perf_counter()) < stop_at:
-            if rate:
-                due = started + sent / rate
-                sent += 1
-                if due > now:
-                    await asyncio.sleep(due - now)
-            began = time.perf_counter()
-            try:
-                await call(next(bodies), timeout=10)
-                latencies.append(time.perf_counter() - began)
-            except grpc.aio.AioRpcError:
-                errors += 1
-
-    await asyncio.gather(*(worker(calls[i % CONNECTIONS]) for i in range(in_flight)))
-    elapsed = time.perf_counter() - started
-    for channel in channels:
-        await channel.close()
-    ms = sorted(x * 1000 for x in latencies)
-    return {"rps": len(ms) / elapsed, "p50": statistics.median(ms) if ms else float("nan"), "errors": errors}
+def remove_quietly(path: str) -> None:
+    pathlib.Path(path).unlink(missing_ok=True)
 
 
 def load_process(target: str, method: str, seconds: float, in_flight: int, cert: str = "", rate: float = 0):
-    argv = [sys.executable, __file__, "generate", target, method, str(seconds), str(in_flight), cert, str(rate)]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    """Closed loop, `in_flight` calls over CONNECTIONS connections to `target` (TLS with the CA
+    `cert`, else plaintext), each a distinct Route query (cycled); with `rate`, no faster than that
+    many calls/s in all; terminate() ends it early (with its figures). Read them with load_result."""
+    node = shutil.which("node")
+    if node is None:
+        raise RuntimeError("benchmarks/grpc_load.mjs needs Node.js 18+ on PATH (Debian: apt-get install nodejs)")
+    with tempfile.NamedTemporaryFile(prefix="grpc_load_", suffix=".bin", delete=False) as bodies:
+        bodies.write(route_bodies())
+    atexit.register(remove_quietly, bodies.name)  # if load_result never runs
+    argv = [node, str(GENERATOR), target, method, str(seconds), str(in_flight), cert, str(rate), bodies.name]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    process.bodies_file = bodies.name
+    return process
 
 
 def load_result(process: subprocess.Popen) -> dict:
-    out, _ = process.communicate(timeout=120)
-    return json.loads(out.strip().splitlines()[-1])
+    """{"rps": ok calls/s, "p50": median ok latency in ms (nan without one), "errors": n}."""
+    try:
+        out, _ = process.communicate(timeout=120)
+    finally:
+        remove_quietly(process.bodies_file)
+    lines = out.strip().splitlines()
+    if not lines:
+        raise RuntimeError(f"grpc_load.mjs exited {process.returncode} without figures (its stderr says why)")
+    result = json.loads(lines[-1])
+    if result["p50"] is None:  # no ok call: JSON has no NaN
+        result["p50"] = float("nan")
+    return result
 
 
 def main() -> None:
-    if sys.argv[1] == "noop":
-        asyncio.run(serve_noop(int(sys.argv[2])))
-        return
-    target, method, seconds, in_flight, cert, rate = (sys.argv[2:] + ["", "0"])[:6]
-    print(json.dumps(asyncio.run(generate_load(target, cert, method, float(seconds), int(in_flight), float(rate)))))
+    if sys.argv[1:2] != ["noop"] or len(sys.argv) != 3:
+        sys.exit(__doc__)
+    asyncio.run(serve_noop(int(sys.argv[2])))
 
 
 if __name__ == "__main__":
