@@ -8,7 +8,7 @@ the mesh's config, with one extra route and cluster for the no-op service. Then:
   1. no-op direct, no-op via the edge, Route direct, Route via the edge: h2load, 4 connections x 16
      streams, one repeated 29-byte request (h2load sends one body);
   2. Route via the edge with distinct queries (the 395 texts of the router's evaluation sets,
-     cycled): h2load cannot vary the body, so a grpc.aio load generator in its own process, 64 in
+     cycled): h2load cannot vary the body, so a load generator in its own process (Node's built-in http2, benchmarks/grpc_load.mjs), 64 in
      flight over 4 connections, against the no-op through the same Envoy with the same generator;
      and Route p50 at concurrency 1;
   3. chat time to first token (REST SSE through the edge, router and context on, temperature 0)
@@ -51,6 +51,7 @@ from capibara_grpc.edge import envoy_config
 from capibara_grpc.edge.clusters import service_cluster, socket_address
 from capibara_grpc.edge.tls import ensure_certificate
 from capibara_grpc.launch_commands import envoy_argv
+from capibara_grpc.priority import lower_session_group, nicer_argv
 from capibara_grpc.stubs import (
     consensus_pb2,
     consensus_pb2_grpc,
@@ -268,9 +269,15 @@ def main() -> None:
         directory = pathlib.Path(tmp)
         noop = subprocess.Popen([sys.executable, mesh_load.__file__, "noop", str(NOOP_PORT)], stdout=subprocess.PIPE)
         envoy_log = open(directory / "bench-envoy.log", "wb")  # noqa: SIM115 - closed below
+        # As nice as the mesh's own Envoy (supervision.mesh_nice), in a session of its own.
+        nice = load_config(mesh.config_path).supervision.mesh_nice
         envoy = subprocess.Popen(
-            envoy_argv(bench_envoy_yaml(mesh, directory)), stdout=envoy_log, stderr=subprocess.STDOUT
+            nicer_argv(envoy_argv(bench_envoy_yaml(mesh, directory)), nice),
+            stdout=envoy_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
+        lower_session_group(envoy.pid, nice)
         try:
             assert noop.stdout.readline().startswith(b"noop serving")
             admin = f"http://127.0.0.1:{BENCH_ADMIN_PORT}"
@@ -334,7 +341,7 @@ def print_report(r: dict, args, load_before: str, wall_s: float) -> None:
         ("no-op grpc.aio, via the edge (h2load)", r["noop_edge"]),
         ("Route, one query, direct (h2load)", r["route_direct"]),
         ("Route, one query, via the edge (h2load)", r["route_edge"]),
-        ("no-op, via the edge (grpc.aio generator, 64 in flight)", r["gen_noop_edge"]),
+        ("no-op, via the edge (generator, 64 in flight)", r["gen_noop_edge"]),
         ("Route, distinct queries, via the edge (generator, 64)", r["gen_route_edge"]),
         ("Route, distinct queries, via the edge, concurrency 1", r["gen_route_edge_c1"]),
     ]

@@ -127,13 +127,13 @@ class Router:
         proba = await self._proba(query.strip())
         reasons = []
         recent = [turn for turn in (history or []) if turn.strip()][-2:]
-        words = len(normalize(query).split())
-        opener = normalize(query).split()[:1]
-        own_best = labels[int(proba.argmax())]
+        words = normalize(query).split()
         refers_back = (
-            bool(opener) and opener[0] in FOLLOW_UP_OPENERS and not self.classifier.has_evidence(query, own_best)
+            bool(words)
+            and words[0] in FOLLOW_UP_OPENERS
+            and not self.classifier.has_evidence(query, labels[int(proba.argmax())])
         )
-        if recent and words <= FOLLOW_UP_MAX_WORDS and (refers_back or proba.max() < FOLLOW_UP_MAX_CONFIDENCE):
+        if recent and len(words) <= FOLLOW_UP_MAX_WORDS and (refers_back or proba.max() < FOLLOW_UP_MAX_CONFIDENCE):
             context = await self._proba(" ".join(recent))
             weight = float(proba.max()) * (0.3 if refers_back else 1.0)
             mixed = weight * proba + (1 - weight) * context
