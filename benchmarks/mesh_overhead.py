@@ -31,6 +31,7 @@ import json
 import os
 import pathlib
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -103,6 +104,34 @@ def wait_for(check, what: str, timeout_s: float = 60) -> None:
             pass
         time.sleep(0.2)
     raise SystemExit(f"{what} did not come up")
+
+
+# -- CPU per call ------------------------------------------------------------------------------
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a running process (all its threads)."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of this process's finished children (the load generator, once reaped)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def with_cpu(run, pids: dict[str, int]) -> dict:
+    """run() -> {"rps", ...}, plus CPU microseconds per call of each named process and of the
+    load generator (a child of this process, reaped by run())."""
+    before = {name: cpu_s(pid) for name, pid in pids.items()}
+    generator_before = children_cpu_s()
+    result = run()
+    calls = result["rps"] * result["seconds"]
+    cpu = {name: cpu_s(pid) - before[name] for name, pid in pids.items()}
+    cpu["generator"] = children_cpu_s() - generator_before
+    result["cpu_us"] = {name: seconds / calls * 1e6 for name, seconds in cpu.items()} if calls else {}
+    return result
 
 
 # -- h2load ------------------------------------------------------------------------------------
@@ -288,7 +317,7 @@ def main() -> None:
                 "bench Envoy",
             )
             time.sleep(2.5)  # first health checks of the no-op cluster
-            report = run_all(mesh, directory, args)
+            report = run_all(mesh, directory, args, noop.pid, envoy.pid)
         finally:
             for process in (envoy, noop):
                 process.terminate()
@@ -297,11 +326,13 @@ def main() -> None:
     print_report(report, args, load_before, time.time() - started)
 
 
-def run_all(mesh, directory: pathlib.Path, args) -> dict:
+def run_all(mesh, directory: pathlib.Path, args, noop_pid: int, bench_envoy_pid: int) -> dict:
     s = args.seconds
     edge = f"https://localhost:{BENCH_EDGE_PORT}"
     router = mesh.service_address("router")
     route_body = router_pb2.RouteRequest(query=QUERY).SerializeToString()
+    # The process that serves Route: `capibara up` itself, or with --split its router process.
+    router_pid = mesh.service_pid("router") if args.split else mesh.process.pid
     r: dict = {}
     r["noop_direct"] = h2load(f"http://127.0.0.1:{NOOP_PORT}{NOOP_METHOD}", route_body, directory, s)
     r["noop_edge"] = h2load(edge + NOOP_METHOD, route_body, directory, s)
@@ -309,15 +340,23 @@ def run_all(mesh, directory: pathlib.Path, args) -> dict:
     r["route_edge"] = h2load(edge + ROUTE_METHOD, route_body, directory, s)
     cert = str(mesh.cert)
     bench_edge = f"127.0.0.1:{BENCH_EDGE_PORT}"
-    r["gen_noop_edge"] = load_result(load_process(bench_edge, NOOP_METHOD, s, 64, cert))
-    r["gen_route_edge"] = load_result(load_process(bench_edge, ROUTE_METHOD, s, 64, cert))
+    pids = {"Envoy": bench_envoy_pid}
+    r["gen_noop_edge"] = with_cpu(
+        lambda: load_result(load_process(bench_edge, NOOP_METHOD, s, 64, cert)) | {"seconds": s},
+        {**pids, "service": noop_pid},
+    )
+    r["gen_route_edge"] = with_cpu(
+        lambda: load_result(load_process(bench_edge, ROUTE_METHOD, s, 64, cert)) | {"seconds": s},
+        {**pids, "service": router_pid},
+    )
     r["gen_route_edge_c1"] = load_result(load_process(bench_edge, ROUTE_METHOD, s / 2, 1, cert))
     r["chat"] = asyncio.run(measure_chat(mesh, args.chat_runs, args.max_tokens))
-    r["tps_alone"] = asyncio.run(chat_tokens_per_s(mesh, args.chat_runs, args.max_tokens))
+    # Twice the runs: tokens/s alone and loaded are measured apart in time, so drift weighs more.
+    r["tps_alone"] = asyncio.run(chat_tokens_per_s(mesh, 2 * args.chat_runs, args.max_tokens))
     goal_rate = 0.5 * r["noop_edge"]["rps"]
     background = load_process(bench_edge, ROUTE_METHOD, 600, 64, cert, goal_rate)
     time.sleep(1.0)
-    r["tps_loaded"] = asyncio.run(chat_tokens_per_s(mesh, args.chat_runs, args.max_tokens))
+    r["tps_loaded"] = asyncio.run(chat_tokens_per_s(mesh, 2 * args.chat_runs, args.max_tokens))
     background.terminate()  # it reports what it served so far
     r["background"] = load_result(background)
     r["goal_rate"] = goal_rate
@@ -347,6 +386,14 @@ def print_report(r: dict, args, load_before: str, wall_s: float) -> None:
     ]
     for label, row in rows:
         print(f"{label:58} {row['rps']:8.0f} {row['p50']:8.2f} {row['errors']:7d}")
+    goal_rate = 0.5 * r["noop_edge"]["rps"]
+    print(f"\nCPU per call, microseconds (generator, 64 in flight); cores the goal rate ({goal_rate:.0f}/s) needs:")
+    for label, row in (("no-op", r["gen_noop_edge"]), ("Route, distinct", r["gen_route_edge"])):
+        cpu = row["cpu_us"]
+        print(
+            f"  {label:16} service {cpu['service']:6.0f}  Envoy {cpu['Envoy']:6.0f}  generator {cpu['generator']:6.0f}"
+            f"  -> {sum(cpu.values()) * goal_rate / 1e6:.2f} cores (this machine: {os.cpu_count()})"
+        )
     chat = r["chat"]
     bare, final, mesh_ttft = (med(chat[k]) * 1000 for k in ("direct_bare", "direct_final", "mesh"))
     alone, loaded = med(r["tps_alone"]), med(r["tps_loaded"])
