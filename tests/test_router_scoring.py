@@ -82,3 +82,17 @@ def test_only_unsure_texts_are_encoded(classifier):
     classifier.predict_proba(texts, encode)
     # Some texts need their meaning, the fast path decides the others alone.
     assert encoded and len(encoded) < len(texts) and set(encoded) <= set(texts)
+
+
+def test_keyword_hits_by_word_ngrams_match_the_plain_search(classifier):
+    """_keyword_hits looks a text's keywords up by its word n-grams; keyword_hits searches for
+    each keyword in the text. Same counts, every text of both evaluation sets and edge cases
+    (a keyword repeated, multi-word keywords, punctuation, accents, nothing)."""
+    texts = [q["text"] for q in evaluate.load_set()]
+    texts += [q["text"] for q in evaluate.load_set(evaluate.DEFAULT_SET.with_name("router_holdout.yaml"))]
+    multi_word = [k for words in classifier.keywords.values() for k in words if " " in k]
+    texts += ["", "   ", "python python python", "¡PYTHON!, ¿Python?", "c++ y c# y python"]
+    texts += [f"dime {k} y {k.upper()}" for k in multi_word[:20]]
+    plain = np.array([[min(classifier.keyword_hits(t, label), 2) for label in classifier.labels] for t in texts])
+    np.testing.assert_array_equal(classifier._keyword_hits(texts)[:, :-1], plain)
+    assert plain.sum() > len(texts) / 4  # the texts do hit keywords: the comparison means something

@@ -21,7 +21,7 @@ results are the same; tests/unit/test_router_classifier.py checks them against s
 
 from __future__ import annotations
 
-import math
+import itertools
 import re
 import unicodedata
 from collections import Counter
@@ -70,8 +70,9 @@ class LinearScorer:
 
 
 class SparseText:
-    """A fitted TfidfVectorizer's transform (sublinear tf, l2 norm) of one text, times a weight
-    matrix, without building a sparse matrix: the text's few columns are gathered."""
+    """A fitted TfidfVectorizer's transform (sublinear tf, l2 norm) of a batch of texts, times a
+    weight matrix, without building a sparse matrix: each text's few columns are gathered, and
+    the arithmetic is a handful of numpy calls for the whole batch, not per text."""
 
     def __init__(self, vectorizer: TfidfVectorizer, weights: np.ndarray):
         self.analyze = vectorizer.build_analyzer()
@@ -79,15 +80,27 @@ class SparseText:
         self.idf = vectorizer.idf_
         self.weights = np.ascontiguousarray(weights)  # features x classes
 
-    def logits(self, text: str) -> np.ndarray:
-        counts = Counter(term for term in self.analyze(text) if term in self.vocabulary)
-        if not counts:
-            return np.zeros(self.weights.shape[1])
-        columns = np.fromiter((self.vocabulary[t] for t in counts), dtype=np.intp, count=len(counts))
-        values = np.fromiter((1.0 + math.log(c) for c in counts.values()), dtype=float, count=len(counts))
-        values *= self.idf[columns]
-        values /= np.sqrt(values @ values)
-        return values @ self.weights[columns]
+    def logits(self, texts: list[str]) -> np.ndarray:
+        """texts x classes."""
+        rows, columns, counts = [], [], []
+        lookup = self.vocabulary.get
+        for row, text in enumerate(texts):
+            terms = self.analyze(text)
+            found = Counter(map(lookup, terms, itertools.repeat(-1, len(terms))))  # -1: not in the vocabulary
+            found.pop(-1, None)
+            rows += [row] * len(found)
+            columns += found.keys()
+            counts += found.values()
+        logits = np.zeros((len(texts), self.weights.shape[1]))
+        if not columns:
+            return logits
+        rows, columns = np.array(rows), np.array(columns)
+        values = (1.0 + np.log(np.array(counts, dtype=float))) * self.idf[columns]
+        values /= np.sqrt(np.bincount(rows, values * values, minlength=len(texts)))[rows]
+        # rows ascend: sum each text's contributions by slicing (np.add.at is far slower)
+        present, starts = np.unique(rows, return_index=True)
+        logits[present] = np.add.reduceat(values[:, None] * self.weights[columns], starts, axis=0)
+        return logits
 
 
 @dataclass
@@ -121,13 +134,30 @@ class RouteClassifier:
         padded = f" {normalize(text)} "
         return sum(f" {word} " in padded for word in self.keywords.get(label, ()))
 
+    def _index_keywords(self) -> None:
+        """keyword -> the label columns it counts for (once per listing), and the most words in a
+        keyword: a text's keywords are then looked up by its word n-grams, not searched for one by
+        one (the same hits as keyword_hits: both texts are normalized, single-spaced)."""
+        self._keyword_columns: dict[str, list[int]] = {}
+        for column, label in enumerate(self.labels):
+            for word in self.keywords.get(label, ()):
+                self._keyword_columns.setdefault(word, []).append(column)
+        self._keyword_words = max((len(k.split()) for k in self._keyword_columns), default=0)
+
     def _keyword_hits(self, texts: list[str], normalized: list[str] | None = None) -> np.ndarray:
+        """texts x (labels + 1): keyword hits per label (keyword_hits), then 2 for arithmetic; at most 2."""
         normalized = normalized or [normalize(t) for t in texts]
         hits = np.zeros((len(texts), len(self.labels) + 1))
         for row, (text, plain) in enumerate(zip(texts, normalized, strict=True)):
-            padded = f" {plain} "
-            for column, label in enumerate(self.labels):
-                hits[row, column] = sum(f" {word} " in padded for word in self.keywords.get(label, ()))
+            words = plain.split()
+            grams = {
+                " ".join(words[start : start + n])
+                for n in range(1, self._keyword_words + 1)
+                for start in range(len(words) - n + 1)
+            }
+            for gram in grams:  # a keyword counts once however often it occurs, as in keyword_hits
+                for column in self._keyword_columns.get(gram, ()):
+                    hits[row, column] += 1
             hits[row, -1] = 2.0 if _ARITHMETIC.search(text.lower()) else 0.0
         return np.minimum(hits, 2.0)
 
@@ -148,6 +178,7 @@ class RouteClassifier:
         self, texts: list[str], labels: list[str], embeddings: np.ndarray, threshold: float | None = None
     ) -> FitReport:
         self.labels = sorted(set(labels))
+        self._index_keywords()
         y = np.array([self.labels.index(label) for label in labels])
         normalized = [normalize(t) for t in texts]
         self._chars = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True).fit(normalized)
@@ -236,7 +267,7 @@ class RouteClassifier:
         texts the fast path is not sure about (`unsure`: they need `add_meaning`)."""
         normalized = [normalize(t) for t in texts]
         lexical = self._lexical_scorer.proba(
-            np.array([self._char_logits.logits(t) + self._word_logits.logits(t) for t in normalized])
+            self._char_logits.logits(normalized) + self._word_logits.logits(normalized)
         )
         keywords = self._keyword_hits(texts, normalized)
         proba = self._fast_scorer.predict_proba(self._spelled(lexical, keywords))
