@@ -162,5 +162,5 @@ const p50 =
       ? latencies[middle]
       : (latencies[middle - 1] + latencies[middle]) / 2;
 // a pipe write is synchronous on Linux, so the line is out before exit
-console.log(JSON.stringify({ rps: latencies.length / (elapsedMs / 1000), p50, errors }));
+console.log(JSON.stringify({ rps: latencies.length / (elapsedMs / 1000), p50, errors, ok: latencies.length }));
 process.exit(0);
