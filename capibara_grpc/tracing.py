@@ -83,6 +83,14 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, request id (when there is one), message."""
 
     def format(self, record: logging.LogRecord) -> str:
+        # `capibara up` writes each record to stderr and to its log file: as JSON to both, it is
+        # formatted once (the line is kept on the record).
+        line = record.__dict__.get("_json_line")
+        if line is None:
+            line = record._json_line = self._format(record)
+        return line
+
+    def _format(self, record: logging.LogRecord) -> str:
         entry = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
