@@ -239,8 +239,8 @@ class _MappedGenericHandler(grpc.GenericRpcHandler):
 class ErrorMappingServer:
     """A grpc.aio.Server whose every servicer (health and reflection too) gets the error mapping
     when it is added: each method's handler is wrapped once, where a grpc.aio.ServerInterceptor
-    runs a coroutine and builds a new handler on every call (measured on Route: 2,692 -> 3,463
-    calls/s for that alone; docs/benchmarks.md). Everything else is the server's own."""
+    runs a coroutine and builds a new handler on every call (docs/benchmarks.md, "Model servers
+    first, and where Route's CPU goes"). Everything else is the server's own."""
 
     def __init__(self, server: grpc.aio.Server):
         self.server = server
