@@ -91,9 +91,10 @@ class Spawner:
         """Every thread of this process but the spawner's `nice` levels nicer (threads created
         later inherit it from their creator), and its session group too when this process leads
         its own session (never a terminal's: that would slow the user's shell)."""
-        if nice <= 0:
+        tasks = pathlib.Path("/proc/self/task")
+        if nice <= 0 or not tasks.is_dir():  # no /proc: not Linux, nothing to lower this way
             return
-        for task in pathlib.Path("/proc/self/task").iterdir():
+        for task in tasks.iterdir():
             tid = int(task.name)
             if tid != self.thread_id:
                 with contextlib.suppress(OSError):  # a thread that just ended
