@@ -13,7 +13,6 @@ leaves Envoy, and REST, native gRPC and /v1 all pass the one guard, so one place
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import re
@@ -21,7 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 
 from capibara_grpc import metrics, tracing
 from capibara_grpc.chat_types import Finished
-from capibara_grpc.errors import StreamError, as_mesh_error
+from capibara_grpc.errors import StreamError, code_name
 
 # A name for a key (the `name: key` form of a keys file line); it goes into metrics and logs.
 _KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -77,12 +76,8 @@ class KeyUsage:
     def counting(self):
         try:
             yield self
-        except (asyncio.CancelledError, GeneratorExit):
-            self.code = "CANCELLED"
-            raise
         except BaseException as exc:
-            error = as_mesh_error(exc)
-            self.code = error.code.name if error is not None else "INTERNAL"
+            self.code = code_name(exc)
             raise
         finally:
             self._count()

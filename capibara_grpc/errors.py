@@ -116,6 +116,17 @@ def as_mesh_error(exc: BaseException) -> MeshError | None:
     return None
 
 
+def code_name(exc: BaseException) -> str:
+    """The gRPC status name a call that ended with `exc` is counted under: CANCELLED when the
+    caller went away (asyncio.CancelledError, GeneratorExit), the code of the MeshError it
+    stands for (as_mesh_error: an upstream call's own code, DEADLINE_EXCEEDED for a timeout),
+    else INTERNAL (a bug). Nothing is logged."""
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return "CANCELLED"
+    error = as_mesh_error(exc)
+    return error.code.name if error is not None else "INTERNAL"
+
+
 def to_mesh_error(exc: BaseException, where: str) -> MeshError:
     """The MeshError an exception stands for; a bug is logged and becomes INTERNAL."""
     error = as_mesh_error(exc)

@@ -13,6 +13,7 @@ Two kinds of figures:
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import math
 import time
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from capibara_gateway.events import ChatDone, ChatEvent, RoutingDecision
 from capibara_gateway.health import HealthReport
 from capibara_grpc.chat_types import Token
-from capibara_grpc.errors import StreamError, as_mesh_error
+from capibara_grpc.errors import StreamError, code_name
 from capibara_grpc.health_names import model_health_name
 
 WINDOW_MINUTES = 15
@@ -170,8 +171,9 @@ class ChatStats:
                 outcome.error = "CANCELLED"
             raise
         except BaseException as exc:
-            error = as_mesh_error(exc)
-            outcome.error = error.code.name if error is not None else "INTERNAL"
+            # code_name's mapping, except that a cancelled task (asyncio.CancelledError) has been
+            # counted INTERNAL here, not CANCELLED: kept as it was.
+            outcome.error = "INTERNAL" if isinstance(exc, asyncio.CancelledError) else code_name(exc)
             raise
         finally:
             self.record(outcome)
