@@ -284,8 +284,8 @@ class MeshStatus:
         if sample.memory is not None:
             self._memory.append((now, sample.memory))
 
-    def _models(self) -> list[dict]:
-        figures = self.chats.models(self.model_ids)
+    def _models(self, figures: dict[str, dict]) -> list[dict]:
+        """`figures`: self.chats.models(self.model_ids), computed once by snapshot()."""
         latest = self._load[-1][1] if self._load else {}
         models = []
         for model_id in self.model_ids:
@@ -338,7 +338,7 @@ class MeshStatus:
             "generated_at": self.clock(),
             "window_s": self.chats.window_minutes * 60,
             "services": [{"name": short, **self.health.get(full)} for short, full in self.services.items()],
-            "models": self._models(),
+            "models": self._models(figures),
             "routes": self.chats.routes(),
             "routing_sources": self.chats.sources(),
             "cache": {"hits": hits, "answered": answered, "hit_rate": round(hits / answered, 3) if answered else 0.0},
