@@ -108,12 +108,17 @@ class ChatStats:
         self._models: dict[int, dict[str, _ModelMinute]] = {}
         self._routes: dict[int, dict[str, _RouteMinute]] = {}
         self._sources: dict[int, collections.Counter] = {}
+        self._pruned_minute: int | None = None
 
     def _minute(self) -> int:
+        """The current minute bucket; the expired ones are dropped when it changes (they can only
+        expire then), not on every chat."""
         minute = int(self.clock() // 60)
-        for buckets in (self._models, self._routes, self._sources):
-            for old in [m for m in buckets if m <= minute - self.window_minutes]:
-                del buckets[old]
+        if minute != self._pruned_minute:
+            self._pruned_minute = minute
+            for buckets in (self._models, self._routes, self._sources):
+                for old in [m for m in buckets if m <= minute - self.window_minutes]:
+                    del buckets[old]
         return minute
 
     def record(self, outcome: ChatOutcome) -> None:

@@ -97,6 +97,22 @@ def test_chats_older_than_the_window_are_forgotten():
     assert stats.routes()[0]["requests"] == 1 and stats.sources() == {"router": 1}
 
 
+def test_expired_minutes_are_dropped_when_the_minute_changes_and_not_on_every_chat():
+    clock = Clock()
+    stats = ChatStats(window_minutes=2, clock=clock)
+    stats.record(ChatOutcome("alpha"))
+    first = int(clock.now // 60)
+    clock.now += 2 * 60
+    stats.record(ChatOutcome("alpha"))
+    assert first not in stats._models
+    stats._models[first] = {}  # an expired bucket the same minute's chats no longer look for
+    stats.record(ChatOutcome("alpha"))
+    assert first in stats._models and stats.models(["alpha"])["alpha"]["requests"] == 2
+    clock.now += 60
+    stats.record(ChatOutcome("alpha"))
+    assert first not in stats._models and stats.models(["alpha"])["alpha"]["requests"] == 3
+
+
 def test_since_is_when_the_status_last_changed():
     clock = Clock(100.0)
     health = HealthSince(clock)
