@@ -47,6 +47,7 @@ def api_key_ids(config: MeshConfig) -> dict[str, str]:
         lines += [(f"{path}:{n}", line.split("#", 1)[0].strip()) for n, line in enumerate(text.splitlines(), 1)]
     lines += [("$CAPIBARA_API_KEYS", key.strip()) for key in os.environ.get("CAPIBARA_API_KEYS", "").split(",")]
     keys: dict[str, str] = {}
+    ids: set[str] = set()  # keys.values(), without a scan per line
     for where, entry in lines:
         try:
             name, key = split_named_key(entry)
@@ -61,9 +62,10 @@ def api_key_ids(config: MeshConfig) -> dict[str, str]:
         id_ = key_id(name, key)
         if key in keys and keys[key] != id_:
             raise ConfigError(f"{where}: this key is listed twice, as '{keys[key]}' and as '{id_}'")
-        if key not in keys and id_ in keys.values():
+        if key not in keys and id_ in ids:
             raise ConfigError(f"{where}: two keys are called '{id_}'; usage and limits must tell them apart")
         keys[key] = id_
+        ids.add(id_)
     overrides = config.edge.key_rate_limit.chat_overrides
     if keys and (unknown := sorted(set(overrides) - set(keys.values()))):
         raise ConfigError(
@@ -116,11 +118,12 @@ def validate(config: MeshConfig, *, check_files: set[str]) -> None:
                 line_of(config.consensus, key),
                 f"consensus.{key} '{value}' is not a model defined under 'models' (defined: {defined})",
             )
+    routes = None  # the routes file, once read (MCP route triggers are checked against it too)
     if "router" in check_files and config.router.enabled:
-        load_routes(config)
+        routes = load_routes(config)
     _validate_speech(config, fail, "speech" in check_files)
     _validate_cache(config, fail)
-    _validate_mcp_servers(config, fail)
+    _validate_mcp_servers(config, fail, routes)
     _validate_edge(config, fail)
     if "gateway" in check_files:
         api_keys(config)
@@ -154,11 +157,18 @@ def _validate_cache(config: MeshConfig, fail) -> None:
 MCP_MAX_TIMEOUT_S = 8.0
 
 
-def _validate_mcp_servers(config: MeshConfig, fail) -> None:
-    servers = config.context.mcp_servers.values()
-    route_names = None  # checked against the routes file when the router runs
-    if config.router.enabled and any(u.routes for s in servers for u in [*s.tools.values(), *s.resources.values()]):
-        route_names = {*load_routes(config).routes, "default"}
+def _validate_mcp_servers(config: MeshConfig, fail, routes=None) -> None:
+    """`routes`: the routes file when validate() read it already; else it is read here, once, for
+    the first trigger that names routes (checked against the routes file when the router runs)."""
+    found: list[set[str]] = []
+
+    def route_names() -> set[str] | None:
+        if not config.router.enabled:
+            return None
+        if not found:
+            found.append({*(routes if routes is not None else load_routes(config)).routes, "default"})
+        return found[0]
+
     for name, server in config.context.mcp_servers.items():
         where = f"context.mcp_servers.{name}"
         if not re.fullmatch(r"[\w.-]{1,64}", name):
@@ -185,6 +195,7 @@ def _validate_mcp_servers(config: MeshConfig, fail) -> None:
 
 
 def _validate_mcp_trigger(path: str, use, arguments: dict[str, str], route_names, fail) -> None:
+    """`route_names()`: the routes a trigger may name, or None when the router is off."""
     if not use.routes and not use.patterns:
         fail(line_of(use), f"{path}: give routes and/or patterns, or it is never used")
     groups = {"message"}
@@ -193,11 +204,12 @@ def _validate_mcp_trigger(path: str, use, arguments: dict[str, str], route_names
             groups |= set(re.compile(pattern).groupindex)
         except re.error as exc:
             fail(line_of(use, "patterns"), f"{path}.patterns: '{pattern}' is not a regular expression: {exc}")
-    unknown = sorted(set(use.routes) - route_names) if route_names is not None else []
+    known = route_names() if use.routes else None
+    unknown = sorted(set(use.routes) - known) if known is not None else []
     if unknown:
         fail(
             line_of(use, "routes"),
-            f"{path}.routes: no route is called {', '.join(unknown)} (routes: {', '.join(sorted(route_names))})",
+            f"{path}.routes: no route is called {', '.join(unknown)} (routes: {', '.join(sorted(known))})",
         )
     for argument, source in arguments.items():
         if source not in groups:
@@ -209,15 +221,8 @@ def _validate_mcp_trigger(path: str, use, arguments: dict[str, str], route_names
 
 def _validate_edge(config: MeshConfig, fail) -> None:
     for key in ("chat", "other"):
-        if getattr(config.edge.rate_limit, key) < 0:
-            fail(
-                line_of(config.edge.rate_limit, key), f"edge.rate_limit.{key} must be 0 (no limit) or a positive number"
-            )
-        if getattr(config.edge.key_rate_limit, key) < 0:
-            fail(
-                line_of(config.edge.key_rate_limit, key),
-                f"edge.key_rate_limit.{key} must be 0 (no limit) or a positive number",
-            )
+        _validate_limit(config, "rate_limit", key, fail)
+        _validate_limit(config, "key_rate_limit", key, fail)
     for name, limit in config.edge.key_rate_limit.chat_overrides.items():
         if limit < 0:
             fail(
@@ -230,6 +235,13 @@ def _validate_edge(config: MeshConfig, fail) -> None:
                 line_of(config.edge, "cors_origins"),
                 f"edge.cors_origins: '{origin}' is not an origin such as https://chat.example.com",
             )
+
+
+def _validate_limit(config: MeshConfig, section: str, key: str, fail) -> None:
+    """edge.<section>.<key> (rate_limit or key_rate_limit, chat or other) is 0 or positive."""
+    limits = getattr(config.edge, section)
+    if getattr(limits, key) < 0:
+        fail(line_of(limits, key), f"edge.{section}.{key} must be 0 (no limit) or a positive number")
 
 
 def _validate_speech(config: MeshConfig, fail, check_files: bool) -> None:
