@@ -123,8 +123,7 @@ class ServerSession:
             if schema is None:
                 log.warning("mcp server %s does not offer the configured tool '%s'", self.name, tool)
                 continue
-            use = triggers.Use(self.name, tool, arguments=dict(config.arguments))
-            if unknown := triggers.unknown_arguments(use, schema):
+            if unknown := triggers.unknown_arguments(config.arguments, schema):
                 log.warning("mcp server %s: tool %s takes no argument %s; not sent", self.name, tool, unknown)
 
     def _down(self, why: str, was_open: bool) -> None:

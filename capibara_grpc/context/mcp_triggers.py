@@ -104,10 +104,10 @@ def tool_arguments(use: Use, hit: Hit, message: str, input_schema: dict) -> dict
     return arguments
 
 
-def unknown_arguments(use: Use, input_schema: dict) -> list[str]:
-    """Configured arguments the tool's schema does not list (never sent)."""
+def unknown_arguments(arguments: dict[str, str], input_schema: dict) -> list[str]:
+    """Configured arguments (a use's `arguments`) the tool's schema does not list (never sent)."""
     properties = input_schema.get("properties") or {}
-    return [a for a in use.arguments if a not in properties]
+    return [a for a in arguments if a not in properties]
 
 
 def bounded(text: str, limit: int) -> str:

@@ -93,7 +93,7 @@ def test_the_whole_message_goes_as_written():
 def test_arguments_the_schema_does_not_list_are_not_sent():
     hit = fired("forecast", "weather in Oslo")
     assert triggers.tool_arguments(USES["forecast"], hit, "weather in Oslo", {"properties": {}}) == {}
-    assert triggers.unknown_arguments(USES["forecast"], {"properties": {"town": {}}}) == ["city"]
+    assert triggers.unknown_arguments(USES["forecast"].arguments, {"properties": {"town": {}}}) == ["city"]
 
 
 def test_a_required_argument_the_message_cannot_fill_means_no_call():
