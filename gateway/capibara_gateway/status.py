@@ -13,7 +13,6 @@ Two kinds of figures:
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import math
 import time
@@ -176,9 +175,9 @@ class ChatStats:
                 outcome.error = "CANCELLED"
             raise
         except BaseException as exc:
-            # code_name's mapping, except that a cancelled task (asyncio.CancelledError) has been
-            # counted INTERNAL here, not CANCELLED: kept as it was.
-            outcome.error = "INTERNAL" if isinstance(exc, asyncio.CancelledError) else code_name(exc)
+            # A client that went away while the chat waited (asyncio.CancelledError) is CANCELLED,
+            # which NOT_ERRORS leaves out of the errors.
+            outcome.error = code_name(exc)
             raise
         finally:
             self.record(outcome)

@@ -5,6 +5,7 @@ their listening port."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 
@@ -178,3 +179,16 @@ def test_a_process_is_found_by_the_port_it_listens_on():
     assert found["envoy"][0] == os.getpid() and found["envoy"][1] > 1
     # Nothing listens there any more.
     assert status_probes.pids_by_port({port}) == {}
+
+
+async def test_a_chat_whose_client_went_away_before_its_first_token_is_not_an_error():
+    stats = ChatStats()
+    slow = Model(first_token_delay_s=5.0)
+    chat = asyncio.create_task(collect(gateway(stats, alpha=slow).chat(ChatInput(message="hola"), 10.0)))
+    await asyncio.sleep(0.1)
+    chat.cancel()  # as grpc.aio cancels the handler when the client disconnects
+    with pytest.raises(asyncio.CancelledError):
+        await chat
+    figures = stats.models(["", "alpha", "beta"])  # "": no model chosen yet
+    assert sum(f["requests"] for f in figures.values()) == 1, figures  # it was counted
+    assert sum(f["errors"] for f in figures.values()) == 0, figures  # and not as an error
