@@ -159,14 +159,18 @@ def h2load(url: str, body: bytes, directory: pathlib.Path, seconds: float, extra
 # -- chat --------------------------------------------------------------------------------------
 
 
-async def sse_chat(session, mesh, body: dict) -> tuple[float, float]:
-    """(time to first token s, tokens/s after the first) of /api/chat/stream through the edge."""
+async def sse_chat(session, mesh, body: dict, backend_speed: list | None = None) -> tuple[float, float]:
+    """(time to first token s, tokens/s after the first) of /api/chat/stream through the edge, as
+    the client sees them; the backend's own tokens/s (its Done timings) appended to `backend_speed`."""
     started, first, tokens = time.perf_counter(), None, 0
     async with session.post(mesh.base_url + "/api/chat/stream", json=body, ssl=mesh.ssl_context()) as response:
         async for line in response.content:
             if line.startswith(b"data:") and b'"token"' in line:
                 tokens += 1
                 first = first or time.perf_counter()
+            elif line.startswith(b"data:") and b'"done"' in line and backend_speed is not None:
+                timings = json.loads(line[5:])["done"]["timings"]
+                backend_speed.append(timings.get("tokensPerSecond", timings.get("tokens_per_second", 0.0)))
     end = time.perf_counter()
     return first - started, (tokens - 1) / (end - first) if tokens > 1 and end > first else 0.0
 
@@ -229,6 +233,7 @@ def tokens_per_s_under_load(mesh, edge: str, cert: str, rate: float, runs: int, 
     body = {"message": CHAT_PROMPT, "max_tokens": max_tokens, "temperature": 0, "model": "gpt-oss-20b"}
     background = load_process(edge, ROUTE_METHOD, 3600, 64, cert, rate)
     alone, loaded, loaded_s = [], [], 0.0
+    backend = {False: [], True: []}  # llama-server's own tokens/s, alone and loaded
 
     async def chats():
         nonlocal loaded_s
@@ -239,7 +244,8 @@ def tokens_per_s_under_load(mesh, edge: str, cert: str, rate: float, runs: int, 
                 background.send_signal(signal.SIGCONT if under_load else signal.SIGSTOP)
                 await asyncio.sleep(0.5)  # the calls in flight end, or the load is back up
                 started = time.perf_counter()
-                (loaded if under_load else alone).append((await sse_chat(session, mesh, body))[1])
+                speed = (await sse_chat(session, mesh, body, backend[under_load]))[1]
+                (loaded if under_load else alone).append(speed)
                 if under_load:
                     loaded_s += time.perf_counter() - started
 
@@ -251,7 +257,14 @@ def tokens_per_s_under_load(mesh, edge: str, cert: str, rate: float, runs: int, 
     # Stopped half the time: what it served came during the loaded chats and the half second
     # before each.
     served_per_s = served["ok"] / (loaded_s + 0.5 * runs)
-    return {"tps_alone": alone, "tps_loaded": loaded, "served": served_per_s, "goal_rate": rate}
+    return {
+        "tps_alone": alone,
+        "tps_loaded": loaded,
+        "backend_alone": backend[False],
+        "backend_loaded": backend[True],
+        "served": served_per_s,
+        "goal_rate": rate,
+    }
 
 
 async def consensus_gaps(mesh, runs: int) -> tuple[list[float], list[float]]:
@@ -432,6 +445,11 @@ def print_report(r: dict, args, load_before: str, wall_s: float) -> None:
         f"  chat tokens/s alone {alone:.1f}; under routing load {loaded:.1f} ({len(r['tps_loaded'])} chats; Route "
         f"offered {r['goal_rate']:.0f}/s = half the no-op ceiling, served about {r['served']:.0f}/s; interleaved)"
     )
+    if r["backend_alone"] and r["backend_loaded"]:
+        print(
+            f"  llama-server's own tokens/s (its timings) alone {med(r['backend_alone']):.1f}; "
+            f"under routing load {med(r['backend_loaded']):.1f}"
+        )
     print(
         f"  consensus vote of 3: last CandidateFinished -> FinalAnswer p50 {med(gaps):.1f} ms (max {max(gaps):.1f}); "
         f"whole call less the slowest candidate p50 {med(bounds):.1f} ms (max {max(bounds):.1f})"
