@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -63,6 +65,9 @@ class ChildProcess:
         self.restart_task: asyncio.Task | None = None
 
     def start(self, note: str = "") -> None:
+        if self.nice and shutil.which(self.argv[0]) is None:
+            # Run through `nice`, a missing binary would be nice's exit 127, restarted in a loop.
+            raise FileNotFoundError(errno.ENOENT, "no such file", self.argv[0])
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             if note:
@@ -76,10 +81,10 @@ class ChildProcess:
                 start_new_session=True,
                 env=self.env,
             )
-        if self.nice:  # its own session, so its own scheduling group where the kernel has them
-            lower_session_group(self.process.pid, self.nice)
         self.started_at = time.monotonic()
         self.state = RUNNING
+        if self.nice:  # its own session, so its own scheduling group where the kernel has them
+            lower_session_group(self.process.pid, self.nice)
 
     @property
     def pid(self) -> int | None:

@@ -1,4 +1,4 @@
-"""Errors raised by the service cores, and the one interceptor that maps them to gRPC status.
+"""Errors raised by the service cores, and the one place that maps them to gRPC status.
 
 Cores raise these plain exceptions and know nothing of gRPC; `mapped_handler`, put around every
 method of every server by `ErrorMappingServer`, turns them (and errors from upstream gRPC calls,
@@ -229,8 +229,9 @@ def mapped_handler(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMetho
 
 
 class _MappedGenericHandler(grpc.GenericRpcHandler):
-    """A generic handler whose answers are wrapped by mapped_handler, once per method (the
-    generated ones answer the same handler for a method every time)."""
+    """A generic handler whose answers are wrapped by mapped_handler, once per method. It assumes
+    the inner handler answers the same handler for a method whatever the call's metadata, as the
+    generated ones and grpc's method_handlers_generic_handler do."""
 
     def __init__(self, inner: grpc.GenericRpcHandler):
         self.inner = inner
@@ -265,6 +266,11 @@ class ErrorMappingServer:
 
     def __getattr__(self, name: str):
         return getattr(self.server, name)
+
+
+# A grpc.aio.Server to anything that asks (grpc_reflection, for one, picks its asyncio servicer
+# only for an isinstance(server, grpc.aio.Server)).
+grpc.aio.Server.register(ErrorMappingServer)
 
 
 def error_mapping_server(options: list[tuple[str, typing.Any]] | None = None) -> ErrorMappingServer:

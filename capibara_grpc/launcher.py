@@ -117,7 +117,8 @@ class Mesh:
         # thread, at the priority capibara up was started with; the services in this process,
         # and Envoy and service processes (`nice`), run mesh_nice levels nicer.
         self.spawner = Spawner()
-        self.spawner.lower_the_rest(self.config.supervision.mesh_nice)
+        # In a thread: a busy kernel makes the session group's write wait (up to a second).
+        await asyncio.to_thread(self.spawner.lower_the_rest, self.config.supervision.mesh_nice)
         backends = []  # (child, url) of every llama-server started, replicas included
         for model in (m for m in self.config.models.values() if m.launch):
             for number, url in enumerate(model.server_urls):

@@ -7,7 +7,7 @@ the CPU to token generation first, and routing and relaying wait. Measured on 2 
 llama-server with one thread kept its full speed beside three busy processes 5 levels nicer, and
 half of it beside three at its own level (docs/benchmarks.md, "Model servers first").
 
-Two kernel settings, both only ever raised (which needs no privilege):
+Two kernel settings, both only ever raised, never lowered (which needs no privilege):
 - a thread's nice value, which orders threads within one scheduling group. Linux keeps it per
   thread and a new thread or child process inherits its creator's, so `capibara up` starts every
   child from one thread kept at the priority it was started with (`Spawner`) and lowers all its
@@ -22,10 +22,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import os
 import pathlib
 import threading
 import time
+
+log = logging.getLogger(__name__)
 
 # Writes to an autogroup's nice value are limited to one every 100 ms across the whole system.
 _AUTOGROUP_TRIES = 10
@@ -48,8 +51,14 @@ def autogroup_nice(pid: int | str = "self") -> int | None:
 
 
 def lower_session_group(pid: int | str, nice: int) -> bool:
-    """Set the nice value of `pid`'s session group (a process of ours that leads its own session);
-    False where the kernel has no autogroup or refused."""
+    """Raise the nice value of `pid`'s session group (a process of ours that leads its own
+    session) to `nice`, never lower it; False where the kernel has no autogroup or refused
+    (logged: the process then competes at its group's old priority)."""
+    current = autogroup_nice(pid)
+    if current is None:
+        return False
+    if current >= nice:
+        return True
     path = pathlib.Path(f"/proc/{pid}/autogroup")
     for _ in range(_AUTOGROUP_TRIES):
         try:
@@ -57,8 +66,10 @@ def lower_session_group(pid: int | str, nice: int) -> bool:
             return True
         except BlockingIOError:  # EAGAIN: another write in the last 100 ms
             time.sleep(0.1)
-        except OSError:
+        except OSError as exc:
+            log.warning("could not lower the scheduling group of process %s: %s", pid, exc)
             return False
+    log.warning("could not lower the scheduling group of process %s: the kernel kept refusing (EAGAIN)", pid)
     return False
 
 

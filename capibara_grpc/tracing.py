@@ -28,26 +28,29 @@ KEY_ID_HEADER = "x-capibara-key-id"
 current_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 
-def ids_from(metadata) -> tuple[str, str]:
-    """(request id, API key id) of a call, from its invocation metadata in one pass: the request
-    id the caller (or the edge) sent, else a new one; the key id '' when the mesh has no keys or
-    the call did not come through the edge."""
+def _scan(metadata) -> tuple[str, str]:
+    """(request id or '', API key id or '') of a call's invocation metadata, in one pass; the
+    first of each when a header is repeated."""
     request_id = key_id = ""
     for key, value in metadata or ():
-        if key == REQUEST_ID and value:
+        if key == REQUEST_ID and value and not request_id:
             request_id = value[:128]
-        elif key == KEY_ID_HEADER:
+        elif key == KEY_ID_HEADER and not key_id:
             key_id = value.decode() if isinstance(value, bytes) else value
+    return request_id, key_id
+
+
+def ids_from(metadata) -> tuple[str, str]:
+    """(request id, API key id) of a call: the request id the caller (or the edge) sent, else a
+    new one; the key id '' when the mesh has no keys or the call did not come through the edge."""
+    request_id, key_id = _scan(metadata)
     return request_id or uuid.uuid4().hex, key_id
 
 
 def key_id_from(metadata) -> str:
     """The caller's API key id in a call's invocation metadata ('' when the mesh has no keys or the
     call did not come through the edge)."""
-    for key, value in metadata or ():
-        if key == KEY_ID_HEADER:
-            return value.decode() if isinstance(value, bytes) else value
-    return ""
+    return _scan(metadata)[1]
 
 
 def _with_request_id(client_call_details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
@@ -153,8 +156,10 @@ def configure_logging(
         file_handler.setFormatter(JsonFormatter())
         handlers.append(file_handler)
     logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)
-    # Neither format shows the caller's file and line, thread or process: not looking them up
-    # for each record (the logging HOWTO's "Optimization") saves a stack walk and a getpid() on
-    # every call's log line, which showed in the router's per-call profile.
+    # Neither format shows the caller's file and line, thread, process or task: not looking them
+    # up for each record (the logging HOWTO's "Optimization") saves a stack walk and a getpid() on
+    # every call's log line, which showed in the router's per-call profile. Process-wide: records
+    # then carry no pathname/lineno (stack_info is ignored) for any handler.
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging.logAsyncioTasks = False  # Python 3.12+

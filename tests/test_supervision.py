@@ -5,6 +5,7 @@ everything."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -266,12 +267,16 @@ def test_model_servers_run_ahead_of_the_mesh(supervised_mesh):
     5 levels nicer than the llama-server, which keeps the priority capibara up was started with;
     one thread of capibara up (the one that starts children) keeps it too."""
     base = os.getpriority(os.PRIO_PROCESS, 0)  # capibara up inherited the test's
+    mesh = min(19, base + 5)  # nice values stop at 19
     (server,) = llama_server_pids(STURDY_PORT)
     assert thread_nice(server) == base
-    assert thread_nice(envoy_pid(supervised_mesh)) == base + 5
+    assert thread_nice(envoy_pid(supervised_mesh)) == mesh
     up = supervised_mesh.process.pid
-    threads = [thread_nice(f"{up}/task/{tid}") for tid in os.listdir(f"/proc/{up}/task")]
-    assert threads.count(base) == 1 and threads.count(base + 5) == len(threads) - 1, threads
+    threads = []
+    for tid in os.listdir(f"/proc/{up}/task"):
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            threads.append(thread_nice(f"{up}/task/{tid}"))
+    assert threads.count(base) == 1 and threads.count(mesh) == len(threads) - 1, threads
     if autogroup_enabled():  # each child leads its own session, so it is its own scheduling group
         assert autogroup_nice(server) == 0
         assert autogroup_nice(envoy_pid(supervised_mesh)) == 5
@@ -328,7 +333,7 @@ def test_a_killed_envoy_is_restarted_and_the_edge_answers_again(supervised_mesh)
     print(f"the edge answered again {time.monotonic() - killed_at:.1f} s after Envoy's SIGKILL")
     assert supervised_mesh.process.poll() is None  # capibara up is still running
     # Started again as nice as the first time: the restart keeps the mesh behind the model servers.
-    assert thread_nice(envoy_pid(supervised_mesh)) == os.getpriority(os.PRIO_PROCESS, 0) + 5
+    assert thread_nice(envoy_pid(supervised_mesh)) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 5)
 
 
 # Last: it stops the module's mesh.

@@ -1,8 +1,8 @@
 """The gateway's servicers over real gRPC: a grpc.aio server on a loopback port with the mesh's
 error mapping, the chat flow behind it with fake models (no llama-server, no Envoy).
 
-grpcio-testing's server runs synchronous servicers only; these are grpc.aio servicers behind an
-aio interceptor, so they are served for real on 127.0.0.1:0 instead (a few ms per call).
+grpcio-testing's server runs synchronous servicers only; these are grpc.aio servicers behind the
+mesh's error mapping, so they are served for real on 127.0.0.1:0 instead (a few ms per call).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import sys
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from capibara_grpc import services
 from capibara_grpc.config import SERVICE_NAMES, MeshConfig, parse_config
@@ -117,6 +118,14 @@ models: {{m: {{backend: {{url: "http://127.0.0.1:9"}}}}}}
             for name in ("", "capibara.context.v1.ContextService"):
                 reply = await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            # Reflection lists the service (grpc's asyncio servicer: the error-mapped server is a
+            # grpc.aio.Server to grpc_reflection).
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            replies = [reply async for reply in reflection.ServerReflectionInfo(iter([request]), timeout=5)]
+            listed = {s.name for s in replies[0].list_services_response.service}
+            assert {"capibara.context.v1.ContextService", "grpc.health.v1.Health"} <= listed, listed
+        assert isinstance(servers.servers[0], grpc.aio.Server)
     finally:
         await servers.stop()
 
