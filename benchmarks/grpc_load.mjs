@@ -129,17 +129,19 @@ if (!first.every((r) => r.answered)) {
 
 const latencies = [];
 let errors = 0;
-let sent = 0;
 const started = performance.now();
+const cpuAtStart = process.cpuUsage();
 if (!stopped) stopAt = started + seconds * 1000;
+// The next call is due 1/RATE after the last one was due, never before now: a generator that fell
+// behind (a slow target, or paused with SIGSTOP) goes on at RATE instead of bursting to catch up.
+let nextDue = started;
 
 async function worker(index) {
   let now;
   while ((now = performance.now()) < stopAt) {
     if (rate > 0) {
-      // call n is due at start + n/RATE, whichever worker sends it
-      const due = started + (sent * 1000) / rate;
-      sent += 1;
+      const due = Math.max(nextDue, now);
+      nextDue = due + 1000 / rate;
       if (due > now) await sleep(due - now);
     }
     const began = performance.now();
@@ -151,6 +153,7 @@ async function worker(index) {
 
 await Promise.all(Array.from({ length: inFlight }, (_, i) => worker(i % CONNECTIONS)));
 const elapsedMs = performance.now() - started;
+const cpu = process.cpuUsage(cpuAtStart); // this process's CPU over the measured window only
 for (const s of sessions) s?.destroy();
 
 latencies.sort((a, b) => a - b);
@@ -162,5 +165,6 @@ const p50 =
       ? latencies[middle]
       : (latencies[middle - 1] + latencies[middle]) / 2;
 // a pipe write is synchronous on Linux, so the line is out before exit
-console.log(JSON.stringify({ rps: latencies.length / (elapsedMs / 1000), p50, errors, ok: latencies.length }));
+const cpuS = (cpu.user + cpu.system) / 1e6;
+console.log(JSON.stringify({ rps: latencies.length / (elapsedMs / 1000), p50, errors, ok: latencies.length, cpu_s: cpuS }));
 process.exit(0);

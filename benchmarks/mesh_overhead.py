@@ -3,50 +3,49 @@
 Starts a mesh (ports 33xxx, router and context on; one llama-server on the shipped SmolLM2 that
 serves the three model ids of config/routes.yaml), a no-op grpc.aio service in its own process,
 and a second Envoy built by the mesh's own builder (capibara_grpc.edge.envoy_config.build) from
-the mesh's config, with one extra route and cluster for the no-op service. Then:
+the mesh's config, with one extra route and cluster for the no-op service; both as nice as the
+mesh's own processes (supervision.mesh_nice). Then:
 
   1. no-op direct, no-op via the edge, Route direct, Route via the edge: h2load, 4 connections x 16
      streams, one repeated 29-byte request (h2load sends one body);
   2. Route via the edge with distinct queries (the 395 texts of the router's evaluation sets,
-     cycled): h2load cannot vary the body, so a load generator in its own process (Node's built-in http2, benchmarks/grpc_load.mjs), 64 in
-     flight over 4 connections, against the no-op through the same Envoy with the same generator;
-     and Route p50 at concurrency 1;
+     cycled): h2load cannot vary the body, so a load generator in its own process
+     (benchmarks/grpc_load.mjs, Node's built-in http2), 64 in flight over 4 connections, against
+     the no-op through the same Envoy with the same generator, with the CPU each process spent
+     per call; and Route p50 at concurrency 1;
   3. chat time to first token (REST SSE through the edge, router and context on, temperature 0)
      against llama-server given the same final prompt (the context service's Enrich), and given
-     the bare prompt: mesh processing and extra prompt tokens apart;
-  4. chat tokens/s alone and under routing load (the generator at the goal rate, half the no-op
-     ceiling);
+     the bare prompt: mesh processing and extra prompt tokens apart (benchmarks/mesh_chat.py);
+  4. chat tokens/s alone and while the generator offers Route at half the no-op ceiling,
+     interleaved chat by chat, with llama-server's own speed and the Route rate served meanwhile;
   5. consensus (vote, three candidates): from the last CandidateFinished to the FinalAnswer.
 
     .venv/bin/python benchmarks/mesh_overhead.py [--seconds 8] [--chat-runs 10] [--split]
+        [--direct] [--mesh-nice N]
 
-A benchmark, not a test: it prints raw figures and ratios for this machine (about 4 minutes).
+A benchmark, not a test: it prints raw figures and ratios for this machine (about 2 minutes).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import pathlib
 import platform
-import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-import aiohttp
-import grpc
 import yaml
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from benchmarks import mesh_load
+from benchmarks.mesh_chat import ROUTE_METHOD, consensus_gaps, measure_chat, tokens_per_s_under_load
 from benchmarks.mesh_load import NOOP_METHOD, grpc_frame, load_process, load_result
 from capibara_grpc.config import load_config
 from capibara_grpc.edge import envoy_config
@@ -55,20 +54,13 @@ from capibara_grpc.edge.tls import ensure_certificate
 from capibara_grpc.launch_commands import envoy_argv
 from capibara_grpc.priority import lower_session_group, nicer_argv
 from capibara_grpc.stubs import (
-    consensus_pb2,
-    consensus_pb2_grpc,
-    context_pb2,
-    context_pb2_grpc,
     router_pb2,
-    router_pb2_grpc,
 )
 from tests.support.mesh import launched_model, mesh_config, running_mesh
 
 BASE = 33000
 NOOP_PORT, BENCH_EDGE_PORT, BENCH_ADMIN_PORT = BASE + 40, BASE + 41, BASE + 42
-ROUTE_METHOD = "/capibara.router.v1.RouterService/Route"
 QUERY = "¿Cuánto es 17 por 23?"  # 29 bytes as a RouteRequest, as in the issue
-CHAT_PROMPT = "Explain in a few sentences why the sky is blue."
 STREAMS = 16  # per connection (mesh_load.CONNECTIONS)
 
 
@@ -116,22 +108,15 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def children_cpu_s() -> float:
-    """CPU seconds of this process's finished children (the load generator, once reaped)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def with_cpu(run, pids: dict[str, int]) -> dict:
-    """run() -> {"rps", ...}, plus CPU microseconds per call of each named process and of the
-    load generator (a child of this process, reaped by run())."""
+    """run() -> the generator's result, plus CPU microseconds per call of each named process and of
+    the generator (its own figure, over its measured window only)."""
     before = {name: cpu_s(pid) for name, pid in pids.items()}
-    generator_before = children_cpu_s()
     result = run()
-    calls = result["rps"] * result["seconds"]
+    calls = max(result["ok"], 1)
     cpu = {name: cpu_s(pid) - before[name] for name, pid in pids.items()}
-    cpu["generator"] = children_cpu_s() - generator_before
-    result["cpu_us"] = {name: seconds / calls * 1e6 for name, seconds in cpu.items()} if calls else {}
+    cpu["generator"] = result["cpu_s"]
+    result["cpu_us"] = {name: seconds / calls * 1e6 for name, seconds in cpu.items()}
     return result
 
 
@@ -154,147 +139,6 @@ def h2load(url: str, body: bytes, directory: pathlib.Path, seconds: float, extra
         "p50": statistics.median(ok) if ok else float("nan"),
         "errors": len(rows) - len(ok),
     }
-
-
-# -- chat --------------------------------------------------------------------------------------
-
-
-async def sse_chat(session, mesh, body: dict, backend_speed: list | None = None) -> tuple[float, float]:
-    """(time to first token s, tokens/s after the first) of /api/chat/stream through the edge, as
-    the client sees them; the backend's own tokens/s (its Done timings) appended to `backend_speed`."""
-    started, first, tokens = time.perf_counter(), None, 0
-    async with session.post(mesh.base_url + "/api/chat/stream", json=body, ssl=mesh.ssl_context()) as response:
-        async for line in response.content:
-            if line.startswith(b"data:") and b'"token"' in line:
-                tokens += 1
-                first = first or time.perf_counter()
-            elif line.startswith(b"data:") and b'"done"' in line and backend_speed is not None:
-                timings = json.loads(line[5:])["done"]["timings"]
-                backend_speed.append(timings.get("tokensPerSecond", timings.get("tokens_per_second", 0.0)))
-    end = time.perf_counter()
-    return first - started, (tokens - 1) / (end - first) if tokens > 1 and end > first else 0.0
-
-
-async def direct_chat(session, url: str, messages: list[dict], max_tokens: int) -> float:
-    """Time to first token of llama-server given `messages` (/apply-template + /completion)."""
-    started = time.perf_counter()
-    async with session.post(url + "/apply-template", json={"messages": messages}) as response:
-        prompt = (await response.json())["prompt"]
-    body = {"prompt": prompt, "stream": True, "n_predict": max_tokens, "temperature": 0, "cache_prompt": True}
-    async with session.post(url + "/completion", json=body) as response:
-        async for line in response.content:
-            if line.startswith(b"data:") and json.loads(line[5:]).get("content"):
-                return time.perf_counter() - started
-    raise RuntimeError("llama-server sent no token")
-
-
-async def routed_model(mesh) -> str:
-    async with grpc.aio.insecure_channel(mesh.service_address("router")) as channel:
-        decision = await router_pb2_grpc.RouterServiceStub(channel).Route(router_pb2.RouteRequest(query=CHAT_PROMPT))
-    return decision.model_id
-
-
-async def final_messages(mesh, model_id: str) -> list[dict]:
-    """The messages the mesh sends for CHAT_PROMPT to `model_id` (the context service's Enrich,
-    asked afresh each time: what it adds, the time for one, changes)."""
-    async with grpc.aio.insecure_channel(mesh.service_address("context")) as channel:
-        enriched = await context_pb2_grpc.ContextServiceStub(channel).Enrich(
-            context_pb2.EnrichRequest(message=CHAT_PROMPT, model_id=model_id)
-        )
-    roles = {1: "system", 2: "user", 3: "assistant"}
-    return [{"role": roles.get(m.role, "user"), "content": m.content} for m in enriched.messages]
-
-
-async def measure_chat(mesh, runs: int, max_tokens: int) -> dict:
-    url = mesh.backend_url("gpt-oss-20b")
-    model_id = await routed_model(mesh)
-    enriched = await final_messages(mesh, model_id)
-    bare = [{"role": "user", "content": CHAT_PROMPT}]
-    body = {"message": CHAT_PROMPT, "max_tokens": max_tokens, "temperature": 0}
-    result = {"direct_bare": [], "direct_final": [], "mesh": [], "mesh_tps": []}
-    async with aiohttp.ClientSession() as session:
-        await direct_chat(session, url, bare, 4), await direct_chat(session, url, enriched, 4)
-        await sse_chat(session, mesh, {**body, "max_tokens": 4})
-        for _ in range(runs):  # interleaved, so drift on a shared machine hits every path alike
-            result["direct_bare"].append(await direct_chat(session, url, bare, max_tokens))
-            enriched = await final_messages(mesh, model_id)
-            result["direct_final"].append(await direct_chat(session, url, enriched, max_tokens))
-            ttft, tps = await sse_chat(session, mesh, body)
-            result["mesh"].append(ttft)
-            result["mesh_tps"].append(tps)
-    result["final_prompt_chars"] = sum(len(m["content"]) for m in enriched)
-    return result
-
-
-def tokens_per_s_under_load(mesh, edge: str, cert: str, rate: float, runs: int, max_tokens: int) -> dict:
-    """Chat tokens/s alone and while the generator offers Route at `rate`, interleaved chat by
-    chat (the generator is paused with SIGSTOP for the chats alone): drift on a shared machine
-    then hits both alike. Returns tps_alone, tps_loaded (lists), served (Route/s while loaded)."""
-    body = {"message": CHAT_PROMPT, "max_tokens": max_tokens, "temperature": 0, "model": "gpt-oss-20b"}
-    background = load_process(edge, ROUTE_METHOD, 3600, 64, cert, rate)
-    alone, loaded, loaded_s = [], [], 0.0
-    backend = {False: [], True: []}  # llama-server's own tokens/s, alone and loaded
-
-    async def chats():
-        nonlocal loaded_s
-        async with aiohttp.ClientSession() as session:
-            await sse_chat(session, mesh, body)  # warm
-            for run in range(2 * runs):
-                under_load = run % 2 == 1
-                background.send_signal(signal.SIGCONT if under_load else signal.SIGSTOP)
-                await asyncio.sleep(0.5)  # the calls in flight end, or the load is back up
-                started = time.perf_counter()
-                speed = (await sse_chat(session, mesh, body, backend[under_load]))[1]
-                (loaded if under_load else alone).append(speed)
-                if under_load:
-                    loaded_s += time.perf_counter() - started
-
-    time.sleep(1.0)
-    asyncio.run(chats())
-    background.send_signal(signal.SIGCONT)
-    background.terminate()  # it reports what it served in all
-    served = load_result(background)
-    # Stopped half the time: what it served came during the loaded chats and the half second
-    # before each.
-    served_per_s = served["ok"] / (loaded_s + 0.5 * runs)
-    return {
-        "tps_alone": alone,
-        "tps_loaded": loaded,
-        "backend_alone": backend[False],
-        "backend_loaded": backend[True],
-        "served": served_per_s,
-        "goal_rate": rate,
-    }
-
-
-async def consensus_gaps(mesh, runs: int) -> tuple[list[float], list[float]]:
-    """Vote of three, ms: (from the last CandidateFinished to the FinalAnswer as the client sees
-    them; the whole call less the slowest candidate's own generation time, an upper bound on the
-    decision's cost that also holds the hops to the consensus service and back)."""
-    credentials = grpc.ssl_channel_credentials(root_certificates=mesh.cert.read_bytes())
-    options = [("grpc.ssl_target_name_override", "localhost")]
-    gaps, bounds = [], []
-    async with grpc.aio.secure_channel(mesh.edge, credentials, options=options) as channel:
-        stub = consensus_pb2_grpc.ConsensusServiceStub(channel)
-        request = consensus_pb2.CombineRequest(
-            models=["gpt-oss-20b", "phi", "mixtral"],
-            strategy=consensus_pb2.STRATEGY_VOTE,
-        )
-        request.params.max_tokens, request.params.temperature = 32, 0
-        for run in range(runs + 1):
-            request.prompt = f"Name three primary colours, then count to {run + 3}."  # distinct: no cache
-            last_finished, slowest = None, 0.0
-            started = time.perf_counter()
-            async for event in stub.Combine(request, timeout=120):
-                kind = event.WhichOneof("event")
-                if kind == "finished":
-                    last_finished = time.perf_counter()
-                    slowest = max(slowest, event.finished.latency_ms)
-                elif kind == "final" and run:  # the first run warms up
-                    now = time.perf_counter()
-                    gaps.append((now - last_finished) * 1000)
-                    bounds.append((now - started) * 1000 - slowest)
-    return gaps, bounds
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -341,17 +185,23 @@ def main() -> None:
         running_mesh(pathlib.Path(tmp), BASE, models, split=args.split, **sections) as mesh,
     ):
         directory = pathlib.Path(tmp)
-        noop = subprocess.Popen([sys.executable, mesh_load.__file__, "noop", str(NOOP_PORT)], stdout=subprocess.PIPE)
-        envoy_log = open(directory / "bench-envoy.log", "wb")  # noqa: SIM115 - closed below
-        # As nice as the mesh's own Envoy (supervision.mesh_nice), in a session of its own.
+        # The no-op ceiling and the bench Envoy run as the mesh's own processes do: as nice
+        # (supervision.mesh_nice), each in a session (scheduling group) of its own.
         nice = load_config(mesh.config_path).supervision.mesh_nice
+        noop = subprocess.Popen(
+            nicer_argv([sys.executable, mesh_load.__file__, "noop", str(NOOP_PORT)], nice),
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        envoy_log = open(directory / "bench-envoy.log", "wb")  # noqa: SIM115 - closed below
         envoy = subprocess.Popen(
             nicer_argv(envoy_argv(bench_envoy_yaml(mesh, directory)), nice),
             stdout=envoy_log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        lower_session_group(envoy.pid, nice)
+        for process in (noop, envoy):
+            lower_session_group(process.pid, nice)
         try:
             assert noop.stdout.readline().startswith(b"noop serving")
             admin = f"http://127.0.0.1:{BENCH_ADMIN_PORT}"
@@ -387,11 +237,11 @@ def run_all(mesh, directory: pathlib.Path, args, noop_pid: int, bench_envoy_pid:
     bench_edge = f"127.0.0.1:{BENCH_EDGE_PORT}"
     pids = {"Envoy": bench_envoy_pid}
     r["gen_noop_edge"] = with_cpu(
-        lambda: load_result(load_process(bench_edge, NOOP_METHOD, s, 64, cert)) | {"seconds": s},
+        lambda: load_result(load_process(bench_edge, NOOP_METHOD, s, 64, cert)),
         {**pids, "service": noop_pid},
     )
     r["gen_route_edge"] = with_cpu(
-        lambda: load_result(load_process(bench_edge, ROUTE_METHOD, s, 64, cert)) | {"seconds": s},
+        lambda: load_result(load_process(bench_edge, ROUTE_METHOD, s, 64, cert)),
         {**pids, "service": router_pid},
     )
     r["gen_route_edge_c1"] = load_result(load_process(bench_edge, ROUTE_METHOD, s / 2, 1, cert))
@@ -428,9 +278,11 @@ def print_report(r: dict, args, load_before: str, wall_s: float) -> None:
     print(f"\nCPU per call, microseconds (generator, 64 in flight); cores the goal rate ({goal_rate:.0f}/s) needs:")
     for label, row in (("no-op", r["gen_noop_edge"]), ("Route, distinct", r["gen_route_edge"])):
         cpu = row["cpu_us"]
+        served = (cpu["service"] + cpu["Envoy"]) * goal_rate / 1e6
         print(
             f"  {label:16} service {cpu['service']:6.0f}  Envoy {cpu['Envoy']:6.0f}  generator {cpu['generator']:6.0f}"
-            f"  -> {sum(cpu.values()) * goal_rate / 1e6:.2f} cores (this machine: {os.cpu_count()})"
+            f"  -> service + Envoy {served:.2f} cores, + generator {cpu['generator'] * goal_rate / 1e6:.2f}"
+            f" (this machine: {os.cpu_count()})"
         )
     chat = r["chat"]
     bare, final, mesh_ttft = (med(chat[k]) * 1000 for k in ("direct_bare", "direct_final", "mesh"))
