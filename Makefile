@@ -12,11 +12,11 @@ COQUI_INSTALLED := .build/coqui.stamp
 SYSTEM_INSTALLED := .build/system.stamp
 TEST_SYSTEM_INSTALLED := .build/test-system.stamp
 # Debian packages. To run: espeak-ng, the embedded speech engine; binutils (objdump) for the install
-# check of llama-server's CPU baseline. To test, also: chromium for the browser tests, redis-server
-# and postgresql for the shared cache and conversation memory, qemu-user to run llama-server as an
-# older CPU (tests/test_portability.py).
+# check of llama-server's CPU baseline. To test, also: chromium and nodejs for the browser tests,
+# redis-server and postgresql for the shared cache and conversation memory, qemu-user to run
+# llama-server as an older CPU (tests/test_portability.py).
 DEBIAN_PACKAGES := espeak-ng binutils
-TEST_DEBIAN_PACKAGES := chromium redis-server postgresql qemu-user
+TEST_DEBIAN_PACKAGES := chromium nodejs redis-server postgresql qemu-user
 APT_INSTALL = missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		$(SUDO) apt-get install -y -q $$missing || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $$missing; }; \
@@ -100,7 +100,8 @@ lint: $(INSTALLED) $(GENERATED)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/buf lint
 
-BENCH_PACKAGES := nghttp2-client wrk
+# h2load, wrk, and node for the gRPC load generator (benchmarks/grpc_load.mjs).
+BENCH_PACKAGES := nghttp2-client wrk nodejs
 
 bench: install protos
 	@$(call APT_INSTALL,$(BENCH_PACKAGES))
