@@ -52,7 +52,7 @@ from capibara_grpc.edge import envoy_config
 from capibara_grpc.edge.clusters import service_cluster, socket_address
 from capibara_grpc.edge.tls import ensure_certificate
 from capibara_grpc.launch_commands import envoy_argv
-from capibara_grpc.priority import lower_session_group, nicer_argv
+from capibara_grpc.priority import start_nicer, stat_fields
 from capibara_grpc.stubs import (
     router_pb2,
 )
@@ -104,7 +104,7 @@ def wait_for(check, what: str, timeout_s: float = 60) -> None:
 
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds of a running process (all its threads)."""
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -169,7 +169,7 @@ def main() -> None:
     started = time.time()
     load_before = load_average()
     models = {
-        "gpt-oss-20b": launched_model(BASE + 80, parallel=4, threads=1),
+        "gpt-oss-20b": launched_model(BASE + 80, parallel=4),
         # The routes' other model ids on the same llama-server: one process on 2 cores.
         "phi": {"backend": {"url": f"http://127.0.0.1:{BASE + 80}"}},
         "mixtral": {"backend": {"url": f"http://127.0.0.1:{BASE + 80}"}},
@@ -188,20 +188,11 @@ def main() -> None:
         # The no-op ceiling and the bench Envoy run as the mesh's own processes do: as nice
         # (supervision.mesh_nice), each in a session (scheduling group) of its own.
         nice = load_config(mesh.config_path).supervision.mesh_nice
-        noop = subprocess.Popen(
-            nicer_argv([sys.executable, mesh_load.__file__, "noop", str(NOOP_PORT)], nice),
-            stdout=subprocess.PIPE,
-            start_new_session=True,
-        )
+        noop = start_nicer([sys.executable, mesh_load.__file__, "noop", str(NOOP_PORT)], nice, stdout=subprocess.PIPE)
         envoy_log = open(directory / "bench-envoy.log", "wb")  # noqa: SIM115 - closed below
-        envoy = subprocess.Popen(
-            nicer_argv(envoy_argv(bench_envoy_yaml(mesh, directory)), nice),
-            stdout=envoy_log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        envoy = start_nicer(
+            envoy_argv(bench_envoy_yaml(mesh, directory)), nice, stdout=envoy_log, stderr=subprocess.STDOUT
         )
-        for process in (noop, envoy):
-            lower_session_group(process.pid, nice)
         try:
             assert noop.stdout.readline().startswith(b"noop serving")
             admin = f"http://127.0.0.1:{BENCH_ADMIN_PORT}"

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import time
 
-from capibara_grpc.priority import lower_session_group, nicer_argv
+from capibara_grpc.priority import start_nicer
 from capibara_grpc.process_exit import describe_exit
 from capibara_grpc.supervisor import RestartTracker
 
@@ -73,18 +73,11 @@ class ChildProcess:
             if note:
                 log.write(f"\n--- capibara up, {time.strftime('%Y-%m-%d %H:%M:%S')}: {note} ---\n".encode())
                 log.flush()
-            self.process = subprocess.Popen(
-                nicer_argv(self.argv, self.nice),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                env=self.env,
+            self.process = start_nicer(
+                self.argv, self.nice, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env
             )
         self.started_at = time.monotonic()
         self.state = RUNNING
-        if self.nice:  # its own session, so its own scheduling group where the kernel has them
-            lower_session_group(self.process.pid, self.nice)
 
     @property
     def pid(self) -> int | None:

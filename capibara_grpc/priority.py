@@ -5,7 +5,8 @@ children, and Envoy) `supervision.mesh_nice` levels nicer than the model servers
 every core is busy (a burst of routing, a load test from the same host) the kernel then gives
 the CPU to token generation first, and routing and relaying wait. Measured on 2 cores: a
 llama-server with one thread kept its full speed beside three busy processes 5 levels nicer, and
-half of it beside three at its own level (docs/benchmarks.md, "Model servers first").
+half of it beside three at its own level (docs/benchmarks.md, "Model servers first, and where
+Route's CPU goes").
 
 Two kernel settings, both only ever raised, never lowered (which needs no privilege):
 - a thread's nice value, which orders threads within one scheduling group. Linux keeps it per
@@ -25,6 +26,7 @@ import contextlib
 import logging
 import os
 import pathlib
+import subprocess
 import threading
 import time
 
@@ -73,15 +75,24 @@ def lower_session_group(pid: int | str, nice: int) -> bool:
     return False
 
 
-def nicer_argv(argv: list[str], nice: int) -> list[str]:
-    """`argv` run `nice` levels nicer than the thread that starts it (coreutils' nice)."""
-    return ["nice", "-n", str(nice), *argv] if nice > 0 else argv
+def start_nicer(argv: list[str], nice: int, **popen) -> subprocess.Popen:
+    """Start `argv` in a session of its own, `nice` levels nicer than the thread that starts it
+    (coreutils' nice), its session group lowered to match (lower_session_group)."""
+    process = subprocess.Popen(["nice", "-n", str(nice), *argv] if nice > 0 else argv, start_new_session=True, **popen)
+    if nice > 0:
+        lower_session_group(process.pid, nice)
+    return process
+
+
+def stat_fields(tid: int | str) -> list[str]:
+    """/proc/<tid>/stat after the command name: index 0 is field 3 (state), 11 utime, 12 stime,
+    16 nice."""
+    return pathlib.Path(f"/proc/{tid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 def thread_nice(tid: int | str) -> int:
-    """The nice value of one thread (or, given a process id, of its main thread): field 19 of stat."""
-    stat = pathlib.Path(f"/proc/{tid}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[16])
+    """The nice value of one thread (or, given a process id, of its main thread)."""
+    return int(stat_fields(tid)[16])
 
 
 class Spawner:
