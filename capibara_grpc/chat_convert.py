@@ -6,7 +6,7 @@ capibara.inference.v1 and imported by the gateway, context and consensus protos.
 
 from __future__ import annotations
 
-from capibara_grpc.chat_types import Finished, Message, SamplingParams, Token
+from capibara_grpc.chat_types import Finished, Generated, Message, Reasoning, SamplingParams, Token
 from capibara_grpc.stubs import inference_pb2 as pb
 
 ROLE_TO_PB = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
@@ -19,13 +19,16 @@ FINISH_TO_PB = {
 FINISH_FROM_PB = {v: k for k, v in FINISH_TO_PB.items()}
 
 _OPTIONAL_PARAMS = ("max_tokens", "temperature", "top_p", "repeat_penalty", "seed", "top_k")
+# Plain string fields, "" = unset.
+_TEXT_PARAMS = ("json_schema", "reasoning_effort")
 
 
 def params_from_pb(message) -> SamplingParams:
     """Read sampling fields from any message that has them (GenerationParams, ChatRequest...)."""
     params = SamplingParams(stop=list(message.stop))
-    if "json_schema" in message.DESCRIPTOR.fields_by_name:
-        params.json_schema = message.json_schema
+    for name in _TEXT_PARAMS:
+        if name in message.DESCRIPTOR.fields_by_name:
+            setattr(params, name, getattr(message, name))
     for name in _OPTIONAL_PARAMS:
         if name in message.DESCRIPTOR.fields_by_name and message.HasField(name):
             setattr(params, name, getattr(message, name))
@@ -33,7 +36,9 @@ def params_from_pb(message) -> SamplingParams:
 
 
 def params_to_pb(params: SamplingParams) -> pb.GenerationParams:
-    out = pb.GenerationParams(stop=params.stop, json_schema=params.json_schema)
+    out = pb.GenerationParams(
+        stop=params.stop, json_schema=params.json_schema, reasoning_effort=params.reasoning_effort
+    )
     for name in _OPTIONAL_PARAMS:
         value = getattr(params, name)
         if value is not None:
@@ -54,6 +59,7 @@ def usage_to_pb(done: Finished) -> pb.Usage:
         prompt_tokens=done.prompt_tokens,
         completion_tokens=done.completion_tokens,
         total_tokens=done.prompt_tokens + done.completion_tokens,
+        reasoning_tokens=done.reasoning_tokens,
     )
 
 
@@ -64,12 +70,15 @@ def timings_to_pb(done: Finished) -> pb.Timings:
         generation_ms=done.generation_ms,
         tokens_per_second=done.tokens_per_second,
         total_ms=done.total_ms,
+        time_to_first_reasoning_ms=done.time_to_first_reasoning_ms,
     )
 
 
-def chunk_to_pb(item: Token | Finished) -> pb.GenerateResponse:
+def chunk_to_pb(item: Generated) -> pb.GenerateResponse:
     if isinstance(item, Token):
         return pb.GenerateResponse(token=pb.TokenChunk(text=item.text, index=item.index))
+    if isinstance(item, Reasoning):
+        return pb.GenerateResponse(reasoning=pb.ReasoningChunk(text=item.text, index=item.index))
     return pb.GenerateResponse(
         done=pb.GenerationDone(
             finish_reason=FINISH_TO_PB[item.finish_reason],
@@ -81,9 +90,12 @@ def chunk_to_pb(item: Token | Finished) -> pb.GenerateResponse:
     )
 
 
-def chunk_from_pb(response: pb.GenerateResponse) -> Token | Finished:
-    if response.WhichOneof("chunk") == "token":
+def chunk_from_pb(response: pb.GenerateResponse) -> Generated:
+    kind = response.WhichOneof("chunk")
+    if kind == "token":
         return Token(text=response.token.text, index=response.token.index)
+    if kind == "reasoning":
+        return Reasoning(text=response.reasoning.text, index=response.reasoning.index)
     done = response.done
     return Finished(
         finish_reason=FINISH_FROM_PB.get(done.finish_reason, "stop"),
@@ -96,4 +108,6 @@ def chunk_from_pb(response: pb.GenerateResponse) -> Token | Finished:
         total_ms=done.timings.total_ms,
         model_id=done.model_id,
         backend_model=done.backend_model,
+        reasoning_tokens=done.usage.reasoning_tokens,
+        time_to_first_reasoning_ms=done.timings.time_to_first_reasoning_ms,
     )

@@ -1,5 +1,6 @@
 """The plain Python values a chat is made of, shared by every service of the mesh: messages,
-sampling parameters, and the stream a generation yields (tokens, then one Finished).
+sampling parameters, and the stream a generation yields (reasoning and answer tokens, then one
+Finished).
 
 Their protobuf forms are in capibara.inference.v1 and imported by the other protos; the
 conversions are in capibara_grpc.chat_convert.
@@ -7,11 +8,14 @@ conversions are in capibara_grpc.chat_convert.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 ROLES = ("system", "user", "assistant")
 FINISH_REASONS = ("stop", "length", "stop_sequence")
+# OpenAI's reasoning_effort values are minimal, low, medium, high; servers add their own (none, xhigh).
+REASONING_EFFORT = re.compile(r"^[a-z]{1,16}$")
 
 
 @dataclass
@@ -33,10 +37,22 @@ class SamplingParams:
     top_k: int | None = None
     # A JSON Schema (JSON text) the answer must follow; "" = free text.
     json_schema: str = ""
+    # How hard a reasoning model thinks (OpenAI's reasoning_effort: low, medium, high...); "" =
+    # the server's default. Passed on as is to servers that take it.
+    reasoning_effort: str = ""
 
 
 @dataclass
 class Token:
+    text: str
+    index: int
+
+
+@dataclass
+class Reasoning:
+    """A piece of a reasoning model's thinking, streamed before (or between) answer tokens. Kept
+    apart end to end: never part of the answer text, the conversation memory, the cache or a vote."""
+
     text: str
     index: int
 
@@ -55,7 +71,13 @@ class Finished:
     backend_model: str = ""
     # "" for a live answer; "exact" or "semantic" when the gateway replayed it from its cache.
     cache_hit: str = ""
+    # Of completion_tokens, the thinking of a reasoning model (0 when none or not reported).
+    reasoning_tokens: int = 0
+    # From the start of the call to the first reasoning token (0 = no reasoning).
+    time_to_first_reasoning_ms: float = 0.0
 
 
+# What a generation yields: Reasoning and Token items, then one Finished.
+Generated = Token | Reasoning | Finished
 # (model_id, messages, params, timeout_s) -> stream of tokens then one Finished
-GenerateFn = Callable[[str, list[Message], SamplingParams, float], AsyncIterator[Token | Finished]]
+GenerateFn = Callable[[str, list[Message], SamplingParams, float], AsyncIterator[Generated]]

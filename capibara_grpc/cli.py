@@ -35,19 +35,33 @@ async def _chat(args, config) -> int:
         request.max_tokens = args.max_tokens
     if args.temperature is not None:
         request.temperature = args.temperature
+    # A reasoning model's thinking goes to stderr (dimmed on a terminal), so stdout is only the answer.
+    dim, plain = ("\033[2m", "\033[0m") if sys.stderr.isatty() else ("", "")
+    thinking = answering = False
     async with _edge_channel(config, args.target) as channel:
         stub = gateway_pb2_grpc.ChatServiceStub(channel)
         try:
             async for event in stub.Chat(request, timeout=args.timeout):
                 kind = event.WhichOneof("event")
+                if kind != "reasoning" and thinking:
+                    print(plain, file=sys.stderr, flush=True)
+                    thinking = False
                 if kind == "routing":
                     print(f"[{event.routing.model_id} · {event.routing.reasoning}]", file=sys.stderr)
+                elif kind == "reasoning":
+                    if not thinking:
+                        # Between answer tokens: on a line of its own.
+                        print("\n" if answering else "", f"{dim}[reasoning] ", sep="", end="", file=sys.stderr)
+                        thinking = True
+                    print(event.reasoning.text, end="", file=sys.stderr, flush=True)
                 elif kind == "token":
                     print(event.token.text, end="", flush=True)
+                    answering = True
                 elif kind == "done":
                     done = event.done
+                    reasoning = f", {done.usage.reasoning_tokens} reasoning" if done.usage.reasoning_tokens else ""
                     print(
-                        f"\n[{done.usage.completion_tokens} tokens, {done.latency_ms:.0f} ms, "
+                        f"\n[{done.usage.completion_tokens} tokens{reasoning}, {done.latency_ms:.0f} ms, "
                         f"{done.timings.tokens_per_second:.0f} tok/s]",
                         file=sys.stderr,
                     )
@@ -55,6 +69,8 @@ async def _chat(args, config) -> int:
                     print(f"\nerror: {event.error.code}: {event.error.message}", file=sys.stderr)
                     return 1
         except grpc.aio.AioRpcError as exc:
+            if thinking:
+                print(plain, file=sys.stderr)
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     return 0

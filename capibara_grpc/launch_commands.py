@@ -9,6 +9,11 @@ import sys
 from capibara_grpc.config import MeshConfig, ModelConfig, resolve_model_file, url_host_port
 from capibara_grpc.install_check import llama_server_binary, venv_binary
 
+# The model's own chat template (--jinja), and a reasoning model's thinking parsed out of the
+# answer into `reasoning_content` (gpt-oss' harmony channels, DeepSeek's <think>): the mesh chats
+# through /v1/chat/completions, where llama-server does both.
+REASONING_FLAGS = {"--reasoning-format": "deepseek"}
+
 
 class StartupError(RuntimeError):
     pass
@@ -29,9 +34,10 @@ def llama_server_argv(config: MeshConfig, model: ModelConfig, url: str | None = 
         # Several llama-servers share few cores: threads that spin while waiting for work would
         # starve the others (seen here: 2 s answers taking 30 s when three models run at once).
         "--poll": 0,
+        **REASONING_FLAGS,
     }
     pairs = [str(item) for flag_and_value in flags.items() for item in flag_and_value]
-    return [str(llama_server_binary()), *pairs, "--no-webui", *launch.extra_args]
+    return [str(llama_server_binary()), *pairs, "--jinja", "--no-webui", *launch.extra_args]
 
 
 def speech_in_own_process(config: MeshConfig) -> bool:

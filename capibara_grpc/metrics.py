@@ -28,6 +28,12 @@ TIME_TO_FIRST_TOKEN = Histogram(
     ["model"],
     buckets=_LATENCY_BUCKETS,
 )
+TIME_TO_FIRST_REASONING = Histogram(
+    "capibara_time_to_first_reasoning_seconds",
+    "From a generation's start to a reasoning model's first thinking token",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
 TOKENS_PER_SECOND = Histogram(
     "capibara_tokens_per_second",
     "Generation speed of finished answers",

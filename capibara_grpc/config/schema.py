@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 from dataclasses import dataclass, field
 
 from capibara_grpc.errors import NotFound
@@ -22,10 +23,14 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
 DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "capibara.yaml"
 
 PROTOCOLS = ("llama_cpp", "openai")
+# What a model server is, beyond the protocol it speaks (capibara_grpc/upstream/kinds.py).
+SERVER_KINDS = ("llama_server", "vllm", "ollama", "openai")
 CHAT_TEMPLATES = ("server", "raw")
 SPEECH_ENGINES = ("espeak", "coqui")
 CACHE_BACKENDS = ("memory", "redis")
 SUPERVISION_RESTART = ("on-failure", "always", "no")
+# ${NAME} in a backend header's value: that environment variable's value.
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def internal(default, **kwargs):
@@ -396,20 +401,62 @@ class SamplingDefaults:
 
 @dataclass
 class BackendConfig:
-    """The model's server."""
+    """The model's server: one `capibara up` launches (llama-server), or one someone else runs
+    (vLLM, Ollama, a hosted OpenAI-compatible API). docs/models.md has a snippet for each."""
 
-    # http(s)://host:port of a llama-server, vLLM or any OpenAI-compatible server (port required).
+    # llama_cpp: http(s)://host[:port] of a llama-server (its root). openai: the base URL as the
+    # OpenAI SDKs take it, path included (http://127.0.0.1:11434/v1 -> .../v1/chat/completions);
+    # a URL without a path gets /v1. The port defaults to 80 or 443.
     url: str = ""
-    # `llama_cpp` (native /completion, SSE) or `openai` (/v1/chat/completions streaming: vLLM,
-    # llama-server, any OpenAI-compatible server).
+    # `llama_cpp` (llama-server: chats through its /v1/chat/completions with its own sampling
+    # fields, `raw` prompts through /completion) or `openai` (any OpenAI-compatible server:
+    # /chat/completions under the base URL).
     protocol: str = "llama_cpp"
-    # Model name sent to OpenAI-compatible servers (vLLM checks it); empty = the model id.
+    # What the server is, which decides what it is sent beyond the OpenAI API and which optional
+    # endpoints the mesh asks: `llama_server` (top_k, repeat_penalty; /tokenize, /props, /health),
+    # `vllm` (top_k, repetition_penalty; /tokenize, max_model_len, /health), `ollama` and `openai`
+    # (the OpenAI API's fields only; tokens estimated; health from /models). Empty = llama_server
+    # for protocol llama_cpp, openai for protocol openai.
+    server: str = ""
+    # Model name sent to OpenAI-compatible servers (vLLM and hosted APIs check it); empty = the model id.
     model_name: str = ""
+    # The environment variable holding the server's API key, sent as `Authorization: Bearer
+    # <key>`. Unset when the mesh starts = a configuration error. The key is never written to a
+    # log, a metric, the status page, Envoy's files or an error message.
+    api_key_env: str = ""
+    # Extra HTTP headers for every request to the server; a value may name environment
+    # variables as ${NAME} (e.g. {OpenAI-Organization: "${OPENAI_ORG}"}), kept as secret as the key.
+    headers: dict[str, str] = field(default_factory=dict)
+    # https servers are verified against the system's CAs; or name a CA bundle (PEM) here.
+    ca_file: str = ""
     # Seconds to wait for the backend to accept a connection.
     connect_timeout_s: float = 3.0
+    # Seconds from sending a chat to its first token (answer or reasoning); past that the model is
+    # given up for this chat (and another one tried, when the request did not name it).
+    first_token_timeout_s: float = 120.0
+    # Seconds a started stream may go without any data before it is ended with an error.
+    idle_timeout_s: float = 60.0
     # More servers of the same model (URLs). With any, calls go through Envoy (edge.models_port),
     # which balances by least requests, health-checks /health and ejects failing servers.
     replicas: list[str] = field(default_factory=list)
+
+    @property
+    def server_kind(self) -> str:
+        return self.server or ("openai" if self.protocol == "openai" else "llama_server")
+
+    @property
+    def env_names(self) -> list[str]:
+        """The environment variables the backend reads: api_key_env, then those its headers name."""
+        names = [self.api_key_env] if self.api_key_env else []
+        for value in self.headers.values():
+            names += ENV_REFERENCE.findall(value)
+        return list(dict.fromkeys(names))
+
+    @property
+    def url_path(self) -> str:
+        """The path of `url` ("" for none): the OpenAI base URL's, kept behind Envoy's prefix too."""
+        rest = self.url.split("://", 1)[-1]
+        return "/" + rest.split("/", 1)[1].rstrip("/") if "/" in rest else ""
 
 
 @dataclass
@@ -445,6 +492,9 @@ class ModelConfig:
     # Models to try, in order, when this one's backend is down or fails before its first token
     # (then the router's next-best). A request that names this model never fails over.
     fallbacks: list[str] = field(default_factory=list)
+    # Tokens the model sees at once (prompt and answer); the context service fits memory and data
+    # into it. 0 = as the server reports it (llama-server /props, vLLM max_model_len), else 4096.
+    context_window: int = 0
     # Admission: at most max_concurrent generations at the backend (0 = launch.parallel, else 4),
     # at most max_queued waiting behind them; beyond that 429 / RESOURCE_EXHAUSTED + Retry-After.
     max_concurrent: int = 0
@@ -465,8 +515,12 @@ class ModelConfig:
 
 
 def url_host_port(url: str) -> tuple[str, int]:
-    rest = url.split("://", 1)[-1].split("/", 1)[0]
-    host, _, port = rest.rpartition(":")
+    """(host, port) of an http(s) URL; the port defaults to the scheme's (80, 443)."""
+    scheme, _, rest = url.rpartition("://")
+    authority = rest.split("/", 1)[0]
+    host, colon, port = authority.rpartition(":")
+    if not colon or "]" in port:  # no port (an IPv6 literal's colons are inside brackets)
+        return authority, 443 if scheme == "https" else 80
     return host, int(port)
 
 
@@ -506,10 +560,11 @@ class MeshConfig:
         return [s.name for s in SERVICES if is_enabled(s, self)]
 
     def backend_base_url(self, model_id: str) -> str:
-        """Where to call the model: its one server, or Envoy when it has replicas."""
+        """Where to call the model, as configured (a llama-server's root, an OpenAI base URL):
+        its one server, or Envoy's route to its replicas."""
         model = self.model(model_id)
         if model.backend.replicas:
-            return f"http://{self.edge.mesh_address}:{self.edge.models_port}/models/{model_id}"
+            return f"http://{self.edge.mesh_address}:{self.edge.models_port}/models/{model_id}{model.backend.url_path}"
         return model.backend.url.rstrip("/")
 
     def model(self, model_id: str) -> ModelConfig:

@@ -15,6 +15,7 @@ from capibara_grpc.config.schema import (
     CACHE_BACKENDS,
     CHAT_TEMPLATES,
     PROTOCOLS,
+    SERVER_KINDS,
     SPEECH_ENGINES,
     SUPERVISION_RESTART,
     MeshConfig,
@@ -334,7 +335,6 @@ def _validate_sockets(config: MeshConfig, claim, fail) -> None:
 
 def _validate_model(config: MeshConfig, model_id: str, defined: str, claim, fail, check_files: bool) -> None:
     model = config.models[model_id]
-    line = line_of(model)
     if model.backend.protocol not in PROTOCOLS:
         fail(
             line_of(model.backend, "protocol"),
@@ -345,15 +345,7 @@ def _validate_model(config: MeshConfig, model_id: str, defined: str, claim, fail
             line_of(model, "chat_template"),
             f"models.{model_id}.chat_template '{model.chat_template}' must be one of {', '.join(CHAT_TEMPLATES)}",
         )
-    if not model.backend.url.startswith(("http://", "https://")):
-        fail(
-            line_of(model.backend, "url") if line_of(model.backend, "url") != "?" else line,
-            f"models.{model_id}.backend.url must be an http(s) URL, got '{model.backend.url}'",
-        )
-    try:
-        url_host_port(model.backend.url)  # raises on a URL without a port
-    except ValueError:
-        fail(line_of(model.backend, "url"), f"models.{model_id}.backend.url needs an explicit port")
+    _validate_backend(config, model_id, fail, check_files)
     for fallback in model.fallbacks:
         if fallback not in config.models or fallback == model_id:
             fail(
@@ -365,6 +357,8 @@ def _validate_model(config: MeshConfig, model_id: str, defined: str, claim, fail
             line_of(model, "max_concurrent" if model.max_concurrent < 0 else "max_queued"),
             f"models.{model_id}: max_concurrent and max_queued must not be negative",
         )
+    if model.context_window < 0:
+        fail(line_of(model, "context_window"), f"models.{model_id}.context_window must not be negative")
     if model.defaults.max_tokens <= 0:
         fail(line_of(model.defaults, "max_tokens"), f"models.{model_id}.defaults.max_tokens must be positive")
     for replica in model.backend.replicas:
@@ -389,3 +383,44 @@ def _validate_model(config: MeshConfig, model_id: str, defined: str, claim, fail
             )
     if model.launch.parallel < 1:
         fail(line_of(model.launch, "parallel"), f"models.{model_id}.launch.parallel must be at least 1")
+
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _validate_backend(config: MeshConfig, model_id: str, fail, check_environment: bool) -> None:
+    """The server's URL, kind, credentials and timeouts. `check_environment`: the inference service
+    runs here, so the variables holding keys and header values must be set now."""
+    backend, where = config.models[model_id].backend, f"models.{model_id}.backend"
+    url_line = line_of(backend, "url") if line_of(backend, "url") != "?" else line_of(config.models[model_id])
+    if not re.match(r"^https?://[^/:]+(:\d{1,5})?(/\S*)?$", backend.url):
+        fail(
+            url_line, f"{where}.url must be an http(s) URL (scheme, host, optional port and path), got '{backend.url}'"
+        )
+    if backend.server_kind not in SERVER_KINDS:
+        fail(line_of(backend, "server"), f"{where}.server '{backend.server}' must be one of {', '.join(SERVER_KINDS)}")
+    if backend.protocol == "llama_cpp" and backend.server_kind != "llama_server":
+        fail(
+            line_of(backend, "server"), f"{where}.server '{backend.server}' speaks the OpenAI API: set protocol: openai"
+        )
+    for key in ("connect_timeout_s", "first_token_timeout_s", "idle_timeout_s"):
+        if not getattr(backend, key) > 0:
+            fail(line_of(backend, key), f"{where}.{key} must be positive")
+    for name in backend.headers:
+        if not _HEADER_NAME.match(name) or name.lower() in ("authorization", "content-length", "host"):
+            fail(
+                line_of(backend, "headers"),
+                f"{where}.headers: '{name}' cannot be set here (the key goes in api_key_env)",
+            )
+    if backend.ca_file and check_environment and not config.resolve_path(backend.ca_file).is_file():
+        fail(line_of(backend, "ca_file"), f"{where}.ca_file: '{config.resolve_path(backend.ca_file)}' is not a file")
+    if not check_environment:
+        return
+    for name in backend.env_names:
+        if not os.environ.get(name):
+            field_name = "api_key_env" if name == backend.api_key_env else "headers"
+            fail(
+                line_of(backend, field_name),
+                f"{where}.{field_name}: the environment variable {name} is not set "
+                f"(model '{model_id}' needs it to call {backend.url})",
+            )

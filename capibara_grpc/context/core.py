@@ -37,6 +37,8 @@ class ToonEncoding:
     json_tokens: int
     toon_tokens: int
     json: str = ""
+    # The counts are an estimate: the model's server has no tokenizer (or it failed).
+    tokens_estimated: bool = False
 
     @property
     def savings(self) -> float:
@@ -83,9 +85,8 @@ class ContextEngine:
         model_id = self._model(model_id)
         text = toon.encode(value, options)
         as_json = compact_json(value)
-        return ToonEncoding(
-            text, await self.tokens.count(model_id, as_json), await self.tokens.count(model_id, text), as_json
-        )
+        json_tokens, toon_tokens = await self.tokens.count(model_id, as_json), await self.tokens.count(model_id, text)
+        return ToonEncoding(text, json_tokens, toon_tokens, as_json, self.tokens.estimated(model_id))
 
     @staticmethod
     def toon_decode(text: str, options: toon.DecodeOptions = toon.DecodeOptions()):  # noqa: B008 (frozen)
@@ -108,10 +109,11 @@ class ContextEngine:
         if tokens > budget:
             raise InvalidArgument(f"data is {tokens} tokens as {form}, over the budget of {budget} tokens")
         counts = ", ".join(f"TOON {n} {e.toon_tokens}" for n, e in encodings.items())
+        estimated = " (estimated: the model's server has no tokenizer)" if best.tokens_estimated else ""
         return Addition(
             "data",
             f"Data ({form}):\n{text}",
-            f"data passed with the request, as {form}: {tokens} tokens ({counts}, JSON {best.json_tokens})",
+            f"data passed with the request, as {form}: {tokens} tokens ({counts}, JSON {best.json_tokens}){estimated}",
         )
 
     async def enrich(
@@ -150,7 +152,12 @@ class ContextEngine:
                 Addition(
                     "history",
                     f"{len(kept)} earlier turns",
-                    f"conversation memory: the newest {len(kept)} of {total} turns fit the context window",
+                    f"conversation memory: the newest {len(kept)} of {total} turns fit the context window"
+                    + (
+                        " (tokens estimated: the model's server has no tokenizer)"
+                        if self.tokens.estimated(model_id)
+                        else ""
+                    ),
                 )
             )
             head += [Message(t.role, t.content) for t in kept]

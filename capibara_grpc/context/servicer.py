@@ -60,6 +60,7 @@ class ContextServicer(context_pb2_grpc.ContextServiceServicer):
             json_tokens=encoding.json_tokens,
             toon_tokens=encoding.toon_tokens,
             savings=encoding.savings,
+            tokens_estimated=encoding.tokens_estimated,
         )
 
     async def DecodeToon(self, request, context):
@@ -83,6 +84,7 @@ class ContextServicer(context_pb2_grpc.ContextServiceServicer):
             "json_tokens": encoding.json_tokens,
             "toon_tokens": encoding.toon_tokens,
             "savings": encoding.savings,
+            "tokens_estimated": encoding.tokens_estimated,
         }
         return httpbody_pb2.HttpBody(content_type=JSON, data=toon.compact_json(answer).encode())
 

@@ -1,4 +1,6 @@
-"""Token counts and context windows from the model servers themselves (their real tokenizers)."""
+"""Token counts and context windows, from each model's server where it can tell (its real
+tokenizer, its reported window), else a stated estimate and the configured or default window:
+a chat never fails because a server lacks an optional endpoint (capibara_grpc.upstream)."""
 
 from __future__ import annotations
 
@@ -7,52 +9,39 @@ import collections
 import aiohttp
 
 from capibara_grpc.config import MeshConfig
-from capibara_grpc.errors import Unavailable
+from capibara_grpc.upstream.client import Upstream
 
 
 class ModelTokens:
     def __init__(self, config: MeshConfig, session: aiohttp.ClientSession):
         self.config = config
-        self.session = session
-        self._windows: dict[str, int] = {}
+        self.upstreams = {model_id: Upstream(config, model_id, session) for model_id in config.models}
         # Conversation history is counted again on every request: remember recent counts.
         self._counts: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
         self._counts_max = 20000
-
-    def _url(self, model_id: str) -> str:
-        return self.config.backend_base_url(model_id)
-
-    async def _call(self, model_id: str, method: str, path: str, body: dict | None = None) -> dict:
-        url = self._url(model_id) + path
-        try:
-            async with self.session.request(
-                method, url, json=body, timeout=aiohttp.ClientTimeout(total=10)
-            ) as response:
-                if response.status != 200:
-                    raise Unavailable(f"model '{model_id}' backend answered HTTP {response.status} to {path}")
-                return await response.json(content_type=None)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise Unavailable(
-                f"model '{model_id}' is unavailable: {url} unreachable ({exc.__class__.__name__})"
-            ) from exc
+        # Models whose counts were estimated (their server has no tokenizer, or it failed).
+        self.estimating: set[str] = set()
 
     async def count(self, model_id: str, text: str) -> int:
-        """Tokens of `text` for the model (llama-server /tokenize; vLLM's answers with `count`)."""
+        """Tokens of `text` for the model: its server's tokenizer, else an estimate (not cached,
+        so that a tokenizer back from a failure is used again)."""
         key = (model_id, text)
         if key in self._counts:
             self._counts.move_to_end(key)
             return self._counts[key]
-        model = self.config.model(model_id)
-        body = {"content": text, "prompt": text, "model": model.backend.model_name or model_id, "add_special": False}
-        result = await self._call(model_id, "POST", "/tokenize", body)
-        count = int(result["count"]) if "count" in result else len(result.get("tokens", []))
+        count, exact = await self.upstreams[model_id].count_tokens(text)
+        if not exact:
+            self.estimating.add(model_id)
+            return count
+        self.estimating.discard(model_id)
         self._counts[key] = count
         while len(self._counts) > self._counts_max:
             self._counts.popitem(last=False)
         return count
 
+    def estimated(self, model_id: str) -> bool:
+        """Whether the model's last count was an estimate."""
+        return model_id in self.estimating
+
     async def context_window(self, model_id: str) -> int:
-        if model_id not in self._windows:
-            props = await self._call(model_id, "GET", "/props")
-            self._windows[model_id] = int((props.get("default_generation_settings") or {}).get("n_ctx") or 2048)
-        return self._windows[model_id]
+        return await self.upstreams[model_id].context_window()

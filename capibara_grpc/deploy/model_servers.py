@@ -6,6 +6,7 @@ import pathlib
 
 from capibara_grpc.config import ModelConfig
 from capibara_grpc.deploy.objects import LLAMA_IMAGE, MODEL_PORT, VLLM_IMAGE, meta, selector
+from capibara_grpc.launch_commands import REASONING_FLAGS
 
 
 def model_deployment(model: ModelConfig, gpu: bool) -> list[dict]:
@@ -49,6 +50,8 @@ def model_deployment(model: ModelConfig, gpu: bool) -> list[dict]:
                 str(launch.ctx_size),
                 "--threads",
                 str(max(1, launch.threads)),
+                *(item for pair in REASONING_FLAGS.items() for item in pair),
+                "--jinja",
                 "--no-webui",
             ],
             "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},

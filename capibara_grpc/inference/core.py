@@ -11,12 +11,22 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 
 from capibara_grpc import metrics
-from capibara_grpc.chat_types import ROLES, Finished, Message, SamplingParams, Token
+from capibara_grpc.chat_types import (
+    REASONING_EFFORT,
+    ROLES,
+    Finished,
+    Generated,
+    Message,
+    Reasoning,
+    SamplingParams,
+    Token,
+)
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.errors import InvalidArgument
 from capibara_grpc.inference.admission import Admission
 from capibara_grpc.inference.backends import ModelBackend, make_backend
 from capibara_grpc.inference.types import ModelStatus
+from capibara_grpc.upstream.client import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +46,10 @@ def validate_params(params: SamplingParams) -> None:
         raise InvalidArgument(f"top_k must not be negative, got {params.top_k}")
     if len(params.stop) > 8 or any(not s for s in params.stop):
         raise InvalidArgument("stop takes at most 8 non-empty strings")
+    if params.reasoning_effort and not REASONING_EFFORT.match(params.reasoning_effort):
+        raise InvalidArgument(
+            f"reasoning_effort must be a word such as low, medium or high, got '{params.reasoning_effort[:40]}'"
+        )
     if params.json_schema:
         try:
             schema = json.loads(params.json_schema)
@@ -63,7 +77,7 @@ class InferenceEngine:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=64)
         self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
         self.backends = {
-            mid: make_backend(model, self._session, self.config.backend_base_url(mid))
+            mid: make_backend(model, Upstream(self.config, mid, self._session))
             for mid, model in self.config.models.items()
         }
         self.admission = {
@@ -106,7 +120,7 @@ class InferenceEngine:
 
     async def generate(
         self, model_id: str, messages: list[Message], params: SamplingParams
-    ) -> AsyncIterator[Token | Finished]:
+    ) -> AsyncIterator[Generated]:
         backend = self.backend(model_id)
         if not messages:
             raise InvalidArgument("messages must not be empty")
@@ -117,12 +131,16 @@ class InferenceEngine:
             raise InvalidArgument("messages need at least one non-empty user message")
         validate_params(params)
         async with self.admission[model_id].slot():
-            started, first = time.perf_counter(), True
+            started, first_token, first_reasoning = time.perf_counter(), True, True
             async for item in backend.generate(messages, params):
-                if first:
+                # Time to first token is the answer's; a reasoning model's thinking has its own.
+                if first_token and isinstance(item, Token):
                     metrics.TIME_TO_FIRST_TOKEN.labels(model_id).observe(time.perf_counter() - started)
-                    first = False
-                if isinstance(item, Finished):
+                    first_token = False
+                elif first_reasoning and isinstance(item, Reasoning):
+                    metrics.TIME_TO_FIRST_REASONING.labels(model_id).observe(time.perf_counter() - started)
+                    first_reasoning = False
+                elif isinstance(item, Finished):
                     metrics.GENERATED_TOKENS.labels(model_id).inc(item.completion_tokens)
                     if item.tokens_per_second:
                         metrics.TOKENS_PER_SECOND.labels(model_id).observe(item.tokens_per_second)

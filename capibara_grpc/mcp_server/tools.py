@@ -59,6 +59,9 @@ class ChatAnswer(BaseModel):
     reasoning: str = Field(description="Why this model: the router's reasoning, or that it was asked for.")
     confidence: float = Field(description="The router's confidence in the route, 0 to 1.")
     failed_models: list[str] = Field(description="Models tried first that failed (failover).")
+    thinking: str = Field(
+        default="", description="A reasoning model's thinking, apart from the answer ('' for other models)."
+    )
     completion_tokens: int
     latency_ms: float
 
@@ -207,6 +210,7 @@ def build_server(
             reasoning=routing.reasoning,
             confidence=routing.confidence,
             failed_models=list(routing.failed_models),
+            thinking=response.reasoning,
             completion_tokens=response.usage.completion_tokens,
             latency_ms=response.latency_ms,
         )

@@ -26,7 +26,7 @@ from capibara_gateway.routing import Routing
 from capibara_gateway.speaking import spoken
 from capibara_gateway.status import ChatStats
 from capibara_grpc import metrics
-from capibara_grpc.chat_types import Finished, GenerateFn, Message, Token
+from capibara_grpc.chat_types import Finished, GenerateFn, Message, Reasoning, Token
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.errors import InvalidArgument, NotFound, StreamError, Unimplemented
 from capibara_grpc.inference.core import validate_params
@@ -125,7 +125,9 @@ class ChatGateway:
                     if isinstance(item, Finished):
                         finished = item
                         break
-                    tokens.append(item.text)
+                    # Reasoning is streamed but never kept: not the answer, the memory or the cache.
+                    if isinstance(item, Token):
+                        tokens.append(item.text)
                     yield item
             except Exception as exc:  # noqa: BLE001 - the stream has started: reported in-band
                 yield StreamError.from_exception(exc, "chat stream")
@@ -158,18 +160,21 @@ class ChatGateway:
 
     async def complete(self, chat: ChatInput, timeout_s: float) -> CompleteResult:
         parts: list[str] = []
+        thoughts: list[str] = []
         routing = done = None
         async for event in self.chat(chat, timeout_s):
             if isinstance(event, RoutingDecision):
                 routing = event
             elif isinstance(event, Token):
                 parts.append(event.text)
+            elif isinstance(event, Reasoning):
+                thoughts.append(event.text)
             elif isinstance(event, ChatDone):
                 done = event
             elif isinstance(event, StreamError):
                 raise event.to_exception()
         assert routing is not None and done is not None
-        return CompleteResult("".join(parts), routing, done)
+        return CompleteResult("".join(parts), routing, done, "".join(thoughts))
 
     # -- the steps -------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """What a chat is: the request as the gateway sees it, and the events of its answer.
 
-A streamed answer is, in order: one RoutingDecision (sent with the first token), Token deltas,
-then one ChatDone, or one StreamError if it fails after it started; then, when the answer is
+A streamed answer is, in order: one RoutingDecision (sent with the first token), Token deltas
+(and, from a reasoning model, Reasoning deltas before or between them), then one ChatDone, or one StreamError if it fails after it started; then, when the answer is
 spoken, AudioChunks (or a StreamError if speaking fails).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from capibara_grpc.chat_types import Finished, Message, SamplingParams, Token
+from capibara_grpc.chat_types import Finished, Message, Reasoning, SamplingParams, Token
 from capibara_grpc.errors import StreamError
 from capibara_grpc.speech.core import AudioChunk
 
@@ -51,7 +51,7 @@ class ChatDone:
     latency_ms: float
 
 
-ChatEvent = RoutingDecision | Token | ChatDone | StreamError | AudioChunk
+ChatEvent = RoutingDecision | Token | Reasoning | ChatDone | StreamError | AudioChunk
 
 
 @dataclass
@@ -59,3 +59,5 @@ class CompleteResult:
     response: str
     routing: RoutingDecision
     done: ChatDone
+    # A reasoning model's thinking, apart from the response ("" for other models).
+    reasoning: str = ""

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 
 from capibara_gateway.events import ChatDone, ChatInput, RoutingDecision
-from capibara_grpc.chat_types import Message, SamplingParams
+from capibara_grpc.chat_types import REASONING_EFFORT, Message, SamplingParams
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.errors import InvalidArgument, NotFound
 
@@ -39,6 +39,7 @@ SUPPORTED_FIELDS = (
     "user",
     "response_format",
     "n",
+    "reasoning_effort",
     "capibara",
 )
 # "developer" is the newer name of "system" in OpenAI's API.
@@ -155,6 +156,7 @@ def parse_chat_request(raw: bytes, config: MeshConfig, consensus_available: bool
         stop=stop,
         seed=_number(body, "seed", 0, (1 << 32) - 1, integer=True),
         json_schema=json_schema,
+        reasoning_effort=_reasoning_effort(body.get("reasoning_effort")),
     )
     last_user = next(m.content for m in reversed(messages) if m.role == "user")
     conversation_id = _conversation_id(body.get("capibara"))
@@ -171,6 +173,14 @@ def parse_chat_request(raw: bytes, config: MeshConfig, consensus_available: bool
         messages=None if conversation_id else messages,
     )
     return ChatCompletionRequest(chat, model, stream, include_usage)
+
+
+def _reasoning_effort(value) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str) or not REASONING_EFFORT.match(value):
+        raise bad("reasoning_effort", "'reasoning_effort' must be a word such as low, medium or high")
+    return value
 
 
 def _conversation_id(value) -> str:
@@ -244,11 +254,14 @@ def routing_headers(decision: RoutingDecision) -> tuple[tuple[str, str], ...]:
 
 def usage(done: ChatDone) -> dict:
     f = done.finished
-    return {
+    figures = {
         "prompt_tokens": f.prompt_tokens,
         "completion_tokens": f.completion_tokens,
         "total_tokens": f.prompt_tokens + f.completion_tokens,
     }
+    if f.reasoning_tokens:
+        figures["completion_tokens_details"] = {"reasoning_tokens": f.reasoning_tokens}
+    return figures
 
 
 class Completion:
@@ -262,14 +275,17 @@ class Completion:
     def _base(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def response(self, text: str, decision: RoutingDecision, done: ChatDone) -> dict:
+    def response(self, text: str, decision: RoutingDecision, done: ChatDone, reasoning: str = "") -> dict:
         self.model = done.finished.model_id or decision.model_id
+        message = {"role": "assistant", "content": text}
+        if reasoning:
+            message["reasoning_content"] = reasoning
         return {
             **self._base("chat.completion"),
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": text},
+                    "message": message,
                     "finish_reason": FINISH_REASONS.get(done.finished.finish_reason, "stop"),
                     "logprobs": None,
                 }

@@ -17,7 +17,7 @@ from capibara_gateway import openai_api
 from capibara_gateway.core import ChatGateway
 from capibara_gateway.events import ChatDone, RoutingDecision
 from capibara_grpc.api_keys import KeyUsage
-from capibara_grpc.chat_types import Token
+from capibara_grpc.chat_types import Reasoning, Token
 from capibara_grpc.errors import StreamError, Unimplemented, remaining_s
 from capibara_grpc.speech.wav import wav_file
 from capibara_grpc.stubs import openai_pb2_grpc
@@ -61,6 +61,7 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
                     yield body
                 return
             parts: list[str] = []
+            thoughts: list[str] = []
             decision = None
             async for event in events:
                 if isinstance(event, RoutingDecision):
@@ -68,10 +69,12 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
                     await context.send_initial_metadata(openai_api.routing_headers(event))
                 elif isinstance(event, Token):
                     parts.append(event.text)
+                elif isinstance(event, Reasoning):
+                    thoughts.append(event.text)
                 elif isinstance(event, StreamError):
                     raise event.to_exception()
                 elif isinstance(event, ChatDone):
-                    yield _json_body(completion.response("".join(parts), decision, event))
+                    yield _json_body(completion.response("".join(parts), decision, event, "".join(thoughts)))
 
     async def _stream(self, events, completion: openai_api.Completion, include_usage: bool, context):
         def frame(payload) -> httpbody_pb2.HttpBody:
@@ -84,6 +87,9 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
             elif isinstance(event, Token):
                 if event.text:
                     yield frame(completion.chunk({"content": event.text}, include_usage=include_usage))
+            elif isinstance(event, Reasoning):
+                # As llama-server, vLLM and DeepSeek stream it, apart from the answer's content.
+                yield frame(completion.chunk({"reasoning_content": event.text}, include_usage=include_usage))
             elif isinstance(event, StreamError):
                 yield frame(openai_api.stream_error(event.code, event.message))
                 return

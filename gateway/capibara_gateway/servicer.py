@@ -10,7 +10,7 @@ from capibara_gateway.health import MeshHealth
 from capibara_gateway.status import MeshStatus
 from capibara_grpc import api_keys, chat_convert
 from capibara_grpc.api_keys import KeyUsage
-from capibara_grpc.chat_types import Message, Token
+from capibara_grpc.chat_types import Message, Reasoning, Token
 from capibara_grpc.errors import InvalidArgument, StreamError, Unavailable, Unimplemented, remaining_s
 from capibara_grpc.speech.core import AudioChunk
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
@@ -79,6 +79,8 @@ def event_to_pb(event) -> gateway_pb2.ChatResponse:
         return gateway_pb2.ChatResponse(routing=routing_to_pb(event))
     if isinstance(event, Token):
         return gateway_pb2.ChatResponse(token=gateway_pb2.TokenDelta(text=event.text, index=event.index))
+    if isinstance(event, Reasoning):
+        return gateway_pb2.ChatResponse(reasoning=gateway_pb2.ReasoningDelta(text=event.text, index=event.index))
     if isinstance(event, ChatDone):
         return gateway_pb2.ChatResponse(done=done_to_pb(event))
     if isinstance(event, StreamError):
@@ -122,6 +124,7 @@ class ChatServicer(gateway_pb2_grpc.ChatServiceServicer):
             finish_reason=chat_convert.FINISH_TO_PB[result.done.finished.finish_reason],
             timings=chat_convert.timings_to_pb(result.done.finished),
             cache_hit=result.done.finished.cache_hit,
+            reasoning=result.reasoning,
         )
 
 

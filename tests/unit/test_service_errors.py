@@ -175,12 +175,6 @@ async def test_context_errors(context):
             NOT_FOUND,
             "unknown model 'nope'",
         ),
-        # The conversation's history is counted in the model's tokens: its backend is down.
-        (
-            lambda: context.Enrich(context_pb2.EnrichRequest(message="hola", conversation_id="c1", model_id="alpha")),
-            UNAVAILABLE,
-            "model 'alpha' is unavailable",
-        ),
         (
             lambda: context.DecodeToon(context_pb2.DecodeToonRequest(toon="a:\n   b: 1")),
             INVALID,
@@ -197,6 +191,20 @@ async def test_context_errors(context):
     for call, code, details in cases:
         got = await status_of(call())
         assert got[0] == code and got[1].startswith(details), got
+
+
+async def test_history_is_kept_when_the_models_tokenizer_is_down(context):
+    """A chat never fails for an optional endpoint: with the model's server down, the history is
+    fitted with estimated counts, and the answer says they are estimates."""
+    await context.AppendTurn(
+        context_pb2.AppendTurnRequest(conversation_id="c2", role=inference_pb2.ROLE_USER, content="earlier"), timeout=5
+    )
+    enriched = await context.Enrich(
+        context_pb2.EnrichRequest(message="hola", conversation_id="c2", model_id="alpha"), timeout=5
+    )
+    assert [m.content for m in enriched.messages][-2:] == ["earlier", "hola"]
+    history = next(a for a in enriched.added_context if a.kind == "history")
+    assert "tokens estimated" in history.reason
 
 
 # -- consensus ---------------------------------------------------------------------------------

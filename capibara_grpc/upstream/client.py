@@ -1,0 +1,335 @@
+"""One model's server as the mesh calls it: its URLs, its credentials and TLS, its optional
+endpoints, and its HTTP failures turned into mesh errors.
+
+- The base URL is the OpenAI SDKs' (…/v1); llama-server's own endpoints and vLLM's /tokenize sit at
+  the server's root, the base URL without its /v1.
+- The key and header values come from the environment once, at start; every text that leaves
+  this module (errors, health details) has them masked, whatever the server echoed back.
+- 429 sets a cool-down from Retry-After: until it ends, a chat fails at once (and fails over)
+  without calling the server again.
+- A stream is watched by one timer: no first token (answer or reasoning) within
+  first_token_timeout_s, or a started stream silent for idle_timeout_s, closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import email.utils
+import json
+import math
+import os
+import ssl
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from capibara_grpc.config import MeshConfig
+from capibara_grpc.config.schema import ENV_REFERENCE
+from capibara_grpc.errors import InvalidArgument, ResourceExhausted, Unavailable
+from capibara_grpc.upstream.kinds import DEFAULT_CONTEXT_WINDOW, KINDS, estimated_tokens
+
+# A server whose chats failed this many times in a row within FAILURE_WINDOW_S, with no success
+# since, is reported unhealthy even when its /models answers (a server without /health).
+FAILURES_TO_DOWN = 3
+FAILURE_WINDOW_S = 30.0
+# Seconds of cool-down after a 429 without a usable Retry-After.
+DEFAULT_RETRY_AFTER_S = 1
+# Seconds before a tokenizer that failed (not one that is missing) is asked again.
+TOKENIZER_RETRY_S = 30.0
+
+
+class Upstream:
+    """One model's server (or Envoy's route to its replicas)."""
+
+    def __init__(self, config: MeshConfig, model_id: str, session: aiohttp.ClientSession):
+        model = config.model(model_id)
+        backend = model.backend
+        self.model_id = model_id
+        self.model_name = backend.model_name or model_id
+        self.kind = KINDS[backend.server_kind]
+        self.configured_window = model.context_window
+        self.url = config.backend_base_url(model_id)
+        has_path = backend.protocol == "openai" and backend.url_path
+        self.api_base = self.url if has_path else self.url + "/v1"
+        self.root = self.api_base.removesuffix("/v1")
+        self.session = session
+        values = {name: os.environ.get(name, "") for name in backend.env_names}
+        self.headers = {
+            name: ENV_REFERENCE.sub(lambda m: values.get(m.group(1), ""), value)
+            for name, value in backend.headers.items()
+        }
+        if backend.api_key_env:
+            self.headers["Authorization"] = f"Bearer {values[backend.api_key_env]}"
+        self.api_key_env = backend.api_key_env
+        # Longest first, so that a secret containing another is masked whole.
+        self._secrets = sorted({v for v in values.values() if len(v) >= 4}, key=len, reverse=True)
+        self.ssl: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=str(config.resolve_path(backend.ca_file))) if backend.ca_file else True
+        )
+        self.connect_timeout_s = backend.connect_timeout_s
+        self.first_token_timeout_s = backend.first_token_timeout_s
+        self.idle_timeout_s = backend.idle_timeout_s
+        self._cool_down_until = 0.0
+        self._failures: collections.deque[tuple[float, str]] = collections.deque(maxlen=FAILURES_TO_DOWN)
+        self._window: int | None = None
+        self._tokenizer_missing = not self.kind.tokenize_path
+        self._tokenizer_retry_at = 0.0
+        self._window_retry_at = 0.0
+
+    # -- text that leaves the module ---------------------------------------------------------------
+
+    def redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _error_text(self, body: str) -> str:
+        """The message of a server's JSON error ({"error": {"message"}} or vLLM's older
+        {"message"}), else the raw text; secrets masked, at most 500 characters."""
+        try:
+            parsed = json.loads(body)
+            error = parsed.get("error", parsed) if isinstance(parsed, dict) else None
+            if isinstance(error, dict) and error.get("message"):
+                body = str(error["message"])
+            elif isinstance(error, str):
+                body = error
+        except ValueError:
+            pass
+        return self.redact(body)[:500]
+
+    # -- recent failures ---------------------------------------------------------------------------
+
+    def failed(self, message: str) -> None:
+        self._failures.append((time.monotonic(), message))
+
+    def succeeded(self) -> None:
+        self._failures.clear()
+
+    def recent_failure(self) -> str | None:
+        """Why the server is judged down by its recent chats, or None."""
+        if len(self._failures) < FAILURES_TO_DOWN or time.monotonic() - self._failures[0][0] > FAILURE_WINDOW_S:
+            return None
+        return f"its last {FAILURES_TO_DOWN} chats failed: {self._failures[-1][1]}"
+
+    # -- calls -------------------------------------------------------------------------------------
+
+    async def post_stream(self, url: str, body: dict) -> aiohttp.ClientResponse:
+        """POST a streaming request and return the open 200 response (the caller closes it).
+        Waiting for it counts towards first_token_timeout_s."""
+        remaining = self._cool_down_until - time.monotonic()
+        if remaining > 0:
+            raise ResourceExhausted(
+                f"model '{self.model_id}' is rate limited by its server for {math.ceil(remaining)} s more",
+                math.ceil(remaining),
+            )
+        try:
+            async with asyncio.timeout(self.first_token_timeout_s):
+                response = await self.session.post(
+                    url,
+                    json=body,
+                    headers=self.headers,
+                    ssl=self.ssl,
+                    timeout=aiohttp.ClientTimeout(sock_connect=self.connect_timeout_s),
+                )
+        except TimeoutError as exc:
+            message = (
+                f"model '{self.model_id}' backend {self.url} did not answer within {self.first_token_timeout_s:g} s"
+            )
+            self.failed(message)
+            raise Unavailable(message) from exc
+        except aiohttp.ClientConnectionError as exc:
+            message = (
+                f"model '{self.model_id}' is unavailable: backend {self.url} unreachable ({exc.__class__.__name__})"
+            )
+            self.failed(message)
+            raise Unavailable(message) from exc
+        if response.status != 200:
+            text = self._error_text(await response.text())
+            response.release()
+            raise self._status_error(response.status, url, text, response.headers.get("Retry-After"))
+        return response
+
+    def _status_error(self, status: int, url: str, text: str, retry_after: str | None) -> Exception:
+        """A non-200 answer as the mesh error a client should see."""
+        who = f"model '{self.model_id}'"
+        if status in (401, 403):
+            # Not the client's key: the mesh's, for this server. Not retried here; another model
+            # may still answer a routed chat.
+            key = f" (backend.api_key_env {self.api_key_env})" if self.api_key_env else " (no backend.api_key_env set)"
+            message = f"{who}: its server refused the mesh's API key{key}: HTTP {status}: {text}"
+            self.failed(message)
+            return Unavailable(message)
+        if status == 429:
+            seconds = _retry_after_s(retry_after)
+            self._cool_down_until = time.monotonic() + seconds
+            return ResourceExhausted(f"{who} is rate limited by its server (HTTP 429: {text})", seconds)
+        if status in (400, 413, 422):
+            return InvalidArgument(f"{who} rejected the request: {text}")
+        message = f"{who} is unavailable: backend {self.url} answered HTTP {status} ({text})"
+        if status == 404:
+            message += f"; check backend.url (POST {self.redact(url)}) and model_name '{self.model_name}'"
+        self.failed(message)
+        return Unavailable(message)
+
+    async def get_json(self, url: str, timeout_s: float = 2.0) -> tuple[int, dict]:
+        """(status, JSON object body or {}); connection errors and timeouts propagate."""
+        async with self.session.get(
+            url, headers=self.headers, ssl=self.ssl, timeout=aiohttp.ClientTimeout(total=timeout_s)
+        ) as response:
+            try:
+                body = await response.json(content_type=None)
+            except (ValueError, aiohttp.ContentTypeError):
+                body = {}
+            return response.status, body if isinstance(body, dict) else {}
+
+    def watch(self, response: aiohttp.ClientResponse, started: float) -> Watchdog:
+        """The timer of a stream whose request was sent at `started` (time.perf_counter)."""
+        first_s = started + self.first_token_timeout_s - time.perf_counter()
+        return Watchdog(response, first_s, self.idle_timeout_s)
+
+    async def events(self, response: aiohttp.ClientResponse, watchdog: Watchdog) -> AsyncIterator[dict]:
+        """The JSON events of an SSE body (`data: {...}` lines) until `data: [DONE]` or its end.
+        An in-band `{"error": ...}` event becomes UNAVAILABLE. The caller tells `watchdog` when
+        an event carried output (watchdog.output())."""
+        try:
+            async for raw_line in response.content:
+                watchdog.data()
+                line = raw_line.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    return
+                event = json.loads(payload)
+                if isinstance(event, dict) and "error" in event:
+                    message = self._error_text(payload.decode(errors="replace"))
+                    raise Unavailable(f"model '{self.model_id}' backend reported an error mid-stream: {message}")
+                yield event
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            if watchdog.expired:
+                raise Unavailable(f"model '{self.model_id}' backend {watchdog.expired}") from exc
+            raise Unavailable(f"model '{self.model_id}' backend closed the stream: {self.redact(str(exc))}") from exc
+        finally:
+            watchdog.cancel()
+        if watchdog.expired:
+            raise Unavailable(f"model '{self.model_id}' backend {watchdog.expired}")
+
+    # -- optional endpoints --------------------------------------------------------------------------
+
+    async def healthy(self) -> tuple[bool, str]:
+        """(healthy, "ok" or why not): GET /health where the server has it, else GET /models;
+        then the recent chats."""
+        url = f"{self.root}/health" if self.kind.has_health else f"{self.api_base}/models"
+        try:
+            code, body = await self.get_json(url)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return False, f"unreachable ({exc.__class__.__name__})"
+        if code in (401, 403):
+            return False, f"its server refused the mesh's API key (HTTP {code} to GET {url})"
+        if code != 200:
+            error = body.get("error")
+            message = error.get("message") if isinstance(error, dict) else None
+            return False, self.redact(str(message or f"HTTP {code}"))[:300]
+        failure = self.recent_failure()
+        return (False, failure) if failure else (True, "ok")
+
+    async def context_window(self) -> int:
+        """Tokens the model sees at once: configured, else as the server reports it (asked once
+        successfully; a failed ask is tried again after TOKENIZER_RETRY_S), else
+        DEFAULT_CONTEXT_WINDOW. Never fails."""
+        if self.configured_window:
+            return self.configured_window
+        if self._window is None:
+            if time.monotonic() < self._window_retry_at:
+                return DEFAULT_CONTEXT_WINDOW
+            try:
+                window = await self._reported_window()
+            except (TimeoutError, aiohttp.ClientError, ValueError, TypeError):
+                self._window_retry_at = time.monotonic() + TOKENIZER_RETRY_S
+                return DEFAULT_CONTEXT_WINDOW
+            self._window = window or DEFAULT_CONTEXT_WINDOW
+        return self._window
+
+    async def _reported_window(self) -> int:
+        if self.kind.context_window_source == "props":
+            code, props = await self.get_json(f"{self.root}/props")
+            return int((props.get("default_generation_settings") or {}).get("n_ctx") or 0) if code == 200 else 0
+        if self.kind.context_window_source == "models":
+            code, models = await self.get_json(f"{self.api_base}/models")
+            entries = models.get("data") or [] if code == 200 else []
+            named = [e for e in entries if e.get("id") == self.model_name] or entries
+            return int(named[0].get("max_model_len") or 0) if named else 0
+        return 0
+
+    async def count_tokens(self, text: str) -> tuple[int, bool]:
+        """(tokens of `text`, exact): the server's tokenizer where it has one, else an estimate.
+        A tokenizer that fails is given up for good after a 404 (the endpoint is missing), for
+        TOKENIZER_RETRY_S otherwise (a server that is down costs no wait per count); the chat
+        never fails for it."""
+        if not self._tokenizer_missing and time.monotonic() >= self._tokenizer_retry_at:
+            try:
+                async with self.session.post(
+                    self.root + self.kind.tokenize_path,
+                    json=self.kind.tokenize_body(self.model_name, text),
+                    headers=self.headers,
+                    ssl=self.ssl,
+                    timeout=aiohttp.ClientTimeout(total=5),
+                ) as response:
+                    if response.status == 200:
+                        return self.kind.token_count(await response.json(content_type=None)), True
+                    self._tokenizer_missing = response.status in (404, 405, 501)
+            except (TimeoutError, aiohttp.ClientError, ValueError, KeyError, TypeError):
+                pass
+            self._tokenizer_retry_at = time.monotonic() + TOKENIZER_RETRY_S
+        return estimated_tokens(text), False
+
+
+class Watchdog:
+    """Closes a response whose first output does not come within `first_s`, or which goes
+    `idle_s` without data once output has started. One timer, re-armed lazily (not per token)."""
+
+    def __init__(self, response: aiohttp.ClientResponse, first_s: float, idle_s: float):
+        self.loop = asyncio.get_running_loop()
+        self.response = response
+        self.idle_s = idle_s
+        self.started = False
+        self.deadline = self.loop.time() + first_s
+        self.expired = ""
+        self._handle = self.loop.call_at(self.deadline, self._check)
+
+    def output(self) -> None:
+        self.started = True
+        self.deadline = self.loop.time() + self.idle_s
+
+    def data(self) -> None:
+        if self.started:
+            self.deadline = self.loop.time() + self.idle_s
+
+    def _check(self) -> None:
+        if self.loop.time() < self.deadline:
+            self._handle = self.loop.call_at(self.deadline, self._check)
+            return
+        self.expired = (
+            f"sent nothing for {self.idle_s:g} s in the middle of the stream (idle_timeout_s)"
+            if self.started
+            else "sent no first token in time (first_token_timeout_s)"
+        )
+        self.response.close()
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
+def _retry_after_s(value: str | None) -> int:
+    """Retry-After in seconds (delta-seconds or an HTTP date), at least 1."""
+    if value:
+        if value.strip().isdigit():
+            return max(1, int(value.strip()))
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+            return max(1, math.ceil(when.timestamp() - time.time()))
+        except (TypeError, ValueError):
+            pass
+    return DEFAULT_RETRY_AFTER_S
