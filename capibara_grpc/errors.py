@@ -65,6 +65,14 @@ class ResourceExhausted(MeshError):
         self.retry_after_s = retry_after_s
 
 
+class BackendRefusedKey(MeshError):
+    """A model server refused the mesh's own credentials (HTTP 401/403): the mesh's configuration
+    is wrong, not the client's request. INTERNAL (HTTP 500), so it is never retried on that
+    server; a routed chat still fails over to another model."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
 class UpstreamError(MeshError):
     """An error returned by another service of the mesh, passed on with its own status."""
 

@@ -22,6 +22,12 @@ router:
 """
 
 
+# A hosted API in place of GOOD's launched model; KEYS is replaced by the backend keys under test.
+HOSTED = GOOD.replace(
+    '{url: "http://127.0.0.1:8081", protocol: llama_cpp}', '{url: "https://api.example.com/v1", protocol: openai, KEYS}'
+).replace("    launch: {model_path: smollm2}\n", "")
+
+
 def test_the_shipped_default_config_is_valid():
     config = load_config()
     assert set(config.models) == {"gpt-oss-20b", "phi", "mixtral"}
@@ -130,11 +136,41 @@ def test_a_good_config_loads_into_typed_objects():
         ),
         (GOOD + "edge:\n  cors_origins: ['*']\n", "mesh.yaml:10: edge.cors_origins: '*' is not an origin"),
         (GOOD + "edge:\n  rate_limit: {chat: -1}\n", "edge.rate_limit.chat must be 0 (no limit) or a positive number"),
+        (
+            HOSTED.replace("KEYS", "api_key_env: CAPIBARA_TEST_UNSET_KEY"),
+            "mesh.yaml:3: models.phi.backend.api_key_env: the environment variable CAPIBARA_TEST_UNSET_KEY is not "
+            "set (model 'phi' needs it to call https://api.example.com/v1)",
+        ),
+        (
+            HOSTED.replace("KEYS", "headers: {X-Org: '${CAPIBARA_TEST_UNSET_ORG}'}"),
+            "mesh.yaml:3: models.phi.backend.headers: the environment variable CAPIBARA_TEST_UNSET_ORG is not set",
+        ),
+        (
+            HOSTED.replace("KEYS", "headers: {Authorization: Bearer x}"),
+            "models.phi.backend.headers: 'Authorization' cannot be set here (the key goes in api_key_env)",
+        ),
+        (
+            GOOD.replace("protocol: llama_cpp", "protocol: llama_cpp, server: vllm"),
+            "mesh.yaml:3: models.phi.backend.server 'vllm' speaks the OpenAI API: set protocol: openai",
+        ),
+        (
+            GOOD.replace("protocol: llama_cpp", "protocol: openai, server: tgi"),
+            "mesh.yaml:3: models.phi.backend.server 'tgi' must be one of llama_server, vllm, ollama, openai",
+        ),
+        (
+            HOSTED.replace("KEYS", "ca_file: /nowhere/ca.pem"),
+            "mesh.yaml:3: models.phi.backend.ca_file: '/nowhere/ca.pem' is not a file",
+        ),
+        (
+            GOOD.replace("launch: {model_path: smollm2}", "launch: {model_path: smollm2}\n    context_window: -1"),
+            "mesh.yaml:5: models.phi.context_window must not be negative",
+        ),
         ("models: {}\n", "no models defined"),
         ("models: [\n", "not valid YAML"),
     ],
 )
 def test_bad_config_names_the_line_to_fix(text, message):
+    assert "KEYS" not in text
     with pytest.raises(ConfigError) as error:
         parse_config(text, source="mesh.yaml")
     assert message in str(error.value)

@@ -56,6 +56,15 @@ def test_chat_page_in_a_real_browser(web_mesh):
         assert (SCREENSHOTS / f"main-{name}.png").stat().st_size > 1000
 
 
+def test_page_folds_a_reasoning_models_thinking_above_the_answer(web_mesh):
+    # The mesh's SmolLM2 streams no reasoning: the page's /api/chat/stream is a stub there that sends
+    # the transcoder's SSE events (routing, reasoning..., token..., done); the rest is the live mesh.
+    result = browser(web_mesh, "reasoning")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("1-thinking", "2-folded", "3-unfolded", "4-no-reasoning"):
+        assert (SCREENSHOTS / f"reasoning-{name}.png").stat().st_size > 1000
+
+
 def test_page_shows_a_clear_error_when_a_backend_is_stopped(web_mesh):
     port = web_mesh.backend_url("phi").rsplit(":", 1)[1]
     (line,) = [p for p in processes_using(f"--port {port}") if "llama-server" in p]

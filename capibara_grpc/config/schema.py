@@ -416,7 +416,7 @@ class BackendConfig:
     # endpoints the mesh asks: `llama_server` (top_k, repeat_penalty; /tokenize, /props, /health),
     # `vllm` (top_k, repetition_penalty; /tokenize, max_model_len, /health), `ollama` and `openai`
     # (the OpenAI API's fields only; tokens estimated; health from /models). Empty = llama_server
-    # for protocol llama_cpp, openai for protocol openai.
+    # for protocol llama_cpp and for a model the mesh launches, else openai.
     server: str = ""
     # Model name sent to OpenAI-compatible servers (vLLM and hosted APIs check it); empty = the model id.
     model_name: str = ""
@@ -439,10 +439,6 @@ class BackendConfig:
     # More servers of the same model (URLs). With any, calls go through Envoy (edge.models_port),
     # which balances by least requests, health-checks /health and ejects failing servers.
     replicas: list[str] = field(default_factory=list)
-
-    @property
-    def server_kind(self) -> str:
-        return self.server or ("openai" if self.protocol == "openai" else "llama_server")
 
     @property
     def env_names(self) -> list[str]:
@@ -499,6 +495,12 @@ class ModelConfig:
     # at most max_queued waiting behind them; beyond that 429 / RESOURCE_EXHAUSTED + Retry-After.
     max_concurrent: int = 0
     max_queued: int = 16
+
+    @property
+    def server_kind(self) -> str:
+        """backend.server, or what it is by default: a launched model is always a llama-server."""
+        launched = self.launch is not None or self.backend.protocol == "llama_cpp"
+        return self.backend.server or ("llama_server" if launched else "openai")
 
     @property
     def slots(self) -> int:

@@ -397,9 +397,9 @@ def _validate_backend(config: MeshConfig, model_id: str, fail, check_environment
         fail(
             url_line, f"{where}.url must be an http(s) URL (scheme, host, optional port and path), got '{backend.url}'"
         )
-    if backend.server_kind not in SERVER_KINDS:
+    if config.models[model_id].server_kind not in SERVER_KINDS:
         fail(line_of(backend, "server"), f"{where}.server '{backend.server}' must be one of {', '.join(SERVER_KINDS)}")
-    if backend.protocol == "llama_cpp" and backend.server_kind != "llama_server":
+    if backend.protocol == "llama_cpp" and config.models[model_id].server_kind != "llama_server":
         fail(
             line_of(backend, "server"), f"{where}.server '{backend.server}' speaks the OpenAI API: set protocol: openai"
         )

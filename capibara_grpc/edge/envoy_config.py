@@ -118,6 +118,12 @@ RETRY_POLICY = {
 }
 
 
+# To inference, not UNAVAILABLE: there it is a model server's failure (5xx, unreachable, no first
+# token in time), which the gateway's failover answers by trying the next model; retrying the same
+# model here would triple a timeout and repeat a call the server already failed.
+INFERENCE_RETRY_POLICY = {**RETRY_POLICY, "retry_on": "connect-failure,reset"}
+
+
 # At the edge only what surely never reached a service: a refused connection or stream, or a
 # replica that went away before answering. (UNAVAILABLE from a service is its answer to the client.)
 EDGE_RETRY_POLICY = {
@@ -157,7 +163,10 @@ def _limit_of(config: MeshConfig, tier: str) -> dict:
 
 def _mesh_listener(config: MeshConfig, bind_all: bool = False) -> dict:
     """Loopback, plaintext h2: how the services reach each other (services.via_envoy)."""
-    routes = [_to_cluster(f"/{SERVICE_FULL_NAMES[s]}/", s, retry=RETRY_POLICY) for s in config.deployed_services]
+    routes = [
+        _to_cluster(f"/{SERVICE_FULL_NAMES[s]}/", s, retry=INFERENCE_RETRY_POLICY if s == "inference" else RETRY_POLICY)
+        for s in config.deployed_services
+    ]
     routes.append({"match": {"prefix": "/"}, "direct_response": {"status": 404}})
     return _internal_listener("mesh", config, config.edge.mesh_port, "HTTP2", routes, bind_all)
 

@@ -116,13 +116,14 @@ class ChatCompletionsBackend(ModelBackend):
         response = await self.upstream.post_stream(self.upstream.api_base + "/chat/completions", body)
         watchdog = self.upstream.watch(response, started)
         first_token_at = first_reasoning_at = None
-        finish_reason, usage, timings, backend_model = None, {}, {}, ""
+        finish_reason, usage, timings, backend_model, stop_type = None, {}, {}, "", ""
         index = thoughts = 0
         try:
             async for event in self.upstream.events(response, watchdog):
                 backend_model = event.get("model") or backend_model
                 usage = event.get("usage") or usage
                 timings = event.get("timings") or timings
+                stop_type = (event.get("__verbose") or {}).get("stop_type") or stop_type
                 for choice in event.get("choices") or ():
                     delta = choice.get("delta") or {}
                     thought = next((t for f in _REASONING_FIELDS if isinstance(t := delta.get(f), str) and t), "")
@@ -148,9 +149,10 @@ class ChatCompletionsBackend(ModelBackend):
             raise Unavailable(message)
         self.upstream.succeeded()
         details = usage.get("completion_tokens_details") or {}
-        # The OpenAI API does not tell a stop string from end-of-sequence: both are "stop".
+        # The OpenAI API does not tell a stop string from end-of-sequence (both "stop");
+        # llama-server's verbose stop_type does.
         yield self._finished(
-            _OPENAI_FINISH.get(finish_reason, "stop"),
+            _LLAMA_STOP_TYPES.get(stop_type) or _OPENAI_FINISH.get(finish_reason, "stop"),
             started,
             first_token_at,
             first_reasoning_at,

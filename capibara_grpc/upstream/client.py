@@ -27,7 +27,7 @@ import aiohttp
 
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.config.schema import ENV_REFERENCE
-from capibara_grpc.errors import InvalidArgument, ResourceExhausted, Unavailable
+from capibara_grpc.errors import BackendRefusedKey, InvalidArgument, ResourceExhausted, Unavailable
 from capibara_grpc.upstream.kinds import DEFAULT_CONTEXT_WINDOW, KINDS, estimated_tokens
 
 # A server whose chats failed this many times in a row within FAILURE_WINDOW_S, with no success
@@ -48,7 +48,7 @@ class Upstream:
         backend = model.backend
         self.model_id = model_id
         self.model_name = backend.model_name or model_id
-        self.kind = KINDS[backend.server_kind]
+        self.kind = KINDS[model.server_kind]
         self.configured_window = model.context_window
         self.url = config.backend_base_url(model_id)
         has_path = backend.protocol == "openai" and backend.url_path
@@ -155,12 +155,10 @@ class Upstream:
         """A non-200 answer as the mesh error a client should see."""
         who = f"model '{self.model_id}'"
         if status in (401, 403):
-            # Not the client's key: the mesh's, for this server. Not retried here; another model
-            # may still answer a routed chat.
             key = f" (backend.api_key_env {self.api_key_env})" if self.api_key_env else " (no backend.api_key_env set)"
             message = f"{who}: its server refused the mesh's API key{key}: HTTP {status}: {text}"
             self.failed(message)
-            return Unavailable(message)
+            return BackendRefusedKey(message)
         if status == 429:
             seconds = _retry_after_s(retry_after)
             self._cool_down_until = time.monotonic() + seconds

@@ -1,6 +1,7 @@
 // Capibara web chat: streams answers from /api/chat/stream (SSE over fetch, since EventSource
-// cannot POST), keeps the conversation id in localStorage, shows routing, consensus candidates,
-// speech and every error the mesh reports. No external code: it works offline.
+// cannot POST), keeps the conversation id in localStorage, shows routing, a reasoning model's
+// thinking (folded away above its answer), consensus candidates, speech and every error the mesh
+// reports. No external code: it works offline.
 
 const $ = (id) => document.getElementById(id);
 const CONVERSATION_KEY = "capibara.conversation";
@@ -87,6 +88,24 @@ function addMeta(turn, text) {
   turn.append(meta);
 }
 
+// A reasoning model's thinking: a closed <details> above the answer text, never in it.
+function addReasoning(turn) {
+  const details = document.createElement("details");
+  details.className = "reasoning";
+  const summary = document.createElement("summary");
+  const body = document.createElement("div");
+  body.className = "reasoning-text";
+  details.append(summary, body);
+  turn.querySelector(".text").before(details);
+  return details;
+}
+
+function setReasoningState(details, state, tokens) {
+  details.dataset.state = state;
+  details.querySelector("summary").textContent =
+    state === "streaming" ? "Thinking…" : tokens ? `Reasoning (${tokens} tokens)` : "Reasoning";
+}
+
 async function* serverSentEvents(response) {
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
@@ -111,6 +130,7 @@ async function chat(message) {
   const turn = addTurn("assistant");
   turn.dataset.state = "waiting";
   const text = turn.querySelector(".text");
+  let reasoning = null;
   try {
     const response = await api("POST", "/api/chat/stream", body);
     for await (const event of serverSentEvents(response)) {
@@ -119,11 +139,19 @@ async function chat(message) {
         addBadge(turn, `${r.route_name} · ${r.model_id} · ${Math.round(r.confidence * 100)}%`,
                  { route: r.route_name, model: r.model_id, confidence: r.confidence });
         turn.dataset.state = "streaming";
+      } else if (event.reasoning) {
+        if (!reasoning) reasoning = addReasoning(turn);
+        if (reasoning.dataset.state !== "streaming") setReasoningState(reasoning, "streaming");
+        reasoning.querySelector(".reasoning-text").textContent += event.reasoning.text;
+        turn.dataset.state = "streaming";
       } else if (event.token) {
+        if (reasoning?.dataset.state === "streaming") setReasoningState(reasoning, "paused");
         text.textContent += event.token.text;
       } else if (event.done) {
         turn.dataset.state = "done";
-        addMeta(turn, `${event.done.usage.completion_tokens} tokens · ${Math.round(event.done.latency_ms)} ms`);
+        const usage = event.done.usage;
+        if (reasoning) setReasoningState(reasoning, "done", usage.reasoning_tokens);
+        addMeta(turn, `${usage.completion_tokens} tokens · ${Math.round(event.done.latency_ms)} ms`);
       } else if (event.error) {
         throw new Error(`${event.error.code}: ${event.error.message}`);
       }
@@ -131,7 +159,8 @@ async function chat(message) {
     if (turn.dataset.state !== "done") throw new Error("the answer was cut off");
   } catch (error) {
     turn.dataset.state = "error";
-    if (!text.textContent) turn.remove();
+    if (reasoning) setReasoningState(reasoning, "error");
+    if (!text.textContent && !reasoning) turn.remove();
     throw error;
   }
 }

@@ -1,5 +1,5 @@
 // Browser checks of the web chat page, run by tests/test_web_page.py against a live mesh:
-//   node web_chat.mjs <base url> <screenshot dir> <phase: main | backend-down>
+//   node web_chat.mjs <base url> <screenshot dir> <phase: main | reasoning | backend-down>
 // Exits non-zero with a message on the first failed check.
 import assert from "node:assert/strict";
 import { mkdirSync } from "node:fs";
@@ -27,6 +27,47 @@ async function sendWithKeyboard(text) {
 
 const lastAnswer = () => page.locator("li.turn.assistant").last();
 
+// Stands in for a reasoning model (the test mesh's SmolLM2 thinks aloud in no separate channel): the
+// page's fetch of /api/chat/stream gets an SSE stream, framed as Envoy's gRPC-JSON transcoder frames
+// it, that this script writes event by event (send, end) while it looks at the page in between.
+// Everything else goes to the mesh.
+async function stubChatStream() {
+  await page.addInitScript(() => {
+    const meshFetch = window.fetch;
+    window.fetch = async (input, init) => {
+      if (!String(input).endsWith("/api/chat/stream")) return meshFetch(input, init);
+      const encoder = new TextEncoder();
+      const body = new ReadableStream({
+        start(controller) {
+          window.sse = {
+            request: JSON.parse(init.body),
+            send: (event) => controller.enqueue(encoder.encode(`data: ${JSON.stringify(event)}\n\n`)),
+            end: () => { window.sse = null; controller.close(); },
+          };
+        },
+      });
+      return new Response(body, { status: 200, headers: { "content-type": "text/event-stream" } });
+    };
+  });
+}
+
+const stubbed = {
+  async open() {
+    await page.waitForFunction(() => window.sse);
+    return page.evaluate(() => window.sse.request);
+  },
+  send: (...events) => page.evaluate((events) => events.forEach((event) => window.sse.send(event)), events),
+  end: () => page.evaluate(() => window.sse.end()),
+};
+
+const routing = { routing: { model_id: "gpt-oss-20b", route_name: "math", confidence: 0.91, scores: [], fallback: false,
+                             reasoning: "router: math", source: "router", failed_models: [] } };
+const done = (completion, reasoning) => ({ done: {
+  usage: { prompt_tokens: 31, completion_tokens: completion, total_tokens: 31 + completion, reasoning_tokens: reasoning },
+  timings: { time_to_first_token_ms: 420, prompt_ms: 35, generation_ms: 700, tokens_per_second: 40, total_ms: 760,
+             time_to_first_reasoning_ms: reasoning ? 60 : 0 },
+  finish_reason: "FINISH_REASON_STOP", latency_ms: 812.4, model_id: "gpt-oss-20b", cache_hit: "" } });
+
 try {
   if (phase === "main") {
     await open();
@@ -44,6 +85,7 @@ try {
     // No waiting for the streaming state itself: a short answer can stream faster than a poll.
     await shot("1-sent");
     await page.waitForSelector("li.turn.assistant[data-state=done]");
+    assert.equal(await lastAnswer().locator("details").count(), 0, "an answer without reasoning has a reasoning fold");
     const finalLength = (await lastAnswer().locator(".text").textContent()).length;
     const partial = await page.evaluate(() => window.seen.filter((s) => s.state === "streaming" && s.length > 0));
     assert.ok(partial.some((s) => s.length < finalLength), `no partial answer was shown (final ${finalLength} chars)`);
@@ -108,6 +150,65 @@ try {
     await open();
     assert.equal(await page.locator("li.turn").count(), 0, "erased turns came back after a reload");
     await shot("6-erased");
+  } else if (phase === "reasoning") {
+    await stubChatStream();
+    await open();
+    await sendWithKeyboard("¿Cuánto es 17 × 23?");
+    assert.equal((await stubbed.open()).message, "¿Cuánto es 17 × 23?");
+    const reasoning = lastAnswer().locator("details.reasoning");
+    const answer = lastAnswer().locator(".text");
+
+    // 1. While the model thinks: a closed fold above an empty answer, saying so.
+    await stubbed.send(routing, { reasoning: { text: "17 × 23 = 17 × 20 + 17 × 3", index: 0 } });
+    await page.waitForFunction(() => document.querySelector("li.turn.assistant:last-child .reasoning-text")
+      ?.textContent === "17 × 23 = 17 × 20 + 17 × 3");
+    assert.match(await reasoning.locator("summary").textContent(), /Thinking/);
+    assert.equal(await reasoning.evaluate((d) => d.open), false, "the reasoning is not folded away");
+    assert.equal(await answer.textContent(), "", "reasoning reached the answer");
+    await stubbed.send({ reasoning: { text: " = 340 + 51 = 391. <b>not markup</b>", index: 1 } });
+    await page.waitForFunction(() => document.querySelector("li.turn.assistant:last-child .reasoning-text")
+      ?.textContent.endsWith("<b>not markup</b>"));
+    await shot("1-thinking");
+
+    // 2. The answer streams below it (with more thinking in between), and stays only the answer.
+    await stubbed.send({ token: { text: "17 × 23 = ", index: 0 } });
+    await page.waitForFunction(() => document.querySelector("li.turn.assistant:last-child .text").textContent);
+    assert.doesNotMatch(await reasoning.locator("summary").textContent(), /Thinking/, "still thinking while answering");
+    await stubbed.send({ reasoning: { text: " Check: 391.", index: 2 } }, { token: { text: "391.", index: 1 } },
+                       done(40, 24));
+    await stubbed.end();
+    await page.waitForSelector("li.turn.assistant[data-state=done]");
+    assert.equal(await answer.textContent(), "17 × 23 = 391.");
+    assert.equal(await reasoning.locator(".reasoning-text").textContent(),
+                 "17 × 23 = 17 × 20 + 17 × 3 = 340 + 51 = 391. <b>not markup</b> Check: 391.");
+    assert.equal(await reasoning.locator("b").count(), 0, "model text was parsed as HTML");
+    assert.equal(await reasoning.locator("summary").textContent(), "Reasoning (24 tokens)");
+    assert.equal(await reasoning.evaluate((d) => d.open), false, "the reasoning unfolded by itself");
+    assert.equal(await reasoning.locator(".reasoning-text").isVisible(), false, "folded reasoning is visible");
+    const order = await lastAnswer().evaluate((turn) => [...turn.children].map((c) => c.className));
+    assert.deepEqual(order, ["badge", "reasoning", "text", "meta"], "the reasoning is not above the answer");
+    assert.equal(await lastAnswer().locator(".badge").getAttribute("data-model"), "gpt-oss-20b");
+    await shot("2-folded");
+
+    // 3. It opens on demand (keyboard), and Play speaks the answer alone.
+    await reasoning.locator("summary").focus();
+    await page.keyboard.press("Enter");
+    assert.equal(await reasoning.evaluate((d) => d.open), true);
+    assert.equal(await reasoning.locator(".reasoning-text").isVisible(), true);
+    await shot("3-unfolded");
+    const spoken = page.waitForRequest("**/api/tts/speak");
+    await lastAnswer().locator(".play").click();
+    assert.equal((await spoken).postDataJSON().text, "17 × 23 = 391.");
+
+    // 4. A model without reasoning: no fold at all, as before.
+    await sendWithKeyboard("Di hola.");
+    await stubbed.open();
+    await stubbed.send(routing, { token: { text: "¡Hola!", index: 0 } }, done(3, 0));
+    await stubbed.end();
+    await page.waitForFunction(() => document.querySelectorAll("li.turn.assistant[data-state=done]").length === 2);
+    assert.equal(await lastAnswer().locator("details").count(), 0, "a fold without reasoning");
+    assert.equal(await answer.textContent(), "¡Hola!");
+    await shot("4-no-reasoning");
   } else if (phase === "backend-down") {
     await open();
     await page.selectOption("#model", "phi");

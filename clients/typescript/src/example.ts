@@ -36,6 +36,10 @@ for await (const response of chat.chat({ message: "Say hello in Spanish.", maxTo
     case "routing":
       console.log(`answering: ${response.event.value.modelId} (${response.event.value.reasoning})`);
       break;
+    case "reasoning":
+      // A reasoning model's thinking, apart from the answer: to stderr, so stdout stays the answer.
+      process.stderr.write(response.event.value.text);
+      break;
     case "token":
       tokens += 1;
       process.stdout.write(response.event.value.text);
