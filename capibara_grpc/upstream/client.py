@@ -298,8 +298,12 @@ class Watchdog:
         self._handle = self.loop.call_at(self.deadline, self._check)
 
     def output(self) -> None:
-        self.started = True
         self.deadline = self.loop.time() + self.idle_s
+        if not self.started:
+            # The timer waits for the first-token deadline; the idle one may come sooner.
+            self.started = True
+            self._handle.cancel()
+            self._handle = self.loop.call_at(self.deadline, self._check)
 
     def data(self) -> None:
         if self.started:

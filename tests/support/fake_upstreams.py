@@ -179,7 +179,7 @@ class FakeUpstream:
 
     def stop(self) -> None:
         if self._loop is not None:
-            self._call(self._runner.cleanup())
+            self._call(self._shutdown())
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
             self._loop.close()
@@ -200,6 +200,14 @@ class FakeUpstream:
 
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+    async def _shutdown(self) -> None:
+        """Stop listening, then end the handlers still running (a stalled or delayed stream)."""
+        await self._runner.cleanup()
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
     async def _open(self) -> None:
         app = web.Application()

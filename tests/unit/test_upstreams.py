@@ -1,0 +1,193 @@
+"""The model servers as the inference core calls them (capibara_grpc.upstream), against the fakes
+of tests/support/fake_upstreams.py over real loopback sockets; and every config snippet of
+docs/models.md, loaded, and (for the servers someone else runs) chatted with."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import ssl
+
+import pytest
+import yaml
+
+from capibara_grpc.chat_types import Finished, Message, Reasoning, SamplingParams, Token
+from capibara_grpc.config import ConfigError, parse_config
+from capibara_grpc.errors import BackendRefusedKey, InvalidArgument, ResourceExhausted, Unavailable
+from capibara_grpc.inference.core import InferenceEngine
+from capibara_grpc.upstream.client import _retry_after_s
+from tests.support.fake_upstreams import FakeUpstream
+
+DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs" / "models.md"
+SNIPPETS = re.findall(r"```yaml\n(.*?)```", DOCS.read_text(), re.S)
+KEY = "sk-unit-5e6f7a8b9c0d"
+
+
+def mesh_text(models_yaml: str) -> str:
+    first = next(iter(yaml.safe_load(models_yaml)["models"]))
+    return models_yaml + f"gateway:\n  default_model: {first}\nrouter:\n  enabled: false\n"
+
+
+def one_model(backend: dict, **model) -> str:
+    return mesh_text(yaml.safe_dump({"models": {"m": {"backend": backend, **model}}}))
+
+
+async def collect(engine: InferenceEngine, model_id: str, text: str = "hola", **params) -> list:
+    return [item async for item in engine.generate(model_id, [Message("user", text)], SamplingParams(**params))]
+
+
+@pytest.fixture
+async def engine_for():
+    engines = []
+
+    async def start(text: str) -> InferenceEngine:
+        engine = InferenceEngine(parse_config(text, source="unit.yaml", check_files={"inference"}), 60)
+        await engine.start()
+        engines.append(engine)
+        return engine
+
+    yield start
+    for engine in engines:
+        await engine.stop()
+
+
+# -- docs/models.md ------------------------------------------------------------------------------
+
+
+def test_the_guide_has_a_snippet_for_each_kind_of_server():
+    servers = [yaml.safe_load(s)["models"] for s in SNIPPETS]
+    kinds = {
+        m["backend"].get("server") or ("launched" if "launch" in m else "openai") for s in servers for m in s.values()
+    }
+    assert kinds == {"launched", "vllm", "ollama", "openai"}
+    launched = {model_id for s in servers for model_id, m in s.items() if "launch" in m}
+    assert launched == {"gpt-oss-20b", "phi", "mixtral"}
+
+
+@pytest.mark.parametrize("snippet", SNIPPETS, ids=lambda s: next(iter(yaml.safe_load(s)["models"])))
+async def test_each_snippet_loads_and_the_remote_ones_answer(snippet, engine_for, monkeypatch):
+    """Loaded as written (no file or variable checks: the weights and keys are the reader's), then
+    pointed at a fake of its server, with its variables set, and asked for a chat."""
+    config = parse_config(mesh_text(snippet), source="docs/models.md", check_files=set())
+    ((model_id, model),) = config.models.items()
+    if model.launch is not None:
+        assert model.server_kind == "llama_server" and model.launch.model_path.endswith(".gguf")
+        return
+    for name in model.backend.env_names:
+        monkeypatch.setenv(name, KEY)
+    flavor = model.server_kind
+    with FakeUpstream(
+        flavor=flavor, api_key=KEY if model.backend.api_key_env else None, models=[model.backend.model_name]
+    ) as up:
+        data = yaml.safe_load(snippet)
+        backend = data["models"][model_id]["backend"]
+        backend["url"] = up.base_url
+        if "ca_file" in backend:
+            backend["ca_file"] = ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt"
+        engine = await engine_for(mesh_text(yaml.safe_dump(data)))
+        items = await collect(engine, model_id, "hello there")
+    assert "".join(i.text for i in items if isinstance(i, Token)) == "echo: hello there"
+    assert isinstance(items[-1], Finished) and items[-1].finish_reason == "stop"
+    headers = up.chat_requests()[-1].headers
+    assert ("authorization" in headers) == bool(model.backend.api_key_env)
+
+
+# -- failures, as the inference core sees them ---------------------------------------------------
+
+
+async def test_a_key_echoed_back_by_the_server_is_masked(engine_for, monkeypatch):
+    monkeypatch.setenv("UNIT_KEY", KEY)
+    with FakeUpstream(flavor="openai", api_key=KEY) as up:
+        engine = await engine_for(
+            one_model({"url": up.base_url, "protocol": "openai", "model_name": "gpt-test", "api_key_env": "UNIT_KEY"})
+        )
+        up.fail_next(status=400, body={"error": {"message": f"bad request from key {KEY}", "type": "x"}})
+        with pytest.raises(InvalidArgument) as bad:
+            await collect(engine, "m")
+    assert KEY not in bad.value.message and "key ***" in bad.value.message
+
+
+async def test_a_refused_key_names_the_variable(engine_for, monkeypatch):
+    monkeypatch.setenv("UNIT_KEY", "sk-not-the-right-one")
+    with FakeUpstream(flavor="openai", api_key=KEY) as up:
+        engine = await engine_for(
+            one_model({"url": up.base_url, "protocol": "openai", "model_name": "gpt-test", "api_key_env": "UNIT_KEY"})
+        )
+        with pytest.raises(BackendRefusedKey) as refused:
+            await collect(engine, "m")
+        status = (await engine.list_models())[0]
+    assert (
+        "backend.api_key_env UNIT_KEY" in refused.value.message and "sk-not-the-right-one" not in refused.value.message
+    )
+    assert not status.healthy and "refused the mesh's API key" in status.status
+
+
+async def test_429_sets_a_cool_down_from_retry_after(engine_for):
+    with FakeUpstream(flavor="vllm", models=["v"]) as up:
+        engine = await engine_for(
+            one_model({"url": up.base_url, "protocol": "openai", "server": "vllm", "model_name": "v"})
+        )
+        up.fail_next(status=429, headers={"Retry-After": "5"})
+        with pytest.raises(ResourceExhausted) as limited:
+            await collect(engine, "m")
+        with pytest.raises(ResourceExhausted) as cooling:
+            await collect(engine, "m")
+    assert limited.value.retry_after_s == 5 and 1 <= cooling.value.retry_after_s <= 5
+    assert len(up.chat_requests()) == 1
+
+
+def test_retry_after_takes_seconds_or_a_date():
+    assert _retry_after_s("7") == 7
+    assert _retry_after_s(None) == 1 and _retry_after_s("soon") == 1
+    assert 50 <= _retry_after_s(__import__("email.utils").utils.formatdate(__import__("time").time() + 60)) <= 61
+
+
+async def test_a_stream_that_goes_silent_ends_with_an_error(engine_for):
+    with FakeUpstream(flavor="ollama", models=["o"]) as up:
+        engine = await engine_for(
+            one_model(
+                {"url": up.base_url, "protocol": "openai", "server": "ollama", "model_name": "o", "idle_timeout_s": 0.5}
+            )
+        )
+        up.stall_after(2, 3.0)
+        items = []
+        with pytest.raises(Unavailable) as stalled:
+            async for item in engine.generate("m", [Message("user", "one two three four")], SamplingParams()):
+                items.append(item)
+    assert len(items) == 2 and "idle_timeout_s" in stalled.value.message
+
+
+async def test_several_servers_down_in_a_row_mark_a_model_without_health_down(engine_for):
+    with FakeUpstream(flavor="openai") as up:
+        engine = await engine_for(one_model({"url": up.base_url, "protocol": "openai", "model_name": "gpt-test"}))
+        up.fail_next(status=503, count=3)
+        for _ in range(3):
+            with pytest.raises(Unavailable):
+                await collect(engine, "m")
+        down = (await engine.list_models())[0]
+        await collect(engine, "m")
+        up_again = (await engine.list_models())[0]
+    assert not down.healthy and "last 3 chats failed" in down.status
+    assert up_again.healthy
+
+
+async def test_reasoning_under_either_field_comes_apart(engine_for):
+    for field in ("reasoning_content", "reasoning"):
+        with FakeUpstream(flavor="vllm", models=["v"], reasoning="think first", reasoning_field=field) as up:
+            engine = await engine_for(
+                one_model({"url": up.base_url, "protocol": "openai", "server": "vllm", "model_name": "v"})
+            )
+            items = await collect(engine, "m", "hola")
+        assert "".join(i.text for i in items if isinstance(i, Reasoning)) == "think first"
+        assert "".join(i.text for i in items if isinstance(i, Token)) == "echo: hola"
+
+
+def test_an_unset_key_variable_stops_startup():
+    os.environ.pop("UNIT_UNSET_KEY", None)
+    with pytest.raises(ConfigError, match="UNIT_UNSET_KEY is not set"):
+        parse_config(
+            one_model({"url": "https://api.example.com/v1", "protocol": "openai", "api_key_env": "UNIT_UNSET_KEY"}),
+            source="unit.yaml",
+            check_files={"inference"},
+        )
