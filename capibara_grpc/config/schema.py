@@ -480,8 +480,8 @@ class ModelConfig:
 
     model_id: str = internal("")
     backend: BackendConfig = field(default_factory=BackendConfig)
-    # `server`: the model's own chat template, applied by the backend (llama_cpp: /apply-template;
-    # openai: the server always does); `raw`: the text as is, no template.
+    # `server`: the model's own chat template, applied by the server (/v1/chat/completions, for
+    # every protocol); `raw` (llama_cpp only): the messages' text as is through /completion.
     chat_template: str = "server"
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
     launch: LaunchConfig | None = None
