@@ -167,7 +167,7 @@ def main() -> None:
         directory = pathlib.Path(tmp)
         print(
             f"\nChat ({args.max_tokens} tokens, temperature 0), gRPC through Envoy; direct = llama-server "
-            f"/apply-template + /completion"
+            f"/v1/chat/completions"
         )
         print(f"{'what':52} {'TTFT p50':>8} {'TTFT p90':>8} {'tok/s p50':>9}")
         base = asyncio.run(direct_level(mesh.backend_url("gpt-oss-20b"), args.chat_runs * 2, args.max_tokens))

@@ -44,14 +44,13 @@ async def sse_chat(session, mesh, body: dict, backend_speed: list | None = None)
 
 
 async def direct_chat(session, url: str, messages: list[dict], max_tokens: int) -> float:
-    """Time to first token of llama-server given `messages` (/apply-template + /completion)."""
+    """Time to first token of llama-server given `messages`, through the endpoint the mesh uses
+    (/v1/chat/completions, streamed)."""
     started = time.perf_counter()
-    async with session.post(url + "/apply-template", json={"messages": messages}) as response:
-        prompt = (await response.json())["prompt"]
-    body = {"prompt": prompt, "stream": True, "n_predict": max_tokens, "temperature": 0, "cache_prompt": True}
-    async with session.post(url + "/completion", json=body) as response:
+    body = {"messages": messages, "stream": True, "max_tokens": max_tokens, "temperature": 0, "cache_prompt": True}
+    async with session.post(url + "/v1/chat/completions", json=body) as response:
         async for line in response.content:
-            if line.startswith(b"data:") and json.loads(line[5:]).get("content"):
+            if line.startswith(b"data:") and b'"content":"' in line:
                 return time.perf_counter() - started
     raise RuntimeError("llama-server sent no token")
 

@@ -2,7 +2,7 @@
 
 Starts its own mesh (`capibara up` on ports 28xxx, one llama-server) and, for the same prompt,
 measures three paths, one request at a time:
-  direct   llama-server: /apply-template + /completion (stream), what a hand-written client does
+  direct   llama-server: /v1/chat/completions (stream), what a hand-written client does
   rest     Envoy (HTTPS, HTTP/1.1) -> transcoder -> gateway -> inference -> llama-server, SSE
   grpc     Envoy (TLS, h2) -> gateway -> inference -> llama-server, native gRPC stream
   openai   Envoy (HTTPS, HTTP/1.1) -> transcoder (HttpBody) -> gateway -> inference -> llama-server,
@@ -50,15 +50,13 @@ class Sample:
 async def direct(session: aiohttp.ClientSession, url: str, max_tokens: int) -> Sample:
     started = time.perf_counter()
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}]
-    async with session.post(url + "/apply-template", json={"messages": messages}) as response:
-        prompt = (await response.json())["prompt"]
-    body = {"prompt": prompt, "stream": True, "n_predict": max_tokens, "temperature": 0, "cache_prompt": True}
+    body = {"messages": messages, "stream": True, "max_tokens": max_tokens, "temperature": 0, "cache_prompt": True}
     first, tokens = None, 0
-    async with session.post(url + "/completion", json=body) as response:
+    async with session.post(url + "/v1/chat/completions", json=body) as response:
         async for line in response.content:
-            if line.startswith(b"data:"):
+            if line.startswith(b"data:") and line.strip() != b"data: [DONE]":
                 event = json.loads(line[5:])
-                if event.get("content"):
+                if any((c.get("delta") or {}).get("content") for c in event.get("choices") or ()):
                     tokens += 1
                     first = first or time.perf_counter()
     return Sample(first - started, time.perf_counter() - started, tokens)
