@@ -142,6 +142,7 @@ class ChatCompletionsBackend(ModelBackend):
             self.upstream.failed(exc.message)
             raise
         finally:
+            watchdog.cancel()
             response.close()
         if finish_reason is None:
             message = f"model '{self.model_id}' backend ended the stream without a finish reason"
@@ -219,6 +220,7 @@ class LlamaCompletionBackend(ModelBackend):
             self.upstream.failed(exc.message)
             raise
         finally:
+            watchdog.cancel()
             # Closing (not releasing) drops the connection, which tells llama-server to stop.
             response.close()
         raise Unavailable(f"model '{self.model_id}' backend ended the stream without a final event")

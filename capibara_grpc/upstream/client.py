@@ -36,6 +36,9 @@ FAILURES_TO_DOWN = 3
 FAILURE_WINDOW_S = 30.0
 # Seconds of cool-down after a 429 without a usable Retry-After.
 DEFAULT_RETRY_AFTER_S = 1
+# Seconds between two GET /models of a server without /health (its health in between comes from
+# its chats).
+MODELS_PROBE_S = 15.0
 # Seconds before a tokenizer that failed (not one that is missing) is asked again.
 TOKENIZER_RETRY_S = 30.0
 
@@ -77,6 +80,8 @@ class Upstream:
         self._tokenizer_missing = not self.kind.tokenize_path
         self._tokenizer_retry_at = 0.0
         self._window_retry_at = 0.0
+        self._probe: tuple[bool, str] = (False, "not checked yet")
+        self._probed_at = -MODELS_PROBE_S
 
     # -- text that leaves the module ---------------------------------------------------------------
 
@@ -200,8 +205,15 @@ class Upstream:
                 payload = line[5:].strip()
                 if payload == b"[DONE]":
                     return
-                event = json.loads(payload)
-                if isinstance(event, dict) and "error" in event:
+                try:
+                    event = json.loads(payload)
+                except ValueError:
+                    raise Unavailable(
+                        f"model '{self.model_id}' backend sent an event that is not JSON: {self.redact(payload[:200].decode(errors='replace'))}"
+                    ) from None
+                if not isinstance(event, dict):
+                    continue
+                if "error" in event:
                     message = self._error_text(payload.decode(errors="replace"))
                     raise Unavailable(f"model '{self.model_id}' backend reported an error mid-stream: {message}")
                 yield event
@@ -217,8 +229,15 @@ class Upstream:
     # -- optional endpoints --------------------------------------------------------------------------
 
     async def healthy(self) -> tuple[bool, str]:
-        """(healthy, "ok" or why not): GET /health where the server has it, else GET /models;
-        then the recent chats."""
+        """(healthy, "ok" or why not): GET /health where the server has it, else GET /models
+        (at most every MODELS_PROBE_S: a hosted API counts every call); then the recent chats."""
+        if self.kind.has_health or time.monotonic() >= self._probed_at + MODELS_PROBE_S:
+            self._probe = await self._probe_server()
+            self._probed_at = time.monotonic()
+        failure = self.recent_failure()
+        return (False, failure) if self._probe[0] and failure else self._probe
+
+    async def _probe_server(self) -> tuple[bool, str]:
         url = f"{self.root}/health" if self.kind.has_health else f"{self.api_base}/models"
         try:
             code, body = await self.get_json(url)
@@ -230,8 +249,7 @@ class Upstream:
             error = body.get("error")
             message = error.get("message") if isinstance(error, dict) else None
             return False, self.redact(str(message or f"HTTP {code}"))[:300]
-        failure = self.recent_failure()
-        return (False, failure) if failure else (True, "ok")
+        return True, "ok"
 
     async def context_window(self) -> int:
         """Tokens the model sees at once: configured, else as the server reports it (asked once
