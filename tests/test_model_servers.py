@@ -398,10 +398,11 @@ def test_no_key_in_the_status_page_the_metrics_or_the_state_directory(mesh):
         assert not any(secret in text for text in exposed), f"a secret leaked ({secret[:6]}...)"
 
 
-async def test_grpc_status_of_a_refused_key_is_unavailable(mesh):
+async def test_grpc_status_of_a_refused_key_is_internal_and_names_the_variable(mesh):
     async with edge_channel(mesh) as channel:
         stub = gateway_pb2_grpc.ChatServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.Complete(gateway_pb2.CompleteRequest(message="hola", model="wrongkey"), timeout=30)
     assert refused.value.code() == grpc.StatusCode.INTERNAL
-    assert "refused the mesh's API key" in refused.value.details() and REFUSED_KEY not in refused.value.details()
+    assert "refused the mesh's API key (backend.api_key_env CAPIBARA_TEST_REFUSED_KEY)" in refused.value.details()
+    assert REFUSED_KEY not in refused.value.details()

@@ -424,6 +424,12 @@ class BackendConfig:
     # <key>`. Unset when the mesh starts = a configuration error. The key is never written to a
     # log, a metric, the status page, Envoy's files or an error message.
     api_key_env: str = ""
+    # Fields of the OpenAI API this server refuses, left out of its requests: e.g. [stream_options]
+    # for Mistral's API, [temperature, top_p] for OpenAI's reasoning models (o-series, gpt-5).
+    drop_fields: list[str] = field(default_factory=list)
+    # Fields this server calls by another name: e.g. {max_tokens: max_completion_tokens} for
+    # OpenAI's reasoning models, {seed: random_seed} for Mistral's API.
+    rename_fields: dict[str, str] = field(default_factory=dict)
     # Extra HTTP headers for every request to the server; a value may name environment
     # variables as ${NAME} (e.g. {OpenAI-Organization: "${OPENAI_ORG}"}), kept as secret as the key.
     headers: dict[str, str] = field(default_factory=dict)

@@ -397,6 +397,23 @@ def _validate_backend(config: MeshConfig, model_id: str, fail, check_environment
         fail(
             url_line, f"{where}.url must be an http(s) URL (scheme, host, optional port and path), got '{backend.url}'"
         )
+    if backend.protocol == "llama_cpp" and backend.url_path.endswith("/v1"):
+        fail(
+            url_line,
+            f"{where}.url: protocol llama_cpp takes the server's root URL; for a /v1 base URL set protocol: openai",
+        )
+    kind = config.models[model_id].server_kind
+    if backend.replicas and (kind not in ("llama_server", "vllm") or not backend.url.startswith("http://")):
+        fail(
+            line_of(backend, "replicas"),
+            f"{where}.replicas: Envoy balances plain-http llama-server or vLLM servers (it checks their /health)",
+        )
+    for name in [*backend.drop_fields, *backend.rename_fields, *backend.rename_fields.values()]:
+        if not re.match(r"^[a-z_][a-z0-9_]*$", name):
+            fail(
+                line_of(backend, "drop_fields" if name in backend.drop_fields else "rename_fields"),
+                f"{where}: '{name}' is not a field name",
+            )
     if config.models[model_id].server_kind not in SERVER_KINDS:
         fail(line_of(backend, "server"), f"{where}.server '{backend.server}' must be one of {', '.join(SERVER_KINDS)}")
     if backend.protocol == "llama_cpp" and config.models[model_id].server_kind != "llama_server":

@@ -108,7 +108,9 @@ class ChatCompletionsBackend(ModelBackend):
             if (value := getattr(params, attribute)) is not None:
                 body[name] = value
         body.update(kind.extra_fields)
-        return body
+        if params.stop and kind.verbose_for_stop:
+            body["verbose"] = True
+        return self.upstream.shape(body)
 
     async def generate(self, messages, params):
         started = time.perf_counter()

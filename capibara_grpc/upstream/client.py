@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import datetime
 import email.utils
 import json
 import math
@@ -34,8 +35,13 @@ from capibara_grpc.upstream.kinds import DEFAULT_CONTEXT_WINDOW, KINDS, estimate
 # since, is reported unhealthy even when its /models answers (a server without /health).
 FAILURES_TO_DOWN = 3
 FAILURE_WINDOW_S = 30.0
-# Seconds of cool-down after a 429 without a usable Retry-After.
+# Seconds of cool-down after a 429 without a usable Retry-After, and at most (a server asking for
+# a day, its quota spent, is asked again within minutes: the health and the chats then say so).
 DEFAULT_RETRY_AFTER_S = 1
+MAX_RETRY_AFTER_S = 600
+# An error answer is read at most this long and this far (a stalled body must not hold the chat).
+ERROR_BODY_TIMEOUT_S = 5.0
+ERROR_BODY_BYTES = 64 * 1024
 # Seconds between two GET /models of a server without /health (its health in between comes from
 # its chats).
 MODELS_PROBE_S = 15.0
@@ -71,6 +77,8 @@ class Upstream:
         self.ssl: ssl.SSLContext | bool = (
             ssl.create_default_context(cafile=str(config.resolve_path(backend.ca_file))) if backend.ca_file else True
         )
+        self.drop_fields = frozenset(backend.drop_fields)
+        self.rename_fields = dict(backend.rename_fields)
         self.connect_timeout_s = backend.connect_timeout_s
         self.first_token_timeout_s = backend.first_token_timeout_s
         self.idle_timeout_s = backend.idle_timeout_s
@@ -103,6 +111,13 @@ class Upstream:
         except ValueError:
             pass
         return self.redact(body)[:500]
+
+    def shape(self, body: dict) -> dict:
+        """A chat request's body as this server takes it: fields it refuses left out, fields it
+        names otherwise renamed (backend.drop_fields, backend.rename_fields)."""
+        if not (self.drop_fields or self.rename_fields):
+            return body
+        return {self.rename_fields.get(k, k): v for k, v in body.items() if k not in self.drop_fields}
 
     # -- recent failures ---------------------------------------------------------------------------
 
@@ -138,21 +153,26 @@ class Upstream:
                     ssl=self.ssl,
                     timeout=aiohttp.ClientTimeout(sock_connect=self.connect_timeout_s),
                 )
+        except aiohttp.ClientConnectionError as exc:  # refused, reset, or no connection in connect_timeout_s
+            message = (
+                f"model '{self.model_id}' is unavailable: backend {self.url} unreachable ({exc.__class__.__name__})"
+            )
+            self.failed(message)
+            raise Unavailable(message) from exc
         except TimeoutError as exc:
             message = (
                 f"model '{self.model_id}' backend {self.url} did not answer within {self.first_token_timeout_s:g} s"
             )
             self.failed(message)
             raise Unavailable(message) from exc
-        except aiohttp.ClientConnectionError as exc:
-            message = (
-                f"model '{self.model_id}' is unavailable: backend {self.url} unreachable ({exc.__class__.__name__})"
-            )
-            self.failed(message)
-            raise Unavailable(message) from exc
         if response.status != 200:
-            text = self._error_text(await response.text())
-            response.release()
+            async with response:
+                try:
+                    async with asyncio.timeout(ERROR_BODY_TIMEOUT_S):
+                        body = await response.content.read(ERROR_BODY_BYTES)
+                    text = self._error_text(body.decode(errors="replace"))
+                except (TimeoutError, aiohttp.ClientError):
+                    text = "(no readable error body)"
             raise self._status_error(response.status, url, text, response.headers.get("Retry-After"))
         return response
 
@@ -197,9 +217,7 @@ class Upstream:
         An in-band `{"error": ...}` event becomes UNAVAILABLE. The caller tells `watchdog` when
         an event carried output (watchdog.output())."""
         try:
-            async for raw_line in response.content:
-                watchdog.data()
-                line = raw_line.strip()
+            async for line in _lines(response, watchdog):
                 if not line.startswith(b"data:"):
                     continue
                 payload = line[5:].strip()
@@ -263,18 +281,23 @@ class Upstream:
             try:
                 window = await self._reported_window()
             except (TimeoutError, aiohttp.ClientError, ValueError, TypeError):
+                window = None
+            if window is None:  # not answered (loading, down, refused): asked again later
                 self._window_retry_at = time.monotonic() + TOKENIZER_RETRY_S
                 return DEFAULT_CONTEXT_WINDOW
             self._window = window or DEFAULT_CONTEXT_WINDOW
         return self._window
 
-    async def _reported_window(self) -> int:
+    async def _reported_window(self) -> int | None:
+        """The window the server reports; 0 when it reports none, None when it did not answer."""
         if self.kind.context_window_source == "props":
             code, props = await self.get_json(f"{self.root}/props")
-            return int((props.get("default_generation_settings") or {}).get("n_ctx") or 0) if code == 200 else 0
+            return int((props.get("default_generation_settings") or {}).get("n_ctx") or 0) if code == 200 else None
         if self.kind.context_window_source == "models":
             code, models = await self.get_json(f"{self.api_base}/models")
-            entries = models.get("data") or [] if code == 200 else []
+            if code != 200:
+                return None
+            entries = models.get("data") or []
             named = [e for e in entries if e.get("id") == self.model_name] or entries
             return int(named[0].get("max_model_len") or 0) if named else 0
         return 0
@@ -342,14 +365,31 @@ class Watchdog:
         self._handle.cancel()
 
 
+async def _lines(response: aiohttp.ClientResponse, watchdog: Watchdog) -> AsyncIterator[bytes]:
+    """The body's lines, stripped, however long (llama-server's verbose final event repeats the
+    whole prompt: longer than aiohttp's readline takes)."""
+    pending = b""
+    async for data in response.content.iter_any():
+        watchdog.data()
+        *lines, pending = (pending + data).split(b"\n")
+        for line in lines:
+            yield line.strip()
+    if pending.strip():
+        yield pending.strip()
+
+
 def _retry_after_s(value: str | None) -> int:
-    """Retry-After in seconds (delta-seconds or an HTTP date), at least 1."""
-    if value:
-        if value.strip().isdigit():
-            return max(1, int(value.strip()))
+    """Retry-After in seconds (delta-seconds or an HTTP date, UTC when it names no zone), at
+    least 1 and at most MAX_RETRY_AFTER_S."""
+    seconds = DEFAULT_RETRY_AFTER_S
+    if value and value.strip().isdigit():
+        seconds = int(value.strip())
+    elif value:
         try:
             when = email.utils.parsedate_to_datetime(value)
-            return max(1, math.ceil(when.timestamp() - time.time()))
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=datetime.UTC)
+            seconds = math.ceil(when.timestamp() - time.time())
         except (TypeError, ValueError):
             pass
-    return DEFAULT_RETRY_AFTER_S
+    return min(max(1, seconds), MAX_RETRY_AFTER_S)

@@ -31,10 +31,12 @@ class ServerKind:
     # SamplingParams attribute -> the request field this server reads it from, for the sampling
     # settings outside the OpenAI API (a server not listing one is never sent it).
     extra_sampling: dict[str, str] = field(default_factory=dict)
-    # Extra fields of every chat request. llama-server: keep the prompt's KV cache across turns,
-    # and `verbose` for its final chunk's __verbose.stop_type, which tells a stop string from
-    # end-of-sequence (OpenAI's finish_reason says "stop" for both).
+    # Extra fields of every chat request (llama-server: keep the prompt's KV cache across turns).
     extra_fields: dict[str, object] = field(default_factory=dict)
+    # With stop strings, ask for llama-server's `verbose` final chunk, whose __verbose.stop_type
+    # tells a stop string from end-of-sequence (OpenAI's finish_reason says "stop" for both). Only
+    # then: that chunk repeats the whole prompt.
+    verbose_for_stop: bool = False
     # Its tokenizer endpoint, at the server's root ("" = none: tokens are estimated).
     tokenize_path: str = ""
     # Where it reports its context window: "props" (llama-server), "models" (vLLM's
@@ -58,7 +60,8 @@ KINDS = {
     "llama_server": ServerKind(
         "llama_server",
         extra_sampling={"top_k": "top_k", "repeat_penalty": "repeat_penalty"},
-        extra_fields={"cache_prompt": True, "verbose": True},
+        extra_fields={"cache_prompt": True},
+        verbose_for_stop=True,
         tokenize_path="/tokenize",
         context_window_source="props",
         has_health=True,

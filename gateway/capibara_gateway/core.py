@@ -138,7 +138,8 @@ class ChatGateway:
             if (not_stored := await self._store_answer(chat, tokens, finished, decision)) is not None:
                 yield not_stored
                 return
-            if (slot := cache_slots.get(answering.model_id)) is not None:
+            # An empty answer (a reasoning model that spent max_tokens thinking) is not replayed.
+            if (slot := cache_slots.get(answering.model_id)) is not None and any(tokens):
                 await self._cache_answer(slot, tokens, finished)
             yield ChatDone(finished, (time.perf_counter() - started) * 1000)
 

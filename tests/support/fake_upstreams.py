@@ -49,6 +49,7 @@ import os
 import random
 import re
 import socket
+import ssl
 import string
 import threading
 import time
@@ -152,13 +153,16 @@ class FakeUpstream:
         token_delay_s: float = 0.0,
         required_headers: dict[str, str] | None = None,
         port: int = 0,
+        tls: tuple[str, str] | None = None,
     ):
+        """`tls`: (certificate, key) PEM files to serve https with (a CA file for the client)."""
         if flavor not in FLAVORS:
             raise ValueError(f"flavor must be one of {FLAVORS}")
         self.flavor, self._key, self.models = flavor, api_key, list(models or ["gpt-test"])
         self.reasoning, self.reasoning_field = reasoning, reasoning_field or REASONING_FIELD[flavor]
         self.max_model_len, self.token_delay_s, self.port = max_model_len, token_delay_s, port
         self.required_headers = dict(required_headers or {})
+        self._tls = tls
         self._lock = threading.Lock()
         self._requests: list[Recorded] = []
         self._failures: list[tuple[int, dict[str, str], Any]] = []
@@ -221,12 +225,16 @@ class FakeUpstream:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", self.port))
         self.port = sock.getsockname()[1]
-        self._site = web.SockSite(self._runner, sock)
+        ssl_context = None
+        if self._tls:
+            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_context.load_cert_chain(*self._tls)
+        self._site = web.SockSite(self._runner, sock, ssl_context=ssl_context)
         await self._site.start()
 
     @property
     def root_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self._tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def base_url(self) -> str:

@@ -4,10 +4,12 @@ docs/models.md, loaded, and (for the servers someone else runs) chatted with."""
 
 from __future__ import annotations
 
+import email.utils
 import os
 import pathlib
 import re
 import ssl
+import time
 
 import pytest
 import yaml
@@ -16,7 +18,7 @@ from capibara_grpc.chat_types import Finished, Message, Reasoning, SamplingParam
 from capibara_grpc.config import ConfigError, parse_config
 from capibara_grpc.errors import BackendRefusedKey, InvalidArgument, ResourceExhausted, Unavailable
 from capibara_grpc.inference.core import InferenceEngine
-from capibara_grpc.upstream.client import _retry_after_s
+from capibara_grpc.upstream.client import MAX_RETRY_AFTER_S, _retry_after_s
 from tests.support.fake_upstreams import FakeUpstream
 
 DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs" / "models.md"
@@ -137,10 +139,61 @@ async def test_429_sets_a_cool_down_from_retry_after(engine_for):
     assert len(up.chat_requests()) == 1
 
 
-def test_retry_after_takes_seconds_or_a_date():
-    assert _retry_after_s("7") == 7
-    assert _retry_after_s(None) == 1 and _retry_after_s("soon") == 1
-    assert 50 <= _retry_after_s(__import__("email.utils").utils.formatdate(__import__("time").time() + 60)) <= 61
+def test_retry_after_takes_seconds_or_a_date_in_utc_and_is_capped(monkeypatch):
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert _retry_after_s("7") == 7
+        assert _retry_after_s(None) == 1 and _retry_after_s("soon") == 1
+        assert 55 <= _retry_after_s(email.utils.formatdate(time.time() + 60, usegmt=True)) <= 61
+        # "-0000": a date that names no zone is UTC (RFC 9110 dates always are), not local time.
+        assert 55 <= _retry_after_s(email.utils.formatdate(time.time() + 60)) <= 61
+        assert _retry_after_s("86400") == MAX_RETRY_AFTER_S
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+async def test_fields_a_server_refuses_or_names_otherwise(engine_for):
+    """OpenAI's reasoning models: max_completion_tokens, no temperature or top_p."""
+    with FakeUpstream(flavor="openai") as up:
+        backend = {
+            "url": up.base_url,
+            "protocol": "openai",
+            "model_name": "gpt-test",
+            "drop_fields": ["temperature", "top_p"],
+            "rename_fields": {"max_tokens": "max_completion_tokens"},
+        }
+        engine = await engine_for(one_model(backend, defaults={"max_tokens": 3}))
+        items = await collect(engine, "m", "one two three four five", reasoning_effort="low")
+    body = up.chat_requests()[-1].body
+    assert "temperature" not in body and "top_p" not in body and "max_tokens" not in body
+    assert body["max_completion_tokens"] == 3 and body["reasoning_effort"] == "low"
+    assert items[-1].finish_reason == "length"
+
+
+async def test_an_https_server_is_verified_with_the_configured_ca(engine_for, tmp_path):
+    cert, key = self_signed(tmp_path)
+    with FakeUpstream(flavor="openai", tls=(str(cert), str(key))) as up:
+        trusted = await engine_for(
+            one_model({"url": up.base_url, "protocol": "openai", "model_name": "gpt-test", "ca_file": str(cert)})
+        )
+        answered = await collect(trusted, "m", "over tls")
+        untrusted = await engine_for(one_model({"url": up.base_url, "protocol": "openai", "model_name": "gpt-test"}))
+        with pytest.raises(Unavailable) as refused:
+            await collect(untrusted, "m")
+    assert up.base_url.startswith("https://")
+    assert "".join(i.text for i in answered if isinstance(i, Token)) == "echo: over tls"
+    assert "unreachable (ClientConnectorCertificateError)" in refused.value.message
+
+
+def self_signed(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """A certificate for 127.0.0.1 that is its own CA, as the edge's (capibara_grpc/edge/tls.py)."""
+    from capibara_grpc.config import parse_config as parse
+    from capibara_grpc.edge.tls import ensure_certificate
+
+    config = parse(f"state_dir: {directory}\n" + one_model({"url": "http://127.0.0.1:1"}), source="tls.yaml")
+    return ensure_certificate(config)
 
 
 async def test_a_stream_that_goes_silent_ends_with_an_error(engine_for):
