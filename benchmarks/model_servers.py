@@ -141,9 +141,8 @@ def main() -> None:
             for name, model_id, fake in rows:
                 if fake:
                     up = fakes[fake]
-                    url, headers, server_model = up.base_url + "/chat/completions", {}, up.models[0]
-                    if up.api_key:
-                        headers["Authorization"] = f"Bearer {KEY}"
+                    url, server_model = up.base_url + "/chat/completions", up.models[0]
+                    headers = {"Authorization": f"Bearer {KEY}"} if fake != "ollama" else {}
                 else:
                     url, headers, server_model = f"http://127.0.0.1:{PORT_BASE + 80}/v1/chat/completions", {}, "local"
                 result = asyncio.run(measure(mesh, model_id, url, headers, server_model, args.runs))
