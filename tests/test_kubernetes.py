@@ -113,3 +113,21 @@ def test_envoy_configmap_passes_envoy_validation(documents, tmp_path):
         [str(VENV_BIN / "envoy"), "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_model_keys_come_from_a_secret_never_the_manifests(monkeypatch):
+    monkeypatch.setenv("HOSTED_KEY", "sk-k8s-0a1b2c3d4e5f")
+    config = load_config()
+    config.models["phi"].backend.url = "https://api.example.com/v1"
+    config.models["phi"].backend.protocol = "openai"
+    config.models["phi"].backend.api_key_env = "HOSTED_KEY"
+    config.models["phi"].launch = None
+    rendered = kubernetes.render(config)
+    assert not any("sk-k8s-0a1b2c3d4e5f" in text for text in rendered.values())
+    deployments = by_kind({n: d for n, d in kubernetes.manifests(config).items()}, "Deployment")
+    for service in kubernetes.MODEL_CALLERS:
+        (container,) = deployments[service]["spec"]["template"]["spec"]["containers"]
+        assert container["env"] == [
+            {"name": "HOSTED_KEY", "valueFrom": {"secretKeyRef": {"name": "capibara-model-keys", "key": "HOSTED_KEY"}}}
+        ]
+    assert "env" not in deployments["gateway"]["spec"]["template"]["spec"]["containers"][0]

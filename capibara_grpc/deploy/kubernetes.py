@@ -68,6 +68,16 @@ def _mcp_ports(config: MeshConfig, service: str, key: str) -> list[dict]:
     return [{"name": "mcp", key: mcp_http_port(config)}] if service == "gateway" else []
 
 
+# The services that call model servers (chats; token counts), and so need their keys.
+MODEL_CALLERS = ("inference", "context")
+MODEL_KEYS_SECRET = "capibara-model-keys"
+
+
+def model_secret_names(config: MeshConfig) -> list[str]:
+    """The environment variables the models' backends read (api_key_env, ${NAME} in headers)."""
+    return sorted({name for model in config.models.values() for name in model.backend.env_names})
+
+
 def _service_deployment(config: MeshConfig, service: str) -> list[dict]:
     endpoint = config.services.endpoint(service)
     requests, limits = RESOURCES.get(service, DEFAULT_RESOURCES)
@@ -91,6 +101,12 @@ def _service_deployment(config: MeshConfig, service: str) -> list[dict]:
         ],
         "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False},
     }
+    if service in MODEL_CALLERS and (names := model_secret_names(config)):
+        # Each variable from the Secret MODEL_KEYS_SECRET, which the operator creates: the keys
+        # are never in the manifests (kubectl create secret generic capibara-model-keys --from-literal=NAME=...).
+        container["env"] = [
+            {"name": name, "valueFrom": {"secretKeyRef": {"name": MODEL_KEYS_SECRET, "key": name}}} for name in names
+        ]
     replicas = 1 if service == "speech" else 2
     return [
         {
