@@ -386,6 +386,12 @@ async def test_an_error_mid_stream_ends_it_in_band(mesh, upstreams):
 def test_no_key_in_the_status_page_the_metrics_or_the_state_directory(mesh):
     status, page, _ = mesh.request("GET", "/api/status")
     assert status == 200
+    models = {m["model_id"]: m for m in page["models"]}
+    # The status page follows the hosted model like any other: its chats, and why wrongkey is down.
+    assert models["gpt-oss-20b"]["requests"] > 0 and models["gpt-oss-20b"]["status"] == "SERVING"
+    assert (
+        models["wrongkey"]["status"] == "NOT_SERVING" and "refused the mesh's API key" in models["wrongkey"]["detail"]
+    )
     exposed = [str(page), str(mesh.request("GET", "/api/models")[1])]
     for service in ("gateway", "inference", "context"):
         with urllib.request.urlopen(mesh.metrics_url(service), timeout=10) as response:

@@ -9,6 +9,7 @@ server stops generating for a closed connection.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ from capibara_grpc.chat_types import Finished, Generated, Message, Reasoning, Sa
 from capibara_grpc.config import ModelConfig
 from capibara_grpc.errors import MeshError, Unavailable
 from capibara_grpc.inference.types import ModelStatus
-from capibara_grpc.upstream.client import Upstream
+from capibara_grpc.upstream.client import Upstream, Watchdog
 
 _LLAMA_STOP_TYPES = {"eos": "stop", "limit": "length", "word": "stop_sequence"}
 _OPENAI_FINISH = {"stop": "stop", "length": "length", "eos": "stop"}
@@ -68,6 +69,22 @@ class ModelBackend:
             context_window=await self.upstream.context_window() if healthy else 0,
         )
 
+    async def _events(self, url: str, body: dict, started: float) -> AsyncIterator[tuple[dict, Watchdog]]:
+        """The server's SSE events for `body` POSTed to `url`, each with the stream's watchdog (to
+        be told of output). A failure counts against the server; leaving early or failing closes
+        the response, which tells the server to stop generating. Iterate it under aclosing."""
+        response = await self.upstream.post_stream(url, body)
+        watchdog = self.upstream.watch(response, started)
+        try:
+            async for event in self.upstream.events(response, watchdog):
+                yield event, watchdog
+        except Unavailable as exc:
+            self.upstream.failed(exc.message)
+            raise
+        finally:
+            watchdog.cancel()
+            response.close()  # closing, not releasing: the dropped connection stops the server
+
     def _finished(self, reason: str, started: float, first_token_at, first_reasoning_at, **figures) -> Finished:
         now = time.perf_counter()
         return Finished(
@@ -115,13 +132,12 @@ class ChatCompletionsBackend(ModelBackend):
     async def generate(self, messages, params):
         started = time.perf_counter()
         body = self.request_body(messages, self.resolve(params))
-        response = await self.upstream.post_stream(self.upstream.api_base + "/chat/completions", body)
-        watchdog = self.upstream.watch(response, started)
         first_token_at = first_reasoning_at = None
         finish_reason, usage, timings, backend_model, stop_type = None, {}, {}, "", ""
         index = thoughts = 0
-        try:
-            async for event in self.upstream.events(response, watchdog):
+        events = self._events(self.upstream.api_base + "/chat/completions", body, started)
+        async with contextlib.aclosing(events):
+            async for event, watchdog in events:
                 backend_model = event.get("model") or backend_model
                 usage = event.get("usage") or usage
                 timings = event.get("timings") or timings
@@ -140,12 +156,6 @@ class ChatCompletionsBackend(ModelBackend):
                         yield Token(text, index)
                         index += 1
                     finish_reason = choice.get("finish_reason") or finish_reason
-        except Unavailable as exc:
-            self.upstream.failed(exc.message)
-            raise
-        finally:
-            watchdog.cancel()
-            response.close()
         if finish_reason is None:
             message = f"model '{self.model_id}' backend ended the stream without a finish reason"
             self.upstream.failed(message)
@@ -191,12 +201,11 @@ class LlamaCompletionBackend(ModelBackend):
             body["seed"] = params.seed
         if params.json_schema:
             body["json_schema"] = json.loads(params.json_schema)
-        response = await self.upstream.post_stream(self.upstream.root + "/completion", body)
-        watchdog = self.upstream.watch(response, started)
         first_token_at = None
         index = 0
-        try:
-            async for event in self.upstream.events(response, watchdog):
+        events = self._events(self.upstream.root + "/completion", body, started)
+        async with contextlib.aclosing(events):
+            async for event, watchdog in events:
                 if text := event.get("content", ""):
                     watchdog.output()
                     first_token_at = first_token_at or time.perf_counter()
@@ -218,13 +227,6 @@ class LlamaCompletionBackend(ModelBackend):
                         backend_model=str(event.get("model") or ""),
                     )
                     return
-        except Unavailable as exc:
-            self.upstream.failed(exc.message)
-            raise
-        finally:
-            watchdog.cancel()
-            # Closing (not releasing) drops the connection, which tells llama-server to stop.
-            response.close()
         raise Unavailable(f"model '{self.model_id}' backend ended the stream without a final event")
 
 
