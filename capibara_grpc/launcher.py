@@ -45,6 +45,9 @@ from capibara_grpc.server import MeshServers
 from capibara_grpc.supervisor import GIVE_UP, RESTART, RestartTracker
 from capibara_grpc.tracing import LOG_FORMAT_ENV
 
+# Seconds a port may stay busy before the mesh says another program holds it (_check_ports).
+PORT_WAIT_S = 3.0
+
 
 class Mesh:
     """Everything `capibara up` runs, as one unit."""
@@ -89,9 +92,16 @@ class Mesh:
             wanted.append((self.config.edge.mesh_address, self.config.edge.mesh_port, "Envoy mesh listener"))
         if any(m.backend.replicas for m in self.config.models.values()):
             wanted.append((self.config.edge.mesh_address, self.config.edge.models_port, "Envoy models listener"))
-        busy = [f"{what} port {host}:{port}" for host, port, what in wanted if not port_is_free(host, port)]
-        if busy:
-            raise StartupError("already in use (another mesh running?): " + ", ".join(busy))
+        busy = wanted
+        # A port can be held for a moment by an outgoing connection that the kernel gave it
+        # (ports from 32768 up are also the ephemeral range): only one still held after
+        # PORT_WAIT_S is a mesh or another program listening there.
+        deadline = time.monotonic() + PORT_WAIT_S
+        while busy := [(h, p, w) for h, p, w in busy if not port_is_free(h, p)]:
+            if time.monotonic() >= deadline:
+                listing = ", ".join(f"{what} port {host}:{port}" for host, port, what in busy)
+                raise StartupError("already in use (another mesh running?): " + listing)
+            time.sleep(0.1)
 
     async def _launch(self, child: ChildProcess) -> ChildProcess:
         """Start a child under supervision."""
