@@ -165,7 +165,11 @@ class Mesh:
             )
         envoy_yaml = envoy_config.write(self.config)
         ready = await asyncio.gather(
-            *(self._wait_http(child, url.rstrip("/") + "/health", 180.0) for child, url in backends)
+            # At the server's root, whatever path the URL has (an OpenAI base URL's /v1).
+            *(
+                self._wait_http(child, "http://{}:{}/health".format(*url_host_port(url)), 180.0)
+                for child, url in backends
+            )
         )
         for (child, _), up in zip(backends, ready, strict=True):
             if not up:
