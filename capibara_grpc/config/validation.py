@@ -414,9 +414,9 @@ def _validate_backend(config: MeshConfig, model_id: str, fail, check_environment
                 line_of(backend, "drop_fields" if name in backend.drop_fields else "rename_fields"),
                 f"{where}: '{name}' is not a field name",
             )
-    if config.models[model_id].server_kind not in SERVER_KINDS:
+    if kind not in SERVER_KINDS:
         fail(line_of(backend, "server"), f"{where}.server '{backend.server}' must be one of {', '.join(SERVER_KINDS)}")
-    if backend.protocol == "llama_cpp" and config.models[model_id].server_kind != "llama_server":
+    if backend.protocol == "llama_cpp" and kind != "llama_server":
         fail(
             line_of(backend, "server"), f"{where}.server '{backend.server}' speaks the OpenAI API: set protocol: openai"
         )

@@ -18,13 +18,10 @@ from capibara_grpc.chat_types import Finished, Generated, Message, Reasoning, Sa
 from capibara_grpc.config import ModelConfig
 from capibara_grpc.errors import MeshError, Unavailable
 from capibara_grpc.inference.types import ModelStatus
-from capibara_grpc.upstream.client import Upstream, Watchdog
+from capibara_grpc.upstream.client import Upstream
 
 _LLAMA_STOP_TYPES = {"eos": "stop", "limit": "length", "word": "stop_sequence"}
 _OPENAI_FINISH = {"stop": "stop", "length": "length", "eos": "stop"}
-# Where reasoning models stream their thinking: llama-server and DeepSeek `reasoning_content`,
-# vLLM (newer) and Ollama `reasoning`.
-_REASONING_FIELDS = ("reasoning_content", "reasoning")
 
 
 class ModelBackend:
@@ -69,21 +66,11 @@ class ModelBackend:
             context_window=await self.upstream.context_window() if healthy else 0,
         )
 
-    async def _events(self, url: str, body: dict, started: float) -> AsyncIterator[tuple[dict, Watchdog]]:
-        """The server's SSE events for `body` POSTed to `url`, each with the stream's watchdog (to
-        be told of output). A failure counts against the server; leaving early or failing closes
-        the response, which tells the server to stop generating. Iterate it under aclosing."""
-        response = await self.upstream.post_stream(url, body)
-        watchdog = self.upstream.watch(response, started)
-        try:
-            async for event in self.upstream.events(response, watchdog):
-                yield event, watchdog
-        except Unavailable as exc:
-            self.upstream.failed(exc.message)
-            raise
-        finally:
-            watchdog.cancel()
-            response.close()  # closing, not releasing: the dropped connection stops the server
+    def _ended_early(self, what: str) -> Unavailable:
+        """A stream that ended without its last event: counted against the server."""
+        message = f"model '{self.model_id}' backend ended the stream without {what}"
+        self.upstream.failed(message)
+        return Unavailable(message)
 
     def _finished(self, reason: str, started: float, first_token_at, first_reasoning_at, **figures) -> Finished:
         now = time.perf_counter()
@@ -135,7 +122,7 @@ class ChatCompletionsBackend(ModelBackend):
         first_token_at = first_reasoning_at = None
         finish_reason, usage, timings, backend_model, stop_type = None, {}, {}, "", ""
         index = thoughts = 0
-        events = self._events(self.upstream.api_base + "/chat/completions", body, started)
+        events = self.upstream.stream(self.upstream.api_base + "/chat/completions", body, started)
         async with contextlib.aclosing(events):
             async for event, watchdog in events:
                 backend_model = event.get("model") or backend_model
@@ -144,8 +131,9 @@ class ChatCompletionsBackend(ModelBackend):
                 stop_type = (event.get("__verbose") or {}).get("stop_type") or stop_type
                 for choice in event.get("choices") or ():
                     delta = choice.get("delta") or {}
-                    thought = next((t for f in _REASONING_FIELDS if isinstance(t := delta.get(f), str) and t), "")
-                    if thought:
+                    # Thinking: llama-server and DeepSeek `reasoning_content`, vLLM and Ollama `reasoning`.
+                    thought = delta.get("reasoning_content") or delta.get("reasoning")
+                    if thought and isinstance(thought, str):
                         watchdog.output()
                         first_reasoning_at = first_reasoning_at or time.perf_counter()
                         yield Reasoning(thought, thoughts)
@@ -157,9 +145,7 @@ class ChatCompletionsBackend(ModelBackend):
                         index += 1
                     finish_reason = choice.get("finish_reason") or finish_reason
         if finish_reason is None:
-            message = f"model '{self.model_id}' backend ended the stream without a finish reason"
-            self.upstream.failed(message)
-            raise Unavailable(message)
+            raise self._ended_early("a finish reason")
         self.upstream.succeeded()
         details = usage.get("completion_tokens_details") or {}
         # The OpenAI API does not tell a stop string from end-of-sequence (both "stop");
@@ -203,7 +189,7 @@ class LlamaCompletionBackend(ModelBackend):
             body["json_schema"] = json.loads(params.json_schema)
         first_token_at = None
         index = 0
-        events = self._events(self.upstream.root + "/completion", body, started)
+        events = self.upstream.stream(self.upstream.root + "/completion", body, started)
         async with contextlib.aclosing(events):
             async for event, watchdog in events:
                 if text := event.get("content", ""):
@@ -227,7 +213,7 @@ class LlamaCompletionBackend(ModelBackend):
                         backend_model=str(event.get("model") or ""),
                     )
                     return
-        raise Unavailable(f"model '{self.model_id}' backend ended the stream without a final event")
+        raise self._ended_early("a final event")
 
 
 def make_backend(model: ModelConfig, upstream: Upstream) -> ModelBackend:

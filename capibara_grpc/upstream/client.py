@@ -71,17 +71,12 @@ class Upstream:
         }
         if backend.api_key_env:
             self.headers["Authorization"] = f"Bearer {values[backend.api_key_env]}"
-        self.api_key_env = backend.api_key_env
         # Longest first, so that a secret containing another is masked whole.
         self._secrets = sorted({v for v in values.values() if len(v) >= 4}, key=len, reverse=True)
         self.ssl: ssl.SSLContext | bool = (
             ssl.create_default_context(cafile=str(config.resolve_path(backend.ca_file))) if backend.ca_file else True
         )
-        self.drop_fields = frozenset(backend.drop_fields)
-        self.rename_fields = dict(backend.rename_fields)
-        self.connect_timeout_s = backend.connect_timeout_s
-        self.first_token_timeout_s = backend.first_token_timeout_s
-        self.idle_timeout_s = backend.idle_timeout_s
+        self.backend = backend
         self._cool_down_until = 0.0
         self._failures: collections.deque[tuple[float, str]] = collections.deque(maxlen=FAILURES_TO_DOWN)
         self._window: int | None = None
@@ -115,9 +110,10 @@ class Upstream:
     def shape(self, body: dict) -> dict:
         """A chat request's body as this server takes it: fields it refuses left out, fields it
         names otherwise renamed (backend.drop_fields, backend.rename_fields)."""
-        if not (self.drop_fields or self.rename_fields):
+        drop, rename = self.backend.drop_fields, self.backend.rename_fields
+        if not (drop or rename):
             return body
-        return {self.rename_fields.get(k, k): v for k, v in body.items() if k not in self.drop_fields}
+        return {rename.get(k, k): v for k, v in body.items() if k not in drop}
 
     # -- recent failures ---------------------------------------------------------------------------
 
@@ -135,9 +131,41 @@ class Upstream:
 
     # -- calls -------------------------------------------------------------------------------------
 
-    async def post_stream(self, url: str, body: dict) -> aiohttp.ClientResponse:
-        """POST a streaming request and return the open 200 response (the caller closes it).
-        Waiting for it counts towards first_token_timeout_s."""
+    async def stream(self, url: str, body: dict, started: float) -> AsyncIterator[tuple[dict, Watchdog]]:
+        """POST a streaming request sent at `started` (time.perf_counter) and yield its SSE events
+        (`data: {...}`, until `data: [DONE]` or the end), each with the stream's watchdog, which the
+        caller tells of output (watchdog.output()). An in-band `{"error": ...}`, a cut or a timeout
+        is UNAVAILABLE and counts against the server. Leaving early closes the response (iterate
+        under contextlib.aclosing), and the dropped connection tells the server to stop."""
+        response = await self._post(url, body)
+        watchdog = Watchdog(
+            response, started + self.backend.first_token_timeout_s - time.perf_counter(), self.backend.idle_timeout_s
+        )
+        try:
+            async for line in _lines(response, watchdog):
+                if not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    break
+                if (event := self._event(payload)) is not None:
+                    yield event, watchdog
+            if watchdog.expired:  # closed by the watchdog between two reads
+                raise Unavailable(f"model '{self.model_id}' backend {watchdog.expired}")
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            why = watchdog.expired or f"closed the stream: {self.redact(str(exc))}"
+            self.failed(message := f"model '{self.model_id}' backend {why}")
+            raise Unavailable(message) from exc
+        except Unavailable as exc:
+            self.failed(exc.message)
+            raise
+        finally:
+            watchdog.cancel()
+            response.close()  # closing, not releasing: the connection is dropped
+
+    async def _post(self, url: str, body: dict) -> aiohttp.ClientResponse:
+        """POST and return the open 200 response; waiting for it counts towards
+        first_token_timeout_s."""
         remaining = self._cool_down_until - time.monotonic()
         if remaining > 0:
             raise ResourceExhausted(
@@ -145,13 +173,13 @@ class Upstream:
                 math.ceil(remaining),
             )
         try:
-            async with asyncio.timeout(self.first_token_timeout_s):
+            async with asyncio.timeout(self.backend.first_token_timeout_s):
                 response = await self.session.post(
                     url,
                     json=body,
                     headers=self.headers,
                     ssl=self.ssl,
-                    timeout=aiohttp.ClientTimeout(sock_connect=self.connect_timeout_s),
+                    timeout=aiohttp.ClientTimeout(sock_connect=self.backend.connect_timeout_s),
                 )
         except aiohttp.ClientConnectionError as exc:  # refused, reset, or no connection in connect_timeout_s
             message = (
@@ -160,9 +188,7 @@ class Upstream:
             self.failed(message)
             raise Unavailable(message) from exc
         except TimeoutError as exc:
-            message = (
-                f"model '{self.model_id}' backend {self.url} did not answer within {self.first_token_timeout_s:g} s"
-            )
+            message = f"model '{self.model_id}' backend {self.url} did not answer within {self.backend.first_token_timeout_s:g} s"
             self.failed(message)
             raise Unavailable(message) from exc
         if response.status != 200:
@@ -180,7 +206,8 @@ class Upstream:
         """A non-200 answer as the mesh error a client should see."""
         who = f"model '{self.model_id}'"
         if status in (401, 403):
-            key = f" (backend.api_key_env {self.api_key_env})" if self.api_key_env else " (no backend.api_key_env set)"
+            env = self.backend.api_key_env
+            key = f" (backend.api_key_env {env})" if env else " (no backend.api_key_env set)"
             message = f"{who}: its server refused the mesh's API key{key}: HTTP {status}: {text}"
             self.failed(message)
             return BackendRefusedKey(message)
@@ -207,42 +234,20 @@ class Upstream:
                 body = {}
             return response.status, body if isinstance(body, dict) else {}
 
-    def watch(self, response: aiohttp.ClientResponse, started: float) -> Watchdog:
-        """The timer of a stream whose request was sent at `started` (time.perf_counter)."""
-        first_s = started + self.first_token_timeout_s - time.perf_counter()
-        return Watchdog(response, first_s, self.idle_timeout_s)
-
-    async def events(self, response: aiohttp.ClientResponse, watchdog: Watchdog) -> AsyncIterator[dict]:
-        """The JSON events of an SSE body (`data: {...}` lines) until `data: [DONE]` or its end.
-        An in-band `{"error": ...}` event becomes UNAVAILABLE. The caller tells `watchdog` when
-        an event carried output (watchdog.output())."""
+    def _event(self, payload: bytes) -> dict | None:
+        """One SSE `data:` payload as an event (None for one that is not an object); an in-band
+        `{"error": ...}`, or text that is not JSON, is UNAVAILABLE."""
         try:
-            async for line in _lines(response, watchdog):
-                if not line.startswith(b"data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    return
-                try:
-                    event = json.loads(payload)
-                except ValueError:
-                    raise Unavailable(
-                        f"model '{self.model_id}' backend sent an event that is not JSON: {self.redact(payload[:200].decode(errors='replace'))}"
-                    ) from None
-                if not isinstance(event, dict):
-                    continue
-                if "error" in event:
-                    message = self._error_text(payload.decode(errors="replace"))
-                    raise Unavailable(f"model '{self.model_id}' backend reported an error mid-stream: {message}")
-                yield event
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            if watchdog.expired:
-                raise Unavailable(f"model '{self.model_id}' backend {watchdog.expired}") from exc
-            raise Unavailable(f"model '{self.model_id}' backend closed the stream: {self.redact(str(exc))}") from exc
-        finally:
-            watchdog.cancel()
-        if watchdog.expired:
-            raise Unavailable(f"model '{self.model_id}' backend {watchdog.expired}")
+            event = json.loads(payload)
+        except ValueError:
+            text = self.redact(payload[:200].decode(errors="replace"))
+            raise Unavailable(f"model '{self.model_id}' backend sent an event that is not JSON: {text}") from None
+        if not isinstance(event, dict):
+            return None
+        if "error" in event:
+            message = self._error_text(payload.decode(errors="replace"))
+            raise Unavailable(f"model '{self.model_id}' backend reported an error mid-stream: {message}")
+        return event
 
     # -- optional endpoints --------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """What a chat is: the request as the gateway sees it, and the events of its answer.
 
 A streamed answer is, in order: one RoutingDecision (sent with the first token), Token deltas
-(and, from a reasoning model, Reasoning deltas before or between them), then one ChatDone, or one StreamError if it fails after it started; then, when the answer is
-spoken, AudioChunks (or a StreamError if speaking fails).
+(and, from a reasoning model, Reasoning deltas before or between them), then one ChatDone, or
+one StreamError if it fails after it started; then, when the answer is spoken, AudioChunks (or a
+StreamError if speaking fails).
 """
 
 from __future__ import annotations
