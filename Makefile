@@ -32,14 +32,14 @@ all: install protos
 # Ends with the install check, every time: a .venv copied from another machine, or a CPU that
 # changed under a VM, is caught here rather than as a SIGILL in the middle of a chat.
 install: $(INSTALLED) $(SYSTEM_INSTALLED)
-	$(PY) -m capibara_grpc.install_check
+	$(PY) -m capibara_grpc.supervision.install_check
 
 check: install
 
 # llama-server compiled again for this architecture's baseline (see tools/install_llama_server.py).
 rebuild-llama-server: $(PY)
 	$(PY) tools/install_llama_server.py --rebuild
-	$(PY) -m capibara_grpc.install_check
+	$(PY) -m capibara_grpc.supervision.install_check
 
 $(SYSTEM_INSTALLED): Makefile
 	@$(call APT_INSTALL,$(DEBIAN_PACKAGES))

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 from install_llama_server import COMMON_FLAGS, PACKAGE, pinned_version
 
-from capibara_grpc import install_check
+from capibara_grpc.supervision import install_check
 
 NATIVE_DIR = REPO / ".build" / "llama-native"
 PROMPT = (

@@ -51,11 +51,11 @@ from capibara_grpc.config import load_config
 from capibara_grpc.edge import envoy_config
 from capibara_grpc.edge.clusters import service_cluster, socket_address
 from capibara_grpc.edge.tls import ensure_certificate
-from capibara_grpc.launch_commands import envoy_argv
-from capibara_grpc.priority import start_nicer, stat_fields
 from capibara_grpc.stubs import (
     router_pb2,
 )
+from capibara_grpc.supervision.launch_commands import envoy_argv
+from capibara_grpc.supervision.priority import start_nicer, stat_fields
 from tests.support.mesh import launched_model, mesh_config, running_mesh
 
 BASE = 33000

@@ -16,8 +16,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from capibara_grpc import install_check
 from capibara_grpc.context import toon
+from capibara_grpc.supervision import install_check
 
 
 def datasets() -> dict[str, object]:

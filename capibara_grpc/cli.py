@@ -184,11 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(json_lines=False)
 
     if args.command == "check":
-        from capibara_grpc import install_check
+        from capibara_grpc.supervision import install_check
 
         return install_check.main()
     if args.command == "up":
-        from capibara_grpc.launcher import run_until_signalled
+        from capibara_grpc.supervision.launcher import run_until_signalled
 
         return asyncio.run(run_until_signalled(config, split=args.split))
     if args.command == "serve":

@@ -166,7 +166,7 @@ async def test_a_down_model_fails_over_before_the_first_token_and_says_so(faulty
 
 async def test_a_restarted_backend_is_used_again_within_10_s(faulty_mesh):
     from capibara_grpc.config import load_config
-    from capibara_grpc.launch_commands import llama_server_argv
+    from capibara_grpc.supervision.launch_commands import llama_server_argv
 
     port = 26082
     if any("llama-server" in p for p in processes_using(f"--port {port}")):

@@ -16,7 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from capibara_grpc.priority import thread_nice
+from capibara_grpc.supervision.priority import thread_nice
 from tests.support.mesh import launched_model, processes_using, running_mesh, stop_mesh
 from tests.support.sse import read_events
 

@@ -16,8 +16,8 @@ import textwrap
 
 import pytest
 
-from capibara_grpc import cpu_baseline, install_check
-from capibara_grpc.process_exit import describe_exit
+from capibara_grpc.supervision import cpu_baseline, install_check
+from capibara_grpc.supervision.process_exit import describe_exit
 from tests.support.mesh import REPO
 
 x86_64_only = pytest.mark.skipif(platform.machine() != "x86_64", reason="the baseline checked here is x86-64's")
@@ -151,7 +151,7 @@ def test_an_avx512_program_dies_with_sigill_as_an_older_cpu(tmp_path):
 def run_install_check(llama_server) -> subprocess.CompletedProcess:
     env = {**os.environ, "CAPIBARA_LLAMA_SERVER": str(llama_server)}
     return subprocess.run(
-        [sys.executable, "-m", "capibara_grpc.install_check"],
+        [sys.executable, "-m", "capibara_grpc.supervision.install_check"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -162,7 +162,11 @@ def run_install_check(llama_server) -> subprocess.CompletedProcess:
 
 def test_install_check_passes_on_this_install():
     result = subprocess.run(
-        [sys.executable, "-m", "capibara_grpc.install_check"], cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "capibara_grpc.supervision.install_check"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()

@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 from capibara_grpc.config import ConfigError, SupervisionConfig, parse_config
-from capibara_grpc.priority import autogroup_enabled, autogroup_nice, thread_nice
-from capibara_grpc.process_exit import describe_exit
-from capibara_grpc.supervisor import GIVE_UP, LEAVE, RESTART, RestartTracker, backoff_delays
+from capibara_grpc.supervision.priority import autogroup_enabled, autogroup_nice, thread_nice
+from capibara_grpc.supervision.process_exit import describe_exit
+from capibara_grpc.supervision.supervisor import GIVE_UP, LEAVE, RESTART, RestartTracker, backoff_delays
 from tests.support.mesh import REPO, VENV_BIN, launched_model, mesh_config, processes_using, running_mesh, stop_mesh
 
 # ---------------------------------------------------------------------------------------------

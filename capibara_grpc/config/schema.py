@@ -382,7 +382,7 @@ class SupervisionConfig:
     stable_after_s: float = 30.0
     # Model servers first: the mesh's own processes (its services and Envoy) run this many nice
     # levels below the llama-servers `capibara up` launches, so a burst of routing on busy cores
-    # waits and token generation does not (0-19; 0 = the same priority; capibara_grpc/priority.py).
+    # waits and token generation does not (0-19; 0 = the same priority; capibara_grpc/supervision/priority.py).
     mesh_nice: int = 5
 
 

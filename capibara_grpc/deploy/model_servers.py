@@ -6,7 +6,7 @@ import pathlib
 
 from capibara_grpc.config import ModelConfig
 from capibara_grpc.deploy.objects import LLAMA_IMAGE, MODEL_PORT, VLLM_IMAGE, meta, selector
-from capibara_grpc.launch_commands import REASONING_FLAGS
+from capibara_grpc.supervision.launch_commands import REASONING_FLAGS
 
 
 def model_deployment(model: ModelConfig, gpu: bool) -> list[dict]:

@@ -74,7 +74,7 @@ def test_no_other_module_spells_out_the_list():
 def test_the_library_never_imports_the_gateway():
     """The gateway depends on the library, never the other way: its start function is a string."""
     code = (
-        "import sys, capibara_grpc.cli, capibara_grpc.launcher, capibara_grpc.server, capibara_grpc.config;"
+        "import sys, capibara_grpc.cli, capibara_grpc.supervision.launcher, capibara_grpc.server, capibara_grpc.config;"
         "print([m for m in sys.modules if m.startswith(('capibara_gateway', 'capibara_grpc.gateway'))])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)

@@ -7,7 +7,7 @@ import pathlib
 import sys
 
 from capibara_grpc.config import MeshConfig, ModelConfig, resolve_model_file, url_host_port
-from capibara_grpc.install_check import llama_server_binary, venv_binary
+from capibara_grpc.supervision.install_check import llama_server_binary, venv_binary
 
 # The model's own chat template (--jinja), and a reasoning model's thinking parsed out of the
 # answer into `reasoning_content` (gpt-oss' harmony channels, DeepSeek's <think>): the mesh chats

@@ -18,7 +18,11 @@ import time
 
 import aiohttp
 
-from capibara_grpc.children import (
+from capibara_grpc.config import REPO_ROOT, MeshConfig, url_host_port
+from capibara_grpc.edge import envoy_config
+from capibara_grpc.mcp_server import http_port as mcp_http_port
+from capibara_grpc.server import MeshServers
+from capibara_grpc.supervision.children import (
     GIVEN_UP,
     LEFT_DEAD,
     RUNNING,
@@ -28,21 +32,17 @@ from capibara_grpc.children import (
     indented_tail,
     port_is_free,
 )
-from capibara_grpc.config import REPO_ROOT, MeshConfig, url_host_port
-from capibara_grpc.edge import envoy_config
-from capibara_grpc.install_check import MissingBinary
-from capibara_grpc.launch_commands import (
+from capibara_grpc.supervision.install_check import MissingBinary
+from capibara_grpc.supervision.launch_commands import (
     StartupError,
     envoy_argv,
     llama_server_argv,
     service_argv,
     speech_in_own_process,
 )
-from capibara_grpc.mcp_server import http_port as mcp_http_port
-from capibara_grpc.priority import Spawner
-from capibara_grpc.process_exit import describe_exit
-from capibara_grpc.server import MeshServers
-from capibara_grpc.supervisor import GIVE_UP, RESTART, RestartTracker
+from capibara_grpc.supervision.priority import Spawner
+from capibara_grpc.supervision.process_exit import describe_exit
+from capibara_grpc.supervision.supervisor import GIVE_UP, RESTART, RestartTracker
 from capibara_grpc.tracing import LOG_FORMAT_ENV
 
 # Seconds a port may stay busy before the mesh says another program holds it (_check_ports).
@@ -123,7 +123,7 @@ class Mesh:
 
     async def start(self) -> None:
         self._check_ports()
-        # Model servers first (capibara_grpc/priority.py): children start from the spawner's
+        # Model servers first (capibara_grpc/supervision/priority.py): children start from the spawner's
         # thread, at the priority capibara up was started with; the services in this process,
         # and Envoy and service processes (`nice`), run mesh_nice levels nicer.
         self.spawner = Spawner()

@@ -15,9 +15,9 @@ import socket
 import subprocess
 import time
 
-from capibara_grpc.priority import start_nicer
-from capibara_grpc.process_exit import describe_exit
-from capibara_grpc.supervisor import RestartTracker
+from capibara_grpc.supervision.priority import start_nicer
+from capibara_grpc.supervision.process_exit import describe_exit
+from capibara_grpc.supervision.supervisor import RestartTracker
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -54,7 +54,7 @@ class ChildProcess:
         self.env = {**os.environ, **env} if env else None
         self.role = role or name
         self.ports = ports or []
-        # Levels nicer than the thread that starts it (capibara_grpc/priority.py): the mesh's own
+        # Levels nicer than the thread that starts it (capibara_grpc/supervision/priority.py): the mesh's own
         # processes run nicer than the model servers.
         self.nice = nice
         self.process: subprocess.Popen | None = None

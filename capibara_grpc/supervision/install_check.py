@@ -25,9 +25,9 @@ import typing
 import urllib.error
 import urllib.request
 
-from capibara_grpc import cpu_baseline
 from capibara_grpc.config import REPO_ROOT, shipped_model_path
-from capibara_grpc.process_exit import describe_exit
+from capibara_grpc.supervision import cpu_baseline
+from capibara_grpc.supervision.process_exit import describe_exit
 
 REBUILD_COMMAND = "make rebuild-llama-server"
 BUILD_MARKER = "capibara_build.json"  # written by tools/install_llama_server.py
