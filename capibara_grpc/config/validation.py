@@ -8,6 +8,7 @@ import re
 import shutil
 
 from capibara_grpc.api_keys import key_id, split_named_key
+from capibara_grpc.config.mcp_endpoint import http_port as mcp_http_port
 from capibara_grpc.config.model_files import resolve_model_file
 from capibara_grpc.config.parsing import ConfigError, line_of
 from capibara_grpc.config.routes import load_routes
@@ -22,7 +23,6 @@ from capibara_grpc.config.schema import (
     SupervisionConfig,
     url_host_port,
 )
-from capibara_grpc.mcp_server import http_port as mcp_http_port
 from capibara_grpc.services import SERVICE_NAMES
 
 _API_KEY = re.compile(r"^[A-Za-z0-9._~+/=-]{16,256}$")
@@ -329,7 +329,7 @@ def _validate_sockets(config: MeshConfig, claim, fail) -> None:
         for replica in endpoint.replicas:
             if not re.match(r"^[\w.\-]+:\d{1,5}$", replica):
                 fail(line_of(endpoint, "replicas"), f"services.{name}.replicas: '{replica}' is not host:port")
-    # The gateway's process also serves MCP over HTTP (capibara_grpc/mcp_server/http.py).
+    # The gateway's process also serves MCP over HTTP (capibara_grpc/mcp_server/http.py; port: config/mcp_endpoint.py).
     claim(config.services.host, mcp_http_port(config), "gateway.mcp_port", line_of(config.gateway, "mcp_port"))
 
 

@@ -31,7 +31,7 @@ from capibara_grpc.chat_types import (
 )
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.errors import InvalidArgument, StreamError, to_mesh_error
-from capibara_grpc.router.classifier import normalize
+from capibara_grpc.text import normalize
 
 STRATEGIES = ("vote", "weighted", "judge", "fuse", "self_consistency")
 MAX_CANDIDATES = 8

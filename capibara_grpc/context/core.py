@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from capibara_grpc.chat_types import Message
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.context import providers, toon
+from capibara_grpc.context.addition import Addition
 from capibara_grpc.context.memory import ConversationStore, Turn
-from capibara_grpc.context.providers import Addition
 from capibara_grpc.context.tokens import ModelTokens
 from capibara_grpc.errors import InvalidArgument
 

@@ -22,7 +22,7 @@ from mcp_types import CONNECTION_CLOSED
 from capibara_grpc import metrics
 from capibara_grpc.config.schema import McpServerConfig
 from capibara_grpc.context import mcp_triggers as triggers
-from capibara_grpc.context.providers import Addition
+from capibara_grpc.context.addition import Addition
 
 log = logging.getLogger(__name__)
 # The SDK's HTTP client logs every request at INFO: the idle checks would fill the logs.

@@ -14,8 +14,8 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from capibara_grpc.context.providers import Addition
-from capibara_grpc.router.classifier import normalize
+from capibara_grpc.context.addition import Addition
+from capibara_grpc.text import normalize
 
 WHOLE_MESSAGE = "message"
 # JSON Schema types an argument taken from text can be converted to.

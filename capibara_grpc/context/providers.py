@@ -10,17 +10,9 @@ import datetime
 import operator
 import re
 import zoneinfo
-from dataclasses import dataclass
 
-from capibara_grpc.router.classifier import normalize
-
-
-@dataclass
-class Addition:
-    kind: str
-    content: str
-    reason: str
-
+from capibara_grpc.context.addition import Addition
+from capibara_grpc.text import normalize
 
 # -- date and time ------------------------------------------------------------------------------
 
@@ -128,7 +120,7 @@ def arithmetic_context(message: str) -> Addition | None:
     in words, equations, derivatives and integrals, primes, combinations; computed by sympy in a
     worker process under a time limit. Blocks up to that limit, and on the first call until the worker
     has started: async code uses the _async form."""
-    from capibara_grpc.context import math as verified_math  # it imports this module (Addition)
+    from capibara_grpc.context import math as verified_math
 
     verified_math.POOL.wait_ready(60)
     return verified_math.math_context(message)

@@ -17,6 +17,7 @@ import pathlib
 import yaml
 
 from capibara_grpc.config import MeshConfig
+from capibara_grpc.config.mcp_endpoint import http_port as mcp_http_port
 from capibara_grpc.config.parsing import as_data
 from capibara_grpc.deploy.model_servers import model_deployment
 from capibara_grpc.deploy.objects import (
@@ -32,7 +33,6 @@ from capibara_grpc.deploy.objects import (
     selector,
 )
 from capibara_grpc.edge import descriptor, envoy_config
-from capibara_grpc.mcp_server import http_port as mcp_http_port
 from capibara_grpc.stubs import SERVICE_FULL_NAMES
 
 

@@ -13,6 +13,8 @@ import pathlib
 import yaml
 
 from capibara_grpc.config import MeshConfig, api_keys
+from capibara_grpc.config.mcp_endpoint import PATH as MCP_PATH
+from capibara_grpc.config.mcp_endpoint import http_addresses as mcp_addresses
 from capibara_grpc.edge import descriptor
 from capibara_grpc.edge.clusters import mcp_cluster, model_cluster, service_cluster, socket_address
 
@@ -30,8 +32,6 @@ from capibara_grpc.edge.policies import (
 )
 from capibara_grpc.edge.policies import WEB as WEB
 from capibara_grpc.edge.tls import ensure_certificate
-from capibara_grpc.mcp_server import PATH as MCP_PATH
-from capibara_grpc.mcp_server import http_addresses as mcp_addresses
 from capibara_grpc.services import CHAT, SERVICES
 from capibara_grpc.stubs import MESH_SERVICE, OPENAI_SERVICE, SERVICE_FULL_NAMES
 

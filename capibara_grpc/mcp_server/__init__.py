@@ -1,25 +1,3 @@
 """The mesh as an MCP server: tools.py builds it, stdio.py runs it for `capibara mcp`, http.py
-serves it over Streamable HTTP in the gateway's process, behind the edge's /mcp route.
-
-The ports are here, without the SDK's imports, for the Envoy config's generator."""
-
-from __future__ import annotations
-
-# The edge's route and the gateway's HTTP app share the path.
-PATH = "/mcp"
-# Default distance of the MCP port from the gateway's gRPC port (gateway.mcp_port = 0).
-PORT_OFFSET = 10
-
-
-def http_port(config, gateway_port: int | None = None) -> int:
-    """The MCP port of the gateway listening on `gateway_port` (default: the configured one)."""
-    if config.gateway.mcp_port:
-        return config.gateway.mcp_port
-    return (gateway_port or config.services.endpoint("gateway").port) + PORT_OFFSET
-
-
-def http_addresses(config, gateway_addresses: list[tuple[str, int]]) -> list[tuple[str, int]]:
-    """Envoy's endpoints of the MCP cluster, one per gateway (host, gRPC port)."""
-    if config.gateway.mcp_port:
-        return [(gateway_addresses[0][0], config.gateway.mcp_port)]
-    return [(host, port + PORT_OFFSET) for host, port in gateway_addresses]
+serves it over Streamable HTTP in the gateway's process, behind the edge's /mcp route. Its path
+and ports are part of the configuration (capibara_grpc/config/mcp_endpoint.py)."""

@@ -30,7 +30,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 
-from capibara_grpc.mcp_server import PATH, http_port
+from capibara_grpc.config.mcp_endpoint import PATH, http_port
 from capibara_grpc.mcp_server.tools import build_server
 from capibara_grpc.server import MeshServers, internal_channels
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 
@@ -33,19 +32,13 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
+from capibara_grpc.text import normalize
+
 DEFAULT = "default"
-_NON_WORD = re.compile(r"[^\w+#]+")
 # "2+2", "7 por 8", "15% of 80", "x^2 - 4", "3/8": numbers joined by an operator.
 _ARITHMETIC = re.compile(
     r"\d\s*(?:[-+*/^x×÷%=]|por|entre|mas|menos|times|plus|minus|divided by|of|de)\s*[\d(x]", re.IGNORECASE
 )
-
-
-def normalize(text: str) -> str:
-    """Lowercase, accents removed, punctuation folded to spaces ('¿Cómo estás?' -> 'como estas')."""
-    decomposed = unicodedata.normalize("NFKD", text.lower())
-    plain = "".join(c for c in decomposed if not unicodedata.combining(c))
-    return " ".join(_NON_WORD.sub(" ", plain).split())
 
 
 class LinearScorer:

@@ -13,7 +13,8 @@ import numpy as np
 from capibara_grpc.config import MeshConfig, RoutesFile
 from capibara_grpc.errors import InvalidArgument
 from capibara_grpc.router.batching import MicroBatcher
-from capibara_grpc.router.classifier import DEFAULT, FitReport, RouteClassifier, normalize
+from capibara_grpc.router.classifier import DEFAULT, FitReport, RouteClassifier
+from capibara_grpc.text import normalize
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,10 @@ import numpy as np
 import yaml
 
 from capibara_grpc.config import REPO_ROOT, MeshConfig, load_routes
-from capibara_grpc.router.classifier import DEFAULT, normalize
+from capibara_grpc.router.classifier import DEFAULT
 from capibara_grpc.router.core import Router
 from capibara_grpc.sentence_encoder import SentenceEncoder
+from capibara_grpc.text import normalize
 
 DEFAULT_SET = REPO_ROOT / "tests" / "data" / "router_eval.yaml"
 CALIBRATION_BINS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0001)

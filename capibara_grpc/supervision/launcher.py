@@ -19,8 +19,8 @@ import time
 import aiohttp
 
 from capibara_grpc.config import REPO_ROOT, MeshConfig, url_host_port
+from capibara_grpc.config.mcp_endpoint import http_port as mcp_http_port
 from capibara_grpc.edge import envoy_config
-from capibara_grpc.mcp_server import http_port as mcp_http_port
 from capibara_grpc.server import MeshServers
 from capibara_grpc.supervision.children import (
     GIVEN_UP,

@@ -12,8 +12,8 @@ import pytest
 from mcp import Client
 
 from capibara_grpc.config import ConfigError, load_config
+from capibara_grpc.config.mcp_endpoint import http_addresses, http_port
 from capibara_grpc.edge import envoy_config
-from capibara_grpc.mcp_server import http_addresses, http_port
 from capibara_grpc.mcp_server.tools import build_server
 
 TOOLS = {"chat", "route", "consensus", "speak", "list_models", "toon_encode", "toon_decode"}

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 
+from capibara_grpc.context.addition import Addition
 from capibara_grpc.context.math.detect import find_tasks
 from capibara_grpc.context.math.pool import SympyPool
-from capibara_grpc.context.providers import Addition
 
 KIND = "arithmetic"  # the kind clients already see for computed facts
 REASON = "the message asks for a computation: computed exactly by sympy instead of left to the model"
