@@ -19,7 +19,7 @@ import re
 from collections.abc import AsyncIterator, Iterator
 
 from capibara_grpc import metrics, tracing
-from capibara_grpc.chat_types import Finished
+from capibara_grpc.chat.types import Finished
 from capibara_grpc.errors import StreamError, code_name
 
 # A name for a key (the `name: key` form of a keys file line); it goes into metrics and logs.

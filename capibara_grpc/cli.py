@@ -183,6 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         configure_logging(json_lines=False)
 
+    try:
+        return _run(args, config)
+    except ConfigError as exc:  # a file the configuration names, read by the command (edge.tls_cert, say)
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, config) -> int:
+    """The command itself, on a loaded configuration."""
     if args.command == "check":
         from capibara_grpc.supervision import install_check
 

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from capibara_gateway.cache import MemoryStore, ResponseCache, encoder_for
 
-from capibara_grpc.chat_types import Finished, Message, SamplingParams
+from capibara_grpc.chat.types import Finished, Message, SamplingParams
 from capibara_grpc.config import CacheConfig
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
 from tests.support.mesh import launched_model, mesh_config, serve_replica, start_mesh, stop_mesh

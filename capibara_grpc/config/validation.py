@@ -126,6 +126,10 @@ def validate(config: MeshConfig, *, check_files: set[str]) -> None:
     _validate_cache(config, fail)
     _validate_mcp_servers(config, fail, routes)
     _validate_edge(config, fail)
+    # The edge's certificate is read by Envoy (capibara up, capibara envoy-config) and trusted by
+    # the clients (capibara chat, mcp): processes that load the configuration for every service.
+    # A single `capibara serve <svc>` never opens it.
+    _validate_edge_tls(config, fail, check_files >= set(SERVICE_NAMES))
     if "gateway" in check_files:
         api_keys(config)
     if config.gateway.max_message_bytes <= 0:
@@ -236,6 +240,22 @@ def _validate_edge(config: MeshConfig, fail) -> None:
                 line_of(config.edge, "cors_origins"),
                 f"edge.cors_origins: '{origin}' is not an origin such as https://chat.example.com",
             )
+
+
+def _validate_edge_tls(config: MeshConfig, fail, check_files: bool) -> None:
+    edge = config.edge
+    if bool(edge.tls_cert) != bool(edge.tls_key):
+        given, missing = ("tls_cert", "tls_key") if edge.tls_cert else ("tls_key", "tls_cert")
+        fail(
+            line_of(edge, given),
+            f"edge.{given} is set but edge.{missing} is not: give both (or neither, for a self-signed certificate)",
+        )
+    if not check_files:
+        return
+    for key in ("tls_cert", "tls_key"):
+        value = getattr(edge, key)
+        if value and not config.resolve_path(value).is_file():
+            fail(line_of(edge, key), f"edge.{key}: file '{value}' not found ({config.resolve_path(value)})")
 
 
 def _validate_limit(config: MeshConfig, section: str, key: str, fail) -> None:

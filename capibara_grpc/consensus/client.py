@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import grpc
 
-from capibara_grpc import chat_convert
-from capibara_grpc.chat_types import SamplingParams
+from capibara_grpc.chat import convert as chat_convert
+from capibara_grpc.chat.types import ConsensusAnswer, SamplingParams
 from capibara_grpc.stubs import consensus_pb2, consensus_pb2_grpc
-
-
-@dataclass
-class ConsensusAnswer:
-    text: str
-    chosen_model_id: str
-    agreement: float
-    reasoning: str
-    scores: list[tuple[str, float]]
-    prompt_tokens: int
-    completion_tokens: int
 
 
 class ConsensusClient:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from capibara_grpc.chat_types import (
+from capibara_grpc.chat.types import (
     Finished,
     GenerateFn,
     Message,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from capibara_grpc import chat_convert
-from capibara_grpc.chat_types import Token
+from capibara_grpc.chat import convert as chat_convert
+from capibara_grpc.chat.types import Token
 from capibara_grpc.consensus.core import (
     CandidateDone,
     CandidateFailed,

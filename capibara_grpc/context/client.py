@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import grpc
 
-from capibara_grpc import chat_convert, tracing
-from capibara_grpc.chat_types import Message
+from capibara_grpc import tracing
+from capibara_grpc.chat import convert as chat_convert
+from capibara_grpc.chat.types import Message
 from capibara_grpc.stubs import context_pb2, context_pb2_grpc
 
 

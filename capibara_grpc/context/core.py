@@ -5,7 +5,7 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass
 
-from capibara_grpc.chat_types import Message
+from capibara_grpc.chat.types import Message
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.context import providers, toon
 from capibara_grpc.context.addition import Addition

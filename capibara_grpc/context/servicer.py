@@ -9,7 +9,7 @@ from __future__ import annotations
 from google.api import httpbody_pb2
 from google.protobuf import json_format, struct_pb2
 
-from capibara_grpc import chat_convert as convert
+from capibara_grpc.chat import convert
 from capibara_grpc.context import toon
 from capibara_grpc.context.core import NO_DATA, ContextEngine, plain
 from capibara_grpc.errors import InvalidArgument

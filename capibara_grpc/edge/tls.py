@@ -13,16 +13,22 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from capibara_grpc.config import ConfigError, MeshConfig
+from capibara_grpc.config.parsing import line_of
 
 
 def ensure_certificate(config: MeshConfig) -> tuple[pathlib.Path, pathlib.Path]:
-    """Return (cert, key) paths; generate a self-signed pair in state_dir/tls if none is set."""
+    """Return (cert, key) paths; generate a self-signed pair in state_dir/tls if none is set.
+
+    Loading the configuration already checked that configured files exist (validation); this
+    catches one removed since, with the same file:line message."""
     edge = config.edge
     if edge.tls_cert or edge.tls_key:
         cert, key = config.resolve_path(edge.tls_cert), config.resolve_path(edge.tls_key)
-        for path, name in ((cert, "edge.tls_cert"), (key, "edge.tls_key")):
+        for path, name in ((cert, "tls_cert"), (key, "tls_key")):
             if not path.is_file():
-                raise ConfigError(f"{config.source}: {name} '{path}' does not exist")
+                raise ConfigError(
+                    f"{config.source}:{line_of(edge, name)}: edge.{name}: file '{getattr(edge, name)}' not found ({path})"
+                )
         return cert, key
     directory = config.state_path / "tls"
     cert, key = directory / "edge.crt", directory / "edge.key"

@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 
-from capibara_grpc.chat_types import Finished, Generated, Message, Reasoning, SamplingParams, Token
+from capibara_grpc.chat.types import Finished, Generated, Message, Reasoning, SamplingParams, Token
 from capibara_grpc.config import ModelConfig
 from capibara_grpc.errors import MeshError, Unavailable
 from capibara_grpc.inference.types import ModelStatus

@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from capibara_grpc import chat_convert
-from capibara_grpc.chat_types import Finished, Message, SamplingParams, Token
+from capibara_grpc.chat import convert as chat_convert
+from capibara_grpc.chat.types import Finished, Message, SamplingParams, Token
 from capibara_grpc.stubs import inference_pb2, inference_pb2_grpc
 
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 
 from capibara_grpc import metrics
-from capibara_grpc.chat_types import (
+from capibara_grpc.chat.types import (
     REASONING_EFFORT,
     ROLES,
     Finished,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from grpc_health.v1 import health_pb2
 
-from capibara_grpc import chat_convert as convert
+from capibara_grpc.chat import convert
 from capibara_grpc.health_names import model_health_name
 from capibara_grpc.inference.core import InferenceEngine
 from capibara_grpc.stubs import SERVICE_FULL_NAMES, inference_pb2, inference_pb2_grpc

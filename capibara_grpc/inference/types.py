@@ -1,5 +1,5 @@
 """Plain Python types of the inference service itself (the chat types every service shares are
-in capibara_grpc.chat_types)."""
+in capibara_grpc.chat.types)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from capibara_grpc.router.core import RouteDecision
+from capibara_grpc.chat.types import RouteDecision
 from capibara_grpc.stubs import router_pb2, router_pb2_grpc
 
 

@@ -6,10 +6,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 
+from capibara_grpc.chat.types import RouteDecision
 from capibara_grpc.config import MeshConfig, RoutesFile
 from capibara_grpc.errors import InvalidArgument
 from capibara_grpc.router.batching import MicroBatcher
@@ -46,17 +46,6 @@ FOLLOW_UP_OPENERS = {
 }
 
 Encode = Callable[[list[str]], np.ndarray]
-
-
-@dataclass
-class RouteDecision:
-    model_id: str
-    route_name: str
-    confidence: float
-    fallback: bool
-    reasoning: str
-    # (route name, model id, probability) for every route, best first.
-    scores: list[tuple[str, str, float]] = field(default_factory=list)
 
 
 class Router:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from capibara_grpc.speech.core import AudioChunk
+from capibara_grpc.audio import AudioChunk
 from capibara_grpc.stubs import speech_pb2, speech_pb2_grpc
 
 # Voices change only when the speech service restarts with another model.

@@ -8,23 +8,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
+from capibara_grpc.audio import AudioChunk
+from capibara_grpc.audio.text import check_text, split_sentences
+from capibara_grpc.audio.wav import wav_file
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.errors import InvalidArgument, NotFound
 from capibara_grpc.speech.engines import SpeechEngine, Voice
-from capibara_grpc.speech.text import check_text, split_sentences
-from capibara_grpc.speech.wav import wav_file
 
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")
-
-
-@dataclass
-class AudioChunk:
-    pcm: bytes  # PCM16 mono
-    sample_rate: int
-    sentence_index: int
-    sentence: str
 
 
 def primary_language(language: str) -> str:

@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from capibara_grpc.audio.wav import parse_pcm16_wav
 from capibara_grpc.config import CoquiConfig, EspeakConfig, MeshConfig
 from capibara_grpc.errors import MeshError, Unavailable
-from capibara_grpc.speech.wav import parse_pcm16_wav
 
 log = logging.getLogger(__name__)
 

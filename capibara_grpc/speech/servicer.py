@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from google.api import httpbody_pb2
 
+from capibara_grpc.audio.wav import wav_header
 from capibara_grpc.speech.core import Speech
-from capibara_grpc.speech.wav import wav_header
 from capibara_grpc.stubs import speech_pb2, speech_pb2_grpc
 
 WAV, PCM16 = speech_pb2.AUDIO_FORMAT_WAV, speech_pb2.AUDIO_FORMAT_PCM16

@@ -18,7 +18,7 @@ import time
 
 import aiohttp
 
-from capibara_grpc.config import REPO_ROOT, MeshConfig, url_host_port
+from capibara_grpc.config import REPO_ROOT, ConfigError, MeshConfig, url_host_port
 from capibara_grpc.config.mcp_endpoint import http_port as mcp_http_port
 from capibara_grpc.edge import envoy_config
 from capibara_grpc.server import MeshServers
@@ -404,6 +404,9 @@ async def run_until_signalled(config: MeshConfig, split: bool = False) -> int:
     except (StartupError, MissingBinary) as exc:
         print(f"capibara up: {exc}", file=sys.stderr, flush=True)
         return 1
+    except ConfigError as exc:  # a file the configuration names, gone since it was loaded
+        print(f"configuration error: {exc}", file=sys.stderr, flush=True)
+        return 2
     finally:
         print("stopping the mesh ...", flush=True)
         await mesh.stop()

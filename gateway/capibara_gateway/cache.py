@@ -28,7 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from capibara_grpc import metrics
-from capibara_grpc.chat_types import Finished, Message, SamplingParams
+from capibara_grpc.chat.types import Finished, Message, SamplingParams
 from capibara_grpc.config import CacheConfig
 
 # Content a semantic neighbour could get wrong: numbers ("1+1" vs "21+1"), code, quotations.

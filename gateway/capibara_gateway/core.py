@@ -26,7 +26,7 @@ from capibara_gateway.routing import Routing
 from capibara_gateway.speaking import spoken
 from capibara_gateway.status import ChatStats
 from capibara_grpc import metrics
-from capibara_grpc.chat_types import Finished, GenerateFn, Message, Reasoning, Token
+from capibara_grpc.chat.types import Finished, GenerateFn, Message, Reasoning, Token
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.errors import InvalidArgument, NotFound, StreamError, Unimplemented
 from capibara_grpc.inference.core import validate_params

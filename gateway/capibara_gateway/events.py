@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from capibara_grpc.chat_types import Finished, Message, Reasoning, SamplingParams, Token
+from capibara_grpc.audio import AudioChunk
+from capibara_grpc.chat.types import Finished, Message, Reasoning, SamplingParams, Token
 from capibara_grpc.errors import StreamError
-from capibara_grpc.speech.core import AudioChunk
 
 
 @dataclass

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 
 from capibara_gateway.events import ChatDone, ChatInput, RoutingDecision
-from capibara_grpc.chat_types import REASONING_EFFORT, Message, SamplingParams
+from capibara_grpc.chat.types import REASONING_EFFORT, Message, SamplingParams
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.errors import InvalidArgument, NotFound
 

@@ -17,9 +17,9 @@ from capibara_gateway import openai_api
 from capibara_gateway.core import ChatGateway
 from capibara_gateway.events import ChatDone, RoutingDecision
 from capibara_grpc.api_keys import KeyUsage
-from capibara_grpc.chat_types import Reasoning, Token
+from capibara_grpc.audio.wav import wav_file
+from capibara_grpc.chat.types import Reasoning, Token
 from capibara_grpc.errors import StreamError, Unimplemented, remaining_s
-from capibara_grpc.speech.wav import wav_file
 from capibara_grpc.stubs import openai_pb2_grpc
 
 JSON, EVENT_STREAM = "application/json", "text/event-stream"

@@ -8,17 +8,13 @@ decision that names the default model).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from capibara_grpc.chat_types import Message, SamplingParams
-from capibara_grpc.consensus.client import ConsensusAnswer
-from capibara_grpc.speech.core import AudioChunk
-
-if TYPE_CHECKING:  # the router's module loads scikit-learn; the gateway only reads the decision
-    from capibara_grpc.router.core import RouteDecision
+from capibara_grpc.audio import AudioChunk
+from capibara_grpc.chat.types import ConsensusAnswer, Message, RouteDecision, SamplingParams
 
 # (query, recent user turns, timeout_s) -> the router's decision (RouterClient.route)
-RouteFn = Callable[[str, list[str], float], Awaitable["RouteDecision"]]
+RouteFn = Callable[[str, list[str], float], Awaitable[RouteDecision]]
 
 
 class Context(Protocol):

@@ -8,11 +8,12 @@ from capibara_gateway.core import ChatGateway
 from capibara_gateway.events import ChatDone, ChatInput, RoutingDecision
 from capibara_gateway.health import MeshHealth
 from capibara_gateway.status import MeshStatus
-from capibara_grpc import api_keys, chat_convert
+from capibara_grpc import api_keys
 from capibara_grpc.api_keys import KeyUsage
-from capibara_grpc.chat_types import Message, Reasoning, Token
+from capibara_grpc.audio import AudioChunk
+from capibara_grpc.chat import convert as chat_convert
+from capibara_grpc.chat.types import Message, Reasoning, Token
 from capibara_grpc.errors import InvalidArgument, StreamError, Unavailable, Unimplemented, remaining_s
-from capibara_grpc.speech.core import AudioChunk
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
 
 

@@ -11,10 +11,10 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 
 from capibara_gateway.events import ChatEvent
-from capibara_grpc.chat_types import Token
+from capibara_grpc.audio import AudioChunk
+from capibara_grpc.audio.text import SentenceBuffer, speakable
+from capibara_grpc.chat.types import Token
 from capibara_grpc.errors import StreamError
-from capibara_grpc.speech.core import AudioChunk
-from capibara_grpc.speech.text import SentenceBuffer, speakable
 
 # (text, voice id, timeout_s) -> audio chunks of that text
 SynthesizeFn = Callable[[str, str, float], AsyncIterator[AudioChunk]]

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from capibara_gateway.events import ChatDone, ChatEvent, RoutingDecision
 from capibara_gateway.health import HealthReport
-from capibara_grpc.chat_types import Token
+from capibara_grpc.chat.types import Token
 from capibara_grpc.errors import StreamError, code_name
 from capibara_grpc.health_names import model_health_name
 

@@ -10,12 +10,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from capibara_grpc.chat_types import Finished, Message, SamplingParams, Token
+from capibara_grpc.audio import AudioChunk
+from capibara_grpc.chat.types import ConsensusAnswer, Finished, Message, RouteDecision, SamplingParams, Token
 from capibara_grpc.config import MeshConfig, parse_config
-from capibara_grpc.consensus.client import ConsensusAnswer
 from capibara_grpc.errors import MeshError, Unavailable, error_mapping_server
-from capibara_grpc.router.core import RouteDecision
-from capibara_grpc.speech.core import AudioChunk
 
 # Three models; "alpha" falls back to "beta". Backends point at a closed port (nothing listens on 9).
 CONFIG_YAML = """

@@ -9,10 +9,10 @@ from capibara_gateway.cache import MemoryStore, ResponseCache
 from capibara_gateway.core import ChatGateway
 from capibara_gateway.events import ChatDone, ChatInput, RoutingDecision
 
-from capibara_grpc.chat_types import Token
+from capibara_grpc.audio import AudioChunk
+from capibara_grpc.chat.types import Token
 from capibara_grpc.config import CacheConfig
 from capibara_grpc.errors import InvalidArgument, MeshError, ResourceExhausted, StreamError, Unavailable
-from capibara_grpc.speech.core import AudioChunk
 from tests.unit.fakes import (
     FakeContext,
     FakeModels,

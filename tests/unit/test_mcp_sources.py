@@ -189,7 +189,7 @@ async def test_the_gateway_passes_the_chosen_route_to_the_context_service():
     from capibara_gateway.core import ChatGateway
     from capibara_gateway.events import ChatInput
 
-    from capibara_grpc.chat_types import Message
+    from capibara_grpc.chat.types import Message
     from tests.unit.fakes import FakeContext, FakeModels, FakeRouter, collect, mesh_config
 
     class RouteRecordingContext(FakeContext):

@@ -8,7 +8,7 @@ import pytest
 from capibara_gateway import openai_api
 from capibara_gateway.events import ChatDone, RoutingDecision
 
-from capibara_grpc.chat_types import Finished
+from capibara_grpc.chat.types import Finished
 from capibara_grpc.config import load_config
 from capibara_grpc.errors import InvalidArgument, NotFound
 

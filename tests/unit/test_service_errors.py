@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from capibara_grpc.chat_types import Finished, Token
+from capibara_grpc.chat.types import Finished, Token
 from capibara_grpc.config import parse_routes
 from capibara_grpc.consensus.core import ConsensusEngine
 from capibara_grpc.consensus.servicer import ConsensusServicer

@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from capibara_grpc.chat_types import Finished, Message, Reasoning, SamplingParams, Token
+from capibara_grpc.chat.types import Finished, Message, Reasoning, SamplingParams, Token
 from capibara_grpc.config import ConfigError, parse_config
 from capibara_grpc.errors import BackendRefusedKey, InvalidArgument, ResourceExhausted, Unavailable
 from capibara_grpc.inference.core import InferenceEngine

@@ -1,4 +1,4 @@
-"""protobuf <-> the plain chat types of capibara_grpc.chat_types, for every service and client.
+"""protobuf <-> the plain chat types of capibara_grpc.chat.types, for every service and client.
 
 The messages (ChatMessage, GenerationParams, GenerateResponse, Usage, Timings) are declared in
 capibara.inference.v1 and imported by the gateway, context and consensus protos.
@@ -6,7 +6,7 @@ capibara.inference.v1 and imported by the gateway, context and consensus protos.
 
 from __future__ import annotations
 
-from capibara_grpc.chat_types import Finished, Generated, Message, Reasoning, SamplingParams, Token
+from capibara_grpc.chat.types import Finished, Generated, Message, Reasoning, SamplingParams, Token
 from capibara_grpc.stubs import inference_pb2 as pb
 
 ROLE_TO_PB = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}

@@ -3,7 +3,7 @@ sampling parameters, and the stream a generation yields (reasoning and answer to
 Finished).
 
 Their protobuf forms are in capibara.inference.v1 and imported by the other protos; the
-conversions are in capibara_grpc.chat_convert.
+conversions are in capibara_grpc.chat.convert.
 """
 
 from __future__ import annotations
@@ -81,3 +81,29 @@ class Finished:
 Generated = Token | Reasoning | Finished
 # (model_id, messages, params, timeout_s) -> stream of tokens then one Finished
 GenerateFn = Callable[[str, list[Message], SamplingParams, float], AsyncIterator[Generated]]
+
+
+@dataclass
+class RouteDecision:
+    """The router's choice for a message (RouterClient.route, Router.route)."""
+
+    model_id: str
+    route_name: str
+    confidence: float
+    fallback: bool
+    reasoning: str
+    # (route name, model id, probability) for every route, best first.
+    scores: list[tuple[str, str, float]] = field(default_factory=list)
+
+
+@dataclass
+class ConsensusAnswer:
+    """Several models' answers combined into one (ConsensusClient.decide)."""
+
+    text: str
+    chosen_model_id: str
+    agreement: float
+    reasoning: str
+    scores: list[tuple[str, float]]
+    prompt_tokens: int
+    completion_tokens: int
