@@ -254,8 +254,10 @@ def _validate_edge_tls(config: MeshConfig, fail, check_files: bool) -> None:
         return
     for key in ("tls_cert", "tls_key"):
         value = getattr(edge, key)
-        if value and not config.resolve_path(value).is_file():
-            fail(line_of(edge, key), f"edge.{key}: file '{value}' not found ({config.resolve_path(value)})")
+        path = config.resolve_path(value) if value else None
+        if path and not path.is_file():
+            resolved = f" ({path})" if str(path) != value else ""
+            fail(line_of(edge, key), f"edge.{key}: file '{value}' not found{resolved}")
 
 
 def _validate_limit(config: MeshConfig, section: str, key: str, fail) -> None:

@@ -26,9 +26,7 @@ def ensure_certificate(config: MeshConfig) -> tuple[pathlib.Path, pathlib.Path]:
         cert, key = config.resolve_path(edge.tls_cert), config.resolve_path(edge.tls_key)
         for path, name in ((cert, "tls_cert"), (key, "tls_key")):
             if not path.is_file():
-                raise ConfigError(
-                    f"{config.source}:{line_of(edge, name)}: edge.{name}: file '{getattr(edge, name)}' not found ({path})"
-                )
+                raise ConfigError(f"{config.source}:{line_of(edge, name)}: edge.{name}: file '{path}' not found")
         return cert, key
     directory = config.state_path / "tls"
     cert, key = directory / "edge.crt", directory / "edge.key"
