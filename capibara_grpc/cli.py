@@ -93,12 +93,14 @@ CONFIG_HELP = "mesh YAML (default: $CAPIBARA_CONFIG or config/capibara.yaml); be
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capibara", description="Capibara mesh: multi-model LLM chat over gRPC.")
-    parser.add_argument("--config", help=CONFIG_HELP)
+    parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     # Every command takes --config after its name too (`capibara up --config FILE`). SUPPRESS: a
     # command line without it there keeps the one given before the command.
     config_after = argparse.ArgumentParser(add_help=False)
-    config_after.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
-    commands = parser.add_subparsers(dest="command", required=True)
+    config_after.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP)
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="what to do; `capibara COMMAND -h` for its options"
+    )
 
     def command(name: str, summary: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, help=summary, parents=[config_after])
@@ -110,31 +112,74 @@ def build_parser() -> argparse.ArgumentParser:
         help="run each service as its own `capibara serve` process (as deployed), not all in one",
     )
     serve = command("serve", "run one or more services in this process")
-    serve.add_argument("services", nargs="+", choices=SERVICE_NAMES)
-    serve.add_argument("--port", type=int, help="listen here instead of the configured port (one service: a replica)")
-    serve.add_argument("--metrics-port", type=int, help="Prometheus port of that replica (default: port + 1000)")
+    serve.add_argument(
+        "services",
+        nargs="+",
+        choices=SERVICE_NAMES,
+        metavar="SERVICE",
+        help=f"one or more of: {', '.join(SERVICE_NAMES)}",
+    )
+    serve.add_argument(
+        "--port", type=int, metavar="N", help="listen here instead of the configured port (one service: a replica)"
+    )
+    serve.add_argument(
+        "--metrics-port", type=int, metavar="N", help="Prometheus port of that replica (default: port + 1000)"
+    )
     chat = command("chat", "stream an answer in the terminal (through Envoy)")
-    chat.add_argument("message")
+    chat.add_argument("message", help="what to ask")
     chat.add_argument("--model", help="model id (default: routed)")
-    chat.add_argument("--max-tokens", type=int)
-    chat.add_argument("--temperature", type=float)
-    chat.add_argument("--target", help="edge host:port (default: localhost:<edge.port>)")
-    chat.add_argument("--timeout", type=float, default=120.0)
+    chat.add_argument(
+        "--max-tokens", type=int, metavar="N", help="stop after this many tokens (default: the model's defaults)"
+    )
+    chat.add_argument(
+        "--temperature", type=float, metavar="T", help="sampling temperature (default: the model's defaults)"
+    )
+    chat.add_argument("--target", metavar="HOST:PORT", help="edge host:port (default: localhost:<edge.port>)")
+    chat.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        default=120.0,
+        help="deadline of the whole answer, in seconds (default: %(default)g)",
+    )
     mcp = command("mcp", "serve the mesh's tools over MCP on stdio (for desktop assistants), through Envoy")
-    mcp.add_argument("--target", help="edge host:port (default: localhost:<edge.port>); API key: $CAPIBARA_API_KEY")
-    mcp.add_argument("--timeout", type=float, default=300.0, help="deadline of a generating tool call, in seconds")
+    mcp.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        help="edge host:port (default: localhost:<edge.port>); API key: $CAPIBARA_API_KEY",
+    )
+    mcp.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        default=300.0,
+        help="deadline of a generating tool call, in seconds (default: %(default)g)",
+    )
     command("check", "check that the installed llama-server, Envoy, buf and grpcurl run on this machine")
     evaluation = command("router-eval", "router accuracy, confusion and calibration on a labelled set")
     evaluation.add_argument(
-        "--set", dest="eval_set", help="YAML with queries: [{route, lang, text}] (default: tests/data/router_eval.yaml)"
+        "--set",
+        dest="eval_set",
+        metavar="FILE",
+        help="YAML with queries: [{route, lang, text}] (default: tests/data/router_eval.yaml)",
     )
     envoy = command("envoy-config", "write Envoy's config, descriptor and certificate")
     envoy.add_argument("--print", action="store_true", help="print the YAML")
     envoy.add_argument("--routes", action="store_true", help="list REST paths and the gRPC method of each")
     protoset = command("protoset", "write the descriptor set of every service (for ghz, grpcurl)")
-    protoset.add_argument("path", nargs="?", default=str(REPO_ROOT / ".build" / "capibara.protoset"))
+    protoset.add_argument(
+        "path",
+        nargs="?",
+        default=str(REPO_ROOT / ".build" / "capibara.protoset"),
+        help="file to write (default: %(default)s)",
+    )
     k8s = command("k8s", "write the Kubernetes manifests (kustomize base) from this config")
-    k8s.add_argument("--out", default=str(REPO_ROOT / "deploy" / "kubernetes" / "base"))
+    k8s.add_argument(
+        "--out",
+        metavar="DIR",
+        default=str(REPO_ROOT / "deploy" / "kubernetes" / "base"),
+        help="folder to write (default: %(default)s)",
+    )
     k8s.add_argument("--check", action="store_true", help="fail if the files there differ from what the config gives")
     openapi = command("openapi", "write the OpenAPI document of the REST surface (docs/openapi.json)")
     openapi.add_argument("--check", action="store_true", help="fail if the file differs from what the protos give")
