@@ -1,6 +1,7 @@
 """The processes `capibara up` runs: each in its own process group with its output appended to
 its log in state_dir/logs, stopped (then killed) as a group, and reported with its cause of death
-(process_exit.describe_exit), its log's path and last lines when it dies."""
+(process_exit.describe_exit), its log's path and last lines when it dies; while the model servers
+load, how long each has been loading (LoadProgress)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+import typing
 
 from capibara_grpc.supervision.priority import start_nicer
 from capibara_grpc.supervision.process_exit import describe_exit
@@ -135,3 +138,90 @@ def format_duration(seconds: float) -> str:
 
 def indented_tail(child: ChildProcess, lines: int = 10) -> str:
     return "\n".join(f"    | {line}" for line in child.tail(lines).splitlines())
+
+
+class LoadProgress:
+    """How long each model server has been loading, while `capibara up` waits for its /health.
+
+    On a terminal: one line, redrawn in place (\\r) every `tick_s`. Elsewhere (a log file, CI
+    output): a line when the wait starts, one per server when it is ready, and the whole status
+    every `every_s` while any is still loading, so a quick start prints a few lines, never one per
+    tick. Other messages meanwhile call clear() first, so they do not land inside the line."""
+
+    def __init__(
+        self,
+        names: list[str],
+        stream: typing.TextIO | None = None,
+        every_s: float = 5.0,
+        tick_s: float = 0.5,
+        clock: typing.Callable[[], float] = time.monotonic,
+    ):
+        self.names = list(names)
+        self.stream = stream if stream is not None else sys.stdout
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every_s, self.tick_s, self.clock = every_s, tick_s, clock
+        self.started = clock()
+        self.took: dict[str, float | None] = {}  # name -> seconds until ready; None: given up on
+        self.drawn = False  # the terminal's cursor is at the end of our line
+
+    def status(self) -> str:
+        elapsed = self.clock() - self.started
+        parts = []
+        for name in self.names:
+            if name not in self.took:
+                parts.append(f"{name} {elapsed:.0f} s")
+            elif self.took[name] is None:
+                parts.append(f"{name} not coming")
+            else:
+                parts.append(f"{name} ready in {self.took[name]:.1f} s")
+        return "loading models: " + ", ".join(parts)
+
+    @property
+    def loading(self) -> list[str]:
+        return [name for name in self.names if name not in self.took]
+
+    def ready(self, name: str, up: bool = True) -> None:
+        """`name` answers its /health (`up`), or was given up on."""
+        self.took[name] = self.clock() - self.started if up else None
+        if self.tty:
+            self._draw()
+        elif up:
+            self._write(f"  {name} ready in {self.took[name]:.1f} s\n")
+
+    async def run(self) -> None:
+        """Show the progress until cancelled (close() ends it)."""
+        if self.tty:
+            while True:
+                self._draw()
+                await asyncio.sleep(self.tick_s)
+        self._write(f"waiting for {len(self.names)} model server(s) to load: {', '.join(self.names)}\n")
+        while True:
+            await asyncio.sleep(self.every_s)
+            if self.loading:
+                self._write(self.status() + "\n")
+
+    def clear(self) -> None:
+        """Before another message: the terminal's line is wiped (redrawn at the next tick)."""
+        if self.drawn:
+            self._write("\r\033[K")
+            self.drawn = False
+
+    def close(self) -> None:
+        """The wait is over: on a terminal, the last status stays on its own line."""
+        if self.tty:
+            self._draw()
+            self._write("\n")
+            self.drawn = False
+
+    def _draw(self) -> None:
+        width = shutil.get_terminal_size((100, 24)).columns - 1
+        line = self.status()
+        if len(line) > width:
+            line = line[: max(width - 1, 0)] + "…"
+        self._write("\r" + line + "\033[K")
+        self.drawn = True
+
+    def _write(self, text: str) -> None:
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken stdout never stops the mesh
+            self.stream.write(text)
+            self.stream.flush()

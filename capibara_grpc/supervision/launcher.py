@@ -28,6 +28,7 @@ from capibara_grpc.supervision.children import (
     RUNNING,
     WAITING,
     ChildProcess,
+    LoadProgress,
     death_message,
     indented_tail,
     port_is_free,
@@ -56,7 +57,16 @@ class Mesh:
         self.config = config
         # split: every service in its own `capibara serve <svc>` process, as in a deployment.
         self.split = split
-        self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+        emit = log or (lambda text: print(text, file=sys.stderr, flush=True))
+
+        def say(text: str) -> None:
+            if self.progress:  # not inside the progress line on a terminal
+                self.progress.clear()
+            emit(text)
+
+        self.log = say
+        # While the model servers load: how long each has been loading (children.LoadProgress).
+        self.progress: LoadProgress | None = None
         self.children: list[ChildProcess] = []
         self.servers: MeshServers | None = None
         self.logs = config.state_path / "logs"
@@ -164,13 +174,7 @@ class Mesh:
                 )
             )
         envoy_yaml = envoy_config.write(self.config)
-        ready = await asyncio.gather(
-            # At the server's root, whatever path the URL has (an OpenAI base URL's /v1).
-            *(
-                self._wait_http(child, "http://{}:{}/health".format(*url_host_port(url)), 180.0)
-                for child, url in backends
-            )
-        )
+        ready = await self._wait_models(backends)
         for (child, _), up in zip(backends, ready, strict=True):
             if not up:
                 self.missing_models.append(child.name)
@@ -300,6 +304,29 @@ class Mesh:
                 f"log: {child.log_path}"
             )
         return False
+
+    async def _wait_models(self, backends: list[tuple[ChildProcess, str]], timeout_s: float = 180.0) -> list[bool]:
+        """Until every launched llama-server answers /health (or is given up on), showing how long
+        each has been loading (LoadProgress: in place on a terminal, a line every few seconds
+        elsewhere)."""
+        if not backends:
+            return []
+
+        async def wait(child: ChildProcess, url: str) -> bool:
+            # At the server's root, whatever path the URL has (an OpenAI base URL's /v1).
+            up = await self._wait_http(child, "http://{}:{}/health".format(*url_host_port(url)), timeout_s)
+            self.progress.ready(child.name.removeprefix("llama-server-"), up)
+            return up
+
+        self.progress = LoadProgress([child.name.removeprefix("llama-server-") for child, _ in backends])
+        shown = asyncio.create_task(self.progress.run())
+        try:
+            return await asyncio.gather(*(wait(child, url) for child, url in backends))
+        finally:
+            shown.cancel()
+            await asyncio.gather(shown, return_exceptions=True)
+            self.progress.close()
+            self.progress = None
 
     async def _wait_grpc_serving(self, child: ChildProcess, address: str, timeout_s: float = 120.0) -> None:
         """Until the service answers grpc.health.v1: it is up, SERVING or not. (A gateway is
