@@ -38,6 +38,16 @@ class InvalidArgument(MeshError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class InvalidField(InvalidArgument):
+    """A request field refused: the message starts with the field's name ("max_tokens: must be
+    between 1 and 8192, got 10000"), which the OpenAI API turns into `error.param`."""
+
+    def __init__(self, field: str, text: str):
+        super().__init__(f"{field}: {text}")
+        self.field = field
+        self.text = text
+
+
 class NotFound(MeshError):
     code = grpc.StatusCode.NOT_FOUND
 

@@ -25,6 +25,11 @@ REQUEST_ID = "x-request-id"
 # accepted the key; capibara_grpc/api_keys.py says why. Not copied onto internal calls: each call
 # from outside is counted once, by the service the edge sent it to.
 KEY_ID_HEADER = "x-capibara-key-id"
+# Set by the mesh's own clients on a call whose request an edge has validated already
+# (capibara_grpc/chat/request.py): the service trusts it instead of checking it again. The edge's
+# guard removes a client's copy, so only calls from inside the mesh carry it.
+VALIDATED_HEADER = "x-capibara-validated"
+VALIDATED = ((VALIDATED_HEADER, "1"),)
 current_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 
@@ -45,6 +50,11 @@ def ids_from(metadata) -> tuple[str, str]:
     new one; the key id '' when the mesh has no keys or the call did not come through the edge."""
     request_id, key_id = _scan(metadata)
     return request_id or uuid.uuid4().hex, key_id
+
+
+def validated(metadata) -> bool:
+    """Whether a call comes from inside the mesh with a request an edge validated (VALIDATED)."""
+    return any(key == VALIDATED_HEADER for key, _ in metadata or ())
 
 
 def key_id_from(metadata) -> str:

@@ -136,6 +136,8 @@ API_KEYS = {}
 -- Set on every call with a valid key, for the gateway's usage counters and the per-key rate
 -- limits; a client's own copy is always dropped, so nobody can spend another key's quota.
 KEY_ID_HEADER = "x-capibara-key-id"
+-- Marks a call whose request the mesh validated already (capibara_grpc/tracing.py): never a client's.
+VALIDATED_HEADER = "x-capibara-validated"
 local function add_key(text)
   local entry = (text:gsub("#.*$", "")):match("^%s*(.-)%s*$")
   local name, key = entry:match("^([^:]*):(.*)$")
@@ -241,6 +243,7 @@ function envoy_on_request(handle)
     handle:streamInfo():dynamicMetadata():set("capibara", "openai", "1")
   end
   headers:remove(KEY_ID_HEADER)
+  headers:remove(VALIDATED_HEADER)
   if next(API_KEYS) ~= nil and headers:get(":method") ~= "OPTIONS" then
     local bare_path = (headers:get(":path") or ""):gsub("%?.*$", "")
     local key = presented_key(headers)

@@ -108,7 +108,7 @@ def test_final_answers_compare_numbers_as_numbers():
 @pytest.mark.parametrize(
     "body, status, words",
     [
-        ({"prompt": " "}, 400, "prompt must not be empty"),
+        ({"prompt": " "}, 400, "prompt: must not be empty"),
         ({"prompt": "hola", "models": ["gpt-5"]}, 404, "unknown model 'gpt-5'"),
         ({"prompt": "hola", "models": ["phi", "mixtral"], "quorum": 3}, 400, "quorum 3 is larger"),
         (

@@ -178,7 +178,7 @@ async def test_bad_input_is_a_tool_error_naming_the_problem(mesh, transport):
         still = await client.call_tool("route", {"query": "What is the capital of France?"})
     assert unknown.is_error and "NOT_FOUND" in text_of(unknown) and "'gpt5'" in text_of(unknown)
     assert all(model in text_of(unknown) for model in ("gpt-oss-20b", "mixtral", "phi")), text_of(unknown)
-    assert empty.is_error and "message must not be empty" in text_of(empty)
+    assert empty.is_error and "message: must not be empty" in text_of(empty)
     assert missing.is_error and "message" in text_of(missing) and "required" in text_of(missing).lower()
     assert bad_toon.is_error and "INVALID_ARGUMENT" in text_of(bad_toon), text_of(bad_toon)
     assert bad_strategy.is_error and "strategy" in text_of(bad_strategy)
@@ -251,3 +251,27 @@ def test_a_browser_mcp_client_passes_the_cors_preflight(mesh):
     assert status == 200 and headers["access-control-allow-origin"] == ORIGIN
     allowed = {h.strip() for h in headers["access-control-allow-headers"].split(",")}
     assert {h.strip() for h in asked.split(",")} <= allowed, allowed
+
+
+# One limit, the same words on every edge: the chat core's table (capibara_grpc/chat/request.py).
+OVER_THE_LIMIT = [
+    ({"max_tokens": 10000}, "max_tokens", "must be between 1 and 8192, got 10000"),
+    ({"temperature": 2.5}, "temperature", "must be between 0 and 2, got 2.5"),
+]
+
+
+@pytest.mark.parametrize("fields, name, words", OVER_THE_LIMIT, ids=[f[1] for f in OVER_THE_LIMIT])
+async def test_every_edge_refuses_a_value_over_the_limit_naming_it_in_the_same_words(mesh, fields, name, words):
+    auth = {"authorization": f"Bearer {KEY}"}
+    rest_status, rest, _ = mesh.request("POST", "/api/chat", {"message": "hola", **fields}, headers=auth)
+    v1_status, v1, _ = mesh.request(
+        "POST",
+        "/v1/chat/completions",
+        {"model": "phi", "messages": [{"role": "user", "content": "hola"}], **fields},
+        headers=auth,
+    )
+    async with connect(mesh, "http") as client:
+        tool = await client.call_tool("chat", {"message": "hola", **fields})
+    assert rest_status == 400 and rest["message"] == f"{name}: {words}", rest
+    assert v1_status == 400 and v1["error"]["param"] == name and v1["error"]["message"] == words, v1
+    assert tool.is_error and f"INVALID_ARGUMENT: {name}: {words}" in text_of(tool), text_of(tool)

@@ -54,13 +54,17 @@ def messages_to_pb(messages: list[Message]) -> list[pb.ChatMessage]:
     return [pb.ChatMessage(role=ROLE_TO_PB[m.role], content=m.content) for m in messages]
 
 
-def usage_to_pb(done: Finished) -> pb.Usage:
+def usage_pb(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int = 0) -> pb.Usage:
     return pb.Usage(
-        prompt_tokens=done.prompt_tokens,
-        completion_tokens=done.completion_tokens,
-        total_tokens=done.prompt_tokens + done.completion_tokens,
-        reasoning_tokens=done.reasoning_tokens,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        reasoning_tokens=reasoning_tokens,
     )
+
+
+def usage_to_pb(done: Finished) -> pb.Usage:
+    return usage_pb(done.prompt_tokens, done.completion_tokens, done.reasoning_tokens)
 
 
 def timings_to_pb(done: Finished) -> pb.Timings:

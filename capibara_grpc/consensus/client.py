@@ -7,6 +7,7 @@ import grpc
 from capibara_grpc.chat import convert as chat_convert
 from capibara_grpc.chat.types import ConsensusAnswer, SamplingParams
 from capibara_grpc.stubs import consensus_pb2, consensus_pb2_grpc
+from capibara_grpc.tracing import VALIDATED
 
 
 class ConsensusClient:
@@ -19,6 +20,7 @@ class ConsensusClient:
                 prompt=prompt, strategy=consensus_pb2.STRATEGY_VOTE, params=chat_convert.params_to_pb(params)
             ),
             timeout=timeout_s,
+            metadata=VALIDATED,
         )
         final = response.final
         return ConsensusAnswer(

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from capibara_grpc.chat.request import resolve
 from capibara_grpc.chat.types import (
     Finished,
     GenerateFn,
@@ -30,7 +31,7 @@ from capibara_grpc.chat.types import (
     Token,
 )
 from capibara_grpc.config import MeshConfig
-from capibara_grpc.errors import InvalidArgument, StreamError, to_mesh_error
+from capibara_grpc.errors import InvalidArgument, InvalidField, StreamError, to_mesh_error
 from capibara_grpc.text import normalize
 
 STRATEGIES = ("vote", "weighted", "judge", "fuse", "self_consistency")
@@ -109,7 +110,7 @@ class ConsensusEngine:
     def _plan(self, request: Request) -> list[tuple[str, str, SamplingParams]]:
         """(candidate label, model id, params) per candidate, after validating the request."""
         if not request.prompt.strip():
-            raise InvalidArgument("prompt must not be empty")
+            raise InvalidField("prompt", "must not be empty or only whitespace")
         if request.strategy not in STRATEGIES:
             raise InvalidArgument(f"unknown strategy '{request.strategy}' (one of {', '.join(STRATEGIES)})")
         models = request.models or sorted(self.config.models)
@@ -144,7 +145,9 @@ class ConsensusEngine:
     # -- running candidates ----------------------------------------------------------------
 
     async def _stream(self, model_id: str, messages: list[Message], params: SamplingParams, timeout_s: float):
-        """One generation, bounded by `timeout_s`; its upstream call is closed however it ends."""
+        """One generation with the model's defaults filled in, bounded by `timeout_s`; its upstream
+        call is closed however it ends."""
+        params = resolve(params, self.config.models[model_id].defaults)
         async with asyncio.timeout(timeout_s):
             stream = self.generate(model_id, messages, params, timeout_s)
             try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from capibara_grpc import tracing
 from capibara_grpc.chat import convert as chat_convert
+from capibara_grpc.chat.request import validate_params
 from capibara_grpc.chat.types import Token
 from capibara_grpc.consensus.core import (
     CandidateDone,
@@ -27,15 +29,19 @@ STRATEGY_FROM_PB = {
 STRATEGY_TO_PB = {v: k for k, v in STRATEGY_FROM_PB.items() if k != pb.STRATEGY_UNSPECIFIED}
 
 
-def request_from_pb(request) -> Request:
-    """CombineRequest and DecideRequest have the same fields."""
+def request_from_pb(request, context) -> Request:
+    """CombineRequest and DecideRequest have the same fields. Their sampling parameters are
+    validated here unless the gateway did (a chat with consensus)."""
+    params = chat_convert.params_from_pb(request.params)
+    if not tracing.validated(context.invocation_metadata()):
+        validate_params(params)
     return Request(
         prompt=request.prompt,
         models=list(request.models),
         strategy=STRATEGY_FROM_PB.get(request.strategy, f"#{request.strategy}"),
         quorum=request.quorum,
         per_model_timeout_s=request.per_model_timeout_ms / 1000,
-        params=chat_convert.params_from_pb(request.params),
+        params=params,
         samples=request.samples,
     )
 
@@ -45,11 +51,7 @@ def candidate_done_to_pb(event: CandidateDone) -> pb.CandidateFinished:
         model_id=event.model_id,
         text=event.text,
         latency_ms=event.latency_ms,
-        usage=inference_pb2.Usage(
-            prompt_tokens=event.prompt_tokens,
-            completion_tokens=event.completion_tokens,
-            total_tokens=event.prompt_tokens + event.completion_tokens,
-        ),
+        usage=chat_convert.usage_pb(event.prompt_tokens, event.completion_tokens),
     )
 
 
@@ -90,12 +92,12 @@ class ConsensusServicer(consensus_pb2_grpc.ConsensusServiceServicer):
         return remaining_s(context, self.engine.config.gateway.default_deadline_s)
 
     async def Combine(self, request, context):
-        async for event in self.engine.combine(request_from_pb(request), self._deadline(context)):
+        async for event in self.engine.combine(request_from_pb(request, context), self._deadline(context)):
             yield event_to_pb(event)
 
     async def Decide(self, request, context):
         response = pb.DecideResponse()
-        async for event in self.engine.combine(request_from_pb(request), self._deadline(context)):
+        async for event in self.engine.combine(request_from_pb(request, context), self._deadline(context)):
             if isinstance(event, CandidateDone):
                 response.candidates.append(candidate_done_to_pb(event))
             elif isinstance(event, CandidateFailed):

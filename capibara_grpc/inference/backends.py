@@ -35,21 +35,6 @@ class ModelBackend:
     def model_id(self) -> str:
         return self.model.model_id
 
-    def resolve(self, params: SamplingParams) -> SamplingParams:
-        """Fill unset parameters with the model's configured defaults."""
-        defaults = self.model.defaults
-        return SamplingParams(
-            max_tokens=params.max_tokens if params.max_tokens is not None else defaults.max_tokens,
-            temperature=params.temperature if params.temperature is not None else defaults.temperature,
-            top_p=params.top_p if params.top_p is not None else defaults.top_p,
-            repeat_penalty=params.repeat_penalty if params.repeat_penalty is not None else defaults.repeat_penalty,
-            stop=list(params.stop),
-            seed=params.seed,
-            top_k=params.top_k if params.top_k is not None else defaults.top_k,
-            json_schema=params.json_schema,
-            reasoning_effort=params.reasoning_effort,
-        )
-
     async def generate(self, messages: list[Message], params: SamplingParams) -> AsyncIterator[Generated]:
         raise NotImplementedError
         yield  # pragma: no cover - makes this an async generator for type checkers
@@ -118,7 +103,7 @@ class ChatCompletionsBackend(ModelBackend):
 
     async def generate(self, messages, params):
         started = time.perf_counter()
-        body = self.request_body(messages, self.resolve(params))
+        body = self.request_body(messages, params)
         first_token_at = first_reasoning_at = None
         finish_reason, usage, timings, backend_model, stop_type = None, {}, {}, "", ""
         index = thoughts = 0
@@ -171,7 +156,6 @@ class LlamaCompletionBackend(ModelBackend):
 
     async def generate(self, messages, params):
         started = time.perf_counter()
-        params = self.resolve(params)
         body = {
             "prompt": "\n".join(m.content for m in messages if m.content),
             "stream": True,

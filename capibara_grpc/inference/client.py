@@ -9,6 +9,7 @@ import grpc
 from capibara_grpc.chat import convert as chat_convert
 from capibara_grpc.chat.types import Finished, Message, SamplingParams, Token
 from capibara_grpc.stubs import inference_pb2, inference_pb2_grpc
+from capibara_grpc.tracing import VALIDATED
 
 
 class InferenceClient:
@@ -25,6 +26,8 @@ class InferenceClient:
                 params=chat_convert.params_to_pb(params),
             ),
             timeout=timeout_s,
+            # The caller (gateway, consensus) validated and resolved the request.
+            metadata=VALIDATED,
         )
         try:
             async for response in call:

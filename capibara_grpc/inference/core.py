@@ -1,9 +1,10 @@
-"""Inference core: validates requests, picks the model's backend, watches backend health."""
+"""Inference core: picks the model's backend, admits the request to one of its slots, watches
+backend health. A request straight from a client (not through the gateway or consensus, which
+validated it) is validated and resolved here, with the same rules (capibara_grpc/chat/request.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -11,52 +12,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 
 from capibara_grpc import metrics
-from capibara_grpc.chat.types import (
-    REASONING_EFFORT,
-    ROLES,
-    Finished,
-    Generated,
-    Message,
-    Reasoning,
-    SamplingParams,
-    Token,
-)
+from capibara_grpc.chat.request import resolve, validate_messages, validate_params
+from capibara_grpc.chat.types import Finished, Generated, Message, Reasoning, SamplingParams, Token
 from capibara_grpc.config import MeshConfig
-from capibara_grpc.errors import InvalidArgument
+from capibara_grpc.errors import InvalidField
 from capibara_grpc.inference.admission import Admission
 from capibara_grpc.inference.backends import ModelBackend, make_backend
 from capibara_grpc.inference.types import ModelStatus
 from capibara_grpc.upstream.client import Upstream
 
 log = logging.getLogger(__name__)
-
-MAX_TOKENS_LIMIT = 8192
-
-
-def validate_params(params: SamplingParams) -> None:
-    if params.max_tokens is not None and not 0 < params.max_tokens <= MAX_TOKENS_LIMIT:
-        raise InvalidArgument(f"max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {params.max_tokens}")
-    if params.temperature is not None and not 0.0 <= params.temperature <= 5.0:
-        raise InvalidArgument(f"temperature must be between 0 and 5, got {params.temperature}")
-    if params.top_p is not None and not 0.0 < params.top_p <= 1.0:
-        raise InvalidArgument(f"top_p must be in (0, 1], got {params.top_p}")
-    if params.repeat_penalty is not None and not 0.0 < params.repeat_penalty <= 5.0:
-        raise InvalidArgument(f"repeat_penalty must be in (0, 5], got {params.repeat_penalty}")
-    if params.top_k is not None and params.top_k < 0:
-        raise InvalidArgument(f"top_k must not be negative, got {params.top_k}")
-    if len(params.stop) > 8 or any(not s for s in params.stop):
-        raise InvalidArgument("stop takes at most 8 non-empty strings")
-    if params.reasoning_effort and not REASONING_EFFORT.match(params.reasoning_effort):
-        raise InvalidArgument(
-            f"reasoning_effort must be a word such as low, medium or high, got '{params.reasoning_effort[:40]}'"
-        )
-    if params.json_schema:
-        try:
-            schema = json.loads(params.json_schema)
-        except ValueError as exc:
-            raise InvalidArgument(f"json_schema is not valid JSON: {exc}") from None
-        if not isinstance(schema, dict):
-            raise InvalidArgument("json_schema must be a JSON object (a JSON Schema)")
 
 
 class InferenceEngine:
@@ -114,22 +79,19 @@ class InferenceEngine:
 
     def backend(self, model_id: str) -> ModelBackend:
         if not model_id:
-            raise InvalidArgument("model_id is required")
+            raise InvalidField("model_id", "is required")
         self.config.model(model_id)
         return self.backends[model_id]
 
     async def generate(
-        self, model_id: str, messages: list[Message], params: SamplingParams
+        self, model_id: str, messages: list[Message], params: SamplingParams, validated: bool = False
     ) -> AsyncIterator[Generated]:
+        """`validated`: an edge of the mesh checked the request and filled in the model's defaults
+        already (the gateway, consensus); otherwise that is done here."""
         backend = self.backend(model_id)
-        if not messages:
-            raise InvalidArgument("messages must not be empty")
-        for message in messages:
-            if message.role not in ROLES:
-                raise InvalidArgument(f"message role must be one of {', '.join(ROLES)}")
-        if not any(m.role == "user" and m.content.strip() for m in messages):
-            raise InvalidArgument("messages need at least one non-empty user message")
-        validate_params(params)
+        if not validated:
+            validate_messages(messages)
+            params = resolve(validate_params(params), backend.model.defaults)
         async with self.admission[model_id].slot():
             started, first_token, first_reasoning = time.perf_counter(), True, True
             async for item in backend.generate(messages, params):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from grpc_health.v1 import health_pb2
 
+from capibara_grpc import tracing
 from capibara_grpc.chat import convert
 from capibara_grpc.health_names import model_health_name
 from capibara_grpc.inference.core import InferenceEngine
@@ -21,6 +22,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             request.model_id,
             convert.messages_from_pb(request.messages),
             convert.params_from_pb(request.params),
+            validated=tracing.validated(context.invocation_metadata()),
         )
         async for item in stream:
             yield convert.chunk_to_pb(item)

@@ -26,6 +26,7 @@ from mcp.server.mcpserver.utilities.types import Audio
 from pydantic import BaseModel, Field
 
 from capibara_grpc import tracing
+from capibara_grpc.chat.request import LIMITS
 from capibara_grpc.stubs import (
     consensus_pb2,
     consensus_pb2_grpc,
@@ -119,13 +120,20 @@ def _tool_error(exc: grpc.aio.AioRpcError) -> ToolError:
 
 
 def _text(value: str, name: str, limit: int = 100_000) -> str:
-    """A required text argument: not empty, not only whitespace (the services say so too, but a
-    tool error here saves a round trip and names the argument as the tool's schema does)."""
+    """A required text argument of a tool whose service takes any text (route, speak, toon): not
+    empty, not only whitespace, not huge. A chat's message and a consensus prompt are checked by
+    the chat core, as on every other edge."""
     if not value.strip():
-        raise ToolError(f"{name} must not be empty or only whitespace")
+        raise ToolError(f"{name}: must not be empty or only whitespace")
     if len(value) > limit:
-        raise ToolError(f"{name} is {len(value)} characters long; at most {limit}")
+        raise ToolError(f"{name}: is {len(value)} characters long; at most {limit}")
     return value
+
+
+def _limited(name: str, description: str) -> Field:
+    """A number argument with the chat core's limits in its schema (capibara_grpc/chat/request.py);
+    the gateway enforces them, with the same words as on REST, gRPC and the OpenAI API."""
+    return Field(description=description, json_schema_extra=LIMITS[name].json_schema())
 
 
 def build_server(
@@ -187,13 +195,13 @@ def build_server(
         conversation_id: Annotated[
             str, Field(description="Continue this conversation (the mesh keeps its history); '' = none.")
         ] = "",
-        max_tokens: Annotated[int | None, Field(description="Most tokens to generate.", ge=1, le=8192)] = None,
-        temperature: Annotated[float | None, Field(description="Sampling temperature.", ge=0, le=2)] = None,
+        max_tokens: Annotated[int | None, _limited("max_tokens", "Most tokens to generate.")] = None,
+        temperature: Annotated[float | None, _limited("temperature", "Sampling temperature.")] = None,
         ctx: Context | None = None,
     ) -> ChatAnswer:
         """Answer a message with one of the mesh's models; returns the answer with the route and model used."""
         request = gateway_pb2.CompleteRequest(
-            message=_text(message, "message"),
+            message=message,
             model="" if model == AUTO else model,
             conversation_id=conversation_id,
         )
@@ -244,12 +252,12 @@ def build_server(
                 "picks), fuse (a model merges), self_consistency (one model sampled several times)."
             ),
         ] = "vote",
-        max_tokens: Annotated[int | None, Field(description="Most tokens per answer.", ge=1, le=8192)] = None,
+        max_tokens: Annotated[int | None, _limited("max_tokens", "Most tokens per answer.")] = None,
         ctx: Context | None = None,
     ) -> ConsensusAnswer:
         """Ask several models the same question and combine their answers into one."""
         request = consensus_pb2.DecideRequest(
-            prompt=_text(prompt, "prompt"),
+            prompt=prompt,
             models=models,
             strategy=consensus_pb2.Strategy.Value(f"STRATEGY_{strategy.upper()}"),
         )

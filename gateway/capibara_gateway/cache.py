@@ -151,15 +151,11 @@ class ResponseCache:
         return threshold
 
     async def lookup(
-        self, model_id: str, params: SamplingParams, messages: list[Message], route: str, defaults=None
+        self, model_id: str, params: SamplingParams, messages: list[Message], route: str
     ) -> tuple[CachedAnswer | None, CacheLookup]:
         """The cached answer for this prompt (exact, else semantic), and how to store a new one.
-        `defaults` (the model's sampling defaults) fill what `params` leaves out, so they are part
-        of the key too."""
-        parameters = {
-            "request": dataclasses.asdict(params),
-            "defaults": dataclasses.asdict(defaults) if defaults is not None else None,
-        }
+        `params` are the resolved ones (the model's defaults filled in): what the model is asked."""
+        parameters = dataclasses.asdict(params)
         lookup = CacheLookup(_digest(model_id, parameters, [dataclasses.asdict(m) for m in messages]))
         if (hit := await self._answer(lookup.key)) is not None:
             metrics.CACHE_REQUESTS.labels("exact_hit", route).inc()

@@ -26,10 +26,16 @@ from capibara_gateway.routing import Routing
 from capibara_gateway.speaking import spoken
 from capibara_gateway.status import ChatStats
 from capibara_grpc import metrics
-from capibara_grpc.chat.types import Finished, GenerateFn, Message, Reasoning, Token
+from capibara_grpc.chat.request import (
+    MAX_SYSTEM_PROMPT_BYTES,
+    resolve,
+    validate_message,
+    validate_messages,
+    validate_params,
+)
+from capibara_grpc.chat.types import Finished, GenerateFn, Message, Reasoning, SamplingParams, Token
 from capibara_grpc.config import MeshConfig
-from capibara_grpc.errors import InvalidArgument, NotFound, StreamError, Unimplemented
-from capibara_grpc.inference.core import validate_params
+from capibara_grpc.errors import InvalidField, NotFound, StreamError, Unimplemented
 
 log = logging.getLogger(__name__)
 CONTEXT_TIMEOUT_S = 10.0
@@ -77,12 +83,12 @@ class ChatGateway:
                 yield event
 
     def validate(self, chat: ChatInput) -> None:
-        if not chat.message.strip():
-            raise InvalidArgument("message must not be empty or only whitespace")
-        size = len(chat.message.encode("utf-8"))
-        limit = self.config.gateway.max_message_bytes
-        if size > limit:
-            raise InvalidArgument(f"message is {size} bytes, over the limit of {limit} bytes")
+        """The chat as it came in by REST, gRPC, the OpenAI API or MCP, checked once, with the
+        rules every edge shares (capibara_grpc/chat/request.py); context, inference and consensus
+        trust it."""
+        if chat.messages is not None:
+            validate_messages(chat.messages)
+        validate_message(chat.message, self.config.gateway.max_message_bytes)
         if chat.model:
             self.config.model(chat.model)
         if chat.consensus and self.consensus is None:
@@ -90,6 +96,8 @@ class ChatGateway:
         if (chat.speak or chat.voice) and self.speech is None:
             raise Unimplemented("speak is not available: the speech service is not deployed in this mesh")
         validate_params(chat.params)
+        if chat.system_prompt is not None and len(chat.system_prompt.encode("utf-8")) > MAX_SYSTEM_PROMPT_BYTES:
+            raise InvalidField("system_prompt", f"is over the limit of {MAX_SYSTEM_PROMPT_BYTES} bytes")
 
     async def _check_voice(self, chat: ChatInput) -> None:
         if chat.voice:
@@ -106,8 +114,10 @@ class ChatGateway:
 
         async def open_model(model_id: str):
             messages = await self._prompt(chat, model_id, decision.route_name)
-            cached, cache_slots[model_id] = await self._cached_answer(chat, model_id, messages, decision.route_name)
-            return _replay(cached) if cached else self.generate(model_id, messages, chat.params, timeout_s)
+            # What this model is asked with: the request's parameters, its defaults for the rest.
+            params = resolve(chat.params, self.config.models[model_id].defaults)
+            cached, cache_slots[model_id] = await self._cached_answer(model_id, params, messages, decision.route_name)
+            return _replay(cached) if cached else self.generate(model_id, messages, params, timeout_s)
 
         answering = await failover.first_to_answer(failover.candidates(decision, self.config.models), open_model)
         decision = failover.decided(decision, answering)
@@ -229,19 +239,18 @@ class ChatGateway:
         return None
 
     async def _cached_answer(
-        self, chat: ChatInput, model_id: str, messages: list[Message], route: str
+        self, model_id: str, params: SamplingParams, messages: list[Message], route: str
     ) -> tuple[CachedAnswer | None, CacheLookup | None]:
         """(the cached answer, None) on a hit; (None, where to store the live answer) on a miss;
-        (None, None) without a cache, for sampled requests, or when the cache is down."""
+        (None, None) without a cache, for sampled requests, or when the cache is down. `params`
+        are resolved: the key is the same whatever the request left to the model's defaults."""
         if self.cache is None:
             return None, None
-        defaults = self.config.models[model_id].defaults
-        temperature = chat.params.temperature if chat.params.temperature is not None else defaults.temperature
-        if temperature > 0 and not self.cache.settings.cache_sampled:
+        if params.temperature > 0 and not self.cache.settings.cache_sampled:
             metrics.CACHE_REQUESTS.labels("bypass", route).inc()
             return None, None
         try:
-            cached, slot = await self.cache.lookup(model_id, chat.params, messages, route, defaults)
+            cached, slot = await self.cache.lookup(model_id, params, messages, route)
         except Exception:  # noqa: BLE001 - a cache that is down must not fail the chat
             log.exception("response cache lookup failed")
             return None, None

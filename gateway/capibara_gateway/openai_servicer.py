@@ -19,10 +19,20 @@ from capibara_gateway.events import ChatDone, RoutingDecision
 from capibara_grpc.api_keys import KeyUsage
 from capibara_grpc.audio.wav import wav_file
 from capibara_grpc.chat.types import Reasoning, Token
-from capibara_grpc.errors import StreamError, Unimplemented, remaining_s
+from capibara_grpc.errors import InvalidArgument, InvalidField, StreamError, Unimplemented, remaining_s
 from capibara_grpc.stubs import openai_pb2_grpc
 
 JSON, EVENT_STREAM = "application/json", "text/event-stream"
+
+
+@contextlib.contextmanager
+def _param_errors():
+    """A refused field in the OpenAI API's words: "param <name>: ...", which the edge's guard turns
+    into `error.param` (envoy/rest_guard.lua); REST and gRPC show the chat core's message as is."""
+    try:
+        yield
+    except InvalidField as exc:
+        raise InvalidArgument(f"param {exc.field}: {exc.text}") from None
 
 
 def _json_body(payload: dict) -> httpbody_pb2.HttpBody:
@@ -44,7 +54,7 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
 
     async def ChatCompletions(self, request, context):
         usage = KeyUsage(context, self.gateway.config.models)
-        with usage.counting():
+        with usage.counting(), _param_errors():
             async with contextlib.aclosing(self._chat_completions(request, context, usage)) as bodies:
                 async for body in bodies:
                     yield body
@@ -54,27 +64,16 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
         usage.model = parsed.chat.model
         timeout_s = remaining_s(context, self.gateway.config.gateway.default_deadline_s)
         completion = openai_api.Completion(parsed.model)
+        if not parsed.stream:
+            result = await self.gateway.complete(parsed.chat, timeout_s)
+            usage.finished(result.done.finished, result.routing.model_id)
+            await context.send_initial_metadata(openai_api.routing_headers(result.routing))
+            yield _json_body(completion.response(result.response, result.routing, result.done, result.reasoning))
+            return
         events = usage.watch(self.gateway.chat(parsed.chat, timeout_s))
         async with contextlib.aclosing(events):
-            if parsed.stream:
-                async for body in self._stream(events, completion, parsed.include_usage, context):
-                    yield body
-                return
-            parts: list[str] = []
-            thoughts: list[str] = []
-            decision = None
-            async for event in events:
-                if isinstance(event, RoutingDecision):
-                    decision = event
-                    await context.send_initial_metadata(openai_api.routing_headers(event))
-                elif isinstance(event, Token):
-                    parts.append(event.text)
-                elif isinstance(event, Reasoning):
-                    thoughts.append(event.text)
-                elif isinstance(event, StreamError):
-                    raise event.to_exception()
-                elif isinstance(event, ChatDone):
-                    yield _json_body(completion.response("".join(parts), decision, event, "".join(thoughts)))
+            async for body in self._stream(events, completion, parsed.include_usage, context):
+                yield body
 
     async def _stream(self, events, completion: openai_api.Completion, include_usage: bool, context):
         def frame(payload) -> httpbody_pb2.HttpBody:
@@ -106,7 +105,8 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
         return _json_body(openai_api.model_entry(self.gateway.config, self._consensus, request.model))
 
     async def Embeddings(self, request, context):
-        parsed = openai_api.parse_embedding_request(request.data)
+        with _param_errors():
+            parsed = openai_api.parse_embedding_request(request.data)
         if self.embed is None:
             raise Unimplemented("embeddings need the router service, which is not deployed in this mesh")
         timeout_s = remaining_s(context, self.gateway.config.gateway.default_deadline_s)
@@ -114,14 +114,17 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
         return _json_body(openai_api.embedding_response(parsed, vectors, tokens, model))
 
     async def AudioSpeech(self, request, context):
-        parsed = openai_api.parse_speech_request(request.data)
+        with _param_errors():
+            parsed = openai_api.parse_speech_request(request.data)
         if self.speech is None:
             raise Unimplemented("speech needs the speech service, which is not deployed in this mesh")
         timeout_s = remaining_s(context, self.gateway.config.gateway.default_deadline_s)
         if parsed.voice:
             voices = await self.speech.voice_ids(timeout_s)
             if parsed.voice not in voices:
-                raise openai_api.bad("voice", f"unknown voice '{parsed.voice[:80]}' (available: {', '.join(voices)})")
+                raise InvalidArgument(
+                    f"param voice: unknown voice '{parsed.voice[:80]}' (available: {', '.join(voices)})"
+                )
         pcm, sample_rate = bytearray(), 0
         async for chunk in self.speech.synthesize(parsed.text, parsed.voice, timeout_s):
             pcm += chunk.pcm

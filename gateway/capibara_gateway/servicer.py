@@ -13,7 +13,7 @@ from capibara_grpc.api_keys import KeyUsage
 from capibara_grpc.audio import AudioChunk
 from capibara_grpc.chat import convert as chat_convert
 from capibara_grpc.chat.types import Message, Reasoning, Token
-from capibara_grpc.errors import InvalidArgument, StreamError, Unavailable, Unimplemented, remaining_s
+from capibara_grpc.errors import InvalidField, StreamError, Unavailable, Unimplemented, remaining_s
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
 
 
@@ -22,15 +22,10 @@ def conversation_from_pb(request) -> tuple[str, list[Message] | None]:
     if not request.messages:
         return request.message, None
     if request.message or request.conversation_id:
-        raise InvalidArgument("give either messages, or message (with conversation_id if any), not both")
+        raise InvalidField("messages", "give either messages, or message (with conversation_id if any), not both")
     messages = chat_convert.messages_from_pb(request.messages)
-    for i, m in enumerate(messages):
-        if m.role not in ("system", "user", "assistant"):
-            raise InvalidArgument(f"messages[{i}].role must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
-    users = [m.content for m in messages if m.role == "user"]
-    if not users:
-        raise InvalidArgument("messages must hold at least one user message")
-    return users[-1], messages
+    # The last user message is the one routed and answered; the gateway checks there is one.
+    return next((m.content for m in reversed(messages) if m.role == "user"), ""), messages
 
 
 def chat_input_from_pb(request) -> ChatInput:

@@ -6,18 +6,30 @@ import json
 
 import pytest
 from capibara_gateway import openai_api
+from capibara_gateway.core import ChatGateway
 from capibara_gateway.events import ChatDone, RoutingDecision
 
 from capibara_grpc.chat.types import Finished
 from capibara_grpc.config import load_config
-from capibara_grpc.errors import InvalidArgument, NotFound
+from capibara_grpc.errors import InvalidArgument, InvalidField, NotFound
 
 CONFIG = load_config()
 HELLO = [{"role": "user", "content": "hola"}]
 
 
+# The gateway's own check, which every edge's request goes through after its translation.
+GATEWAY = ChatGateway(CONFIG, generate=None)
+
+
 def parse(**body):
     return openai_api.parse_chat_request(json.dumps(body).encode(), CONFIG)
+
+
+def parse_and_validate(**body):
+    """What the /v1 edge refuses: the JSON's shapes (openai_api) and the chat core's limits."""
+    parsed = parse(**body)
+    GATEWAY.validate(parsed.chat)
+    return parsed
 
 
 def test_auto_consensus_and_a_model_id():
@@ -87,9 +99,9 @@ def test_sampling_fields():
     ],
 )
 def test_what_is_not_supported_is_refused_naming_the_field(body, param):
-    with pytest.raises(InvalidArgument) as refused:
-        parse(**{"model": "phi", "messages": HELLO, **body})
-    assert refused.value.message.startswith(f"param {param}: ")
+    with pytest.raises(InvalidField) as refused:
+        parse_and_validate(**{"model": "phi", "messages": HELLO, **body})
+    assert refused.value.field == param
 
 
 def test_response_format_becomes_a_json_schema():
@@ -156,9 +168,9 @@ def test_embedding_requests():
         ({"model": "m", "input": "x", "dimensions": 8}, "dimensions"),
         ({"model": "m", "input": "x", "encoding_format": "int8"}, "encoding_format"),
     ):
-        with pytest.raises(InvalidArgument) as refused:
+        with pytest.raises(InvalidField) as refused:
             openai_api.parse_embedding_request(json.dumps(body).encode())
-        assert refused.value.message.startswith(f"param {param}: ")
+        assert refused.value.field == param
 
 
 def test_speech_requests():
@@ -170,9 +182,9 @@ def test_speech_requests():
         ({"model": "tts-1", "input": "x", "speed": 2}, "speed"),
         ({"model": "tts-1", "input": "x", "instructions": "sing"}, "instructions"),
     ):
-        with pytest.raises(InvalidArgument) as refused:
+        with pytest.raises(InvalidField) as refused:
             openai_api.parse_speech_request(json.dumps(body).encode())
-        assert refused.value.message.startswith(f"param {param}: ")
+        assert refused.value.field == param
 
 
 def test_the_native_chat_request_takes_a_message_list():
@@ -194,8 +206,9 @@ def test_the_native_chat_request_takes_a_message_list():
         gateway_pb2.ChatRequest(messages=[turn(inference_pb2.ROLE_ASSISTANT, "y")]),
         gateway_pb2.CompleteRequest(messages=[turn(inference_pb2.ROLE_UNSPECIFIED, "y")]),
     ):
-        with pytest.raises(InvalidArgument):
-            chat_input_from_pb(bad_request)
+        with pytest.raises(InvalidField) as refused:
+            GATEWAY.validate(chat_input_from_pb(bad_request))
+        assert refused.value.field.startswith("messages")
 
 
 def test_the_conversation_id_extension_uses_the_stored_history():
@@ -207,6 +220,6 @@ def test_the_conversation_id_extension_uses_the_stored_history():
         ({"capibara": {"memory": True}}, "capibara"),
         ({"capibara": {"conversation_id": 5}}, "capibara.conversation_id"),
     ):
-        with pytest.raises(InvalidArgument) as refused:
+        with pytest.raises(InvalidField) as refused:
             parse(**{"model": "phi", "messages": HELLO, **body})
-        assert refused.value.message.startswith(f"param {param}: ")
+        assert refused.value.field == param

@@ -81,9 +81,9 @@ async def inference():
 @pytest.mark.parametrize(
     "fields, code, details",
     [
-        ({"model_id": "", "messages": [USER]}, INVALID, "model_id is required"),
-        ({"model_id": "alpha"}, INVALID, "messages must not be empty"),
-        ({"model_id": "alpha", "messages": [USER], "params": {"top_p": 2}}, INVALID, "top_p must be in (0, 1]"),
+        ({"model_id": "", "messages": [USER]}, INVALID, "model_id: is required"),
+        ({"model_id": "alpha"}, INVALID, "messages: must not be empty"),
+        ({"model_id": "alpha", "messages": [USER], "params": {"top_p": 2}}, INVALID, "top_p: must be in (0, 1], got 2"),
         ({"model_id": "nope", "messages": [USER]}, NOT_FOUND, "unknown model 'nope'"),
         ({"model_id": "alpha", "messages": [USER]}, UNAVAILABLE, "model 'alpha' is unavailable: backend"),
     ],
@@ -229,7 +229,7 @@ async def consensus():
 @pytest.mark.parametrize(
     "fields, code, details",
     [
-        ({"prompt": " "}, INVALID, "prompt must not be empty"),
+        ({"prompt": " "}, INVALID, "prompt: must not be empty"),
         ({"prompt": "2+2", "models": ["nope"]}, NOT_FOUND, "unknown model 'nope'"),
         ({"prompt": "2+2", "quorum": 5}, INVALID, "quorum 5 is larger"),
         ({"prompt": "2+2", "models": ["alpha", "gamma"], "quorum": 2}, UNAVAILABLE, "quorum not met: 1 of 2"),

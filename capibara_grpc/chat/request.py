@@ -1,0 +1,141 @@
+"""The chat request's fields and limits, in one table, and the one validation every edge runs.
+
+Each edge translates what came in (REST and gRPC ChatService, the OpenAI API's JSON, an MCP tool
+call, a consensus request, a direct InferenceService.Generate) into the plain types of
+chat/types.py and calls `validate_params` / `validate_messages` here, once. The hops after it
+trust the result: the mesh's own clients mark their calls with VALIDATED_HEADER (the edge strips
+a client's copy), and a service checks only a call without it. `resolve` fills what a request
+leaves unset with the chosen model's defaults, once a model is chosen; the resolved parameters
+are what the cache keys on and what inference sends.
+
+A refused value is an InvalidField: its message starts with the field's name ("max_tokens: must
+be between 1 and 8192, got 10000"), which REST and gRPC show as is, the OpenAI API turns into
+`error.param`, and MCP tools pass on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+
+from capibara_grpc.chat.types import REASONING_EFFORT, ROLES, Message, SamplingParams
+from capibara_grpc.errors import InvalidField
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The values a number field takes: low..high, or (low, high] when `low_open`."""
+
+    low: float
+    high: float
+    integer: bool = False
+    low_open: bool = False
+
+    def describe(self) -> str:
+        if self.low_open:
+            return f"in ({_number(self.low)}, {_number(self.high)}]"
+        return f"between {_number(self.low)} and {_number(self.high)}"
+
+    def json_schema(self) -> dict:
+        """The bound as JSON Schema keywords, for the MCP tools' input schemas."""
+        low = {"exclusiveMinimum": self.low} if self.low_open else {"minimum": self.low}
+        return {**low, "maximum": self.high}
+
+    def holds(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        return above and value <= self.high
+
+
+# Every number of a chat request, with what each edge accepts: the same on REST, gRPC, the
+# OpenAI API (whose own limits they follow where it has one) and MCP.
+LIMITS: dict[str, Bound] = {
+    "max_tokens": Bound(1, 8192, integer=True),
+    "temperature": Bound(0, 2),
+    "top_p": Bound(0, 1, low_open=True),
+    "repeat_penalty": Bound(0, 5, low_open=True),
+    "top_k": Bound(0, 1000, integer=True),
+    "seed": Bound(0, (1 << 32) - 1, integer=True),
+}
+# Stop strings: at most this many (the OpenAI API's limit), none empty, each at most MAX_STOP_CHARS.
+MAX_STOP = 4
+MAX_STOP_CHARS = 200
+# Messages of a client's own conversation (OpenAI API, ChatRequest.messages).
+MAX_MESSAGES = 1000
+# A request's own system prompt (ChatRequest.system_prompt); the user's message has
+# gateway.max_message_bytes.
+MAX_SYSTEM_PROMPT_BYTES = 65536
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def check_number(name: str, value: float | None) -> None:
+    """`value` of field `name` within LIMITS (None = unset: the model's default)."""
+    if value is None:
+        return
+    bound = LIMITS[name]
+    if bound.integer and not float(value).is_integer():
+        raise InvalidField(name, f"must be an integer, got {value}")
+    if not bound.holds(value):
+        raise InvalidField(name, f"must be {bound.describe()}, got {value}")
+
+
+def validate_params(params: SamplingParams) -> SamplingParams:
+    """The request's sampling parameters, checked against the table; returned unchanged."""
+    for name in LIMITS:
+        check_number(name, getattr(params, name))
+    if len(params.stop) > MAX_STOP:
+        raise InvalidField("stop", f"takes at most {MAX_STOP} strings, got {len(params.stop)}")
+    for i, stop in enumerate(params.stop):
+        if not stop or len(stop) > MAX_STOP_CHARS:
+            raise InvalidField(f"stop[{i}]", f"must be a non-empty string of at most {MAX_STOP_CHARS} characters")
+    if params.reasoning_effort and not REASONING_EFFORT.match(params.reasoning_effort):
+        raise InvalidField(
+            "reasoning_effort", f"must be a word such as low, medium or high, got '{params.reasoning_effort[:40]}'"
+        )
+    if params.json_schema:
+        try:
+            schema = json.loads(params.json_schema)
+        except ValueError as exc:
+            raise InvalidField("json_schema", f"is not valid JSON: {exc}") from None
+        if not isinstance(schema, dict):
+            raise InvalidField("json_schema", "must be a JSON object (a JSON Schema)")
+    return params
+
+
+def validate_messages(messages: list[Message], field: str = "messages") -> list[Message]:
+    """A conversation a model can answer: known roles, and a user message with text in it."""
+    if not messages:
+        raise InvalidField(field, "must not be empty")
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidField(field, f"holds at most {MAX_MESSAGES} messages, got {len(messages)}")
+    for i, message in enumerate(messages):
+        if message.role not in ROLES:
+            raise InvalidField(f"{field}[{i}].role", f"must be one of {', '.join(ROLES)}")
+    if not any(m.role == "user" and m.content.strip() for m in messages):
+        raise InvalidField(field, "must hold at least one user message with text")
+    return messages
+
+
+def validate_message(text: str, limit_bytes: int, field: str = "message") -> str:
+    """The user's message: not empty, not only whitespace, at most `limit_bytes` of UTF-8."""
+    if not text.strip():
+        raise InvalidField(field, "must not be empty or only whitespace")
+    size = len(text.encode("utf-8"))
+    if size > limit_bytes:
+        raise InvalidField(field, f"is {size} bytes, over the limit of {limit_bytes} bytes")
+    return text
+
+
+def resolve(params: SamplingParams, defaults) -> SamplingParams:
+    """`params` with every field it leaves unset taken from the model's `defaults`
+    (config.SamplingDefaults): the parameters the model is asked with."""
+    filled = {
+        f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults) if getattr(params, f.name, None) is None
+    }
+    return dataclasses.replace(params, **filled) if filled else params
