@@ -14,6 +14,7 @@ so every gRPC error is mapped here and nothing else is expected to escape.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import typing
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from pydantic import BaseModel, Field
 
 from capibara_grpc import tracing
 from capibara_grpc.chat.request import LIMITS
+from capibara_grpc.router.client import RouterClient
 from capibara_grpc.stubs import (
     consensus_pb2,
     consensus_pb2_grpc,
@@ -36,8 +38,6 @@ from capibara_grpc.stubs import (
     gateway_pb2_grpc,
     inference_pb2,
     inference_pb2_grpc,
-    router_pb2,
-    router_pb2_grpc,
     speech_pb2,
     speech_pb2_grpc,
 )
@@ -73,7 +73,9 @@ class RouteScore(BaseModel):
     score: float
 
 
-class RouteDecision(BaseModel):
+class RouteResult(BaseModel):
+    """The `route` tool's answer: the router's RouteDecision (capibara_grpc/chat/types.py), described."""
+
     route: str = Field(description="The route chosen for the query.")
     model_id: str = Field(description="The model that route uses.")
     confidence: float = Field(description="Calibrated probability that the route is right, 0 to 1.")
@@ -87,7 +89,9 @@ class Candidate(BaseModel):
     text: str
 
 
-class ConsensusAnswer(BaseModel):
+class ConsensusResult(BaseModel):
+    """The `consensus` tool's answer: the final answer with every candidate's own and each failure."""
+
     answer: str = Field(description="The combined answer.")
     chosen_model_id: str = Field(description="The candidate the answer comes from ('' when fused).")
     agreement: float = Field(description="How much the candidates agreed, 0 to 1.")
@@ -155,7 +159,6 @@ def build_server(
 
     stub_classes = {
         "gateway": gateway_pb2_grpc.ChatServiceStub,
-        "router": router_pb2_grpc.RouterServiceStub,
         "consensus": consensus_pb2_grpc.ConsensusServiceStub,
         "speech": speech_pb2_grpc.SpeechServiceStub,
         "inference": inference_pb2_grpc.InferenceServiceStub,
@@ -164,10 +167,12 @@ def build_server(
     stubs = {name: stub_class(channel) for name, stub_class in stub_classes.items() if (channel := channel_for(name))}
     call_metadata = tuple(metadata)
 
-    async def call(service: str, method_name: str, request, ctx: Context | None, timeout_s: float = QUICK_TIMEOUT_S):
-        if service not in stubs:
-            raise ToolError(f"the {service} service is not deployed in this mesh")
-        method = getattr(stubs[service], method_name)
+    router = RouterClient(channel) if (channel := channel_for("router")) else None
+
+    @contextlib.contextmanager
+    def tool_call(ctx: Context | None):
+        """The metadata of a call to a service on behalf of a tool call, and its gRPC errors as
+        tool errors."""
         # Over HTTP, the edge's x-request-id goes on to the services (the channels' interceptors
         # send the current one), so one id follows a tool call through every hop's logs; and so
         # does the id of the caller's API key, which the edge's guard alone sets (it drops a
@@ -178,12 +183,18 @@ def build_server(
         metadata = (*call_metadata, (KEY_ID_HEADER, key_id)) if key_id else call_metadata
         token = tracing.current_request_id.set(request_id) if request_id else None
         try:
-            return await method(request, timeout=timeout_s, metadata=metadata)
+            yield metadata
         except grpc.aio.AioRpcError as exc:
             raise _tool_error(exc) from None
         finally:
             if token is not None:
                 tracing.current_request_id.reset(token)
+
+    async def call(service: str, method_name: str, request, ctx: Context | None, timeout_s: float = QUICK_TIMEOUT_S):
+        if service not in stubs:
+            raise ToolError(f"the {service} service is not deployed in this mesh")
+        with tool_call(ctx) as metadata:
+            return await getattr(stubs[service], method_name)(request, timeout=timeout_s, metadata=metadata)
 
     @server.tool(title="Chat with the mesh")
     async def chat(
@@ -227,16 +238,19 @@ def build_server(
     async def route(
         query: Annotated[str, Field(description="The message to route.")],
         ctx: Context | None = None,
-    ) -> RouteDecision:
+    ) -> RouteResult:
         """Which route and model the router picks for a message, with its confidence and every route's score."""
-        response = await call("router", "Route", router_pb2.RouteRequest(query=_text(query, "query")), ctx)
-        return RouteDecision(
-            route=response.route_name,
-            model_id=response.model_id,
-            confidence=response.confidence,
-            fallback=response.fallback,
-            reasoning=response.reasoning,
-            scores=[RouteScore(route=s.route_name, model_id=s.model_id, score=s.score) for s in response.scores],
+        if router is None:
+            raise ToolError("the router service is not deployed in this mesh")
+        with tool_call(ctx) as metadata:
+            decision = await router.route(_text(query, "query"), [], QUICK_TIMEOUT_S, metadata)
+        return RouteResult(
+            route=decision.route_name,
+            model_id=decision.model_id,
+            confidence=decision.confidence,
+            fallback=decision.fallback,
+            reasoning=decision.reasoning,
+            scores=[RouteScore(route=r, model_id=m, score=s) for r, m, s in decision.scores],
         )
 
     @server.tool(title="Ask several models")
@@ -254,7 +268,7 @@ def build_server(
         ] = "vote",
         max_tokens: Annotated[int | None, _limited("max_tokens", "Most tokens per answer.")] = None,
         ctx: Context | None = None,
-    ) -> ConsensusAnswer:
+    ) -> ConsensusResult:
         """Ask several models the same question and combine their answers into one."""
         request = consensus_pb2.DecideRequest(
             prompt=prompt,
@@ -265,7 +279,7 @@ def build_server(
             request.params.max_tokens = max_tokens
         response = await call("consensus", "Decide", request, ctx, generate_timeout_s)
         final = response.final
-        return ConsensusAnswer(
+        return ConsensusResult(
             answer=final.text,
             chosen_model_id=final.chosen_model_id,
             agreement=final.agreement,

@@ -12,8 +12,10 @@ class RouterClient:
     def __init__(self, channel: grpc.aio.Channel):
         self.stub = router_pb2_grpc.RouterServiceStub(channel)
 
-    async def route(self, query: str, history: list[str], timeout_s: float) -> RouteDecision:
-        response = await self.stub.Route(router_pb2.RouteRequest(query=query, history=history), timeout=timeout_s)
+    async def route(self, query: str, history: list[str], timeout_s: float, metadata=()) -> RouteDecision:
+        response = await self.stub.Route(
+            router_pb2.RouteRequest(query=query, history=history), timeout=timeout_s, metadata=metadata
+        )
         return RouteDecision(
             model_id=response.model_id,
             route_name=response.route_name,
