@@ -30,7 +30,7 @@ class Service:
     name: str
     # The gRPC service: Envoy's routes, grpc.health.v1 service name, reflection.
     full_name: str
-    # Generated module of its messages (protoc's import path, under capibara_grpc/generated).
+    # Generated module of its messages and service (the package capibara_grpc.generated, from protos/).
     proto: str
     # Default of services.<name>.port (its metrics: port + 1000 unless services.<name>.metrics_port).
     port: int
@@ -52,7 +52,7 @@ SERVICES: tuple[Service, ...] = (
     Service(
         "gateway",
         "capibara.gateway.v1.ChatService",
-        "capibara.gateway.v1.gateway_pb2",
+        "capibara_grpc.generated.capibara.gateway.v1.gateway_pb2",
         50050,
         start_rank=60,
         start="capibara_gateway.wiring:start",
@@ -61,7 +61,7 @@ SERVICES: tuple[Service, ...] = (
     Service(
         "router",
         "capibara.router.v1.RouterService",
-        "capibara.router.v1.router_pb2",
+        "capibara_grpc.generated.capibara.router.v1.router_pb2",
         50051,
         start_rank=20,
         start="capibara_grpc.router.wiring:start",
@@ -70,7 +70,7 @@ SERVICES: tuple[Service, ...] = (
     Service(
         "context",
         "capibara.context.v1.ContextService",
-        "capibara.context.v1.context_pb2",
+        "capibara_grpc.generated.capibara.context.v1.context_pb2",
         50052,
         start_rank=30,
         start="capibara_grpc.context.wiring:start",
@@ -79,7 +79,7 @@ SERVICES: tuple[Service, ...] = (
     Service(
         "inference",
         "capibara.inference.v1.InferenceService",
-        "capibara.inference.v1.inference_pb2",
+        "capibara_grpc.generated.capibara.inference.v1.inference_pb2",
         50053,
         start_rank=10,
         start="capibara_grpc.inference.wiring:start",
@@ -88,7 +88,7 @@ SERVICES: tuple[Service, ...] = (
     Service(
         "consensus",
         "capibara.consensus.v1.ConsensusService",
-        "capibara.consensus.v1.consensus_pb2",
+        "capibara_grpc.generated.capibara.consensus.v1.consensus_pb2",
         50054,
         start_rank=40,
         start="capibara_grpc.consensus.wiring:start",
@@ -97,7 +97,7 @@ SERVICES: tuple[Service, ...] = (
     Service(
         "speech",
         "capibara.speech.v1.SpeechService",
-        "capibara.speech.v1.speech_pb2",
+        "capibara_grpc.generated.capibara.speech.v1.speech_pb2",
         50055,
         start_rank=50,
         start="capibara_grpc.speech.wiring:start",

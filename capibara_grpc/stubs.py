@@ -1,29 +1,36 @@
 """The one import point for the generated protobuf and gRPC stubs.
 
-`make protos` (buf generate) writes them to capibara_grpc/generated/ with import paths rooted at
-`capibara/...`, as protoc does; that folder is put on sys.path here so the generated modules can
-import each other. Never edit the generated files: change protos/ and run `make protos`.
+They are the package capibara_grpc.generated (capibara_grpc/generated/capibara/<svc>/v1/), written
+from protos/ by `make protos` (buf generate) or by the wheel build (setup.py), with their imports
+of each other rooted there (tools/grpc_tools_plugin.py). Never edit the generated files: change
+protos/ and run `make protos`.
 """
 
 import importlib
-import pathlib
-import sys
 
 from capibara_grpc.services import SERVICES
 
-_GENERATED = pathlib.Path(__file__).resolve().parent / "generated"
-if not (_GENERATED / "capibara").is_dir():
-    raise ImportError(f"generated stubs missing in {_GENERATED}: run `make protos`")
-if str(_GENERATED) not in sys.path:
-    sys.path.insert(0, str(_GENERATED))
-
-# Imported by name for the code that uses them, after sys.path holds the generated folder (E402).
-from capibara.consensus.v1 import consensus_pb2, consensus_pb2_grpc  # noqa: E402
-from capibara.context.v1 import context_pb2, context_pb2_grpc  # noqa: E402
-from capibara.gateway.v1 import gateway_pb2, gateway_pb2_grpc, openai_pb2, openai_pb2_grpc  # noqa: E402
-from capibara.inference.v1 import inference_pb2, inference_pb2_grpc  # noqa: E402
-from capibara.router.v1 import router_pb2, router_pb2_grpc  # noqa: E402
-from capibara.speech.v1 import speech_pb2, speech_pb2_grpc  # noqa: E402
+try:
+    from capibara_grpc.generated.capibara.consensus.v1 import consensus_pb2, consensus_pb2_grpc
+    from capibara_grpc.generated.capibara.context.v1 import context_pb2, context_pb2_grpc
+    from capibara_grpc.generated.capibara.gateway.v1 import (
+        gateway_pb2,
+        gateway_pb2_grpc,
+        openai_pb2,
+        openai_pb2_grpc,
+    )
+    from capibara_grpc.generated.capibara.inference.v1 import inference_pb2, inference_pb2_grpc
+    from capibara_grpc.generated.capibara.router.v1 import router_pb2, router_pb2_grpc
+    from capibara_grpc.generated.capibara.speech.v1 import speech_pb2, speech_pb2_grpc
+except ModuleNotFoundError as exc:
+    # A stub module missing means not generated; `capibara` missing, stubs generated before they
+    # were a package (imports rooted at capibara.*). grpc or protobuf missing says so itself.
+    name = exc.name or ""
+    if not (name.startswith("capibara_grpc.generated") or name == "capibara" or name.startswith("capibara.")):
+        raise
+    raise ImportError(
+        f"generated stubs missing or stale ({name}): run `make protos` in a checkout (or reinstall the package)"
+    ) from exc
 
 # Full names and proto modules of the services, in the table's order (capibara_grpc/services.py).
 SERVICE_FULL_NAMES = {s.name: s.full_name for s in SERVICES}
