@@ -70,6 +70,17 @@ MAX_MESSAGES = 1000
 MAX_SYSTEM_PROMPT_BYTES = 65536
 
 
+def limits_markdown() -> str:
+    """The table of limits as docs/api.md shows it (a unit test keeps the two the same)."""
+    rows = [f"| `{name}` | {'integer' if b.integer else 'number'} {b.describe()} |" for name, b in LIMITS.items()]
+    rows.append(f"| `stop` | at most {MAX_STOP} strings, none empty, each at most {MAX_STOP_CHARS} characters |")
+    rows.append("| `json_schema` (`response_format` on /v1) | a JSON object |")
+    rows.append("| `reasoning_effort` | one word: `low`, `medium`, `high`... |")
+    rows.append(f"| `messages` | at most {MAX_MESSAGES}, roles system/user/assistant, one user message with text |")
+    rows.append(f"| `system_prompt` | at most {MAX_SYSTEM_PROMPT_BYTES} bytes |")
+    return "| field | accepted |\n|---|---|\n" + "\n".join(rows) + "\n"
+
+
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 

@@ -3,9 +3,18 @@ words a refused field gets, and defaults filled once."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from capibara_grpc.chat.request import LIMITS, MAX_STOP, resolve, validate_messages, validate_params
+from capibara_grpc.chat.request import (
+    LIMITS,
+    MAX_STOP,
+    limits_markdown,
+    resolve,
+    validate_messages,
+    validate_params,
+)
 from capibara_grpc.chat.types import Message, SamplingParams
 from capibara_grpc.config.schema import SamplingDefaults
 from capibara_grpc.errors import InvalidField
@@ -75,3 +84,8 @@ def test_resolve_fills_only_what_the_request_leaves_unset():
     assert resolved.stop == ["\n"] and resolved.seed is None
     # Resolved twice is resolved once: the cache key does not depend on who filled the defaults.
     assert resolve(resolved, defaults) == resolved
+
+
+def test_the_api_docs_show_the_table_the_code_checks():
+    api = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    assert limits_markdown() in api, "docs/api.md: paste capibara_grpc.chat.request.limits_markdown()"
