@@ -141,5 +141,6 @@ bench: install protos
 	$(PY) benchmarks/api_throughput.py
 	$(PY) benchmarks/mesh_overhead.py
 
+# build/ and the egg-info: what pip leaves in the checkout when it builds the package here.
 clean:
-	rm -rf .build .state .test-state capibara_grpc/generated
+	rm -rf .build .state .test-state capibara_grpc/generated build capibara_mesh.egg-info
