@@ -165,3 +165,20 @@ async def test_generate_rejects_an_unknown_model_and_empty_messages(mesh):
                 async for _ in stub.Generate(request, timeout=30):
                     pass
             assert error.value.code() == code, request
+
+
+async def test_a_client_cannot_claim_its_request_was_validated(mesh):
+    """x-capibara-validated marks the mesh's own calls, whose request an edge checked; the edge
+    drops a client's copy, so a Generate sent straight through it is checked all the same."""
+    request = inference_pb2.GenerateRequest(
+        model_id="phi",
+        messages=[inference_pb2.ChatMessage(role=inference_pb2.ROLE_USER, content="hola")],
+        params=inference_pb2.GenerationParams(max_tokens=10000),
+    )
+    async with edge_channel(mesh) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in stub.Generate(request, timeout=30, metadata=(("x-capibara-validated", "1"),)):
+                pass
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details() == "max_tokens: must be between 1 and 8192, got 10000"
