@@ -22,13 +22,18 @@ BUILD_INPUTS = ("protos", "tools/grpc_tools_plugin.py")
 class BuildPyWithStubs(build_py):
     def run(self) -> None:
         super().run()
-        # An editable install imports the checkout's own capibara_grpc/generated (`make protos`).
         if self.editable_mode:
-            return
+            # An editable install imports the checkout's own capibara_grpc/generated, which
+            # `make protos` keeps current; a clean clone gets it here once, so that
+            # `pip install -e .` alone gives a capibara that starts.
+            out = ROOT / "capibara_grpc" / "generated"
+            if (out / "__init__.py").exists():
+                return
+        else:
+            out = pathlib.Path(self.build_lib) / "capibara_grpc" / "generated"
         sys.path.insert(0, str(ROOT / "tools"))
         import grpc_tools_plugin
 
-        out = pathlib.Path(self.build_lib) / "capibara_grpc" / "generated"
         shutil.rmtree(out, ignore_errors=True)
         written = grpc_tools_plugin.generate_package(ROOT / "protos", out)
         print(f"generated {len(written)} stub files from protos/ into {out}")
