@@ -6,6 +6,8 @@ from grpc_health.v1 import health_pb2
 
 from capibara_grpc import tracing
 from capibara_grpc.chat import convert
+from capibara_grpc.chat.request import resolve
+from capibara_grpc.chat.types import SamplingParams
 from capibara_grpc.health_names import model_health_name
 from capibara_grpc.inference.core import InferenceEngine
 from capibara_grpc.stubs import SERVICE_FULL_NAMES, inference_pb2, inference_pb2_grpc
@@ -31,20 +33,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         models = []
         for status in await self.engine.list_models():
             model = self.engine.config.model(status.model_id)
-            defaults = model.defaults
             models.append(
                 inference_pb2.ModelInfo(
                     model_id=status.model_id,
                     backend_url=status.backend_url,
                     protocol=status.protocol,
                     chat_template=status.chat_template,
-                    defaults=inference_pb2.GenerationParams(
-                        max_tokens=defaults.max_tokens,
-                        temperature=defaults.temperature,
-                        top_p=defaults.top_p,
-                        repeat_penalty=defaults.repeat_penalty,
-                        top_k=defaults.top_k,
-                    ),
+                    # What a request that sets nothing is resolved to.
+                    defaults=convert.params_to_pb(resolve(SamplingParams(), model.defaults)),
                     healthy=status.healthy,
                     status=status.status,
                     context_window=status.context_window,
