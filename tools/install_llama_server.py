@@ -100,7 +100,7 @@ def pip(*args: str, env: dict | None = None) -> None:
 
 
 def build_wheel(version: str, flags: list[str], target: pathlib.Path) -> pathlib.Path:
-    """Compile llama.cpp into a wheel under `target` (7-10 minutes on 2 cores)."""
+    """Compile llama.cpp into a wheel under `target` (how long: docs/install.md)."""
     with tempfile.TemporaryDirectory(prefix="llama-wheel-") as tmp:
         # One compile job per core: the package's default (-j with no number) starts dozens at once.
         env = {"LLAMA_CPP_BUILD_JOBS": str(os.cpu_count() or 2), **os.environ, "CMAKE_ARGS": " ".join(flags)}

