@@ -16,6 +16,7 @@ be between 1 and 8192, got 10000"), which REST and gRPC show as is, the OpenAI A
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -111,12 +112,20 @@ def validate_params(params: SamplingParams) -> SamplingParams:
         )
     if params.json_schema:
         try:
-            schema = json.loads(params.json_schema)
+            schema = json_schema(params.json_schema)
         except ValueError as exc:
             raise InvalidField("json_schema", f"is not valid JSON: {exc}") from None
         if not isinstance(schema, dict):
             raise InvalidField("json_schema", "must be a JSON object (a JSON Schema)")
     return params
+
+
+@functools.lru_cache(maxsize=64)
+def json_schema(text: str) -> dict:
+    """A request's JSON Schema, parsed once per process: validation and the backend that sends it
+    read the same object (never modify it). The schema travels as JSON text between services, so
+    its key order reaches the model as the client wrote it."""
+    return json.loads(text)
 
 
 def validate_messages(messages: list[Message], field: str = "messages") -> list[Message]:

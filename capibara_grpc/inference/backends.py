@@ -10,10 +10,10 @@ server stops generating for a closed connection.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator
 
+from capibara_grpc.chat.request import json_schema
 from capibara_grpc.chat.types import Finished, Generated, Message, Reasoning, SamplingParams, Token
 from capibara_grpc.config import ModelConfig
 from capibara_grpc.errors import MeshError, Unavailable
@@ -91,7 +91,7 @@ class ChatCompletionsBackend(ModelBackend):
         if params.reasoning_effort:
             body["reasoning_effort"] = params.reasoning_effort
         if params.json_schema:
-            schema = json.loads(params.json_schema)
+            schema = json_schema(params.json_schema)
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
         for attribute, name in kind.extra_sampling.items():
             if (value := getattr(params, attribute)) is not None:
@@ -170,7 +170,7 @@ class LlamaCompletionBackend(ModelBackend):
         if params.seed is not None:
             body["seed"] = params.seed
         if params.json_schema:
-            body["json_schema"] = json.loads(params.json_schema)
+            body["json_schema"] = json_schema(params.json_schema)
         first_token_at = None
         index = 0
         events = self.upstream.stream(self.upstream.root + "/completion", body, started)
