@@ -95,11 +95,11 @@ class KeyUsage:
                     self.model = event.model_id
                 yield event
 
-    def finished(self, finished: Finished, routed_model: str = "") -> None:
+    def finished(self, finished: Finished) -> None:
         """The answer's final event: its tokens, and the model that really answered."""
         self.prompt_tokens += finished.prompt_tokens
         self.completion_tokens += finished.completion_tokens
-        self.model = finished.model_id or routed_model or self.model
+        self.model = finished.model_id or self.model
 
     def _count(self) -> None:
         if not self.key:

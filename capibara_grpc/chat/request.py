@@ -45,7 +45,8 @@ class Bound:
         return {**low, "maximum": self.high}
 
     def holds(self, value: float) -> bool:
-        if not math.isfinite(value):
+        # An int is compared as it is: a JSON integer too large for a float is out of range, not an error.
+        if isinstance(value, float) and not math.isfinite(value):
             return False
         above = value > self.low if self.low_open else value >= self.low
         return above and value <= self.high
@@ -64,6 +65,8 @@ LIMITS: dict[str, Bound] = {
 # Stop strings: at most this many (the OpenAI API's limit), none empty, each at most MAX_STOP_CHARS.
 MAX_STOP = 4
 MAX_STOP_CHARS = 200
+# A request's JSON Schema (response_format on /v1), as JSON text.
+MAX_JSON_SCHEMA_BYTES = 65536
 # Messages of a client's own conversation (OpenAI API, ChatRequest.messages).
 MAX_MESSAGES = 1000
 # A request's own system prompt (ChatRequest.system_prompt); the user's message has
@@ -75,7 +78,9 @@ def limits_markdown() -> str:
     """The table of limits as docs/api.md shows it (a unit test keeps the two the same)."""
     rows = [f"| `{name}` | {'integer' if b.integer else 'number'} {b.describe()} |" for name, b in LIMITS.items()]
     rows.append(f"| `stop` | at most {MAX_STOP} strings, none empty, each at most {MAX_STOP_CHARS} characters |")
-    rows.append("| `json_schema` (`response_format` on /v1) | a JSON object |")
+    rows.append(
+        f"| `json_schema` (`response_format` on /v1) | a JSON object of at most {MAX_JSON_SCHEMA_BYTES} bytes |"
+    )
     rows.append("| `reasoning_effort` | one word: `low`, `medium`, `high`... |")
     rows.append(f"| `messages` | at most {MAX_MESSAGES}, roles system/user/assistant, one user message with text |")
     rows.append(f"| `system_prompt` | at most {MAX_SYSTEM_PROMPT_BYTES} bytes |")
@@ -91,10 +96,11 @@ def check_number(name: str, value: float | None) -> None:
     if value is None:
         return
     bound = LIMITS[name]
-    if bound.integer and not float(value).is_integer():
+    if bound.integer and isinstance(value, float) and not value.is_integer():
         raise InvalidField(name, f"must be an integer, got {value}")
     if not bound.holds(value):
-        raise InvalidField(name, f"must be {bound.describe()}, got {value}")
+        shown = str(value) if len(str(value)) <= 40 else str(value)[:40] + "..."
+        raise InvalidField(name, f"must be {bound.describe()}, got {shown}")
 
 
 def validate_params(params: SamplingParams) -> SamplingParams:
@@ -111,6 +117,8 @@ def validate_params(params: SamplingParams) -> SamplingParams:
             "reasoning_effort", f"must be a word such as low, medium or high, got '{params.reasoning_effort[:40]}'"
         )
     if params.json_schema:
+        if len(params.json_schema) > MAX_JSON_SCHEMA_BYTES:
+            raise InvalidField("json_schema", f"is over the limit of {MAX_JSON_SCHEMA_BYTES} bytes")
         try:
             schema = json_schema(params.json_schema)
         except ValueError as exc:

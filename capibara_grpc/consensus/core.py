@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from capibara_grpc.chat.request import resolve
+from capibara_grpc.chat.request import resolve, validate_message
 from capibara_grpc.chat.types import (
     Finished,
     GenerateFn,
@@ -31,7 +31,7 @@ from capibara_grpc.chat.types import (
     Token,
 )
 from capibara_grpc.config import MeshConfig
-from capibara_grpc.errors import InvalidArgument, InvalidField, StreamError, to_mesh_error
+from capibara_grpc.errors import InvalidArgument, StreamError, to_mesh_error
 from capibara_grpc.text import normalize
 
 STRATEGIES = ("vote", "weighted", "judge", "fuse", "self_consistency")
@@ -109,8 +109,7 @@ class ConsensusEngine:
 
     def _plan(self, request: Request) -> list[tuple[str, str, SamplingParams]]:
         """(candidate label, model id, params) per candidate, after validating the request."""
-        if not request.prompt.strip():
-            raise InvalidField("prompt", "must not be empty or only whitespace")
+        validate_message(request.prompt, self.config.gateway.max_message_bytes, "prompt")
         if request.strategy not in STRATEGIES:
             raise InvalidArgument(f"unknown strategy '{request.strategy}' (one of {', '.join(STRATEGIES)})")
         models = request.models or sorted(self.config.models)

@@ -27,7 +27,8 @@ from mcp.server.mcpserver.utilities.types import Audio
 from pydantic import BaseModel, Field
 
 from capibara_grpc import tracing
-from capibara_grpc.chat.request import LIMITS
+from capibara_grpc.chat.request import LIMITS, check_number
+from capibara_grpc.errors import InvalidField
 from capibara_grpc.router.client import RouterClient
 from capibara_grpc.stubs import (
     consensus_pb2,
@@ -125,8 +126,8 @@ def _tool_error(exc: grpc.aio.AioRpcError) -> ToolError:
 
 def _text(value: str, name: str, limit: int = 100_000) -> str:
     """A required text argument of a tool whose service takes any text (route, speak, toon): not
-    empty, not only whitespace, not huge. A chat's message and a consensus prompt are checked by
-    the chat core, as on every other edge."""
+    empty, not only whitespace, not huge. A chat's message and a consensus prompt are checked where
+    they arrive (the gateway, the consensus service), as from every other edge."""
     if not value.strip():
         raise ToolError(f"{name}: must not be empty or only whitespace")
     if len(value) > limit:
@@ -135,9 +136,19 @@ def _text(value: str, name: str, limit: int = 100_000) -> str:
 
 
 def _limited(name: str, description: str) -> Field:
-    """A number argument with the chat core's limits in its schema (capibara_grpc/chat/request.py);
-    the gateway enforces them, with the same words as on REST, gRPC and the OpenAI API."""
+    """A number argument with the chat core's limits in its schema (capibara_grpc/chat/request.py),
+    checked by `_checked` with the same words as on REST, gRPC and the OpenAI API."""
     return Field(description=description, json_schema_extra=LIMITS[name].json_schema())
+
+
+def _checked(**numbers) -> None:
+    """The chat core's check of number arguments, before a protobuf field could refuse a value it
+    cannot hold: a tool error in the words every edge uses."""
+    try:
+        for name, value in numbers.items():
+            check_number(name, value)
+    except InvalidField as exc:
+        raise ToolError(f"INVALID_ARGUMENT: {exc.message}") from None
 
 
 def build_server(
@@ -211,6 +222,7 @@ def build_server(
         ctx: Context | None = None,
     ) -> ChatAnswer:
         """Answer a message with one of the mesh's models; returns the answer with the route and model used."""
+        _checked(max_tokens=max_tokens, temperature=temperature)
         request = gateway_pb2.CompleteRequest(
             message=message,
             model="" if model == AUTO else model,
@@ -270,6 +282,7 @@ def build_server(
         ctx: Context | None = None,
     ) -> ConsensusResult:
         """Ask several models the same question and combine their answers into one."""
+        _checked(max_tokens=max_tokens)
         request = consensus_pb2.DecideRequest(
             prompt=prompt,
             models=models,

@@ -169,11 +169,14 @@ class ChatGateway:
         )
         yield ChatDone(finished, (time.perf_counter() - started) * 1000)
 
-    async def complete(self, chat: ChatInput, timeout_s: float) -> CompleteResult:
+    async def complete(self, chat: ChatInput, timeout_s: float, watch=None) -> CompleteResult:
+        """The whole answer at once. `watch` (KeyUsage.watch) sees every event on the way, as for a
+        streamed chat, so an API key's usage counts the routed model even when the chat fails."""
         parts: list[str] = []
         thoughts: list[str] = []
         routing = done = None
-        async for event in self.chat(chat, timeout_s):
+        events = self.chat(chat, timeout_s)
+        async for event in watch(events) if watch is not None else events:
             if isinstance(event, RoutingDecision):
                 routing = event
             elif isinstance(event, Token):

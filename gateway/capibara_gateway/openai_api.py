@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass
 
 from capibara_gateway.events import ChatDone, ChatInput, RoutingDecision
+from capibara_grpc.chat.request import check_number
 from capibara_grpc.chat.types import Message, SamplingParams
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.errors import InvalidArgument, InvalidField, NotFound
@@ -131,8 +132,11 @@ def parse_chat_request(raw: bytes, config: MeshConfig, consensus_available: bool
     if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
         raise bad("max_tokens", "give max_tokens or max_completion_tokens, not both")
     max_tokens = _number(body, "max_tokens", integer=True)
-    if max_tokens is None:
-        max_tokens = _number(body, "max_completion_tokens", integer=True)
+    if max_tokens is None and (max_tokens := _number(body, "max_completion_tokens", integer=True)) is not None:
+        try:
+            check_number("max_tokens", max_tokens)
+        except InvalidField as exc:  # the same limit, under the name the client used
+            raise bad("max_completion_tokens", exc.text) from None
     stop = body.get("stop")
     if stop is None:
         stop = []

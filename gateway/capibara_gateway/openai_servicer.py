@@ -65,8 +65,7 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
         timeout_s = remaining_s(context, self.gateway.config.gateway.default_deadline_s)
         completion = openai_api.Completion(parsed.model)
         if not parsed.stream:
-            result = await self.gateway.complete(parsed.chat, timeout_s)
-            usage.finished(result.done.finished, result.routing.model_id)
+            result = await self.gateway.complete(parsed.chat, timeout_s, usage.watch)
             await context.send_initial_metadata(openai_api.routing_headers(result.routing))
             yield _json_body(completion.response(result.response, result.routing, result.done, result.reasoning))
             return

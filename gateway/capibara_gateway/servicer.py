@@ -109,8 +109,7 @@ class ChatServicer(gateway_pb2_grpc.ChatServiceServicer):
     async def Complete(self, request, context):
         usage = KeyUsage(context, self.gateway.config.models, request.model)
         with usage.counting():
-            result = await self.gateway.complete(chat_input_from_pb(request), self._timeout(context))
-            usage.finished(result.done.finished, result.routing.model_id)
+            result = await self.gateway.complete(chat_input_from_pb(request), self._timeout(context), usage.watch)
         return gateway_pb2.CompleteResponse(
             response=result.response,
             model_id=result.done.finished.model_id or result.routing.model_id,

@@ -89,3 +89,18 @@ def test_resolve_fills_only_what_the_request_leaves_unset():
 def test_the_api_docs_show_the_table_the_code_checks():
     api = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
     assert limits_markdown() in api, "docs/api.md: paste capibara_grpc.chat.request.limits_markdown()"
+
+
+def test_a_whole_number_too_large_for_a_float_is_refused_not_a_crash():
+    with pytest.raises(InvalidField) as refused:
+        validate_params(SamplingParams(max_tokens=10**400, temperature=10**400))
+    assert refused.value.field == "max_tokens" and "must be between 1 and 8192" in refused.value.message
+    with pytest.raises(InvalidField) as refused:
+        validate_params(SamplingParams(temperature=10**400))
+    assert refused.value.field == "temperature"
+
+
+def test_a_json_schema_has_a_size_limit():
+    with pytest.raises(InvalidField) as refused:
+        validate_params(SamplingParams(json_schema='{"description": "' + "x" * 70000 + '"}'))
+    assert refused.value.field == "json_schema" and "over the limit" in refused.value.message

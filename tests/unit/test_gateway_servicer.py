@@ -64,7 +64,11 @@ async def stubs(models):
     "request_fields, code, details",
     [
         ({"message": " "}, grpc.StatusCode.INVALID_ARGUMENT, "message: must not be empty or only whitespace"),
-        ({"message": "hola", "max_tokens": -1}, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens: must be between 1 and 8192, got -1"),
+        (
+            {"message": "hola", "max_tokens": -1},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_tokens: must be between 1 and 8192, got -1",
+        ),
         ({"message": "hola", "model": "nope"}, grpc.StatusCode.NOT_FOUND, "unknown model 'nope'"),
         ({"message": "hola", "model": "alpha"}, grpc.StatusCode.UNAVAILABLE, "model 'alpha' is unavailable"),
         ({"message": "hola", "model": "beta"}, grpc.StatusCode.RESOURCE_EXHAUSTED, "model 'beta' is busy"),

@@ -55,6 +55,10 @@ async def test_every_input_has_a_description():
 @pytest.mark.parametrize(
     "tool, arguments, words",
     [
+        ("chat", {"message": "hi", "max_tokens": 10000}, "INVALID_ARGUMENT: max_tokens: must be between 1 and 8192"),
+        ("chat", {"message": "hi", "max_tokens": 2**40}, "INVALID_ARGUMENT: max_tokens: must be between 1 and 8192"),
+        ("chat", {"message": "hi", "temperature": 9}, "INVALID_ARGUMENT: temperature: must be between 0 and 2, got 9"),
+        ("consensus", {"prompt": "hi", "max_tokens": 0}, "INVALID_ARGUMENT: max_tokens: must be between 1 and 8192"),
         ("consensus", {"prompt": "hi", "strategy": "shout"}, "strategy"),
         ("consensus", {"prompt": "hi", "models": ["m"] * 9}, "models"),
         ("speak", {"text": ""}, "text: must not be empty"),

@@ -89,6 +89,8 @@ def test_sampling_fields():
         ({"response_format": {"type": "json_schema", "json_schema": []}}, "response_format.json_schema"),
         ({"temperature": "hot"}, "temperature"),
         ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 10**400}, "max_tokens"),
+        ({"max_completion_tokens": 10000}, "max_completion_tokens"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"messages": []}, "messages"),
