@@ -10,6 +10,10 @@ import sys
 import grpc
 
 from capibara_grpc.config import REPO_ROOT, SERVICE_NAMES, ConfigError, load_config
+from capibara_grpc.config.validation import EDGE_FILES
+
+# Commands that open the edge's certificate (Envoy's config; the clients trust it): its files must exist.
+READS_EDGE_CERTIFICATE = ("up", "envoy-config", "chat", "mcp")
 
 OPENAPI_PATH = REPO_ROOT / "docs" / "openapi.json"
 
@@ -211,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         services = args.services if args.command == "serve" else SERVICE_NAMES
+        if args.command in READS_EDGE_CERTIFICATE:
+            services = (*services, EDGE_FILES)
         config = load_config(args.config, services=services)
         if args.command == "serve" and args.port:
             if len(args.services) != 1:

@@ -9,7 +9,7 @@ import typing
 
 from capibara_grpc.config.parsing import ConfigError, parse_yaml
 from capibara_grpc.config.schema import DEFAULT_CONFIG_PATH, REPO_ROOT, MeshConfig
-from capibara_grpc.config.validation import validate
+from capibara_grpc.config.validation import EDGE_FILES, validate
 from capibara_grpc.services import SERVICE_NAMES
 
 
@@ -46,5 +46,6 @@ def parse_config(
     config.base_dir = base_dir
     for model_id, model in config.models.items():
         model.model_id = model_id
-    validate(config, check_files=set(SERVICE_NAMES) if check_files is True else set(check_files or ()))
+    everything = {*SERVICE_NAMES, EDGE_FILES}
+    validate(config, check_files=everything if check_files is True else set(check_files or ()))
     return config

@@ -77,6 +77,10 @@ def api_key_ids(config: MeshConfig) -> dict[str, str]:
     return keys
 
 
+# In `check_files` beside the services' names: the edge's TLS certificate and key must exist.
+EDGE_FILES = "edge"
+
+
 def validate(config: MeshConfig, *, check_files: set[str]) -> None:
     """ConfigError at the first problem. `check_files`: the services whose files must exist."""
     src = config.source
@@ -127,9 +131,9 @@ def validate(config: MeshConfig, *, check_files: set[str]) -> None:
     _validate_mcp_servers(config, fail, routes)
     _validate_edge(config, fail)
     # The edge's certificate is read by Envoy (capibara up, capibara envoy-config) and trusted by
-    # the clients (capibara chat, mcp): processes that load the configuration for every service.
-    # A single `capibara serve <svc>` never opens it.
-    _validate_edge_tls(config, fail, check_files >= set(SERVICE_NAMES))
+    # the clients (capibara chat, mcp): those commands ask for EDGE_FILES. `capibara serve <svc>`,
+    # `capibara k8s` (whose manifests mount it from a Secret) and the others never open it.
+    _validate_edge_tls(config, fail, EDGE_FILES in check_files)
     if "gateway" in check_files:
         api_keys(config)
     if config.gateway.max_message_bytes <= 0:

@@ -74,3 +74,12 @@ def test_the_commands_that_read_it_say_so_and_exit_2(tmp_path, capsys, command):
     assert cli.main(["--config", str(path), *command]) == 2
     err = capsys.readouterr().err
     assert err == f"configuration error: {path}:9: edge.tls_cert: file '/nope.crt' not found\n"
+
+
+def test_commands_that_never_open_the_certificate_do_not_need_it(tmp_path, capsys):
+    # `capibara k8s` writes manifests that mount the certificate from a Secret on the cluster.
+    path = tmp_path / "mesh.yaml"
+    path.write_text(mesh("/nope.crt", "/nope.key"))
+    assert cli.main(["--config", str(path), "k8s", "--out", str(tmp_path / "k8s")]) == 0
+    assert cli.main(["--config", str(path), "envoy-config"]) == 2
+    assert "edge.tls_cert: file '/nope.crt' not found" in capsys.readouterr().err
