@@ -19,9 +19,10 @@ import dataclasses
 import functools
 import json
 import math
+import re
 from dataclasses import dataclass
 
-from capibara_grpc.chat.types import REASONING_EFFORT, ROLES, Message, SamplingParams
+from capibara_grpc.chat.types import REASONING_EFFORT, ROLES, TOOL_CHOICES, Message, SamplingParams
 from capibara_grpc.errors import InvalidField
 
 
@@ -67,6 +68,11 @@ MAX_STOP = 4
 MAX_STOP_CHARS = 200
 # A request's JSON Schema (response_format on /v1), as JSON text.
 MAX_JSON_SCHEMA_BYTES = 65536
+# Tools of one request (the OpenAI API's limit), and the size of each as JSON text.
+MAX_TOOLS = 128
+MAX_TOOL_BYTES = 65536
+# A function's name, as the OpenAI API allows it.
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # Messages of a client's own conversation (OpenAI API, ChatRequest.messages).
 MAX_MESSAGES = 1000
 # A request's own system prompt (ChatRequest.system_prompt); the user's message has
@@ -116,6 +122,7 @@ def validate_params(params: SamplingParams) -> SamplingParams:
         raise InvalidField(
             "reasoning_effort", f"must be a word such as low, medium or high, got '{params.reasoning_effort[:40]}'"
         )
+    _validate_tools(params)
     if params.json_schema:
         if len(params.json_schema) > MAX_JSON_SCHEMA_BYTES:
             raise InvalidField("json_schema", f"is over the limit of {MAX_JSON_SCHEMA_BYTES} bytes")
@@ -126,6 +133,39 @@ def validate_params(params: SamplingParams) -> SamplingParams:
         if not isinstance(schema, dict):
             raise InvalidField("json_schema", "must be a JSON object (a JSON Schema)")
     return params
+
+
+def tool_names(params: SamplingParams) -> list[str]:
+    """The names of the request's function tools (validated: each is a JSON function tool)."""
+    return [json_schema(text)["function"]["name"] for text in params.tools]
+
+
+def _validate_tools(params: SamplingParams) -> None:
+    if len(params.tools) > MAX_TOOLS:
+        raise InvalidField("tools", f"takes at most {MAX_TOOLS} tools, got {len(params.tools)}")
+    for i, text in enumerate(params.tools):
+        where = f"tools[{i}]"
+        if len(text) > MAX_TOOL_BYTES:
+            raise InvalidField(where, f"is over the limit of {MAX_TOOL_BYTES} bytes")
+        try:
+            tool = json_schema(text)
+        except ValueError as exc:
+            raise InvalidField(where, f"is not valid JSON: {exc}") from None
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
+            raise InvalidField(where, "must be {'type': 'function', 'function': {'name', 'parameters'?, ...}}")
+        if not isinstance(function.get("name"), str) or not TOOL_NAME.match(function["name"]):
+            raise InvalidField(f"{where}.function.name", "must be 1-64 letters, digits, '_' or '-'")
+        if not isinstance(function.get("parameters", {}), dict):
+            raise InvalidField(f"{where}.function.parameters", "must be a JSON Schema object")
+    names = tool_names(params)
+    if len(set(names)) != len(names):
+        raise InvalidField("tools", "two tools have the same name")
+    choice = params.tool_choice
+    if choice and choice not in TOOL_CHOICES and choice not in names:
+        raise InvalidField("tool_choice", f"must be auto, none, required or the name of a tool, got '{choice[:64]}'")
+    if choice == "required" and not names:
+        raise InvalidField("tool_choice", "'required' needs tools")
 
 
 @functools.lru_cache(maxsize=64)
@@ -145,6 +185,13 @@ def validate_messages(messages: list[Message], field: str = "messages") -> list[
     for i, message in enumerate(messages):
         if message.role not in ROLES:
             raise InvalidField(f"{field}[{i}].role", f"must be one of {', '.join(ROLES)}")
+        if message.role == "tool" and not message.tool_call_id:
+            raise InvalidField(f"{field}[{i}].tool_call_id", "is required in a tool message")
+        if message.tool_calls and message.role != "assistant":
+            raise InvalidField(f"{field}[{i}].tool_calls", "only an assistant message makes tool calls")
+        for j, call in enumerate(message.tool_calls):
+            if not call.id or not TOOL_NAME.match(call.name):
+                raise InvalidField(f"{field}[{i}].tool_calls[{j}]", "needs an id and a function name")
     if not any(m.role == "user" and m.content.strip() for m in messages):
         raise InvalidField(field, "must hold at least one user message with text")
     return messages

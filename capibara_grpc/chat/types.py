@@ -12,16 +12,31 @@ import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-ROLES = ("system", "user", "assistant")
-FINISH_REASONS = ("stop", "length", "stop_sequence")
+ROLES = ("system", "user", "assistant", "tool")
+FINISH_REASONS = ("stop", "length", "stop_sequence", "tool_calls")
+# tool_choice besides a function's name.
+TOOL_CHOICES = ("auto", "none", "required")
 # OpenAI's reasoning_effort values are minimal, low, medium, high; servers add their own (none, xhigh).
 REASONING_EFFORT = re.compile(r"^[a-z]{1,16}$")
+
+
+@dataclass
+class ToolCall:
+    """A function the model asked to call; `arguments` is JSON text as the model wrote it."""
+
+    id: str
+    name: str
+    arguments: str
 
 
 @dataclass
 class Message:
     role: str
     content: str
+    # An assistant message's tool calls (its content may then be empty).
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    # A "tool" message: the id of the call whose result it holds.
+    tool_call_id: str = ""
 
 
 @dataclass
@@ -40,6 +55,12 @@ class SamplingParams:
     # How hard a reasoning model thinks (OpenAI's reasoning_effort: low, medium, high...); "" =
     # the server's default. Passed on as is to servers that take it.
     reasoning_effort: str = ""
+    # Tools the model may call: OpenAI function tools, each as JSON text, passed on unchanged.
+    tools: list[str] = field(default_factory=list)
+    # "" (= "auto" when there are tools), "auto", "none", "required", or one function's name.
+    tool_choice: str = ""
+    # Several calls in one answer; None = the server's default.
+    parallel_tool_calls: bool | None = None
 
 
 @dataclass
@@ -55,6 +76,17 @@ class Reasoning:
 
     text: str
     index: int
+
+
+@dataclass
+class ToolCallDelta:
+    """A piece of tool call `index`, as the OpenAI API streams it: the first piece carries its id
+    and name, the next ones fragments of its arguments to append."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
 
 
 @dataclass
@@ -77,8 +109,8 @@ class Finished:
     time_to_first_reasoning_ms: float = 0.0
 
 
-# What a generation yields: Reasoning and Token items, then one Finished.
-Generated = Token | Reasoning | Finished
+# What a generation yields: Reasoning, Token and ToolCallDelta items, then one Finished.
+Generated = Token | Reasoning | ToolCallDelta | Finished
 # (model_id, messages, params, timeout_s) -> stream of tokens then one Finished
 GenerateFn = Callable[[str, list[Message], SamplingParams, float], AsyncIterator[Generated]]
 

@@ -62,7 +62,7 @@ def test_other_fields_are_refused_naming_them(params, field):
         ([], "messages"),
         ([Message("system", "be brief")], "messages"),
         ([Message("user", "  ")], "messages"),
-        ([Message("user", "hola"), Message("tool", "x")], "messages[1].role"),
+        ([Message("user", "hola"), Message("robot", "x")], "messages[1].role"),
     ],
 )
 def test_a_conversation_needs_known_roles_and_a_user_message(messages, field):
