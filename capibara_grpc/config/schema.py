@@ -501,6 +501,14 @@ class ModelConfig:
     # at most max_queued waiting behind them; beyond that 429 / RESOURCE_EXHAUSTED + Retry-After.
     max_concurrent: int = 0
     max_queued: int = 16
+    # Whether the model takes `tools` (function calling); unset = yes, unless chat_template is raw
+    # (no template then shows the model its tools). A request with tools is routed only among the
+    # models that take them; naming one that does not is a 400.
+    tools: bool | None = None
+
+    @property
+    def takes_tools(self) -> bool:
+        return self.chat_template != "raw" if self.tools is None else self.tools
 
     @property
     def server_kind(self) -> str:
