@@ -29,6 +29,28 @@ flavor copies its shapes from that server's own source, as read for this file:
 
 Versions read: openai-python e43b422 and ollama fb30760 (2026-08-21 snapshots); vLLM and llama.cpp: recent main.
 
+Tools: a request with ``tools`` (and ``tool_choice`` not ``"none"``) whose last message is the user's gets
+``tool_calls`` calls (default 1; 2 = two in parallel, unless ``parallel_tool_calls`` is false) instead of text: call
+i is the named tool (``tool_choice`` naming a function) or the i-th declared tool, with ``tool_arguments`` (default
+``{"city": "Paris"}``). After a ``tool`` message the answer is ``"tool said: " + <its content>``, so a test sees the
+result was used. Each flavor streams calls as its server does:
+
+* ``openai``: openai-python ``chat_completion_chunk.py`` (ChoiceDeltaToolCall: index, id, type, function.name,
+  function.arguments) and the API's streams as its docs show them (https://platform.openai.com/docs/guides/
+  function-calling, "Streaming"): a first delta ``{index, id: "call_...", type: "function", function: {name,
+  arguments: ""}}`` (with ``role``, ``content: null``, ``refusal: null`` on the first call), then deltas
+  ``{index, function: {arguments: <fragment>}}``; ``finish_reason: "tool_calls"`` on an empty delta.
+* ``vllm``: vllm/entrypoints/openai/chat_completion/serving.py and the tool parsers (e.g. hermes_tool_parser.py):
+  ``DeltaToolCall(index, id="chatcmpl-tool-<hex>", type="function", function={name})`` (no arguments key,
+  ``exclude_none``), then ``{index, function: {arguments}}`` fragments; finish reason ``tool_calls``.
+* ``ollama``: openai/openai.go ``ToToolCalls`` / ``ToChunk``: each call whole in one delta (``id: "call_" + 8
+  chars``, ``index``, ``type``, ``function.arguments`` = Go's ``json.Marshal`` of the map: keys sorted,
+  compact); the last chunk's finish reason is ``tool_calls`` once a call was sent.
+* ``llama_server``: common/chat.cpp ``common_chat_msg_diff::compute_diffs`` and
+  ``common_chat_msg_diff_to_json_oaicompat``: a new call's delta carries ``index, id`` (32 random chars),
+  ``type``, ``function: {name, arguments: <what is parsed so far>}`` (may already hold a fragment), then
+  ``{index, function: {arguments: <fragment>}}``; one chunk per diff; finish reason ``tool_calls``.
+
 Token counts are word counts, an estimate (the fake has no tokenizer); ``/tokenize`` ids are a hash per word.
 Reasoning words count as completion tokens (as every server counts them) but not against ``max_tokens``.
 
@@ -130,6 +152,16 @@ def _redact(key: str) -> str:
     return key[:8] + "*" * (len(key) - 12) + key[-4:] if len(key) >= 20 else key[:5] + "***" + key[-2:]
 
 
+def _fragments(text: str, size: int = 5) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)] or [""]
+
+
+def _tool_name(tool: Any) -> str | None:
+    if isinstance(tool, dict) and tool.get("type") == "function" and isinstance(tool.get("function"), dict):
+        return tool["function"].get("name")
+    return None
+
+
 def _dump(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
@@ -154,8 +186,12 @@ class FakeUpstream:
         required_headers: dict[str, str] | None = None,
         port: int = 0,
         tls: tuple[str, str] | None = None,
+        tool_calls: int = 1,
+        tool_arguments: dict | None = None,
     ):
-        """`tls`: (certificate, key) PEM files to serve https with (a CA file for the client)."""
+        """`tls`: (certificate, key) PEM files to serve https with (a CA file for the client).
+        `tool_calls`: how many calls answer a request with tools (0: answer text); `tool_arguments`: their
+        arguments (see the module docstring)."""
         if flavor not in FLAVORS:
             raise ValueError(f"flavor must be one of {FLAVORS}")
         self.flavor, self._key, self.models = flavor, api_key, list(models or ["gpt-test"])
@@ -163,6 +199,7 @@ class FakeUpstream:
         self.max_model_len, self.token_delay_s, self.port = max_model_len, token_delay_s, port
         self.required_headers = dict(required_headers or {})
         self._tls = tls
+        self.tool_calls, self.tool_arguments = tool_calls, dict(tool_arguments or {"city": "Paris"})
         self._lock = threading.Lock()
         self._requests: list[Recorded] = []
         self._failures: list[tuple[int, dict[str, str], Any]] = []
@@ -440,6 +477,18 @@ class FakeUpstream:
             return refusal
         last_user = next((m for m in reversed(body["messages"]) if m.get("role") == "user"), {})
         answer = "echo: " + _text(last_user.get("content"))
+        if body["messages"][-1].get("role") == "tool":  # the results of the calls: the answer quotes them
+            trailing = []
+            for message in reversed(body["messages"]):
+                if message.get("role") != "tool":
+                    break
+                trailing.insert(0, _text(message.get("content")))
+            answer = "tool said: " + " ".join(trailing)
+        if calls := self._plan_tool_calls(body):
+            gen = _Generation(self, body, [], "tool_calls", calls)
+            if body.get("stream"):
+                return await self._stream(request, gen, bool((body.get("stream_options") or {}).get("include_usage")))
+            return self._json(gen.completion())
         fmt = body.get("response_format")
         if isinstance(fmt, dict) and fmt.get("type") in ("json_schema", "json_object"):
             answer = json.dumps({"answer": answer})  # valid JSON, not checked against the schema
@@ -449,6 +498,23 @@ class FakeUpstream:
         if body.get("stream"):
             return await self._stream(request, gen, bool((body.get("stream_options") or {}).get("include_usage")))
         return self._json(gen.completion())
+
+    def _plan_tool_calls(self, body: dict) -> list[tuple[str, str]]:
+        """(name, arguments JSON text) of each call to answer with; [] to answer text."""
+        names = [n for n in map(_tool_name, body.get("tools") or []) if n]
+        choice = body.get("tool_choice", "auto")
+        if not names or choice == "none" or self.tool_calls <= 0 or body["messages"][-1].get("role") != "user":
+            return []
+        if isinstance(choice, dict):  # {"type": "function", "function": {"name": ...}}
+            names = [(choice.get("function") or {}).get("name") or names[0]]
+        n = 1 if body.get("parallel_tool_calls") is False else self.tool_calls
+        if self.flavor == "ollama":  # Go's json.Marshal of a map: keys sorted, compact
+            arguments = json.dumps(self.tool_arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        elif self.flavor == "vllm":  # as the model wrote it (Hermes-style models put spaces after separators)
+            arguments = json.dumps(self.tool_arguments, ensure_ascii=False)
+        else:
+            arguments = _dump(self.tool_arguments)
+        return [(names[i % len(names)], arguments) for i in range(n)]
 
     def _max_tokens(self, body: dict) -> Any:
         if self.flavor == "ollama":  # openai.go ChatCompletionRequest: no max_completion_tokens
@@ -530,15 +596,55 @@ class FakeUpstream:
 class _Generation:
     """One answer, in the flavor's non-stream and stream shapes."""
 
-    def __init__(self, up: FakeUpstream, body: dict, pieces: list[str], finish: str):
+    def __init__(self, up: FakeUpstream, body: dict, pieces: list[str], finish: str, calls=()):
         self.flavor, self.field, self.pieces, self.finish = up.flavor, up.reasoning_field, pieces, finish
+        # (id, name, arguments) of each tool call, ids as each server makes them
+        id_of = {
+            "openai": lambda: "call_" + "".join(random.choices(string.ascii_letters + string.digits, k=24)),
+            "vllm": lambda: "chatcmpl-tool-" + uuid.uuid4().hex,
+            "ollama": lambda: "call_" + "".join(random.choices(string.ascii_lowercase + string.digits, k=8)),
+            "llama_server": lambda: "".join(random.choices(string.ascii_letters + string.digits, k=32)),
+        }[self.flavor]
+        self.calls = [(id_of(), name, arguments) for name, arguments in calls]
+        self.tool_deltas = self._tool_deltas()
         self.reasoning = _pieces(up.reasoning)
         self.model, self.created = body.get("model") or up.models[0], int(time.time())
         self.prompt_tokens = _words(body["messages"])
         self.completion_tokens = len(pieces) + len(self.reasoning)  # reasoning is generated text too
+        self.completion_tokens += len(self.tool_deltas)
         rand = "".join(random.choices(string.ascii_letters + string.digits, k=29))
         suffix = {"openai": rand, "vllm": uuid.uuid4().hex, "ollama": str(random.randrange(999))}  # as each makes ids
         self.id = "chatcmpl-" + suffix.get(self.flavor, rand[:24])
+
+    def _tool_deltas(self) -> list[dict]:
+        """The stream's deltas carrying the calls (see the module docstring for each flavor's shape)."""
+        out: list[dict] = []
+        for index, (call_id, name, arguments) in enumerate(self.calls):
+            head = {"index": index, "id": call_id, "type": "function"}
+            if self.flavor == "ollama":  # whole, id first as openai.go's ToolCall struct orders it
+                out.append(
+                    {
+                        "tool_calls": [
+                            {"id": call_id, "index": index, "type": "function"}
+                            | {"function": {"name": name, "arguments": arguments}}
+                        ]
+                    }
+                )
+                continue
+            fragments = _fragments(arguments)
+            if self.flavor == "openai":
+                first = {"tool_calls": [head | {"function": {"name": name, "arguments": ""}}]}
+                out.append(({"role": "assistant", "content": None} if index == 0 else {}) | first)
+                out[-1] |= {"refusal": None} if index == 0 else {}
+            elif self.flavor == "vllm":
+                out.append(
+                    {"tool_calls": [{"id": call_id, "type": "function", "index": index} | {"function": {"name": name}}]}
+                )
+            else:  # llama-server: the new call's diff already holds the arguments parsed so far
+                first_args, fragments = fragments[0], fragments[1:]
+                out.append({"tool_calls": [head | {"function": {"name": name, "arguments": first_args}}]})
+            out += [{"tool_calls": [{"index": index, "function": {"arguments": f}}]} for f in fragments]
+        return out
 
     def usage(self) -> dict:
         usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
@@ -564,6 +670,11 @@ class _Generation:
         content, thought = "".join(self.pieces), "".join(self.reasoning)
         head = {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model}
         message = {"role": "assistant", "content": content}
+        if self.calls:
+            message["content"] = "" if self.flavor == "ollama" else None
+            message["tool_calls"] = [
+                {"id": i, "type": "function", "function": {"name": n, "arguments": a}} for i, n, a in self.calls
+            ]
         choice = {"index": 0, "message": message}
         if self.flavor == "openai":
             message |= {"refusal": None, "annotations": []} | ({self.field: thought} if self.field and thought else {})
@@ -606,13 +717,13 @@ class _Generation:
     def events(self, include_usage: bool) -> list[tuple[str, Any]]:
         """("role" | "token" | "final" | "usage" | "done", chunk) in the order the server sends them."""
         deltas = [{self.field: p} for p in self.reasoning] if self.field else []
-        deltas += [{"content": p} for p in self.pieces]
+        deltas += [{"content": p} for p in self.pieces] + self.tool_deltas
         if self.flavor == "ollama":  # reasoning deltas carry content "", the first chunk carries the role
             deltas = [{"content": ""} | d for d in deltas]
             deltas[:1] = [{"role": "assistant"} | d for d in deltas[:1]]
         out: list[tuple[str, Any]] = [("token", self._chunk(d)) for d in deltas]
         first = {"openai": {"content": "", "refusal": None}, "vllm": {"content": ""}, "llama_server": {"content": None}}
-        if self.flavor in first:
+        if self.flavor in first and not (self.flavor == "openai" and self.calls):  # OpenAI: role in the call's delta
             role = self._chunk({"role": "assistant"} | first[self.flavor])
             out.insert(0, ("role", role | {"prompt_token_ids": None} if self.flavor == "vllm" else role))
         if self.flavor == "vllm" and self.finish == "length" and deltas:  # the last token carries the reason

@@ -187,3 +187,89 @@ def test_required_headers_and_recording():
         recorded = up.chat_requests()
         assert [r.headers.get("x-tenant") for r in recorded] == [None, "blue"]
         assert recorded[1].body["messages"] == HELLO and KEY not in repr(recorded)
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+ASK = [{"role": "user", "content": "weather in Paris?"}]
+
+
+def assemble(chunks) -> tuple[dict[int, dict], list[str]]:
+    """Tool calls put together from a stream's deltas as the OpenAI SDK's users do; and the finish reasons."""
+    calls: dict[int, dict] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            for tc in choice.delta.tool_calls or ():
+                call = calls.setdefault(tc.index, {"id": "", "name": "", "arguments": ""})
+                call["id"] = tc.id or call["id"]
+                call["name"] += (tc.function and tc.function.name) or ""
+                call["arguments"] += (tc.function and tc.function.arguments) or ""
+    return calls, [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+
+
+def test_stream_answers_tools_with_a_call(up):
+    chunks = list(
+        client(up).chat.completions.create(
+            model="gpt-test", messages=ASK, tools=[WEATHER, TIME], stream=True, stream_options={"include_usage": True}
+        )
+    )
+    calls, finishes = assemble(chunks)
+    assert list(calls) == [0] and calls[0]["name"] == "get_weather" and calls[0]["id"]
+    assert json.loads(calls[0]["arguments"]) == {"city": "Paris"}
+    assert finishes == ["tool_calls"]
+    assert chunks[-1].usage.completion_tokens > 0
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    sent = up.chat_requests()[-1].body
+    assert json.dumps(sent["tools"]) == json.dumps([WEATHER, TIME])  # recorded as sent, key order too
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_wire_shape_of_each_flavor(flavor):
+    with FakeUpstream(flavor=flavor, tool_arguments={"city": "Paris", "at": "noon"}) as up:
+        response = httpx2.post(
+            up.base_url + "/chat/completions",
+            json={"model": "gpt-test", "messages": ASK, "tools": [WEATHER], "stream": True},
+        )
+    events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+    deltas = [d for e in events for c in e["choices"] for d in c["delta"].get("tool_calls", [])]
+    first = deltas[0]
+    if flavor == "ollama":  # whole, keys sorted by Go's json.Marshal
+        assert len(deltas) == 1 and first["function"]["arguments"] == '{"at":"noon","city":"Paris"}'
+    elif flavor == "vllm":  # the name first, no arguments key
+        assert first["function"] == {"name": "get_weather"} and len(deltas) > 2
+    elif flavor == "openai":
+        assert first["function"] == {"name": "get_weather", "arguments": ""} and len(deltas) > 2
+        assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    else:  # llama-server: the first diff already holds what was parsed of the arguments
+        assert first["function"]["name"] == "get_weather" and first["function"]["arguments"]
+    assert first["type"] == "function" and first["id"] and all("id" not in d for d in deltas[1:])
+
+
+def test_parallel_calls_and_tool_choice(up):
+    up.tool_calls = 2
+    ask = dict(model="gpt-test", messages=ASK, tools=[WEATHER, TIME], stream=True)
+    calls, finishes = assemble(list(client(up).chat.completions.create(**ask)))
+    assert [c["name"] for c in calls.values()] == ["get_weather", "get_time"] and finishes == ["tool_calls"]
+    assert len({c["id"] for c in calls.values()}) == 2
+    calls, _ = assemble(list(client(up).chat.completions.create(**ask, parallel_tool_calls=False)))
+    assert len(calls) == 1
+    named = {"type": "function", "function": {"name": "get_time"}}
+    calls, _ = assemble(list(client(up).chat.completions.create(**ask, tool_choice=named)))
+    assert [c["name"] for c in calls.values()] == ["get_time", "get_time"]
+    chunks = list(client(up).chat.completions.create(**ask, tool_choice="none"))
+    assert assemble(chunks) == ({}, ["stop"])
+
+
+def test_non_stream_call_and_the_tool_result_round_trip(up):
+    answer = client(up).chat.completions.create(model="gpt-test", messages=ASK, tools=[WEATHER])
+    assert answer.choices[0].finish_reason == "tool_calls"
+    call = answer.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    followup = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump(exclude_none=True)]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"},
+    ]
+    stream = client(up).chat.completions.create(model="gpt-test", messages=followup, tools=[WEATHER], stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "tool said: sunny, 21 C"
+    assert assemble(chunks) == ({}, ["stop"])
