@@ -161,7 +161,8 @@ class ResponseCache:
             metrics.CACHE_REQUESTS.labels("exact_hit", route).inc()
             return dataclasses.replace(hit, finished=dataclasses.replace(hit.finished, cache_hit="exact")), lookup
         question = messages[-1].content
-        threshold = self.semantic_threshold(route, question)
+        # With tools, a neighbour's answer could call a tool with other arguments: exact hits only.
+        threshold = None if params.tools else self.semantic_threshold(route, question)
         if threshold is not None:
             context = [dataclasses.asdict(m) for m in messages[:-1]]
             lookup.context_key = _digest(model_id, parameters, route, context)

@@ -8,6 +8,7 @@ any failure (bad input, unknown model, every candidate down) is still a plain er
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from capibara_gateway.events import (
     ChatInput,
     CompleteResult,
     RoutingDecision,
+    assemble_tool_calls,
 )
 from capibara_gateway.protocols import Consensus, Context, RouteFn, Speech
 from capibara_gateway.routing import Routing
@@ -33,7 +35,15 @@ from capibara_grpc.chat.request import (
     validate_messages,
     validate_params,
 )
-from capibara_grpc.chat.types import Finished, GenerateFn, Message, Reasoning, SamplingParams, Token
+from capibara_grpc.chat.types import (
+    Finished,
+    GenerateFn,
+    Message,
+    Reasoning,
+    SamplingParams,
+    Token,
+    ToolCallDelta,
+)
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.errors import InvalidField, NotFound, StreamError, Unimplemented
 
@@ -96,8 +106,30 @@ class ChatGateway:
         if (chat.speak or chat.voice) and self.speech is None:
             raise Unimplemented("speak is not available: the speech service is not deployed in this mesh")
         validate_params(chat.params)
+        if _uses_tools(chat):
+            self._validate_tools(chat)
         if chat.system_prompt is not None and len(chat.system_prompt.encode("utf-8")) > MAX_SYSTEM_PROMPT_BYTES:
             raise InvalidField("system_prompt", f"is over the limit of {MAX_SYSTEM_PROMPT_BYTES} bytes")
+
+    def _validate_tools(self, chat: ChatInput) -> None:
+        """Tools go only to models that take them (models.<id>.tools); consensus votes on text, and
+        the stored conversation (conversation_id) keeps text turns only, not calls and results."""
+        if chat.consensus:
+            raise InvalidField("tools", "consensus does not take tools: name a model or let the router choose")
+        if chat.model and not self.config.models[chat.model].takes_tools:
+            raise InvalidField(
+                "model",
+                f"model '{chat.model}' does not take tools (models.{chat.model}.tools is false): "
+                "name a model that does, or let the router choose",
+            )
+        if chat.conversation_id:
+            raise InvalidField(
+                "conversation_id",
+                "cannot be used with tools: the stored conversation does not keep tool calls and results; "
+                "send the whole conversation in messages instead",
+            )
+        if not any(m.takes_tools for m in self.config.models.values()):
+            raise InvalidField("tools", "no model of this mesh takes tools (models.<id>.tools)")
 
     async def _check_voice(self, chat: ChatInput) -> None:
         if chat.voice:
@@ -119,7 +151,10 @@ class ChatGateway:
             cached, cache_slots[model_id] = await self._cached_answer(model_id, params, messages, decision.route_name)
             return _replay(cached) if cached else self.generate(model_id, messages, params, timeout_s)
 
-        answering = await failover.first_to_answer(failover.candidates(decision, self.config.models), open_model)
+        order = failover.candidates(decision, self.config.models)
+        if _uses_tools(chat):
+            decision, order = self._tool_takers(decision, order)
+        answering = await failover.first_to_answer(order, open_model)
         decision = failover.decided(decision, answering)
         metrics.ROUTING_DECISIONS.labels(decision.route_name, decision.model_id, decision.source).inc()
         async with contextlib.aclosing(answering.stream) as stream:
@@ -129,6 +164,7 @@ class ChatGateway:
                 await self.context.append_turn(chat.conversation_id, "user", chat.message, "", CONTEXT_TIMEOUT_S)
             yield decision
             tokens: list[str] = []
+            called_tools = False
             finished: Finished | None = None
             try:
                 async for item in stream:
@@ -138,6 +174,8 @@ class ChatGateway:
                     # Reasoning is streamed but never kept: not the answer, the memory or the cache.
                     if isinstance(item, Token):
                         tokens.append(item.text)
+                    elif isinstance(item, ToolCallDelta):
+                        called_tools = True
                     yield item
             except Exception as exc:  # noqa: BLE001 - the stream has started: reported in-band
                 yield StreamError.from_exception(exc, "chat stream")
@@ -148,8 +186,9 @@ class ChatGateway:
             if (not_stored := await self._store_answer(chat, tokens, finished, decision)) is not None:
                 yield not_stored
                 return
-            # An empty answer (a reasoning model that spent max_tokens thinking) is not replayed.
-            if (slot := cache_slots.get(answering.model_id)) is not None and any(tokens):
+            # An empty answer (a reasoning model that spent max_tokens thinking) is not replayed, nor
+            # an answer that calls tools: the calls' ids are one-off and the replay has only text.
+            if (slot := cache_slots.get(answering.model_id)) is not None and any(tokens) and not called_tools:
                 await self._cache_answer(slot, tokens, finished)
             yield ChatDone(finished, (time.perf_counter() - started) * 1000)
 
@@ -174,6 +213,7 @@ class ChatGateway:
         streamed chat, so an API key's usage counts the routed model even when the chat fails."""
         parts: list[str] = []
         thoughts: list[str] = []
+        tool_calls: list[ToolCallDelta] = []
         routing = done = None
         events = self.chat(chat, timeout_s)
         async for event in watch(events) if watch is not None else events:
@@ -183,14 +223,31 @@ class ChatGateway:
                 parts.append(event.text)
             elif isinstance(event, Reasoning):
                 thoughts.append(event.text)
+            elif isinstance(event, ToolCallDelta):
+                tool_calls.append(event)
             elif isinstance(event, ChatDone):
                 done = event
             elif isinstance(event, StreamError):
                 raise event.to_exception()
         assert routing is not None and done is not None
-        return CompleteResult("".join(parts), routing, done, "".join(thoughts))
+        return CompleteResult("".join(parts), routing, done, "".join(thoughts), assemble_tool_calls(tool_calls))
 
     # -- the steps -------------------------------------------------------------------------
+
+    def _tool_takers(self, decision: RoutingDecision, order: list[str]) -> tuple[RoutingDecision, list[str]]:
+        """A chat with tools is answered (and failed over) only by models that take tools: the
+        candidates that do, then any other configured model that does. A named model was checked."""
+        models = self.config.models
+        takers = [m for m in dict.fromkeys([*order, *models]) if models[m].takes_tools]
+        if decision.source == "request" or not takers:
+            return decision, order
+        if takers[0] != decision.model_id:
+            decision = dataclasses.replace(
+                decision,
+                model_id=takers[0],
+                reasoning=f"{decision.reasoning}; {decision.model_id} does not take tools: {takers[0]} answers",
+            )
+        return decision, takers
 
     def messages(self, chat: ChatInput) -> list[Message]:
         """The prompt without a context service (or with the request's own system prompt)."""
@@ -264,6 +321,13 @@ class ChatGateway:
             await self.cache.store_answer(slot, tokens, finished)
         except Exception:  # noqa: BLE001 - the answer is out; not caching it only costs speed
             log.exception("response cache store failed")
+
+
+def _uses_tools(chat: ChatInput) -> bool:
+    """The request offers tools, or its conversation holds tool calls or results."""
+    if chat.params.tools:
+        return True
+    return any(m.tool_calls or m.role == "tool" for m in chat.messages or [])
 
 
 async def _replay(answer: CachedAnswer) -> AsyncIterator[Token | Finished]:

@@ -1,7 +1,8 @@
 """What a chat is: the request as the gateway sees it, and the events of its answer.
 
 A streamed answer is, in order: one RoutingDecision (sent with the first token), Token deltas
-(and, from a reasoning model, Reasoning deltas before or between them), then one ChatDone, or
+(and, from a reasoning model, Reasoning deltas before or between them; when the request has tools,
+ToolCallDelta pieces of the calls the model makes), then one ChatDone, or
 one StreamError if it fails after it started; then, when the answer is spoken, AudioChunks (or a
 StreamError if speaking fails).
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from capibara_grpc.audio import AudioChunk
-from capibara_grpc.chat.types import Finished, Message, Reasoning, SamplingParams, Token
+from capibara_grpc.chat.types import Finished, Message, Reasoning, SamplingParams, Token, ToolCall, ToolCallDelta
 from capibara_grpc.errors import StreamError
 
 
@@ -52,7 +53,7 @@ class ChatDone:
     latency_ms: float
 
 
-ChatEvent = RoutingDecision | Token | Reasoning | ChatDone | StreamError | AudioChunk
+ChatEvent = RoutingDecision | Token | Reasoning | ToolCallDelta | ChatDone | StreamError | AudioChunk
 
 
 @dataclass
@@ -62,3 +63,17 @@ class CompleteResult:
     done: ChatDone
     # A reasoning model's thinking, apart from the response ("" for other models).
     reasoning: str = ""
+    # The tools the model called (finish_reason "tool_calls"), each assembled from its pieces.
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+def assemble_tool_calls(deltas: list[ToolCallDelta]) -> list[ToolCall]:
+    """Whole calls from their streamed pieces, in index order: the first piece of a call has its id
+    and name, the arguments are the pieces' fragments joined (as the OpenAI SDKs assemble them)."""
+    calls: dict[int, ToolCall] = {}
+    for delta in deltas:
+        call = calls.setdefault(delta.index, ToolCall("", "", ""))
+        call.id = call.id or delta.id
+        call.name = call.name or delta.name
+        call.arguments += delta.arguments
+    return [calls[i] for i in sorted(calls)]

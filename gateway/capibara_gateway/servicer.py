@@ -12,7 +12,7 @@ from capibara_grpc import api_keys
 from capibara_grpc.api_keys import KeyUsage
 from capibara_grpc.audio import AudioChunk
 from capibara_grpc.chat import convert as chat_convert
-from capibara_grpc.chat.types import Message, Reasoning, Token
+from capibara_grpc.chat.types import Message, Reasoning, Token, ToolCallDelta
 from capibara_grpc.errors import InvalidField, StreamError, Unavailable, Unimplemented, remaining_s
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
 
@@ -77,6 +77,8 @@ def event_to_pb(event) -> gateway_pb2.ChatResponse:
         return gateway_pb2.ChatResponse(token=gateway_pb2.TokenDelta(text=event.text, index=event.index))
     if isinstance(event, Reasoning):
         return gateway_pb2.ChatResponse(reasoning=gateway_pb2.ReasoningDelta(text=event.text, index=event.index))
+    if isinstance(event, ToolCallDelta):
+        return gateway_pb2.ChatResponse(tool_call=chat_convert.tool_call_delta_to_pb(event))
     if isinstance(event, ChatDone):
         return gateway_pb2.ChatResponse(done=done_to_pb(event))
     if isinstance(event, StreamError):
@@ -120,6 +122,7 @@ class ChatServicer(gateway_pb2_grpc.ChatServiceServicer):
             timings=chat_convert.timings_to_pb(result.done.finished),
             cache_hit=result.done.finished.cache_hit,
             reasoning=result.reasoning,
+            tool_calls=chat_convert.tool_calls_to_pb(result.tool_calls),
         )
 
 

@@ -11,7 +11,15 @@ from dataclasses import dataclass, field
 import grpc
 
 from capibara_grpc.audio import AudioChunk
-from capibara_grpc.chat.types import ConsensusAnswer, Finished, Message, RouteDecision, SamplingParams, Token
+from capibara_grpc.chat.types import (
+    ConsensusAnswer,
+    Finished,
+    Message,
+    RouteDecision,
+    SamplingParams,
+    Token,
+    ToolCallDelta,
+)
 from capibara_grpc.config import MeshConfig, parse_config
 from capibara_grpc.errors import MeshError, Unavailable, error_mapping_server
 
@@ -48,6 +56,8 @@ class Model:
     fail_with: MeshError = field(default_factory=lambda: Unavailable("backend died"))
     finish: bool = True
     first_token_delay_s: float = 0.0
+    # Pieces of tool calls yielded after the tokens; the answer then finishes with "tool_calls".
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
 
 class FakeModels:
@@ -56,12 +66,14 @@ class FakeModels:
     def __init__(self, **models: Model):
         self.models = models
         self.calls: list[tuple[str, list[Message]]] = []
+        self.params: list[SamplingParams] = []
         self.closed: list[str] = []
 
     async def generate(
         self, model_id: str, messages: list[Message], params: SamplingParams, timeout_s: float
-    ) -> AsyncIterator[Token | Finished]:
+    ) -> AsyncIterator[Token | ToolCallDelta | Finished]:
         self.calls.append((model_id, messages))
+        self.params.append(params)
         model = self.models.get(model_id, Model())
         try:
             if model.fail_first is not None:
@@ -71,8 +83,11 @@ class FakeModels:
                 if model.fail_after is not None and index == model.fail_after:
                     raise model.fail_with
                 yield Token(text, index)
+            for delta in model.tool_calls:
+                yield delta
             if model.finish:
-                yield Finished("stop", prompt_tokens=3, completion_tokens=len(model.tokens), model_id=model_id)
+                reason = "tool_calls" if model.tool_calls else "stop"
+                yield Finished(reason, prompt_tokens=3, completion_tokens=len(model.tokens), model_id=model_id)
         finally:
             self.closed.append(model_id)
 
