@@ -6,7 +6,7 @@ dropped. This module checks the JSON's shapes and types; the limits of the value
 core's (capibara_grpc/chat/request.py), the same on every edge. openai_servicer.py words a refused
 field as "param <name>: ...", which the edge turns into OpenAI's `error.param`.
 
-Just over 400 lines: it is the one place that lists every OpenAI field the API takes or refuses,
+Just over 500 lines: it is the one place that lists every OpenAI field the API takes or refuses,
 which a reader wants to see together.
 """
 
@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 from capibara_gateway.events import ChatDone, ChatInput, RoutingDecision
 from capibara_grpc.chat.request import check_number
-from capibara_grpc.chat.types import Message, SamplingParams
+from capibara_grpc.chat.types import TOOL_CHOICES, Message, SamplingParams, ToolCall, ToolCallDelta
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.errors import InvalidArgument, InvalidField, NotFound
 
 AUTO, CONSENSUS = "auto", "consensus"
-# Fields honoured; everything else (tools, logprobs, audio, n > 1...) is a 400 naming it.
+# Fields honoured; everything else (functions, logprobs, audio, n > 1...) is a 400 naming it.
 SUPPORTED_FIELDS = (
     "model",
     "messages",
@@ -42,11 +42,15 @@ SUPPORTED_FIELDS = (
     "response_format",
     "n",
     "reasoning_effort",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
     "capibara",
 )
 # "developer" is the newer name of "system" in OpenAI's API.
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-FINISH_REASONS = {"stop": "stop", "stop_sequence": "stop", "length": "length"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id")
+FINISH_REASONS = {"stop": "stop", "stop_sequence": "stop", "length": "length", "tool_calls": "tool_calls"}
 
 
 def bad(param: str, text: str) -> InvalidField:
@@ -93,13 +97,76 @@ def parse_messages(value) -> list[Message]:
         if not isinstance(item, dict):
             raise bad(where, "each message must be an object with 'role' and 'content'")
         for key in item:
-            if key not in ("role", "content", "name"):
+            if key not in MESSAGE_FIELDS:
                 raise bad(f"{where}.{key}", f"unsupported message field '{key}'")
         role = ROLES.get(item.get("role"))
         if role is None:
             raise bad(f"{where}.role", f"role must be one of {', '.join(ROLES)}, got {item.get('role')!r}")
-        messages.append(Message(role, _content(item.get("content"), f"{where}.content")))
+        calls = _tool_calls(item.get("tool_calls"), role, f"{where}.tool_calls")
+        content = item.get("content")
+        # An assistant message that calls tools may have no text (content null).
+        text = "" if content is None and calls else _content(content, f"{where}.content")
+        tool_call_id = item.get("tool_call_id")
+        if role == "tool":
+            if not isinstance(tool_call_id, str) or not tool_call_id:
+                raise bad(f"{where}.tool_call_id", "a tool message needs the id of the call it answers")
+        elif tool_call_id is not None:
+            raise bad(f"{where}.tool_call_id", "only a tool message has a tool_call_id")
+        messages.append(Message(role, text, calls, tool_call_id or ""))
     return messages
+
+
+def _tool_calls(value, role: str, where: str) -> list[ToolCall]:
+    """An assistant message's tool_calls: [{id, type: "function", function: {name, arguments}}]."""
+    if value is None:
+        return []
+    if role != "assistant":
+        raise bad(where, "only an assistant message has tool_calls")
+    if not isinstance(value, list):
+        raise bad(where, "must be a list of tool calls")
+    calls = []
+    for i, call in enumerate(value):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(call, dict) or call.get("type", "function") != "function" or not isinstance(function, dict):
+            raise bad(f"{where}[{i}]", "must be {'id', 'type': 'function', 'function': {'name', 'arguments'}}")
+        arguments = function.get("arguments", "")
+        if not all(isinstance(v, str) for v in (call.get("id"), function.get("name"), arguments)):
+            raise bad(f"{where}[{i}]", "id, function.name and function.arguments must be strings")
+        calls.append(ToolCall(call["id"], function["name"], arguments))
+    return calls
+
+
+def _tools(value) -> list[str]:
+    """Each function tool as JSON text, exactly as the client wrote it (key order kept), compact."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise bad("tools", "must be a list of tools")
+    texts = []
+    for i, tool in enumerate(value):
+        if not isinstance(tool, dict):
+            raise bad(f"tools[{i}]", "must be an object {'type': 'function', 'function': {...}}")
+        if tool.get("type") != "function":
+            raise bad(f"tools[{i}].type", f"only function tools are supported, got {tool.get('type')!r}")
+        texts.append(json.dumps(tool, ensure_ascii=False, separators=(",", ":")))
+    return texts
+
+
+def _tool_choice(value) -> str:
+    """auto, none, required, or {"type": "function", "function": {"name": ...}} as the name."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        if value not in TOOL_CHOICES:
+            raise bad("tool_choice", f"must be auto, none, required or a function, got {value[:40]!r}")
+        return value
+    function = value.get("function") if isinstance(value, dict) else None
+    if not isinstance(value, dict) or value.get("type") != "function" or not isinstance(function, dict):
+        raise bad("tool_choice", "must be auto, none, required or {'type': 'function', 'function': {'name': ...}}")
+    name = function.get("name")
+    if not isinstance(name, str) or not name or name in TOOL_CHOICES:
+        raise bad("tool_choice.function.name", "must be the name of one of the tools")
+    return name
 
 
 def json_body(raw: bytes, supported: tuple[str, ...]) -> dict:
@@ -159,10 +226,19 @@ def parse_chat_request(raw: bytes, config: MeshConfig, consensus_available: bool
         seed=_number(body, "seed", integer=True),
         json_schema=json_schema,
         reasoning_effort=_reasoning_effort(body.get("reasoning_effort")),
+        tools=_tools(body.get("tools")),
+        tool_choice=_tool_choice(body.get("tool_choice")),
+        parallel_tool_calls=_flag(body, "parallel_tool_calls"),
     )
     # The last user message is the one routed and answered; the gateway checks there is one.
     last_user = next((m.content for m in reversed(messages) if m.role == "user"), "")
     conversation_id = _conversation_id(body.get("capibara"))
+    if conversation_id and params.tools:
+        raise bad(
+            "capibara.conversation_id",
+            "cannot be used with tools: the stored conversation does not keep tool calls and results; "
+            "send the whole conversation in messages instead",
+        )
     if conversation_id and (len(messages) != 1 or messages[0].role != "user"):
         raise bad(
             "messages", "with capibara.conversation_id the mesh keeps the history: send only the new user message"
@@ -176,6 +252,13 @@ def parse_chat_request(raw: bytes, config: MeshConfig, consensus_available: bool
         messages=None if conversation_id else messages,
     )
     return ChatCompletionRequest(chat, model, stream, include_usage)
+
+
+def _flag(body: dict, name: str) -> bool | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise bad(name, f"'{name}' must be true or false")
+    return value
 
 
 def _reasoning_effort(value) -> str:
@@ -278,11 +361,24 @@ class Completion:
     def _base(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def response(self, text: str, decision: RoutingDecision, done: ChatDone, reasoning: str = "") -> dict:
+    def response(
+        self,
+        text: str,
+        decision: RoutingDecision,
+        done: ChatDone,
+        reasoning: str = "",
+        tool_calls: list[ToolCall] | None = None,
+    ) -> dict:
         self.model = done.finished.model_id or decision.model_id
-        message = {"role": "assistant", "content": text}
+        # A message that only calls tools has content null, as OpenAI's.
+        message = {"role": "assistant", "content": None if tool_calls and not text else text}
         if reasoning:
             message["reasoning_content"] = reasoning
+        if tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in tool_calls
+            ]
         return {
             **self._base("chat.completion"),
             "choices": [
@@ -306,6 +402,19 @@ class Completion:
         if include_usage:
             chunk["usage"] = None
         return chunk
+
+    def tool_call_chunks(self, delta: ToolCallDelta, include_usage: bool = False) -> list[dict]:
+        """A piece of a tool call as OpenAI streams it, which the SDKs assemble by `index`: the
+        call's first chunk has its id, type and name with arguments "", the next ones only the
+        index and an arguments fragment (any other field would be joined onto the first's)."""
+        pieces = []
+        if delta.id or delta.name:
+            call = {"index": delta.index, "id": delta.id, "type": "function"}
+            call["function"] = {"name": delta.name, "arguments": ""}
+            pieces.append(call)
+        if delta.arguments:
+            pieces.append({"index": delta.index, "function": {"arguments": delta.arguments}})
+        return [self.chunk({"tool_calls": [piece]}, include_usage=include_usage) for piece in pieces]
 
     def first_chunk(self, decision: RoutingDecision, include_usage: bool) -> dict:
         self.model = decision.model_id

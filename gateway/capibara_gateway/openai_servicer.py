@@ -18,7 +18,7 @@ from capibara_gateway.core import ChatGateway
 from capibara_gateway.events import ChatDone, RoutingDecision
 from capibara_grpc.api_keys import KeyUsage
 from capibara_grpc.audio.wav import wav_file
-from capibara_grpc.chat.types import Reasoning, Token
+from capibara_grpc.chat.types import Reasoning, Token, ToolCallDelta
 from capibara_grpc.errors import InvalidArgument, InvalidField, StreamError, Unimplemented, remaining_s
 from capibara_grpc.stubs import openai_pb2_grpc
 
@@ -67,7 +67,9 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
         if not parsed.stream:
             result = await self.gateway.complete(parsed.chat, timeout_s, usage.watch)
             await context.send_initial_metadata(openai_api.routing_headers(result.routing))
-            yield _json_body(completion.response(result.response, result.routing, result.done, result.reasoning))
+            yield _json_body(
+                completion.response(result.response, result.routing, result.done, result.reasoning, result.tool_calls)
+            )
             return
         events = usage.watch(self.gateway.chat(parsed.chat, timeout_s))
         async with contextlib.aclosing(events):
@@ -88,6 +90,9 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
             elif isinstance(event, Reasoning):
                 # As llama-server, vLLM and DeepSeek stream it, apart from the answer's content.
                 yield frame(completion.chunk({"reasoning_content": event.text}, include_usage=include_usage))
+            elif isinstance(event, ToolCallDelta):
+                for chunk in completion.tool_call_chunks(event, include_usage):
+                    yield frame(chunk)
             elif isinstance(event, StreamError):
                 yield frame(openai_api.stream_error(event.code, event.message))
                 return

@@ -9,12 +9,22 @@ from capibara_gateway import openai_api
 from capibara_gateway.core import ChatGateway
 from capibara_gateway.events import ChatDone, RoutingDecision
 
-from capibara_grpc.chat.types import Finished
+from capibara_grpc.chat.types import Finished, ToolCall, ToolCallDelta
 from capibara_grpc.config import load_config
 from capibara_grpc.errors import InvalidArgument, InvalidField, NotFound
 
 CONFIG = load_config()
 HELLO = [{"role": "user", "content": "hola"}]
+# Keys in an order json.dumps(sort_keys=True) would change: the tool must reach the model as sent.
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city, ñ",
+        "parameters": {"type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}},
+        "strict": True,
+    },
+}
 
 
 # The gateway's own check, which every edge's request goes through after its translation.
@@ -82,7 +92,19 @@ def test_sampling_fields():
     "body, param",
     [
         ({"n": 2}, "n"),
-        ({"tools": []}, "tools"),
+        ({"functions": []}, "functions"),
+        ({"function_call": "auto"}, "function_call"),
+        ({"tools": {}}, "tools"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
+        ({"tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tools": [TOOL], "tool_choice": {"type": "function"}}, "tool_choice"),
+        ({"tools": [TOOL], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+        ({"tools": [TOOL], "capibara": {"conversation_id": "c1"}}, "capibara.conversation_id"),
+        ({"messages": [{"role": "assistant", "content": None}, *HELLO]}, "messages[0].content"),
+        ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c"}]}, *HELLO]}, "messages[0].tool_calls[0]"),
+        ({"messages": [*HELLO, {"role": "user", "content": "x", "tool_call_id": "c"}]}, "messages[1].tool_call_id"),
         ({"logprobs": True}, "logprobs"),
         ({"frequency_penalty": 0.1}, "frequency_penalty"),
         ({"response_format": {"type": "grammar"}}, "response_format"),
@@ -94,7 +116,7 @@ def test_sampling_fields():
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
         ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages[0].tool_calls"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
         ({"messages": [{"role": "system", "content": "x"}]}, "messages"),
@@ -225,3 +247,96 @@ def test_the_conversation_id_extension_uses_the_stored_history():
         with pytest.raises(InvalidField) as refused:
             parse(**{"model": "phi", "messages": HELLO, **body})
         assert refused.value.field == param
+
+
+def test_tools_and_tool_choice():
+    parsed = parse_and_validate(
+        model="phi", messages=HELLO, tools=[TOOL], tool_choice="required", parallel_tool_calls=False
+    )
+    params = parsed.chat.params
+    assert params.tools == [json.dumps(TOOL, ensure_ascii=False, separators=(",", ":"))]
+    assert params.tools[0].startswith('{"type":"function","function":{"name":"get_weather","description"')
+    assert params.tool_choice == "required" and params.parallel_tool_calls is False
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    assert parse_and_validate(model="phi", messages=HELLO, tools=[TOOL], tool_choice=named).chat.params.tool_choice == (
+        "get_weather"
+    )
+    for choice in ("auto", "none"):
+        assert parse(model="auto", messages=HELLO, tools=[TOOL], tool_choice=choice).chat.params.tool_choice == choice
+    plain = parse(model="phi", messages=HELLO).chat.params
+    assert plain.tools == [] and plain.tool_choice == "" and plain.parallel_tool_calls is None
+
+
+def test_a_conversation_with_tool_calls_and_results():
+    messages = [
+        {"role": "user", "content": "weather in Lima?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city":"Lima"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "sunny"}]},
+    ]
+    chat = parse_and_validate(model="phi", messages=messages, tools=[TOOL]).chat
+    assert chat.message == "weather in Lima?"
+    assert [(m.role, m.content, m.tool_call_id) for m in chat.messages] == [
+        ("user", "weather in Lima?", ""),
+        ("assistant", "", ""),
+        ("tool", "sunny", "call_1"),
+    ]
+    assert chat.messages[1].tool_calls == [ToolCall("call_1", "get_weather", '{"city":"Lima"}')]
+
+
+def test_tool_calls_in_openai_shapes_and_as_the_sdk_assembles_them():
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk
+
+    decision = RoutingDecision("phi", "conversation", 0.9, "router", "why")
+    done = ChatDone(Finished("tool_calls", prompt_tokens=3, completion_tokens=9, model_id="phi"), 12.0)
+    completion = openai_api.Completion("auto")
+    calls = [ToolCall("call_1", "get_weather", '{"city":"Lima"}'), ToolCall("call_2", "get_weather", "{}")]
+    answer = completion.response("", decision, done, tool_calls=calls)
+    choice = answer["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    assert choice["message"]["tool_calls"][0] == {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city":"Lima"}'},
+    }
+    assert completion.response("Checking.", decision, done, tool_calls=calls)["choices"][0]["message"]["content"] == (
+        "Checking."
+    )
+
+    deltas = [
+        ToolCallDelta(0, "call_1", "get_weather", ""),
+        ToolCallDelta(0, arguments='{"city":'),
+        ToolCallDelta(0, arguments='"Lima"}'),
+        ToolCallDelta(1, "call_2", "get_weather", "{}"),
+    ]
+    chunks = [completion.first_chunk(decision, False)]
+    for delta in deltas:
+        chunks += completion.tool_call_chunks(delta)
+    chunks.append(completion.last_chunk(done, False))
+    assert chunks[1]["choices"][0]["delta"] == {
+        "tool_calls": [
+            {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+        ]
+    }
+    assert chunks[2]["choices"][0]["delta"] == {"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]}
+    # A first piece that carries arguments too: the call's first chunk, then its arguments.
+    assert len(chunks) == 7 and chunks[5]["choices"][0]["delta"]["tool_calls"][0]["function"] == {"arguments": "{}"}
+    state = ChatCompletionStreamState()
+    for chunk in chunks:
+        state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
+    final = state.get_final_completion().choices[0]
+    assert final.finish_reason == "tool_calls"
+    assert [(c.id, c.type, c.function.name, c.function.arguments) for c in final.message.tool_calls] == [
+        ("call_1", "function", "get_weather", '{"city":"Lima"}'),
+        ("call_2", "function", "get_weather", "{}"),
+    ]
