@@ -42,6 +42,7 @@ async def _chat(args, config) -> int:
     # A reasoning model's thinking goes to stderr (dimmed on a terminal), so stdout is only the answer.
     dim, plain = ("\033[2m", "\033[0m") if sys.stderr.isatty() else ("", "")
     thinking = answering = False
+    calls: dict[int, list[str]] = {}  # a tool call's [name, arguments so far], by index
     async with _edge_channel(config, args.target) as channel:
         stub = gateway_pb2_grpc.ChatServiceStub(channel)
         try:
@@ -61,7 +62,13 @@ async def _chat(args, config) -> int:
                 elif kind == "token":
                     print(event.token.text, end="", flush=True)
                     answering = True
+                elif kind == "tool_call":
+                    call = calls.setdefault(event.tool_call.index, ["", ""])
+                    call[0] = call[0] or event.tool_call.name
+                    call[1] += event.tool_call.arguments
                 elif kind == "done":
+                    for name, arguments in calls.values():
+                        print(f"\ntool call: {name}({arguments})", file=sys.stderr)
                     done = event.done
                     reasoning = f", {done.usage.reasoning_tokens} reasoning" if done.usage.reasoning_tokens else ""
                     print(

@@ -131,6 +131,7 @@ async function chat(message) {
   turn.dataset.state = "waiting";
   const text = turn.querySelector(".text");
   let reasoning = null;
+  const toolCalls = {}; // index -> the line showing that call, its arguments growing
   try {
     const response = await api("POST", "/api/chat/stream", body);
     for await (const event of serverSentEvents(response)) {
@@ -147,6 +148,21 @@ async function chat(message) {
       } else if (event.token) {
         if (reasoning?.dataset.state === "streaming") setReasoningState(reasoning, "paused");
         text.textContent += event.token.text;
+      } else if (event.tool_call) {
+        const call = event.tool_call;
+        const index = call.index ?? 0;
+        if (!toolCalls[index]) {
+          toolCalls[index] = document.createElement("div");
+          toolCalls[index].className = "tool-call";
+          toolCalls[index].dataset.name = call.name ?? "";
+          toolCalls[index].dataset.arguments = "";
+          toolCalls[index].style.fontSize = ".85em";
+          turn.append(toolCalls[index]);
+        }
+        const line = toolCalls[index];
+        line.dataset.arguments += call.arguments ?? "";
+        line.textContent = `tool call: ${line.dataset.name}(${line.dataset.arguments})`;
+        turn.dataset.state = "streaming";
       } else if (event.done) {
         turn.dataset.state = "done";
         const usage = event.done.usage;
@@ -160,7 +176,7 @@ async function chat(message) {
   } catch (error) {
     turn.dataset.state = "error";
     if (reasoning) setReasoningState(reasoning, "error");
-    if (!text.textContent && !reasoning) turn.remove();
+    if (!text.textContent && !reasoning && !Object.keys(toolCalls).length) turn.remove();
     throw error;
   }
 }
