@@ -1,8 +1,8 @@
 """Generation over a model server's HTTP API: OpenAI's /chat/completions for every server
 (llama-server, vLLM, Ollama, hosted APIs), llama-server's native /completion for `raw` prompts.
 
-Both stream with Server-Sent Events and yield `Reasoning` and `Token` items as they arrive, then
-one `Finished`. Each server is sent only the fields it understands (capibara_grpc.upstream.kinds).
+Both stream with Server-Sent Events and yield `Reasoning`, `Token` and `ToolCallDelta` items as
+they arrive, then one `Finished`. Each server is sent only the fields it understands (capibara_grpc.upstream.kinds).
 Leaving the generator early (client cancelled, deadline) closes the HTTP response, and the model
 server stops generating for a closed connection.
 """
@@ -10,11 +10,21 @@ server stops generating for a closed connection.
 from __future__ import annotations
 
 import contextlib
+import json
+import secrets
 import time
 from collections.abc import AsyncIterator
 
 from capibara_grpc.chat.request import json_schema
-from capibara_grpc.chat.types import Finished, Generated, Message, Reasoning, SamplingParams, Token
+from capibara_grpc.chat.types import (
+    Finished,
+    Generated,
+    Message,
+    Reasoning,
+    SamplingParams,
+    Token,
+    ToolCallDelta,
+)
 from capibara_grpc.config import ModelConfig
 from capibara_grpc.errors import MeshError, Unavailable
 from capibara_grpc.inference.types import ModelStatus
@@ -69,6 +79,43 @@ class ModelBackend:
         )
 
 
+def message_json(m: Message) -> dict:
+    """A message as the OpenAI API takes it: an assistant's tool calls, a tool's result."""
+    if m.role == "assistant" and m.tool_calls:
+        calls = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in m.tool_calls
+        ]
+        return {"role": "assistant", "content": m.content or None, "tool_calls": calls}
+    if m.role == "tool":
+        return {"role": "tool", "tool_call_id": m.tool_call_id, "content": m.content}
+    return {"role": m.role, "content": m.content}
+
+
+def tool_fields(params: SamplingParams, named_tool_choice: bool = True, takes_tool_choice: bool = True) -> dict:
+    """tools, tool_choice and parallel_tool_calls as the OpenAI API takes them. Each tool is the
+    client's JSON parsed (key order kept), so the server gets the array the client sent."""
+    if not params.tools:
+        return {}
+    tools, choice = [json_schema(text) for text in params.tools], params.tool_choice
+    if choice == "none" and not takes_tool_choice:
+        return {}  # a server that ignores tool_choice would still call them
+    fields: dict = {"tools": tools}
+    if choice in ("auto", "none", "required"):
+        fields["tool_choice"] = choice
+    elif choice and named_tool_choice:
+        fields["tool_choice"] = {"type": "function", "function": {"name": choice}}
+    elif choice:
+        # The server cannot name a function in tool_choice (llama-server reads it as a string and
+        # turns an object into "auto"; Ollama ignores it): offered only that tool, with a call
+        # required, the model can call nothing else.
+        fields["tools"] = [t for t in tools if t["function"]["name"] == choice]
+        fields["tool_choice"] = "required"
+    if params.parallel_tool_calls is not None:
+        fields["parallel_tool_calls"] = params.parallel_tool_calls
+    return fields
+
+
 class ChatCompletionsBackend(ModelBackend):
     """POST <base>/chat/completions, streaming, with the server's chat template and parsing."""
 
@@ -77,7 +124,7 @@ class ChatCompletionsBackend(ModelBackend):
         kind = self.upstream.kind
         body = {
             "model": self.upstream.model_name,
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "messages": [message_json(m) for m in messages],
             "stream": True,
             "stream_options": {"include_usage": True},
             "max_tokens": params.max_tokens,
@@ -93,6 +140,7 @@ class ChatCompletionsBackend(ModelBackend):
         if params.json_schema:
             schema = json_schema(params.json_schema)
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+        body |= tool_fields(params, kind.named_tool_choice, kind.takes_tool_choice)
         for attribute, name in kind.extra_sampling.items():
             if (value := getattr(params, attribute)) is not None:
                 body[name] = value
@@ -106,7 +154,8 @@ class ChatCompletionsBackend(ModelBackend):
         body = self.request_body(messages, params)
         first_token_at = first_reasoning_at = None
         finish_reason, usage, timings, backend_model, stop_type = None, {}, {}, "", ""
-        index = thoughts = 0
+        index = thoughts = tool_deltas = 0
+        call_ids: dict[int, str] = {}
         events = self.upstream.stream(self.upstream.api_base + "/chat/completions", body, started)
         async with contextlib.aclosing(events):
             async for event, watchdog in events:
@@ -128,26 +177,59 @@ class ChatCompletionsBackend(ModelBackend):
                         first_token_at = first_token_at or time.perf_counter()
                         yield Token(text, index)
                         index += 1
+                    for position, call in enumerate(delta.get("tool_calls") or ()):
+                        if item := _tool_call_delta(call, position, call_ids):
+                            watchdog.output()
+                            first_token_at = first_token_at or time.perf_counter()
+                            yield item
+                            tool_deltas += 1
                     finish_reason = choice.get("finish_reason") or finish_reason
         if finish_reason is None:
             raise self._ended_early("a finish reason")
         self.upstream.succeeded()
         details = usage.get("completion_tokens_details") or {}
         # The OpenAI API does not tell a stop string from end-of-sequence (both "stop");
-        # llama-server's verbose stop_type does.
+        # llama-server's verbose stop_type does. An answer that called tools ends "tool_calls" even
+        # where the server says "stop" (OpenAI and vLLM do for a tool_choice naming a function).
+        reason = _LLAMA_STOP_TYPES.get(stop_type) or _OPENAI_FINISH.get(finish_reason, "stop")
+        if call_ids and reason != "length":
+            reason = "tool_calls"
         yield self._finished(
-            _LLAMA_STOP_TYPES.get(stop_type) or _OPENAI_FINISH.get(finish_reason, "stop"),
+            reason,
             started,
             first_token_at,
             first_reasoning_at,
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or index + thoughts),
+            completion_tokens=int(usage.get("completion_tokens") or index + thoughts + tool_deltas),
             reasoning_tokens=int(details.get("reasoning_tokens") or 0),
             prompt_ms=float(timings.get("prompt_ms") or 0),
             generation_ms=float(timings.get("predicted_ms") or 0),
             tokens_per_second=float(timings.get("predicted_per_second") or 0),
             backend_model=backend_model,
         )
+
+
+def _tool_call_delta(call: object, position: int, call_ids: dict[int, str]) -> ToolCallDelta | None:
+    """One entry of a streamed delta.tool_calls ({index, id?, type?, function: {name?, arguments?}}).
+    Servers differ in how they cut a call: OpenAI and vLLM send the id and name first, then
+    argument fragments; llama-server's first piece may already hold arguments; Ollama sends each
+    call whole. A call whose first piece has no id gets one here (clients answer by id)."""
+    if not isinstance(call, dict):
+        return None
+    index = call.get("index")
+    index = index if isinstance(index, int) and index >= 0 else position
+    function = call.get("function") if isinstance(call.get("function"), dict) else {}
+    name, arguments = function.get("name") or "", function.get("arguments") or ""
+    call_id = call.get("id") or ""
+    if index not in call_ids:
+        call_ids[index] = call_id = call_id or "call_" + secrets.token_hex(12)
+    elif call_id == call_ids[index]:
+        call_id = ""  # said once
+    if not (call_id or name or arguments):
+        return None
+    if not isinstance(arguments, str):  # a server that sends the arguments as an object
+        arguments = json.dumps(arguments)
+    return ToolCallDelta(index, call_id, str(name), arguments)
 
 
 class LlamaCompletionBackend(ModelBackend):

@@ -92,6 +92,8 @@ class InferenceEngine:
         if not validated:
             validate_messages(messages)
             params = resolve(validate_params(params), backend.model.defaults)
+        if params.tools and not backend.model.takes_tools:
+            raise InvalidField("params.tools", f"model '{model_id}' does not take tools (models.{model_id}.tools)")
         async with self.admission[model_id].slot():
             started, first_token, first_reasoning = time.perf_counter(), True, True
             async for item in backend.generate(messages, params):

@@ -13,6 +13,18 @@ Sources of each format:
 - Ollama: docs/openai.md and openai/openai.go (/v1/chat/completions, /v1/models; no tokenizer,
   no context window over /v1; reasoning arrives as `reasoning` deltas).
 - A hosted OpenAI-compatible API: the OpenAI API reference (Chat Completions); only its fields.
+
+Tools (function calling): every kind takes OpenAI's `tools` and the assistant/tool messages, and
+streams `delta.tool_calls`. What differs is tool_choice:
+- llama-server reads it as a string only (tools/server/server-common.cpp
+  oaicompat_chat_params_parse: `json_value(body, "tool_choice", std::string("auto"))`, and
+  common_chat_tool_choice_parse_oaicompat takes auto, none, required): an object naming a
+  function is a type error that json_value swallows, so it silently becomes "auto".
+- Ollama's /v1 (openai/openai.go ChatCompletionRequest) has no tool_choice nor
+  parallel_tool_calls field: Go's decoder drops them.
+- vLLM (ChatCompletionRequest) takes all of them; "auto" needs the server started with
+  --enable-auto-tool-choice and a --tool-call-parser, named and "required" work without
+  (guided decoding).
 """
 
 from __future__ import annotations
@@ -44,6 +56,11 @@ class ServerKind:
     context_window_source: str = ""
     # Health: GET <root>/health (a server that has it), else GET <base>/models with the key.
     has_health: bool = False
+    # Takes tool_choice as OpenAI's {"type": "function", "function": {"name": ...}}; a server that
+    # does not is sent only the named tool, with tool_choice "required".
+    named_tool_choice: bool = True
+    # Reads tool_choice at all; a server that does not is sent no tools for tool_choice "none".
+    takes_tool_choice: bool = True
 
     def tokenize_body(self, model_name: str, text: str) -> dict:
         if self.name == "vllm":
@@ -65,6 +82,7 @@ KINDS = {
         tokenize_path="/tokenize",
         context_window_source="props",
         has_health=True,
+        named_tool_choice=False,
     ),
     "vllm": ServerKind(
         "vllm",
@@ -73,7 +91,7 @@ KINDS = {
         context_window_source="models",
         has_health=True,
     ),
-    "ollama": ServerKind("ollama"),
+    "ollama": ServerKind("ollama", named_tool_choice=False, takes_tool_choice=False),
     "openai": ServerKind("openai"),
 }
 

@@ -5,6 +5,7 @@ docs/models.md, loaded, and (for the servers someone else runs) chatted with."""
 from __future__ import annotations
 
 import email.utils
+import json
 import os
 import pathlib
 import re
@@ -14,7 +15,7 @@ import time
 import pytest
 import yaml
 
-from capibara_grpc.chat.types import Finished, Message, Reasoning, SamplingParams, Token
+from capibara_grpc.chat.types import Finished, Message, Reasoning, SamplingParams, Token, ToolCall, ToolCallDelta
 from capibara_grpc.config import ConfigError, parse_config
 from capibara_grpc.errors import BackendRefusedKey, InvalidArgument, ResourceExhausted, Unavailable
 from capibara_grpc.inference.core import InferenceEngine
@@ -244,3 +245,101 @@ def test_an_unset_key_variable_stops_startup():
             source="unit.yaml",
             check_files={"inference"},
         )
+
+
+# -- tools -----------------------------------------------------------------------------------------
+
+# As a client wrote them: the server must get these exact texts back (spacing and key order too).
+WEATHER = (
+    '{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",'
+    ' "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}'
+)
+CLOCK = '{"function": {"parameters": {"properties": {}, "type": "object"}, "name": "get_time"}, "type": "function"}'
+ASK = [Message("user", "weather in Paris?")]
+
+
+def served_by(up: FakeUpstream, **model) -> str:
+    return one_model({"url": up.base_url, "protocol": "openai", "server": up.flavor, "model_name": "gpt-test"}, **model)
+
+
+async def generate(engine: InferenceEngine, messages: list[Message], **params) -> list:
+    return [item async for item in engine.generate("m", messages, SamplingParams(**params))]
+
+
+def assembled(items: list) -> list[ToolCall]:
+    """The calls the deltas make, as a client puts them together."""
+    calls: dict[int, ToolCall] = {}
+    for item in items:
+        if isinstance(item, ToolCallDelta):
+            call = calls.setdefault(item.index, ToolCall("", "", ""))
+            call.id, call.name = call.id or item.id, call.name + item.name
+            call.arguments += item.arguments
+    return [calls[i] for i in sorted(calls)]
+
+
+@pytest.mark.parametrize("flavor", ["openai", "vllm", "ollama", "llama_server"])
+async def test_tools_go_out_as_sent_and_streamed_calls_come_back_whole(flavor, engine_for):
+    with FakeUpstream(flavor=flavor, tool_calls=2, tool_arguments={"city": "Paris", "unit": "C"}) as up:
+        engine = await engine_for(served_by(up))
+        items = await generate(engine, ASK, tools=[WEATHER, CLOCK], parallel_tool_calls=True)
+    body = up.chat_requests()[-1].body
+    assert [json.dumps(tool) for tool in body["tools"]] == [WEATHER, CLOCK]
+    assert "tool_choice" not in body and body["parallel_tool_calls"] is True
+    calls = assembled(items)
+    assert [c.name for c in calls] == ["get_weather", "get_time"]
+    assert all(json.loads(c.arguments) == {"city": "Paris", "unit": "C"} for c in calls)
+    assert len({c.id for c in calls}) == 2 and all(c.id for c in calls)
+    assert not [i for i in items if isinstance(i, Token)]
+    assert isinstance(items[-1], Finished) and items[-1].finish_reason == "tool_calls"
+    assert items[-1].completion_tokens > 0
+
+
+@pytest.mark.parametrize(
+    ("flavor", "choice", "sent_choice", "sent_tools"),
+    [
+        ("openai", "get_time", {"type": "function", "function": {"name": "get_time"}}, ["get_weather", "get_time"]),
+        ("vllm", "required", "required", ["get_weather", "get_time"]),
+        # llama-server reads tool_choice as a string only; Ollama not at all: the named tool alone, required
+        ("llama_server", "get_time", "required", ["get_time"]),
+        ("ollama", "get_time", "required", ["get_time"]),
+        ("llama_server", "none", "none", ["get_weather", "get_time"]),
+        ("ollama", "none", None, None),  # Ollama ignores tool_choice: no tools at all
+    ],
+)
+async def test_tool_choice_as_each_server_takes_it(flavor, choice, sent_choice, sent_tools, engine_for):
+    with FakeUpstream(flavor=flavor) as up:
+        engine = await engine_for(served_by(up))
+        items = await generate(engine, ASK, tools=[WEATHER, CLOCK], tool_choice=choice)
+    body = up.chat_requests()[-1].body
+    assert body.get("tool_choice") == sent_choice
+    assert ([t["function"]["name"] for t in body["tools"]] if "tools" in body else None) == sent_tools
+    if choice == "none":
+        assert items[-1].finish_reason == "stop" and not assembled(items)
+    else:
+        assert [c.name for c in assembled(items)] == ["get_time" if choice == "get_time" else "get_weather"]
+
+
+async def test_the_tool_result_round_trip(engine_for):
+    call = ToolCall("call_1", "get_weather", '{"city": "Paris"}')
+    history = [*ASK, Message("assistant", "", tool_calls=[call]), Message("tool", "sunny, 21 C", tool_call_id="call_1")]
+    with FakeUpstream(flavor="openai") as up:  # the strict one: it refuses any message key not OpenAI's
+        engine = await engine_for(served_by(up))
+        items = await generate(engine, history, tools=[WEATHER])
+    sent = up.chat_requests()[-1].body["messages"]
+    assert sent[1] == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+        ],
+    }
+    assert sent[2] == {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}
+    assert "".join(i.text for i in items if isinstance(i, Token)) == "tool said: sunny, 21 C"
+    assert items[-1].finish_reason == "stop"
+
+
+async def test_a_raw_model_takes_no_tools(engine_for):
+    with FakeUpstream(flavor="llama_server") as up:
+        engine = await engine_for(one_model({"url": up.root_url, "protocol": "llama_cpp"}, chat_template="raw"))
+        with pytest.raises(InvalidArgument, match="does not take tools"):
+            await generate(engine, ASK, tools=[WEATHER])
