@@ -343,3 +343,14 @@ async def test_a_raw_model_takes_no_tools(engine_for):
         engine = await engine_for(one_model({"url": up.root_url, "protocol": "llama_cpp"}, chat_template="raw"))
         with pytest.raises(InvalidArgument, match="does not take tools"):
             await generate(engine, ASK, tools=[WEATHER])
+
+
+@pytest.mark.parametrize("flavor, field", [("llama_server", "repeat_penalty"), ("vllm", "repetition_penalty")])
+async def test_no_repetition_penalty_while_tools_are_offered(flavor, field, engine_for):
+    """The penalty counts the prompt, where the tools' names and the call markup stand."""
+    with FakeUpstream(flavor=flavor) as up:
+        engine = await engine_for(served_by(up, defaults={"repeat_penalty": 1.2}))
+        await generate(engine, ASK, tools=[WEATHER])
+        await generate(engine, ASK, tools=[WEATHER], tool_choice="none")
+        await generate(engine, ASK)
+    assert [r.body.get(field) for r in up.chat_requests()] == [None, 1.2, 1.2]
