@@ -210,7 +210,8 @@ def test_unknown_model_is_not_found(mesh):
     [
         ({"n": 2}, "n"),
         ({"logprobs": True}, "logprobs"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        # Tools are taken (tests/test_tools.py); the old function-calling API is not.
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
         ({"response_format": {"type": "xml"}}, "response_format"),
         ({"temperature": 7}, "temperature"),
     ],

@@ -13,8 +13,9 @@ from capibara_gateway.core import ChatGateway
 from capibara_gateway.health import HealthReport, ServiceHealth
 from capibara_gateway.servicer import ChatServicer, MeshServicer
 
+from capibara_grpc.chat.types import ToolCallDelta
 from capibara_grpc.errors import ResourceExhausted, Unavailable
-from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
+from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc, inference_pb2
 from tests.unit.fakes import FakeModels, Model, mesh_config, serving, status_of
 
 CONFIG = mesh_config()
@@ -145,3 +146,24 @@ async def test_health_is_unavailable_only_when_no_chat_can_be_served(stubs):
     health.report = report(INFERENCE)
     code, details = await status_of(mesh.GetHealth(gateway_pb2.GetHealthRequest(), timeout=5))
     assert code == grpc.StatusCode.UNAVAILABLE and "a service that chats need is down" in details
+
+
+async def test_tool_calls_as_events_and_whole_in_complete():
+    tool = '{"type":"function","function":{"name":"get_weather"}}'
+    pieces = [ToolCallDelta(0, "call_1", "get_weather"), ToolCallDelta(0, arguments='{"city":"Lima"}')]
+    models = FakeModels(beta=Model(tokens=[], tool_calls=pieces))
+
+    def add(server):
+        gateway_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(ChatGateway(CONFIG, models.generate)), server)
+
+    async with serving(add) as channel:
+        stub = gateway_pb2_grpc.ChatServiceStub(channel)
+        request = {"message": "weather in Lima?", "model": "beta", "tools": [tool], "tool_choice": "required"}
+        events = [e async for e in stub.Chat(gateway_pb2.ChatRequest(**request))]
+        assert [e.WhichOneof("event") for e in events] == ["routing", "tool_call", "tool_call", "done"]
+        assert events[1].tool_call.name == "get_weather" and events[2].tool_call.arguments == '{"city":"Lima"}'
+        assert events[-1].done.finish_reason == inference_pb2.FINISH_REASON_TOOL_CALLS
+        answer = await stub.Complete(gateway_pb2.CompleteRequest(**request))
+    assert answer.finish_reason == inference_pb2.FINISH_REASON_TOOL_CALLS and answer.response == ""
+    assert [(c.id, c.name, c.arguments) for c in answer.tool_calls] == [("call_1", "get_weather", '{"city":"Lima"}')]
+    assert models.params[0].tools == [tool] and models.params[0].tool_choice == "required"
