@@ -88,7 +88,12 @@ def limits_markdown() -> str:
         f"| `json_schema` (`response_format` on /v1) | a JSON object of at most {MAX_JSON_SCHEMA_BYTES} bytes |"
     )
     rows.append("| `reasoning_effort` | one word: `low`, `medium`, `high`... |")
-    rows.append(f"| `messages` | at most {MAX_MESSAGES}, roles system/user/assistant, one user message with text |")
+    rows.append(f"| `tools` | at most {MAX_TOOLS} function tools, each at most {MAX_TOOL_BYTES} bytes, names unique |")
+    rows.append("| `tool_choice` | `auto`, `none`, `required` or the name of one of the tools |")
+    rows.append(
+        f"| `messages` | at most {MAX_MESSAGES}, roles system/user/assistant/tool (a tool message names its "
+        "`tool_call_id`), one user message with text |"
+    )
     rows.append(f"| `system_prompt` | at most {MAX_SYSTEM_PROMPT_BYTES} bytes |")
     return "| field | accepted |\n|---|---|\n" + "\n".join(rows) + "\n"
 
