@@ -72,6 +72,9 @@ def build(where: Where, node: yaml.Node, kind, path: str, default=None):
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):  # X | None
         (inner,) = [a for a in typing.get_args(kind) if a is not type(None)]
+        # `key: null` (or ~) is the unset value, as `as_data` writes it; a dataclass keeps its rule below.
+        if not dataclasses.is_dataclass(inner) and isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
+            return None
         return build(where, node, inner, path)
     if origin is list:
         if not isinstance(node, yaml.SequenceNode):
