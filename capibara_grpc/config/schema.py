@@ -249,6 +249,12 @@ class McpServerConfig:
     tools: dict[str, McpToolConfig] = field(default_factory=dict)
     # Resources to read, by a name of your choice.
     resources: dict[str, McpResourceConfig] = field(default_factory=dict)
+    # Tools a chat may ask the mesh to offer the model and run for it (`mcp_tools` in the request),
+    # by tool name; ["*"] = every tool the server lists. Empty: none (the default).
+    offer_tools: list[str] = field(default_factory=list)
+    # API keys (their names or short ids) that may ask for this server's tools when the mesh has
+    # keys; empty = any key.
+    api_keys: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -267,6 +273,10 @@ class ContextConfig:
     max_data_tokens: int = 1500
     # MCP servers whose tools and resources add context, by a name of your choice (none by default).
     mcp_servers: dict[str, McpServerConfig] = field(default_factory=dict)
+    # Most MCP tool calls the mesh runs for one chat (mcp_tools); then the model must answer.
+    mcp_tool_steps: int = 4
+    # Longest tool result given back to the model, in characters; a longer one is cut, saying so.
+    mcp_tool_result_chars: int = 8192
 
 
 @dataclass

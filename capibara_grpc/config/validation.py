@@ -178,6 +178,10 @@ def _validate_mcp_servers(config: MeshConfig, fail, routes=None) -> None:
             found.append({*(routes if routes is not None else load_routes(config)).routes, "default"})
         return found[0]
 
+    if not 1 <= config.context.mcp_tool_steps <= 32:
+        fail(line_of(config.context, "mcp_tool_steps"), "context.mcp_tool_steps must be between 1 and 32")
+    if config.context.mcp_tool_result_chars < 100:
+        fail(line_of(config.context, "mcp_tool_result_chars"), "context.mcp_tool_result_chars must be at least 100")
     for name, server in config.context.mcp_servers.items():
         where = f"context.mcp_servers.{name}"
         if not re.fullmatch(r"[\w.-]{1,64}", name):
@@ -192,8 +196,10 @@ def _validate_mcp_servers(config: MeshConfig, fail, routes=None) -> None:
             fail(line_of(server, "max_result_chars"), f"{where}.max_result_chars must be positive")
         if server.reconnect_max_s < 1:
             fail(line_of(server, "reconnect_max_s"), f"{where}.reconnect_max_s must be at least 1")
-        if not server.tools and not server.resources:
-            fail(line_of(server), f"{where}: no tools and no resources: nothing would ever be used")
+        if not server.tools and not server.resources and not server.offer_tools:
+            fail(line_of(server), f"{where}: no tools, resources or offer_tools: nothing would ever be used")
+        if "*" in server.offer_tools and server.offer_tools != ["*"] or "" in server.offer_tools:
+            fail(line_of(server, "offer_tools"), f"{where}.offer_tools: tool names, or ['*'] alone for every tool")
         uses = [(f"{where}.tools.{k}", use, use.arguments) for k, use in server.tools.items()]
         uses += [(f"{where}.resources.{k}", use, {}) for k, use in server.resources.items()]
         for path, use, arguments in uses:
