@@ -53,6 +53,12 @@ def model_deployment(model: ModelConfig, gpu: bool) -> list[dict]:
                 *(item for pair in REASONING_FLAGS.items() for item in pair),
                 "--jinja",
                 "--no-webui",
+                # The template that shows the model its tools lies beside the GGUF on the models volume.
+                *(
+                    ["--chat-template-file", f"/models/{pathlib.Path(launch.chat_template_file).name}"]
+                    if launch.chat_template_file
+                    else []
+                ),
             ],
             "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},
             "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}],
