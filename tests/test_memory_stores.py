@@ -9,7 +9,8 @@ import asyncio
 
 import pytest
 
-from capibara_grpc.context.memory import SqliteStore, open_store
+from capibara_grpc.chat.types import ToolCall
+from capibara_grpc.context.memory import POSTGRES_MIGRATIONS, PostgresStore, SqliteStore, open_store
 from tests.support.stores import postgres_server
 
 
@@ -76,7 +77,7 @@ async def test_migrations_run_again_harmlessly_and_data_survives_a_reopen(databa
     assert [t.content for t in await again.turns("kept")] == ["recuérdame"]
     assert await again.append("kept", "user", "recuérdame", request_id="k:user") is False
     version = again.schema_version if isinstance(again, SqliteStore) else await again.schema_version()
-    assert version == 2
+    assert version == 3
     await again.close()
 
 
@@ -93,9 +94,57 @@ async def test_a_sqlite_file_from_before_numbered_migrations_is_upgraded(tmp_pat
     old.commit()
     old.close()
     store = SqliteStore(path)
-    assert store.schema_version == 2
+    assert store.schema_version == 3
     assert [t.content for t in await store.turns("old")] == ["de antes"]
     assert await store.append("old", "user", "nuevo", request_id="x") and not await store.append(
         "old", "user", "nuevo", request_id="x"
     )
+    await store.close()
+
+
+async def test_tool_calls_and_results_are_kept_in_order(database):
+    store = await fresh(database, "tools")
+    call = ToolCall("call_1", "get_weather", '{"city": "Málaga"}')
+    await store.append("tools", "user", "¿qué tiempo hace en Málaga?", request_id="t1:user")
+    await store.append("tools", "assistant", "", "phi", "t1:assistant", tool_calls=[call])
+    for _ in range(2):  # a retried request: each result stored once
+        await store.append("tools", "tool", "22 C", request_id="t2:tool:call_1", tool_call_id="call_1")
+        await store.append("tools", "tool", "", request_id="t2:tool:call_2", tool_call_id="call_2")
+    turns = await store.turns("tools")
+    assert [(t.role, t.content, t.tool_calls, t.tool_call_id) for t in turns] == [
+        ("user", "¿qué tiempo hace en Málaga?", [], ""),
+        ("assistant", "", [call], ""),
+        ("tool", "22 C", [], "call_1"),
+        ("tool", "", [], "call_2"),
+    ]
+    await store.close()
+
+
+async def test_a_postgres_database_of_schema_2_is_migrated_in_place(postgres_url):
+    """A database written by the previous release (migrations 1 and 2 only) gets the tool columns;
+    its turns are kept and its idempotency keys still hold."""
+    import psycopg
+
+    schema = "before_tools"
+    url = f"{postgres_url}{'&' if '?' in postgres_url else '?'}options=-csearch_path%3D{schema}"
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as db:
+        await db.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await db.execute(f"CREATE SCHEMA {schema}")
+        await db.execute(f"SET search_path TO {schema}")
+        await db.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        for number, statements in POSTGRES_MIGRATIONS[:2]:
+            await db.execute(statements)
+            await db.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (number,))
+        await db.execute(
+            "INSERT INTO turns (conversation_id, role, content, model_id, request_id) "
+            "VALUES ('old', 'user', 'de antes', '', 'a:user')"
+        )
+    store = await PostgresStore.open(url)
+    assert await store.schema_version() == 3
+    assert [(t.role, t.content, t.tool_calls) for t in await store.turns("old")] == [("user", "de antes", [])]
+    assert not await store.append("old", "user", "de antes", request_id="a:user")
+    await store.append("old", "assistant", "", "phi", "b:assistant", tool_calls=[ToolCall("c", "f", "{}")])
+    assert (await store.turns("old"))[-1].tool_calls == [ToolCall("c", "f", "{}")]
     await store.close()

@@ -6,7 +6,7 @@ import grpc
 
 from capibara_grpc import tracing
 from capibara_grpc.chat import convert as chat_convert
-from capibara_grpc.chat.types import Message
+from capibara_grpc.chat.types import Message, ToolCall
 from capibara_grpc.stubs import context_pb2, context_pb2_grpc
 
 
@@ -15,25 +15,49 @@ class ContextClient:
         self.stub = context_pb2_grpc.ContextServiceStub(channel)
 
     async def enrich(
-        self, message: str, conversation_id: str, model_id: str, timeout_s: float, route: str = ""
+        self,
+        message: str,
+        conversation_id: str,
+        model_id: str,
+        timeout_s: float,
+        route: str = "",
+        tool_results: list[Message] | None = None,
     ) -> list[Message]:
         response = await self.stub.Enrich(
-            context_pb2.EnrichRequest(message=message, conversation_id=conversation_id, model_id=model_id, route=route),
+            context_pb2.EnrichRequest(
+                message=message,
+                conversation_id=conversation_id,
+                model_id=model_id,
+                route=route,
+                tool_results=chat_convert.messages_to_pb(tool_results or []),
+            ),
             timeout=timeout_s,
         )
         return chat_convert.messages_from_pb(response.messages)
 
-    async def append_turn(self, conversation_id: str, role: str, content: str, model_id: str, timeout_s: float) -> None:
+    async def append_turn(
+        self,
+        conversation_id: str,
+        role: str,
+        content: str,
+        model_id: str,
+        timeout_s: float,
+        tool_calls: list[ToolCall] | None = None,
+        tool_call_id: str = "",
+    ) -> None:
         # The request id (one per chat) and the role make the idempotency key: a retried call
-        # stores the turn once.
+        # stores the turn once. A request sends several tool results: each one's call id is in it.
         request_id = tracing.current_request_id.get()
+        key = f"{request_id}:{role}" + (f":{tool_call_id}" if tool_call_id else "")
         await self.stub.AppendTurn(
             context_pb2.AppendTurnRequest(
                 conversation_id=conversation_id,
                 role=chat_convert.ROLE_TO_PB[role],
                 content=content,
                 model_id=model_id,
-                request_id=f"{request_id}:{role}" if request_id else "",
+                request_id=key if request_id else "",
+                tool_calls=chat_convert.tool_calls_to_pb(tool_calls or []),
+                tool_call_id=tool_call_id,
             ),
             timeout=timeout_s,
         )
@@ -45,3 +69,4 @@ class ContextClient:
         )
         user = [turn.content for turn in response.turns if chat_convert.ROLE_FROM_PB.get(turn.role) == "user"]
         return user[-count:]
+

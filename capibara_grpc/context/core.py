@@ -11,7 +11,7 @@ from capibara_grpc.context import providers, toon
 from capibara_grpc.context.addition import Addition
 from capibara_grpc.context.memory import ConversationStore, Turn
 from capibara_grpc.context.tokens import ModelTokens
-from capibara_grpc.errors import InvalidArgument
+from capibara_grpc.errors import InvalidArgument, InvalidField
 
 if typing.TYPE_CHECKING:  # the MCP SDK is imported only where MCP servers are configured
     from capibara_grpc.context.mcp_sources import McpSources
@@ -124,7 +124,11 @@ class ContextEngine:
         model_id: str = "",
         system_prompt: str | None = None,
         route: str = "",
+        tool_results: list[Message] | None = None,
     ) -> EnrichResult:
+        """`tool_results`: the new input is tool results answering the stored conversation's newest
+        tool calls, sent after the history in place of `message` (which then only feeds the
+        providers: the conversation's last user message)."""
         if not message.strip():
             raise InvalidArgument("message must not be empty or only whitespace")
         model_id = self._model(model_id)
@@ -144,8 +148,8 @@ class ContextEngine:
         system = self.config.gateway.system_prompt if system_prompt is None else system_prompt
         system = "\n\n".join([system] * bool(system.strip()) + [a.content for a in added])
         head = [Message("system", system)] if system else []
-        user = Message("user", message)
-        history = await self._history(conversation_id, model_id, head + [user])
+        new_input = tool_results or [Message("user", message)]
+        history = await self._history(conversation_id, model_id, head, new_input)
         if history:
             kept, total = history
             added.append(
@@ -160,25 +164,74 @@ class ContextEngine:
                     ),
                 )
             )
-            head += [Message(t.role, t.content) for t in kept]
-        return EnrichResult(head + [user], added)
+            head += [Message(t.role, t.content, list(t.tool_calls), t.tool_call_id) for t in kept]
+        return EnrichResult(head + new_input, added)
 
-    async def _history(self, conversation_id: str, model_id: str, fixed: list[Message]):
+    async def _history(self, conversation_id: str, model_id: str, head: list[Message], new_input: list[Message]):
+        """(the newest turns that fit the window, how many are stored), or None. Turns go in whole
+        groups: an assistant turn that called tools with the results stored after it, so a result
+        never reaches the model without its call. When the new input is tool results, the group
+        holding their calls is always kept (the model cannot read the results without them)."""
         if not conversation_id:
+            if any(m.role == "tool" for m in new_input):
+                raise InvalidField("messages", "tool results need the conversation_id of the conversation that called")
             return None
         turns = await self.store.turns(conversation_id)
+        answering = [m for m in new_input if m.role == "tool"]
+        if answering:
+            check_tool_results(turns, answering)
         if not turns:
             return None
         window = await self.tokens.context_window(model_id)
         reserve = self.config.models[model_id].defaults.max_tokens
-        used = sum([await self.tokens.count(model_id, m.content) + PER_MESSAGE_OVERHEAD for m in fixed])
+        used = sum([await self._cost(model_id, m) for m in head + new_input])
         budget = window - reserve - used
         kept: list[Turn] = []
-        for turn in reversed(turns):  # newest first
-            cost = await self.tokens.count(model_id, turn.content) + PER_MESSAGE_OVERHEAD
-            if cost > budget:
+        for number, group in enumerate(reversed(turn_groups(turns))):  # newest first
+            cost = sum([await self._cost(model_id, t) for t in group])
+            if cost > budget and not (number == 0 and answering):
                 break
             budget -= cost
-            kept.append(turn)
-        kept.reverse()
+            kept[:0] = group
         return (kept, len(turns)) if kept else None
+
+    async def _cost(self, model_id: str, turn: Turn | Message) -> int:
+        """A message's tokens in the prompt: its text, and the name and arguments of each call."""
+        text = turn.content + "".join(c.name + c.arguments for c in turn.tool_calls)
+        return await self.tokens.count(model_id, text) + PER_MESSAGE_OVERHEAD * (1 + len(turn.tool_calls))
+
+
+def turn_groups(turns: list[Turn]) -> list[list[Turn]]:
+    """The turns in the groups the history is cut between: an assistant turn that called tools
+    together with the tool results that follow it, every other turn alone. A tool result whose call
+    is not before it (it cannot happen through the gateway) is dropped: a model would refuse it."""
+    groups: list[list[Turn]] = []
+    calls: set[str] = set()
+    for turn in turns:
+        if turn.role == "tool":
+            if turn.tool_call_id in calls and groups:
+                groups[-1].append(turn)
+            continue
+        calls = {c.id for c in turn.tool_calls}
+        groups.append([turn])
+    return groups
+
+
+def check_tool_results(turns: list[Turn], results: list[Message]) -> None:
+    """Tool results must answer calls of the conversation's newest assistant turn that called tools,
+    each call once: what the model is asked to continue from."""
+    calling = next((i for i in range(len(turns) - 1, -1, -1) if turns[i].tool_calls), None)
+    if calling is None:
+        raise InvalidField("messages", "the conversation has no tool calls for these tool results to answer")
+    if any(t.role != "tool" for t in turns[calling + 1 :]):
+        raise InvalidField("messages", "the conversation's newest tool calls were already answered")
+    open_ids = {c.id for c in turns[calling].tool_calls} - {t.tool_call_id for t in turns[calling + 1 :]}
+    seen: set[str] = set()
+    for result in results:
+        if result.tool_call_id not in open_ids or result.tool_call_id in seen:
+            calls = ", ".join(sorted(open_ids)) or "none left"
+            raise InvalidField(
+                "messages",
+                f"tool_call_id '{result.tool_call_id[:80]}' answers none of the conversation's open tool calls ({calls})",
+            )
+        seen.add(result.tool_call_id)

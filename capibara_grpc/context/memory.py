@@ -4,30 +4,47 @@ PostgreSQL (shared by context replicas), behind one interface.
 Both keep their schema with numbered migrations, applied at startup (PostgreSQL under an advisory
 lock, so replicas starting together do not race), and both make writes idempotent: a turn written
 with a request id is stored once, however often a retried request writes it.
+
+A turn is a user message, an answer, or a tool result: an assistant turn keeps the tool calls it
+made (JSON text in `tool_calls`, NULL when none) and a tool turn the id of the call it answers
+(`tool_call_id`), so the history goes back to the model as it was (schema version 3).
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import pathlib
 import sqlite3
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
+
+from capibara_grpc.chat.types import ToolCall
 
 
 @dataclass
 class Turn:
-    role: str
+    role: str  # user, assistant or tool
     content: str
     model_id: str
     created_at: str
+    # An assistant turn's tool calls; a tool turn's call id.
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_call_id: str = ""
 
 
 class ConversationStore(Protocol):
     async def append(
-        self, conversation_id: str, role: str, content: str, model_id: str = "", request_id: str = ""
+        self,
+        conversation_id: str,
+        role: str,
+        content: str,
+        model_id: str = "",
+        request_id: str = "",
+        tool_calls: list[ToolCall] | None = None,
+        tool_call_id: str = "",
     ) -> bool:
         """Store a turn; False when a turn with this request id was stored already."""
         ...
@@ -41,6 +58,25 @@ class ConversationStore(Protocol):
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def _calls_text(calls: list[ToolCall] | None) -> str | None:
+    """Tool calls as the JSON text kept in the tool_calls column (NULL for none)."""
+    if not calls:
+        return None
+    return json.dumps([{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls], ensure_ascii=False)
+
+
+def _turn(role, content, model_id, created_at, calls_text, tool_call_id) -> Turn:
+    calls = [ToolCall(c["id"], c["name"], c["arguments"]) for c in json.loads(calls_text)] if calls_text else []
+    return Turn(role, content, model_id, created_at, calls, tool_call_id or "")
+
+
+# Version 3: tool calls and results; nullable columns, so existing rows are untouched.
+TOOL_COLUMNS = """
+        ALTER TABLE turns ADD COLUMN tool_calls TEXT;
+        ALTER TABLE turns ADD COLUMN tool_call_id TEXT;
+"""
 
 
 # Migrations: (version, statements). Never edit a released one; add the next.
@@ -66,6 +102,7 @@ SQLITE_MIGRATIONS = [
         CREATE UNIQUE INDEX turns_once_per_request ON turns (conversation_id, request_id) WHERE request_id <> '';
     """,
     ),
+    (3, TOOL_COLUMNS),
 ]
 POSTGRES_MIGRATIONS = [
     (
@@ -89,6 +126,7 @@ POSTGRES_MIGRATIONS = [
         CREATE UNIQUE INDEX turns_once_per_request ON turns (conversation_id, request_id) WHERE request_id <> '';
     """,
     ),
+    (3, TOOL_COLUMNS),
 ]
 
 
@@ -117,31 +155,43 @@ class SqliteStore:
     def schema_version(self) -> int:
         return self._db.execute("PRAGMA user_version").fetchone()[0]
 
-    def _append(self, conversation_id: str, role: str, content: str, model_id: str, request_id: str) -> bool:
+    def _append(
+        self, conversation_id: str, role: str, content: str, model_id: str, request_id: str, calls, tool_call_id: str
+    ) -> bool:
         with self._lock:
             cursor = self._db.execute(
-                "INSERT OR IGNORE INTO turns (conversation_id, role, content, model_id, created_at, request_id) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (conversation_id, role, content, model_id, _now(), request_id),
+                "INSERT OR IGNORE INTO turns (conversation_id, role, content, model_id, created_at, request_id, "
+                "tool_calls, tool_call_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (conversation_id, role, content, model_id, _now(), request_id, calls, tool_call_id or None),
             )
             return cursor.rowcount == 1
 
     def _turns(self, conversation_id: str) -> list[Turn]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT role, content, model_id, created_at FROM turns WHERE conversation_id = ? ORDER BY id",
+                "SELECT role, content, model_id, created_at, tool_calls, tool_call_id FROM turns "
+                "WHERE conversation_id = ? ORDER BY id",
                 (conversation_id,),
             ).fetchall()
-        return [Turn(*row) for row in rows]
+        return [_turn(*row) for row in rows]
 
     def _delete(self, conversation_id: str) -> int:
         with self._lock:
             return self._db.execute("DELETE FROM turns WHERE conversation_id = ?", (conversation_id,)).rowcount
 
     async def append(
-        self, conversation_id: str, role: str, content: str, model_id: str = "", request_id: str = ""
+        self,
+        conversation_id: str,
+        role: str,
+        content: str,
+        model_id: str = "",
+        request_id: str = "",
+        tool_calls: list[ToolCall] | None = None,
+        tool_call_id: str = "",
     ) -> bool:
-        return await asyncio.to_thread(self._append, conversation_id, role, content, model_id, request_id)
+        return await asyncio.to_thread(
+            self._append, conversation_id, role, content, model_id, request_id, _calls_text(tool_calls), tool_call_id
+        )
 
     async def turns(self, conversation_id: str) -> list[Turn]:
         return await asyncio.to_thread(self._turns, conversation_id)
@@ -191,13 +241,21 @@ class PostgresStore:
             return (await (await db.execute("SELECT max(version) FROM schema_migrations")).fetchone())[0]
 
     async def append(
-        self, conversation_id: str, role: str, content: str, model_id: str = "", request_id: str = ""
+        self,
+        conversation_id: str,
+        role: str,
+        content: str,
+        model_id: str = "",
+        request_id: str = "",
+        tool_calls: list[ToolCall] | None = None,
+        tool_call_id: str = "",
     ) -> bool:
         async with self.pool.connection() as db:
             cursor = await db.execute(
-                "INSERT INTO turns (conversation_id, role, content, model_id, request_id) VALUES (%s, %s, %s, %s, %s) "
+                "INSERT INTO turns (conversation_id, role, content, model_id, request_id, tool_calls, tool_call_id) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT (conversation_id, request_id) WHERE request_id <> '' DO NOTHING",
-                (conversation_id, role, content, model_id, request_id),
+                (conversation_id, role, content, model_id, request_id, _calls_text(tool_calls), tool_call_id or None),
             )
             return cursor.rowcount == 1
 
@@ -205,13 +263,14 @@ class PostgresStore:
         async with self.pool.connection() as db:
             rows = await (
                 await db.execute(
-                    "SELECT role, content, model_id, created_at FROM turns WHERE conversation_id = %s ORDER BY id",
+                    "SELECT role, content, model_id, created_at, tool_calls, tool_call_id FROM turns "
+                    "WHERE conversation_id = %s ORDER BY id",
                     (conversation_id,),
                 )
             ).fetchall()
         return [
-            Turn(role, content, model_id, created.isoformat(timespec="milliseconds"))
-            for role, content, model_id, created in rows
+            _turn(role, content, model_id, created.isoformat(timespec="milliseconds"), calls, call_id)
+            for role, content, model_id, created, calls, call_id in rows
         ]
 
     async def delete(self, conversation_id: str) -> int:

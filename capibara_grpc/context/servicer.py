@@ -35,8 +35,16 @@ class ContextServicer(context_pb2_grpc.ContextServiceServicer):
             data = toon.parse_json(request.data_json, "data_json")
         else:
             data = plain(value_to_python(request.data)) if request.HasField("data") else NO_DATA
+        tool_results = convert.messages_from_pb(request.tool_results)
+        if any(m.role != "tool" or not m.tool_call_id for m in tool_results):
+            raise InvalidArgument("tool_results: only ROLE_TOOL messages, each with its tool_call_id")
         result = await self.engine.enrich(
-            request.message, request.conversation_id, data, request.model_id, route=request.route
+            request.message,
+            request.conversation_id,
+            data,
+            request.model_id,
+            route=request.route,
+            tool_results=tool_results or None,
         )
         return context_pb2.EnrichResponse(
             prompt=result.prompt,
@@ -110,7 +118,12 @@ class ContextServicer(context_pb2_grpc.ContextServiceServicer):
             conversation_id=request.conversation_id,
             turns=[
                 context_pb2.ConversationTurn(
-                    role=convert.ROLE_TO_PB[t.role], content=t.content, model_id=t.model_id, created_at=t.created_at
+                    role=convert.ROLE_TO_PB[t.role],
+                    content=t.content,
+                    model_id=t.model_id,
+                    created_at=t.created_at,
+                    tool_calls=convert.tool_calls_to_pb(t.tool_calls),
+                    tool_call_id=t.tool_call_id,
                 )
                 for t in turns
             ],
@@ -125,10 +138,26 @@ class ContextServicer(context_pb2_grpc.ContextServiceServicer):
 
     async def AppendTurn(self, request, context):
         role = convert.ROLE_FROM_PB.get(request.role)
-        if not request.conversation_id or role not in ("user", "assistant") or not request.content:
-            raise InvalidArgument("conversation_id, a user or assistant role and content are required")
+        calls = convert.tool_calls_from_pb(request.tool_calls)
+        # Content is required, but an answer that only calls tools has none, nor may a tool's result.
+        if (
+            not request.conversation_id
+            or role not in ("user", "assistant", "tool")
+            or not (request.content or calls or role == "tool")
+        ):
+            raise InvalidArgument("conversation_id, a user, assistant or tool role and content are required")
+        if (role == "tool") != bool(request.tool_call_id):
+            raise InvalidArgument("tool_call_id is required in a tool turn, and only there")
+        if calls and role != "assistant" or any(not c.id or not c.name for c in calls):
+            raise InvalidArgument("tool_calls: only an assistant turn makes tool calls, each with an id and a name")
         stored = await self.engine.store.append(
-            request.conversation_id, role, request.content, request.model_id, request.request_id
+            request.conversation_id,
+            role,
+            request.content,
+            request.model_id,
+            request.request_id,
+            tool_calls=calls,
+            tool_call_id=request.tool_call_id,
         )
         return context_pb2.AppendTurnResponse(stored=stored)
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 from capibara_grpc.audio import AudioChunk
-from capibara_grpc.chat.types import ConsensusAnswer, Message, RouteDecision, SamplingParams
+from capibara_grpc.chat.types import ConsensusAnswer, Message, RouteDecision, SamplingParams, ToolCall
 
 # (query, recent user turns, timeout_s) -> the router's decision (RouterClient.route)
 RouteFn = Callable[[str, list[str], float], Awaitable[RouteDecision]]
@@ -21,14 +21,30 @@ class Context(Protocol):
     """The context service (ContextClient): prompts with context, and conversation memory."""
 
     async def enrich(
-        self, message: str, conversation_id: str, model_id: str, timeout_s: float, route: str = ""
+        self,
+        message: str,
+        conversation_id: str,
+        model_id: str,
+        timeout_s: float,
+        route: str = "",
+        tool_results: list[Message] | None = None,
     ) -> list[Message]:
-        """The messages to send `model_id`: system prompt with added context, history, the message.
+        """The messages to send `model_id`: system prompt with added context, history, the message
+        (or `tool_results`, answering the conversation's newest tool calls, in its place).
         `route`: the router's choice, which may trigger MCP servers."""
         ...
 
-    async def append_turn(self, conversation_id: str, role: str, content: str, model_id: str, timeout_s: float) -> None:
-        """Store one turn (idempotent per request id and role)."""
+    async def append_turn(
+        self,
+        conversation_id: str,
+        role: str,
+        content: str,
+        model_id: str,
+        timeout_s: float,
+        tool_calls: list[ToolCall] | None = None,
+        tool_call_id: str = "",
+    ) -> None:
+        """Store one turn (idempotent per request id and role, and call id for a tool result)."""
         ...
 
     async def recent_user_turns(self, conversation_id: str, count: int, timeout_s: float) -> list[str]:
