@@ -70,3 +70,16 @@ class ContextClient:
         user = [turn.content for turn in response.turns if chat_convert.ROLE_FROM_PB.get(turn.role) == "user"]
         return user[-count:]
 
+    async def list_mcp_tools(self, names: list[str], timeout_s: float) -> list:
+        """The MCP tools `names` ("<server>" or "<server>.<tool>") stand for (McpTool messages)."""
+        response = await self.stub.ListMcpTools(context_pb2.ListMcpToolsRequest(names=names), timeout=timeout_s)
+        return list(response.tools)
+
+    async def call_mcp_tool(
+        self, server: str, name: str, arguments_json: str, timeout_s: float
+    ) -> tuple[str, bool, float]:
+        """(result, is_error, ms) of one MCP tool call the model made."""
+        response = await self.stub.CallMcpTool(
+            context_pb2.CallMcpToolRequest(server=server, name=name, arguments_json=arguments_json), timeout=timeout_s
+        )
+        return response.result, response.is_error, response.ms

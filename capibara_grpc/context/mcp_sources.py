@@ -20,6 +20,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED
 
 from capibara_grpc import metrics
+from capibara_grpc.config import mcp_offer
 from capibara_grpc.config.schema import McpServerConfig
 from capibara_grpc.context import mcp_triggers as triggers
 from capibara_grpc.context.addition import Addition
@@ -50,6 +51,7 @@ class ServerSession:
         self.config = config
         self.client: Client | None = None
         self.tool_schemas: dict[str, dict] = {}
+        self.tool_descriptions: dict[str, str] = {}
         self._lost = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -103,13 +105,15 @@ class ServerSession:
             delay = min(delay * 2, self.config.reconnect_max_s)
 
     async def _list_tools(self, client: Client) -> dict[str, dict]:
-        schemas, cursor = {}, None
+        schemas, descriptions, cursor = {}, {}, None
         for _ in range(MAX_TOOL_PAGES):
             page = await client.list_tools(cursor=cursor)
             schemas |= {tool.name: tool.input_schema or {} for tool in page.tools}
+            descriptions |= {tool.name: tool.description or "" for tool in page.tools}
             cursor = page.next_cursor
             if cursor is None:
                 break
+        self.tool_descriptions = descriptions
         return schemas
 
     def _opened(self, client: Client) -> None:
@@ -175,6 +179,29 @@ class ServerSession:
             raise MCPError(0, f"the tool answered an error: {triggers.tool_text(result)[:200]}")
         return triggers.tool_text(result)
 
+    async def call(self, tool: str, arguments: dict) -> tuple[str, bool]:
+        """(text, is_error) of a call the model asked for (request mcp_tools): every failure is a
+        result the model reads, never an exception."""
+        client = self.client
+        if client is None:
+            return f"the MCP server {self.name} is not connected", True
+        if tool not in self.tool_schemas:
+            return f"{self.name} has no tool '{tool[:64]}'", True
+        try:
+            result = await asyncio.wait_for(client.call_tool(tool, arguments), self.config.timeout_s)
+        except TimeoutError:
+            return f"no answer within {self.config.timeout_s:g} s", True
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
+            self._lost.set()
+            return f"the connection to {self.name} was lost ({_describe(exc)})", True
+        except MCPError as exc:
+            if exc.code == CONNECTION_CLOSED:
+                self._lost.set()
+            return f"the tool failed: {exc}"[:2000], True
+        except Exception as exc:  # noqa: BLE001 - whatever the server did, the model is told
+            return f"the tool failed: {_describe(exc)}", True
+        return triggers.tool_text(result), bool(result.is_error)
+
 
 class McpSources:
     """Every configured MCP server: which of their tools and resources a message needs, and what
@@ -225,6 +252,31 @@ class McpSources:
             return None
         log.info("%s added to the prompt (%d characters): %s", use.kind, len(text), hit.reason)
         return triggers.addition(use, hit, text, arguments, session.config.max_result_chars)
+
+    def offered_tools(self, asked: list[tuple[str, str]]) -> list[tuple[str, str, str, dict]]:
+        """(server, tool, description, input schema) of what `asked` (mcp_offer.allowed) names, as
+        the servers list them now; Unavailable naming a server that is not connected or a tool it
+        does not list."""
+        tools = []
+        for server, tool in asked:
+            session = self.sessions[server]
+            if session.client is None:
+                raise Unavailable(f"the MCP server '{server}' is not connected (yet)")
+            names = [tool] if tool else [t for t in session.tool_schemas if mcp_offer.offers(session.config, t)]
+            for name in names:
+                if name not in session.tool_schemas:
+                    raise Unavailable(f"the MCP server '{server}' does not list a tool '{name}'")
+                tools.append((server, name, session.tool_descriptions.get(name, ""), session.tool_schemas[name]))
+        return tools
+
+    async def call_tool(self, server: str, tool: str, arguments: dict) -> tuple[str, bool]:
+        """(text, is_error) of one call the model made; counted in capibara_mcp_calls_total."""
+        session = self.sessions[server]
+        text, is_error = await session.call(tool, arguments)
+        outcome = "ok" if not is_error else "timeout" if text.startswith("no answer within") else "error"
+        metrics.MCP_CALLS.labels(server, tool if tool in session.tool_schemas else "-", outcome).inc()
+        log.info("mcp tool %s/%s run for the model: %s (%d characters)", server, tool[:64], outcome, len(text))
+        return text, is_error
 
     def _failed(self, use: triggers.Use, outcome: str, why: str) -> None:
         metrics.MCP_CALLS.labels(use.server, use.name, outcome).inc()

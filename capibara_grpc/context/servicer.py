@@ -12,6 +12,7 @@ from google.protobuf import json_format, struct_pb2
 from capibara_grpc.chat import convert
 from capibara_grpc.context import toon
 from capibara_grpc.context.core import NO_DATA, ContextEngine, plain
+from capibara_grpc.context.mcp_rpcs import McpToolRpcs
 from capibara_grpc.errors import InvalidArgument
 from capibara_grpc.stubs import context_pb2, context_pb2_grpc
 
@@ -26,7 +27,7 @@ def python_to_value(obj) -> struct_pb2.Value:
     return value
 
 
-class ContextServicer(context_pb2_grpc.ContextServiceServicer):
+class ContextServicer(McpToolRpcs, context_pb2_grpc.ContextServiceServicer):
     def __init__(self, engine: ContextEngine):
         self.engine = engine
 

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from capibara_gateway import failover
+from capibara_gateway import failover, mcp_tools
 from capibara_gateway.cache import CachedAnswer, CacheLookup, ResponseCache
 from capibara_gateway.events import (
     ChatDone,
@@ -21,6 +21,7 @@ from capibara_gateway.events import (
     ChatInput,
     CompleteResult,
     RoutingDecision,
+    ToolStep,
     assemble_tool_calls,
 )
 from capibara_gateway.protocols import Consensus, Context, RouteFn, Speech
@@ -108,6 +109,10 @@ class ChatGateway:
         validate_params(chat.params)
         if _uses_tools(chat):
             self._validate_tools(chat)
+        if chat.mcp_tools:
+            if self.context is None:
+                raise Unimplemented("mcp_tools need the context service, which is not deployed in this mesh")
+            mcp_tools.check(self.config, chat)
         if chat.system_prompt is not None and len(chat.system_prompt.encode("utf-8")) > MAX_SYSTEM_PROMPT_BYTES:
             raise InvalidField("system_prompt", f"is over the limit of {MAX_SYSTEM_PROMPT_BYTES} bytes")
 
@@ -143,16 +148,21 @@ class ChatGateway:
         decision = await self.routing.decide(chat)
         self.routing.remember(chat)
         cache_slots: dict[str, CacheLookup | None] = {}
+        offered = await mcp_tools.offer(self.context, chat) if chat.mcp_tools else None
 
         async def open_model(model_id: str):
             messages = await self._prompt(chat, model_id, decision.route_name)
             # What this model is asked with: the request's parameters, its defaults for the rest.
             params = resolve(chat.params, self.config.models[model_id].defaults)
+            if offered is not None:  # the mesh runs MCP tools between rounds; never from the cache
+                return mcp_tools.ToolLoop(self.config, self.context, self.generate, offered).run(
+                    model_id, messages, params, timeout_s
+                )
             cached, cache_slots[model_id] = await self._cached_answer(model_id, params, messages, decision.route_name)
             return _replay(cached) if cached else self.generate(model_id, messages, params, timeout_s)
 
         order = failover.candidates(decision, self.config.models)
-        if _uses_tools(chat):
+        if _uses_tools(chat) or chat.mcp_tools:
             decision, order = self._tool_takers(decision, order)
         answering = await failover.first_to_answer(order, open_model)
         decision = failover.decided(decision, answering)
@@ -214,6 +224,7 @@ class ChatGateway:
         parts: list[str] = []
         thoughts: list[str] = []
         tool_calls: list[ToolCallDelta] = []
+        tool_steps: list[ToolStep] = []
         routing = done = None
         events = self.chat(chat, timeout_s)
         async for event in watch(events) if watch is not None else events:
@@ -225,12 +236,15 @@ class ChatGateway:
                 thoughts.append(event.text)
             elif isinstance(event, ToolCallDelta):
                 tool_calls.append(event)
+            elif isinstance(event, ToolStep):
+                tool_steps.append(event)
             elif isinstance(event, ChatDone):
                 done = event
             elif isinstance(event, StreamError):
                 raise event.to_exception()
         assert routing is not None and done is not None
-        return CompleteResult("".join(parts), routing, done, "".join(thoughts), assemble_tool_calls(tool_calls))
+        calls = assemble_tool_calls(tool_calls)
+        return CompleteResult("".join(parts), routing, done, "".join(thoughts), calls, tool_steps)
 
     # -- the steps -------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 A streamed answer is, in order: one RoutingDecision (sent with the first token), Token deltas
 (and, from a reasoning model, Reasoning deltas before or between them; when the request has tools,
-ToolCallDelta pieces of the calls the model makes), then one ChatDone, or
+ToolCallDelta pieces of the calls the model makes; with mcp_tools, a ToolStep per MCP tool the mesh
+ran, between the rounds), then one ChatDone, or
 one StreamError if it fails after it started; then, when the answer is spoken, AudioChunks (or a
 StreamError if speaking fails).
 """
@@ -30,6 +31,10 @@ class ChatInput:
     # The whole conversation from the client (the OpenAI API): `message` is its last user message,
     # routing and context read that; the model gets these turns after the enriched system message.
     messages: list[Message] | None = None
+    # Tools of configured MCP servers the mesh runs for the model: "<server>" or "<server>.<tool>".
+    mcp_tools: list[str] = field(default_factory=list)
+    # The caller's API key id ("" without keys), which may restrict mcp_tools (mcp_servers.<id>.api_keys).
+    key_id: str = ""
 
 
 @dataclass
@@ -48,12 +53,25 @@ class RoutingDecision:
 
 
 @dataclass
+class ToolStep:
+    """An MCP tool the mesh ran for the model (request mcp_tools), and what the model got back."""
+
+    name: str  # as offered to the model: <server>__<tool>
+    arguments: str  # JSON text, as the model wrote them
+    result: str
+    is_error: bool
+    ms: float
+    server: str = ""
+    tool: str = ""
+
+
+@dataclass
 class ChatDone:
     finished: Finished
     latency_ms: float
 
 
-ChatEvent = RoutingDecision | Token | Reasoning | ToolCallDelta | ChatDone | StreamError | AudioChunk
+ChatEvent = RoutingDecision | Token | Reasoning | ToolCallDelta | ToolStep | ChatDone | StreamError | AudioChunk
 
 
 @dataclass
@@ -65,6 +83,8 @@ class CompleteResult:
     reasoning: str = ""
     # The tools the model called (finish_reason "tool_calls"), each assembled from its pieces.
     tool_calls: list[ToolCall] = field(default_factory=list)
+    # The MCP tools the mesh ran on the way (request mcp_tools), in order.
+    tool_steps: list[ToolStep] = field(default_factory=list)
 
 
 def assemble_tool_calls(deltas: list[ToolCallDelta]) -> list[ToolCall]:

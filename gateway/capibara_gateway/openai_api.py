@@ -19,7 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from capibara_gateway.events import ChatDone, ChatInput, RoutingDecision
+from capibara_gateway.events import ChatDone, ChatInput, RoutingDecision, ToolStep
 from capibara_grpc.chat.request import check_number
 from capibara_grpc.chat.types import TOOL_CHOICES, Message, SamplingParams, ToolCall, ToolCallDelta
 from capibara_grpc.config import MeshConfig
@@ -250,6 +250,7 @@ def parse_chat_request(raw: bytes, config: MeshConfig, consensus_available: bool
         consensus=model == CONSENSUS,
         params=params,
         messages=None if conversation_id else messages,
+        mcp_tools=_mcp_tools(body.get("capibara")),
     )
     return ChatCompletionRequest(chat, model, stream, include_usage)
 
@@ -273,12 +274,25 @@ def _conversation_id(value) -> str:
     """The extension field {"capibara": {"conversation_id": "..."}}: the mesh's stored conversation."""
     if value is None:
         return ""
-    if not isinstance(value, dict) or any(k != "conversation_id" for k in value):
-        raise bad("capibara", "the extension takes only {'conversation_id': '...'}")
+    if not isinstance(value, dict) or any(k not in EXTENSION_FIELDS for k in value):
+        raise bad("capibara", "the extension takes only {'conversation_id': '...', 'mcp_tools': [...]}")
     conversation_id = value.get("conversation_id") or ""
     if not isinstance(conversation_id, str) or len(conversation_id) > 128:
         raise bad("capibara.conversation_id", "must be a string of at most 128 characters")
     return conversation_id
+
+
+EXTENSION_FIELDS = ("conversation_id", "mcp_tools")
+
+
+def _mcp_tools(value) -> list[str]:
+    """{"capibara": {"mcp_tools": ["<server>", "<server>.<tool>"]}}: MCP tools the mesh runs."""
+    tools = value.get("mcp_tools") if isinstance(value, dict) else None
+    if tools is None:
+        return []
+    if not isinstance(tools, list) or not all(isinstance(t, str) and t for t in tools) or len(tools) > 64:
+        raise bad("capibara.mcp_tools", "must be a list of '<server>' or '<server>.<tool>' names")
+    return tools
 
 
 def _stream_options(value, stream: bool) -> bool:
@@ -338,6 +352,18 @@ def routing_headers(decision: RoutingDecision) -> tuple[tuple[str, str], ...]:
     )
 
 
+def tool_step(step: ToolStep) -> dict:
+    return {
+        "name": step.name,
+        "server": step.server,
+        "tool": step.tool,
+        "arguments": step.arguments,
+        "result": step.result,
+        "is_error": step.is_error,
+        "ms": round(step.ms, 1),
+    }
+
+
 def usage(done: ChatDone) -> dict:
     f = done.finished
     figures = {
@@ -368,6 +394,7 @@ class Completion:
         done: ChatDone,
         reasoning: str = "",
         tool_calls: list[ToolCall] | None = None,
+        tool_steps: list[ToolStep] | None = None,
     ) -> dict:
         self.model = done.finished.model_id or decision.model_id
         # A message that only calls tools has content null, as OpenAI's.
@@ -391,7 +418,8 @@ class Completion:
             ],
             "usage": usage(done),
             "system_fingerprint": None,
-            "capibara": routing_extension(decision),
+            "capibara": routing_extension(decision)
+            | ({"tool_steps": [*map(tool_step, tool_steps)]} if tool_steps else {}),
         }
 
     def chunk(self, delta: dict, finish_reason: str | None = None, include_usage: bool = False) -> dict:
@@ -415,6 +443,12 @@ class Completion:
         if delta.arguments:
             pieces.append({"index": delta.index, "function": {"arguments": delta.arguments}})
         return [self.chunk({"tool_calls": [piece]}, include_usage=include_usage) for piece in pieces]
+
+    def tool_step_chunk(self, step: ToolStep, include_usage: bool = False) -> dict:
+        """An MCP tool the mesh ran: an empty delta with the step in the extension field."""
+        chunk = self.chunk({}, include_usage=include_usage)
+        chunk["capibara"] = {"tool_step": tool_step(step)}
+        return chunk
 
     def first_chunk(self, decision: RoutingDecision, include_usage: bool) -> dict:
         self.model = decision.model_id

@@ -15,7 +15,7 @@ from google.api import httpbody_pb2
 
 from capibara_gateway import openai_api
 from capibara_gateway.core import ChatGateway
-from capibara_gateway.events import ChatDone, RoutingDecision
+from capibara_gateway.events import ChatDone, RoutingDecision, ToolStep
 from capibara_grpc.api_keys import KeyUsage
 from capibara_grpc.audio.wav import wav_file
 from capibara_grpc.chat.types import Reasoning, Token, ToolCallDelta
@@ -62,13 +62,16 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
     async def _chat_completions(self, request, context, usage: KeyUsage):
         parsed = openai_api.parse_chat_request(request.data, self.gateway.config, self._consensus)
         usage.model = parsed.chat.model
+        parsed.chat.key_id = usage.key
         timeout_s = remaining_s(context, self.gateway.config.gateway.default_deadline_s)
         completion = openai_api.Completion(parsed.model)
         if not parsed.stream:
             result = await self.gateway.complete(parsed.chat, timeout_s, usage.watch)
             await context.send_initial_metadata(openai_api.routing_headers(result.routing))
             yield _json_body(
-                completion.response(result.response, result.routing, result.done, result.reasoning, result.tool_calls)
+                completion.response(
+                    result.response, result.routing, result.done, result.reasoning, result.tool_calls, result.tool_steps
+                )
             )
             return
         events = usage.watch(self.gateway.chat(parsed.chat, timeout_s))
@@ -93,6 +96,8 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
             elif isinstance(event, ToolCallDelta):
                 for chunk in completion.tool_call_chunks(event, include_usage):
                     yield frame(chunk)
+            elif isinstance(event, ToolStep):
+                yield frame(completion.tool_step_chunk(event, include_usage))
             elif isinstance(event, StreamError):
                 yield frame(openai_api.stream_error(event.code, event.message))
                 return

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from google.protobuf import json_format
 
 from capibara_gateway.core import ChatGateway
-from capibara_gateway.events import ChatDone, ChatInput, RoutingDecision
+from capibara_gateway.events import ChatDone, ChatInput, RoutingDecision, ToolStep
 from capibara_gateway.health import MeshHealth
 from capibara_gateway.status import MeshStatus
 from capibara_grpc import api_keys
@@ -43,6 +45,7 @@ def chat_input_from_pb(request) -> ChatInput:
         # Only ChatRequest can speak: a unary Complete has no audio events to carry.
         speak=getattr(request, "speak", False),
         voice=getattr(request, "voice", ""),
+        mcp_tools=list(request.mcp_tools),
     )
 
 
@@ -70,6 +73,18 @@ def done_to_pb(done: ChatDone) -> gateway_pb2.Done:
     )
 
 
+def tool_step_to_pb(step: ToolStep) -> gateway_pb2.ToolStep:
+    return gateway_pb2.ToolStep(
+        name=step.name,
+        arguments=step.arguments,
+        result=step.result,
+        is_error=step.is_error,
+        ms=step.ms,
+        server=step.server,
+        tool=step.tool,
+    )
+
+
 def event_to_pb(event) -> gateway_pb2.ChatResponse:
     if isinstance(event, RoutingDecision):
         return gateway_pb2.ChatResponse(routing=routing_to_pb(event))
@@ -79,6 +94,8 @@ def event_to_pb(event) -> gateway_pb2.ChatResponse:
         return gateway_pb2.ChatResponse(reasoning=gateway_pb2.ReasoningDelta(text=event.text, index=event.index))
     if isinstance(event, ToolCallDelta):
         return gateway_pb2.ChatResponse(tool_call=chat_convert.tool_call_delta_to_pb(event))
+    if isinstance(event, ToolStep):
+        return gateway_pb2.ChatResponse(tool_step=tool_step_to_pb(event))
     if isinstance(event, ChatDone):
         return gateway_pb2.ChatResponse(done=done_to_pb(event))
     if isinstance(event, StreamError):
@@ -105,13 +122,15 @@ class ChatServicer(gateway_pb2_grpc.ChatServiceServicer):
     async def Chat(self, request, context):
         usage = KeyUsage(context, self.gateway.config.models, request.model)
         with usage.counting():
-            async for event in usage.watch(self.gateway.chat(chat_input_from_pb(request), self._timeout(context))):
+            chat = dataclasses.replace(chat_input_from_pb(request), key_id=usage.key)
+            async for event in usage.watch(self.gateway.chat(chat, self._timeout(context))):
                 yield event_to_pb(event)
 
     async def Complete(self, request, context):
         usage = KeyUsage(context, self.gateway.config.models, request.model)
         with usage.counting():
-            result = await self.gateway.complete(chat_input_from_pb(request), self._timeout(context), usage.watch)
+            chat = dataclasses.replace(chat_input_from_pb(request), key_id=usage.key)
+            result = await self.gateway.complete(chat, self._timeout(context), usage.watch)
         return gateway_pb2.CompleteResponse(
             response=result.response,
             model_id=result.done.finished.model_id or result.routing.model_id,
@@ -123,6 +142,7 @@ class ChatServicer(gateway_pb2_grpc.ChatServiceServicer):
             cache_hit=result.done.finished.cache_hit,
             reasoning=result.reasoning,
             tool_calls=chat_convert.tool_calls_to_pb(result.tool_calls),
+            tool_steps=[tool_step_to_pb(step) for step in result.tool_steps],
         )
 
 
