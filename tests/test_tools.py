@@ -188,7 +188,6 @@ def test_tool_choice(api, upstreams):
         ),
         ({"model": "notools"}, "model", "model 'notools' does not take tools"),
         ({"model": "consensus"}, "tools", "consensus does not take tools"),
-        ({"model": "auto", "capibara": {"conversation_id": "c1"}}, "capibara.conversation_id", "with tools"),
         ({"model": "auto", "tools": [{"type": "web_search"}]}, "tools[0].type", "only function tools"),
         ({"model": "auto", "functions": [WEATHER["function"]]}, "functions", "unsupported field"),
     ],

@@ -30,6 +30,7 @@ from capibara_gateway.speaking import spoken
 from capibara_gateway.status import ChatStats
 from capibara_grpc import metrics
 from capibara_grpc.chat.request import (
+    MAX_MESSAGES,
     MAX_SYSTEM_PROMPT_BYTES,
     resolve,
     validate_message,
@@ -97,9 +98,12 @@ class ChatGateway:
         """The chat as it came in by REST, gRPC, the OpenAI API or MCP, checked once, with the
         rules every edge shares (capibara_grpc/chat/request.py); context, inference and consensus
         trust it."""
-        if chat.messages is not None:
-            validate_messages(chat.messages)
-        validate_message(chat.message, self.config.gateway.max_message_bytes)
+        if _tool_results(chat) is not None:
+            self._validate_tool_results(chat)
+        else:
+            if chat.messages is not None:
+                validate_messages(chat.messages)
+            validate_message(chat.message, self.config.gateway.max_message_bytes)
         if chat.model:
             self.config.model(chat.model)
         if chat.consensus and self.consensus is None:
@@ -116,9 +120,28 @@ class ChatGateway:
         if chat.system_prompt is not None and len(chat.system_prompt.encode("utf-8")) > MAX_SYSTEM_PROMPT_BYTES:
             raise InvalidField("system_prompt", f"is over the limit of {MAX_SYSTEM_PROMPT_BYTES} bytes")
 
+    def _validate_tool_results(self, chat: ChatInput) -> None:
+        """`messages` with `conversation_id`: tool results answering the stored conversation's
+        newest tool calls, the new input in place of a user message (the context service checks
+        that they answer those calls)."""
+        if self.context is None:
+            raise Unimplemented("tool results with conversation_id need the context service's conversation memory")
+        if chat.message:
+            raise InvalidField("message", "give either message or tool results in messages, not both")
+        if not 0 < len(chat.messages) <= MAX_MESSAGES:
+            raise InvalidField("messages", f"holds 1 to {MAX_MESSAGES} tool results, got {len(chat.messages)}")
+        for i, message in enumerate(chat.messages):
+            if message.role != "tool":
+                raise InvalidField(
+                    f"messages[{i}].role",
+                    "with conversation_id the mesh keeps the history: messages may hold only tool results "
+                    "(role tool) answering the conversation's tool calls",
+                )
+            if not message.tool_call_id:
+                raise InvalidField(f"messages[{i}].tool_call_id", "is required in a tool message")
+
     def _validate_tools(self, chat: ChatInput) -> None:
-        """Tools go only to models that take them (models.<id>.tools); consensus votes on text, and
-        the stored conversation (conversation_id) keeps text turns only, not calls and results."""
+        """Tools go only to models that take them (models.<id>.tools), and consensus votes on text."""
         if chat.consensus:
             raise InvalidField("tools", "consensus does not take tools: name a model or let the router choose")
         if chat.model and not self.config.models[chat.model].takes_tools:
@@ -126,12 +149,6 @@ class ChatGateway:
                 "model",
                 f"model '{chat.model}' does not take tools (models.{chat.model}.tools is false): "
                 "name a model that does, or let the router choose",
-            )
-        if chat.conversation_id:
-            raise InvalidField(
-                "conversation_id",
-                "cannot be used with tools: the stored conversation does not keep tool calls and results; "
-                "send the whole conversation in messages instead",
             )
         if not any(m.takes_tools for m in self.config.models.values()):
             raise InvalidField("tools", "no model of this mesh takes tools (models.<id>.tools)")
@@ -145,8 +162,11 @@ class ChatGateway:
     async def _answer(self, chat: ChatInput, timeout_s: float, started: float) -> AsyncIterator[ChatEvent]:
         """One model's answer: routed, failed over before its first token if need be, from the
         cache or generated, stored in the conversation and the cache once finished."""
+        if _tool_results(chat) is not None:
+            chat = await self._with_stored_question(chat)
         decision = await self.routing.decide(chat)
-        self.routing.remember(chat)
+        if _tool_results(chat) is None:
+            self.routing.remember(chat)
         cache_slots: dict[str, CacheLookup | None] = {}
         offered = await mcp_tools.offer(self.context, chat) if chat.mcp_tools else None
 
@@ -171,10 +191,10 @@ class ChatGateway:
             if self._remembers(chat):
                 # Stored once the answer has started: a request that fails before that returns an
                 # error status, and the client's retry must not store the message twice.
-                await self.context.append_turn(chat.conversation_id, "user", chat.message, "", CONTEXT_TIMEOUT_S)
+                await self._store_input(chat)
             yield decision
             tokens: list[str] = []
-            called_tools = False
+            calls: list[ToolCallDelta] = []
             finished: Finished | None = None
             try:
                 async for item in stream:
@@ -185,7 +205,7 @@ class ChatGateway:
                     if isinstance(item, Token):
                         tokens.append(item.text)
                     elif isinstance(item, ToolCallDelta):
-                        called_tools = True
+                        calls.append(item)
                     yield item
             except Exception as exc:  # noqa: BLE001 - the stream has started: reported in-band
                 yield StreamError.from_exception(exc, "chat stream")
@@ -193,12 +213,12 @@ class ChatGateway:
             if finished is None:
                 yield StreamError("INTERNAL", "the inference stream ended without a final event")
                 return
-            if (not_stored := await self._store_answer(chat, tokens, finished, decision)) is not None:
+            if (not_stored := await self._store_answer(chat, tokens, finished, decision, calls)) is not None:
                 yield not_stored
                 return
             # An empty answer (a reasoning model that spent max_tokens thinking) is not replayed, nor
             # an answer that calls tools: the calls' ids are one-off and the replay has only text.
-            if (slot := cache_slots.get(answering.model_id)) is not None and any(tokens) and not called_tools:
+            if (slot := cache_slots.get(answering.model_id)) is not None and any(tokens) and not calls:
                 await self._cache_answer(slot, tokens, finished)
             yield ChatDone(finished, (time.perf_counter() - started) * 1000)
 
@@ -273,6 +293,10 @@ class ChatGateway:
     async def _prompt(self, chat: ChatInput, model_id: str, route: str = "") -> list[Message]:
         """The messages for `model_id`: enriched by the context service (date, identity, memory,
         data, fitted to the model's window) unless the request brings its own system prompt."""
+        if (results := _tool_results(chat)) is not None:  # after the stored history, with its calls
+            return await self.context.enrich(
+                chat.message, chat.conversation_id, model_id, CONTEXT_TIMEOUT_S, route, tool_results=results
+            )
         if chat.messages is not None:
             return await self._client_conversation(chat, model_id, route)
         if self.context is not None and chat.system_prompt is None:
@@ -294,12 +318,37 @@ class ChatGateway:
     def _remembers(self, chat: ChatInput) -> bool:
         return self.context is not None and bool(chat.conversation_id)
 
+    async def _with_stored_question(self, chat: ChatInput) -> ChatInput:
+        """A chat whose new input is tool results is routed and enriched by the conversation's last
+        user message, the question the tools were called for."""
+        asked = await self.context.recent_user_turns(chat.conversation_id, 1, CONTEXT_TIMEOUT_S)
+        if not asked:
+            raise InvalidField("messages", "the conversation has no tool calls for these tool results to answer")
+        return dataclasses.replace(chat, message=asked[-1])
+
+    async def _store_input(self, chat: ChatInput) -> None:
+        """The user message, or each tool result (its own idempotency key: its call's id)."""
+        if (results := _tool_results(chat)) is None:
+            await self.context.append_turn(chat.conversation_id, "user", chat.message, "", CONTEXT_TIMEOUT_S)
+            return
+        for result in results:
+            await self.context.append_turn(
+                chat.conversation_id, "tool", result.content, "", CONTEXT_TIMEOUT_S, tool_call_id=result.tool_call_id
+            )
+
     async def _store_answer(
-        self, chat: ChatInput, tokens: list[str], finished: Finished, decision: RoutingDecision
+        self,
+        chat: ChatInput,
+        tokens: list[str],
+        finished: Finished,
+        decision: RoutingDecision,
+        calls: list[ToolCallDelta] = (),
     ) -> StreamError | None:
-        """Store the answer in the conversation; the in-band error when that failed."""
+        """Store the answer, with the tools it called, in the conversation; the in-band error when
+        that failed."""
         if not self._remembers(chat):
             return None
+        extra = {"tool_calls": assemble_tool_calls(list(calls))} if calls else {}
         try:
             await self.context.append_turn(
                 chat.conversation_id,
@@ -307,6 +356,7 @@ class ChatGateway:
                 "".join(tokens),
                 finished.model_id or decision.model_id,
                 CONTEXT_TIMEOUT_S,
+                **extra,
             )
         except Exception as exc:  # noqa: BLE001 - the client must know it was not stored
             return StreamError.from_exception(exc, "storing the answer", "the answer was not stored: ")
@@ -335,6 +385,12 @@ class ChatGateway:
             await self.cache.store_answer(slot, tokens, finished)
         except Exception:  # noqa: BLE001 - the answer is out; not caching it only costs speed
             log.exception("response cache store failed")
+
+
+def _tool_results(chat: ChatInput) -> list[Message] | None:
+    """The tool results a chat with conversation_id brings as its new input (ChatInput.messages
+    then holds only those), or None."""
+    return chat.messages if chat.conversation_id and chat.messages is not None else None
 
 
 def _uses_tools(chat: ChatInput) -> bool:

@@ -233,15 +233,14 @@ def parse_chat_request(raw: bytes, config: MeshConfig, consensus_available: bool
     # The last user message is the one routed and answered; the gateway checks there is one.
     last_user = next((m.content for m in reversed(messages) if m.role == "user"), "")
     conversation_id = _conversation_id(body.get("capibara"))
-    if conversation_id and params.tools:
+    # With a stored conversation the new input is one user message, or the tool results answering
+    # the conversation's tool calls (kept in `messages`; the gateway answers the stored question).
+    tool_results = bool(conversation_id) and all(m.role == "tool" for m in messages)
+    if conversation_id and not tool_results and (len(messages) != 1 or messages[0].role != "user"):
         raise bad(
-            "capibara.conversation_id",
-            "cannot be used with tools: the stored conversation does not keep tool calls and results; "
-            "send the whole conversation in messages instead",
-        )
-    if conversation_id and (len(messages) != 1 or messages[0].role != "user"):
-        raise bad(
-            "messages", "with capibara.conversation_id the mesh keeps the history: send only the new user message"
+            "messages",
+            "with capibara.conversation_id the mesh keeps the history: send only the new user message, "
+            "or only the tool messages answering the conversation's tool calls",
         )
     chat = ChatInput(
         message=last_user,
@@ -249,7 +248,7 @@ def parse_chat_request(raw: bytes, config: MeshConfig, consensus_available: bool
         model=model if model not in (AUTO, CONSENSUS) else "",
         consensus=model == CONSENSUS,
         params=params,
-        messages=None if conversation_id else messages,
+        messages=messages if tool_results or not conversation_id else None,
         mcp_tools=_mcp_tools(body.get("capibara")),
     )
     return ChatCompletionRequest(chat, model, stream, include_usage)

@@ -20,12 +20,20 @@ from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
 
 
 def conversation_from_pb(request) -> tuple[str, list[Message] | None]:
-    """(the message answered, the client's whole conversation or None) of a request."""
+    """(the message answered, the client's whole conversation or None) of a request. With
+    conversation_id, `messages` may hold only tool results answering the stored tool calls: the
+    new input in place of `message` ("" here: the gateway answers the stored question)."""
     if not request.messages:
         return request.message, None
-    if request.message or request.conversation_id:
-        raise InvalidField("messages", "give either messages, or message (with conversation_id if any), not both")
     messages = chat_convert.messages_from_pb(request.messages)
+    if request.conversation_id and not request.message and all(m.role == "tool" for m in messages):
+        return "", messages
+    if request.message or request.conversation_id:
+        raise InvalidField(
+            "messages",
+            "give either messages, or message (with conversation_id if any), not both; with conversation_id, "
+            "messages may hold only tool results (ROLE_TOOL) answering the conversation's tool calls",
+        )
     # The last user message is the one routed and answered; the gateway checks there is one.
     return next((m.content for m in reversed(messages) if m.role == "user"), ""), messages
 

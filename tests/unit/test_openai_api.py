@@ -101,7 +101,6 @@ def test_sampling_fields():
         ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
         ({"tools": [TOOL], "tool_choice": {"type": "function"}}, "tool_choice"),
         ({"tools": [TOOL], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
-        ({"tools": [TOOL], "capibara": {"conversation_id": "c1"}}, "capibara.conversation_id"),
         ({"messages": [{"role": "assistant", "content": None}, *HELLO]}, "messages[0].content"),
         ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c"}]}, *HELLO]}, "messages[0].tool_calls[0]"),
         ({"messages": [*HELLO, {"role": "user", "content": "x", "tool_call_id": "c"}]}, "messages[1].tool_call_id"),

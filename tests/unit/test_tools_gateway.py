@@ -1,6 +1,7 @@
 """Tool calling in the gateway's core with small fakes behind it: tool call pieces stream through
 and are assembled by complete(), chats with tools go only to models that take them, and what is
-refused (a named model without tools, consensus, a stored conversation) is a 400 naming the field."""
+refused (a named model without tools, consensus) is a 400 naming the field. A stored conversation
+with tools: test_tools_conversation.py."""
 
 from __future__ import annotations
 
@@ -106,7 +107,6 @@ async def test_a_conversation_with_tool_messages_also_goes_to_a_model_that_takes
     [
         ({"model": "alpha"}, "model", "model 'alpha' does not take tools"),
         ({"consensus": True}, "tools", "consensus does not take tools"),
-        ({"conversation_id": "c1"}, "conversation_id", "cannot be used with tools"),
     ],
 )
 async def test_refused_with_tools_naming_the_field(fields, field, words):
