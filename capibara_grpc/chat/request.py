@@ -92,7 +92,7 @@ def limits_markdown() -> str:
     rows.append("| `tool_choice` | `auto`, `none`, `required` or the name of one of the tools |")
     rows.append(
         f"| `messages` | at most {MAX_MESSAGES}, roles system/user/assistant/tool (a tool message names its "
-        "`tool_call_id`), one user message with text |"
+        "`tool_call_id`), one user message with text; with a conversation id, only tool messages |"
     )
     rows.append(f"| `system_prompt` | at most {MAX_SYSTEM_PROMPT_BYTES} bytes |")
     return "| field | accepted |\n|---|---|\n" + "\n".join(rows) + "\n"
