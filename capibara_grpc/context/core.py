@@ -164,7 +164,7 @@ class ContextEngine:
                     ),
                 )
             )
-            head += [Message(t.role, t.content, list(t.tool_calls), t.tool_call_id) for t in kept]
+            head += history_messages(kept, new_input)
         return EnrichResult(head + new_input, added)
 
     async def _history(self, conversation_id: str, model_id: str, head: list[Message], new_input: list[Message]):
@@ -199,6 +199,20 @@ class ContextEngine:
         """A message's tokens in the prompt: its text, and the name and arguments of each call."""
         text = turn.content + "".join(c.name + c.arguments for c in turn.tool_calls)
         return await self.tokens.count(model_id, text) + PER_MESSAGE_OVERHEAD * (1 + len(turn.tool_calls))
+
+
+def history_messages(kept: list[Turn], new_input: list[Message]) -> list[Message]:
+    """The kept turns as messages. A call that got no result (the client asked something else
+    instead) is left out of its assistant message, and that message too when nothing else is left
+    of it: OpenAI-compatible servers refuse a call without its result."""
+    answered = {m.tool_call_id for m in [*kept, *new_input] if m.role == "tool"}
+    messages = []
+    for turn in kept:
+        calls = [c for c in turn.tool_calls if c.id in answered]
+        if turn.tool_calls and not calls and not turn.content.strip():
+            continue
+        messages.append(Message(turn.role, turn.content, calls, turn.tool_call_id))
+    return messages
 
 
 def turn_groups(turns: list[Turn]) -> list[list[Turn]]:

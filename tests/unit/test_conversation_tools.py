@@ -226,3 +226,22 @@ async def test_the_service_stores_and_shows_tool_turns(context):
 async def test_append_turn_refuses_malformed_tool_turns(context, fields, words):
     code, details = await status_of(context.AppendTurn(context_pb2.AppendTurnRequest(conversation_id="t", **fields)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(words), details
+
+
+async def test_calls_that_got_no_result_are_left_out(tmp_path):
+    """The client asked something else instead of answering the calls: the model is not shown calls
+    without results (an OpenAI-compatible server refuses them); a partly answered turn keeps the
+    answered call."""
+    engine = await engine_with(tmp_path, 4000, [*CONVERSATION[:2], ("assistant", "Let me check.", [CALL2], "")])
+    result = await engine.enrich("never mind", "f", model_id="alpha", system_prompt="")
+    assert [(m.role, m.content, m.tool_calls) for m in result.messages] == [
+        ("user", "u" * 40, []),
+        ("assistant", "Let me check.", []),
+        ("user", "never mind", []),
+    ]
+    await engine.store.close()
+    engine = await engine_with(tmp_path / "partly", 4000, [CONVERSATION[0], ("assistant", "", [CALL, CALL2], "")])
+    results = [Message("tool", "18 C", tool_call_id="call_1")]
+    got = await engine.enrich("q", "f", model_id="alpha", system_prompt="", tool_results=results)
+    assert [(m.role, m.tool_calls) for m in got.messages][1:] == [("assistant", [CALL]), ("tool", [])]
+    await engine.store.close()
