@@ -188,10 +188,12 @@ class FakeUpstream:
         tls: tuple[str, str] | None = None,
         tool_calls: int = 1,
         tool_arguments: dict | None = None,
+        tools_after_results: bool = False,
     ):
         """`tls`: (certificate, key) PEM files to serve https with (a CA file for the client).
         `tool_calls`: how many calls answer a request with tools (0: answer text); `tool_arguments`: their
-        arguments (see the module docstring)."""
+        arguments (see the module docstring); `tools_after_results`: call tools again after tool results
+        (a model that never stops calling them; tool_choice "none" still stops it)."""
         if flavor not in FLAVORS:
             raise ValueError(f"flavor must be one of {FLAVORS}")
         self.flavor, self._key, self.models = flavor, api_key, list(models or ["gpt-test"])
@@ -200,6 +202,7 @@ class FakeUpstream:
         self.required_headers = dict(required_headers or {})
         self._tls = tls
         self.tool_calls, self.tool_arguments = tool_calls, dict(tool_arguments or {"city": "Paris"})
+        self.tools_after_results = tools_after_results
         self._lock = threading.Lock()
         self._requests: list[Recorded] = []
         self._failures: list[tuple[int, dict[str, str], Any]] = []
@@ -503,7 +506,8 @@ class FakeUpstream:
         """(name, arguments JSON text) of each call to answer with; [] to answer text."""
         names = [n for n in map(_tool_name, body.get("tools") or []) if n]
         choice = body.get("tool_choice", "auto")
-        if not names or choice == "none" or self.tool_calls <= 0 or body["messages"][-1].get("role") != "user":
+        callers = ("user", "tool") if self.tools_after_results else ("user",)
+        if not names or choice == "none" or self.tool_calls <= 0 or body["messages"][-1].get("role") not in callers:
             return []
         if isinstance(choice, dict):  # {"type": "function", "function": {"name": ...}}
             names = [(choice.get("function") or {}).get("name") or names[0]]
