@@ -217,6 +217,21 @@ def test_the_local_stand_in_calls_the_required_tool(api):
     assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments), dict)
 
 
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_the_local_stand_in_streams_a_valid_call_when_one_is_required_or_named(api, tool_choice):
+    """SmolLM2-135M through its shipped template with tools: a call the SDK assembles from deltas,
+    to a declared tool (the named one when named), with arguments that parse."""
+    with api.chat.completions.stream(
+        model="phi", messages=QUESTION, tools=[WEATHER, TIME], tool_choice=tool_choice, max_tokens=60, temperature=0
+    ) as stream:
+        final = stream.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    call = choice.message.tool_calls[0]
+    expected = {"get_weather", "get_time"} if tool_choice == "required" else {"get_time"}
+    assert call.function.name in expected and isinstance(json.loads(call.function.arguments), dict), call
+
+
 def test_native_rest_api(mesh):
     body = {"message": "What is the weather in Paris?", "model": "mixtral", "tools": [json.dumps(WEATHER)]}
     status, answer, _ = mesh.request("POST", "/api/chat", body)
