@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from tests.support.fake_upstreams import FakeUpstream
+from tests.support.fake_upstreams import FakeUpstream, serving
 from tests.support.mcp_weather_server import ECHO_MARKER, FORECAST_MARKER
 from tests.support.mesh import running_mesh
 
@@ -35,11 +35,8 @@ def upstreams():
         # Never stops calling tools, unless tool_choice is none.
         "loop": FakeUpstream(flavor="vllm", models=["loop-test"], tools_after_results=True),
     }
-    for server in servers.values():
-        server.start()
-    yield servers
-    for server in servers.values():
-        server.stop()
+    with serving(servers):
+        yield servers
 
 
 @pytest.fixture(scope="module")

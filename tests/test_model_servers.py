@@ -29,7 +29,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from capibara_grpc.stubs import gateway_pb2, gateway_pb2_grpc
 from tests.support.channels import edge_channel
-from tests.support.fake_upstreams import FakeUpstream
+from tests.support.fake_upstreams import FakeUpstream, serving
 from tests.support.mesh import launched_model, running_mesh
 from tests.support.sse import read_events
 
@@ -79,11 +79,8 @@ def upstreams():
         ),
         "ollama": FakeUpstream(flavor="ollama", models=["mixtral:8x7b"]),
     }
-    for server in servers.values():
-        server.start()
-    yield servers
-    for server in servers.values():
-        server.stop()
+    with serving(servers):
+        yield servers
 
 
 @pytest.fixture(scope="module")

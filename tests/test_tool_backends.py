@@ -14,7 +14,7 @@ import pytest
 from capibara_grpc.stubs import inference_pb2 as pb
 from capibara_grpc.stubs import inference_pb2_grpc
 from tests.support.channels import edge_channel
-from tests.support.fake_upstreams import FLAVORS, FakeUpstream
+from tests.support.fake_upstreams import FLAVORS, FakeUpstream, serving
 from tests.support.mesh import launched_model, running_mesh
 
 BASE = 37000  # edge 37001, services 37050.., llama-server 37080, admin 37901
@@ -36,11 +36,8 @@ def upstreams():
     servers = {
         flavor: FakeUpstream(flavor=flavor, tool_calls=2, tool_arguments={"city": "Paris"}) for flavor in FLAVORS
     }
-    for server in servers.values():
-        server.start()
-    yield servers
-    for server in servers.values():
-        server.stop()
+    with serving(servers):
+        yield servers
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import json
 import openai
 import pytest
 
-from tests.support.fake_upstreams import FakeUpstream
+from tests.support.fake_upstreams import FakeUpstream, serving
 from tests.support.mesh import launched_model, running_mesh
 
 BASE = 33000  # edge 33001, services 33050-33055, metrics 33070-33075, llama-server 33080, admin 33901
@@ -55,11 +55,8 @@ def upstreams():
         "llama": FakeUpstream(flavor="llama_server", models=["mixtral-test"]),
         "notools": FakeUpstream(flavor="openai", models=["plain"]),
     }
-    for server in servers.values():
-        server.start()
-    yield servers
-    for server in servers.values():
-        server.stop()
+    with serving(servers):
+        yield servers
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import inspect
 import json
@@ -77,6 +78,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -164,6 +166,15 @@ def _tool_name(tool: Any) -> str | None:
 
 def _dump(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+@contextlib.contextmanager
+def serving(servers: dict[str, FakeUpstream]) -> Iterator[dict[str, FakeUpstream]]:
+    """Several fake servers started together (a module fixture's `upstreams`), all stopped at the end."""
+    with contextlib.ExitStack() as stack:
+        for server in servers.values():
+            stack.enter_context(server)
+        yield servers
 
 
 class FakeUpstream:
