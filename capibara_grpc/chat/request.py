@@ -181,8 +181,9 @@ def json_schema(text: str) -> dict:
     return json.loads(text)
 
 
-def validate_messages(messages: list[Message], field: str = "messages") -> list[Message]:
-    """A conversation a model can answer: known roles, and a user message with text in it."""
+def validate_messages(messages: list[Message], field: str = "messages", *, needs_user: bool = True) -> list[Message]:
+    """A conversation a model can answer: known roles, tool messages naming their call, and (unless
+    `needs_user` is false: tool results added to a stored conversation) a user message with text."""
     if not messages:
         raise InvalidField(field, "must not be empty")
     if len(messages) > MAX_MESSAGES:
@@ -197,7 +198,7 @@ def validate_messages(messages: list[Message], field: str = "messages") -> list[
         for j, call in enumerate(message.tool_calls):
             if not call.id or not TOOL_NAME.match(call.name):
                 raise InvalidField(f"{field}[{i}].tool_calls[{j}]", "needs an id and a function name")
-    if not any(m.role == "user" and m.content.strip() for m in messages):
+    if needs_user and not any(m.role == "user" and m.content.strip() for m in messages):
         raise InvalidField(field, "must hold at least one user message with text")
     return messages
 

@@ -30,7 +30,6 @@ from capibara_gateway.speaking import spoken
 from capibara_gateway.status import ChatStats
 from capibara_grpc import metrics
 from capibara_grpc.chat.request import (
-    MAX_MESSAGES,
     MAX_SYSTEM_PROMPT_BYTES,
     resolve,
     validate_message,
@@ -128,8 +127,7 @@ class ChatGateway:
             raise Unimplemented("tool results with conversation_id need the context service's conversation memory")
         if chat.message:
             raise InvalidField("message", "give either message or tool results in messages, not both")
-        if not 0 < len(chat.messages) <= MAX_MESSAGES:
-            raise InvalidField("messages", f"holds 1 to {MAX_MESSAGES} tool results, got {len(chat.messages)}")
+        validate_messages(chat.messages, needs_user=False)
         for i, message in enumerate(chat.messages):
             if message.role != "tool":
                 raise InvalidField(
@@ -137,8 +135,6 @@ class ChatGateway:
                     "with conversation_id the mesh keeps the history: messages may hold only tool results "
                     "(role tool) answering the conversation's tool calls",
                 )
-            if not message.tool_call_id:
-                raise InvalidField(f"messages[{i}].tool_call_id", "is required in a tool message")
 
     def _validate_tools(self, chat: ChatInput) -> None:
         """Tools go only to models that take them (models.<id>.tools), and consensus votes on text."""
