@@ -215,8 +215,17 @@ def validate_message(text: str, limit_bytes: int, field: str = "message") -> str
 
 def resolve(params: SamplingParams, defaults) -> SamplingParams:
     """`params` with every field it leaves unset taken from the model's `defaults`
-    (config.SamplingDefaults): the parameters the model is asked with."""
+    (config.SamplingDefaults): the parameters the model is asked with.
+
+    One exception: while tools are offered, the default repeat_penalty is not applied (the server's
+    own, none, is). A repetition penalty counts the prompt (llama-server and vLLM both), where the
+    tools' names, argument names and the template's call markup stand: it pushes the model off the
+    very tokens a call is made of (SmolLM2 with 1.1 wrote prose instead of a required call, and
+    called with 1.0). A repeat_penalty the request sets itself is still sent."""
+    calling = bool(params.tools) and params.tool_choice != "none"
     filled = {
-        f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults) if getattr(params, f.name, None) is None
+        f.name: getattr(defaults, f.name)
+        for f in dataclasses.fields(defaults)
+        if getattr(params, f.name, None) is None and not (calling and f.name == "repeat_penalty")
     }
     return dataclasses.replace(params, **filled) if filled else params

@@ -141,14 +141,8 @@ class ChatCompletionsBackend(ModelBackend):
             schema = json_schema(params.json_schema)
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
         body |= tool_fields(params, kind.named_tool_choice, kind.takes_tool_choice)
-        calling = "tools" in body and body.get("tool_choice") != "none"
         for attribute, name in kind.extra_sampling.items():
-            # A repetition penalty counts the prompt (llama-server and vLLM both), where the tools'
-            # names, argument names and the template's call markup stand: it pushes the model off
-            # the very tokens a call is made of (SmolLM2 with 1.1 wrote prose instead of a required
-            # call, and called with 1.0). With tools offered the server's default (none) applies.
-            if attribute == "repeat_penalty" and calling:
-                continue
+            # None: left to the server (resolve() leaves repeat_penalty so while tools are offered).
             if (value := getattr(params, attribute)) is not None:
                 body[name] = value
         body.update(kind.extra_fields)

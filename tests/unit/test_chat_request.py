@@ -104,3 +104,12 @@ def test_a_json_schema_has_a_size_limit():
     with pytest.raises(InvalidField) as refused:
         validate_params(SamplingParams(json_schema='{"description": "' + "x" * 70000 + '"}'))
     assert refused.value.field == "json_schema" and "over the limit" in refused.value.message
+
+
+def test_with_tools_offered_the_default_repeat_penalty_is_left_to_the_server():
+    defaults = SamplingDefaults(repeat_penalty=1.1)
+    tool = '{"type": "function", "function": {"name": "get_weather"}}'
+    assert resolve(SamplingParams(tools=[tool]), defaults).repeat_penalty is None
+    assert resolve(SamplingParams(tools=[tool], repeat_penalty=1.3), defaults).repeat_penalty == 1.3
+    assert resolve(SamplingParams(tools=[tool], tool_choice="none"), defaults).repeat_penalty == 1.1
+    assert resolve(SamplingParams(), defaults).repeat_penalty == 1.1
