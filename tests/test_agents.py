@@ -22,7 +22,7 @@ from agents import (
 from tests.support.fake_upstreams import FakeUpstream
 from tests.support.mesh import launched_model, running_mesh
 
-BASE = 33500  # edge 33501, services 33550-33555, metrics 33570-33575, llama-server 33580, admin 34401
+BASE = 12000  # edge 12001, services 12050-12055, metrics 12070-12075, llama-server 12080, admin 12901
 set_tracing_disabled(True)  # no trace export to OpenAI's servers
 
 

@@ -39,7 +39,7 @@ def mesh(tmp_path_factory):
     keys.write_text(
         f"# name: key\nalice: {ALICE_KEY}\n{UNNAMED_KEY}  # no name\ntrial:{TRIAL_KEY}\n  carol : {CAROL_KEY}\n"
     )
-    config = mesh_config(directory / "state", 34000, {MODEL: launched_model(34080, max_tokens=4)}, router=False)
+    config = mesh_config(directory / "state", 20000, {MODEL: launched_model(20080, max_tokens=4)}, router=False)
     config["edge"].update(
         api_keys_file=str(keys),
         key_rate_limit={"chat": DEFAULT_PER_MINUTE, "chat_overrides": {"trial": TRIAL_PER_MINUTE}},

@@ -5,7 +5,7 @@ answer (native stream, /v1 stream and not streamed); a hung tool cut at the serv
 reported to the model as an error; a failing tool reported to the model; the step limit; a tool the
 configuration does not offer refused with 400 naming it.
 
-BASE 34500: edge 34501, services 34550-34555, metrics 34570-34575, admin 35401."""
+BASE 14000: edge 14001, services 14050-14055, metrics 14070-14075, admin 14901."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tests.support.fake_upstreams import FakeUpstream, serving
 from tests.support.mcp_weather_server import ECHO_MARKER, FORECAST_MARKER
 from tests.support.mesh import running_mesh
 
-BASE = 34500
+BASE = 14000
 SERVER = [sys.executable, "-m", "tests.support.mcp_weather_server"]
 TIMEOUT_S = 1.5
 STEPS = 2

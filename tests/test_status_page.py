@@ -20,7 +20,7 @@ from tests.support.mesh import REPO, launched_model, mesh_config, start_mesh, st
 
 BROWSER_TESTS = REPO / "tests" / "browser"
 SCREENSHOT = REPO / "test-artifacts" / "status-page.png"
-BASE = 35000
+BASE = 18000
 KEY = "status-page-test-key-0123456789"
 AUTH = {"authorization": f"Bearer {KEY}"}
 MODELS = ["gpt-oss-20b", "phi"]

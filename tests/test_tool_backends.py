@@ -17,7 +17,7 @@ from tests.support.channels import edge_channel
 from tests.support.fake_upstreams import FLAVORS, FakeUpstream, serving
 from tests.support.mesh import launched_model, running_mesh
 
-BASE = 37000  # edge 37001, services 37050.., llama-server 37080, admin 37901
+BASE = 15000  # edge 15001, services 15050.., llama-server 15080, admin 15901
 # JSON text as a client wrote it: spacing and key order are the client's, and must reach the server so.
 WEATHER = (
     '{"type": "function", "function": {"name": "get_weather", "description": "Get the current weather in a city",'

@@ -15,7 +15,7 @@ import pytest
 from tests.support.fake_upstreams import FakeUpstream
 from tests.support.mesh import running_mesh
 
-BASE = 34000  # edge 34001, services 34050-34055, metrics 34070-34075, admin 34901
+BASE = 13000  # edge 13001, services 13050-13055, metrics 13070-13075, admin 13901
 QUESTION = "What is the weather in Paris?"
 WEATHER = {
     "type": "function",

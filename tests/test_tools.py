@@ -13,7 +13,7 @@ import pytest
 from tests.support.fake_upstreams import FakeUpstream, serving
 from tests.support.mesh import launched_model, running_mesh
 
-BASE = 33000  # edge 33001, services 33050-33055, metrics 33070-33075, llama-server 33080, admin 33901
+BASE = 11000  # edge 11001, services 11050-11055, metrics 11070-11075, llama-server 11080, admin 11901
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
 # Keys in an order sorting would change, a non-ASCII description: what reaches the upstream must
 # be this, key for key and in this order.

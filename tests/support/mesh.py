@@ -34,6 +34,9 @@ SERVICES = list(SERVICE_NAMES)
 def mesh_config(state_dir: pathlib.Path, base_port: int, models: dict, router: bool = True) -> dict:
     """A mesh config dict: edge on base+1, admin on base+901, services on base+50.., loopback only.
     With `router`, the repository's routes file is used, so `models` must hold its model ids."""
+    # Below Linux's ephemeral range (32768-60999): an outgoing connection (a database pool, say)
+    # can hold any port there for minutes, and a mesh that needs it then fails to start.
+    assert base_port + 1000 <= 32768, f"test mesh base port {base_port}: keep it below 31768"
     return {
         "router": {"enabled": router, "routes_file": str(REPO / "config" / "routes.yaml")},
         "state_dir": str(state_dir),
