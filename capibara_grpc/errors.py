@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import grpc
 
 from capibara_grpc import metrics, tracing
+from capibara_grpc.local_calls import LocalMethod
 
 log = logging.getLogger(__name__)
 # One line per finished call: method, code, duration, request id.
@@ -202,6 +203,13 @@ def mapped_handler(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMetho
     """`handler` with the error mapping around it: the one place where exceptions become status
     codes. It also takes the call's request id (tracing), counts every call and its duration by
     method and final code, and logs it."""
+    return mapped_methods(method, handler)[0]
+
+
+def mapped_methods(method: str, handler: grpc.RpcMethodHandler) -> tuple[grpc.RpcMethodHandler, LocalMethod | None]:
+    """mapped_handler's handler, and the same mapped method for a caller in this process
+    (local_calls.py), which passes the request message itself: None for a method that only the
+    network can call (a stream written with context.write)."""
     deserialize = handler.request_deserializer
 
     def parse(raw: bytes):
@@ -215,35 +223,49 @@ def mapped_handler(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMetho
             ) from None
 
     if handler.unary_unary:
-        inner = handler.unary_unary
-
-        async def unary_unary(raw, context):
-            started, key = _begin(context)
-            try:
-                response = await inner(parse(raw), context)
-            except BaseException as exc:  # noqa: BLE001 - mapped (or passed on) by _finish
-                await _finish(method, context, started, key, exc)
-                raise
-            await _finish(method, context, started, key, None)
-            return response
-
-        return grpc.unary_unary_rpc_method_handler(unary_unary, None, handler.response_serializer)
+        grpc_handler = grpc.unary_unary_rpc_method_handler(
+            _mapped_unary(method, handler.unary_unary, parse), None, handler.response_serializer
+        )
+        return grpc_handler, LocalMethod(unary=_mapped_unary(method, handler.unary_unary))
     # Streams written with context.write() (grpc.health's Watch) are left as they are.
     if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
-        inner_stream = handler.unary_stream
+        grpc_handler = grpc.unary_stream_rpc_method_handler(
+            _mapped_stream(method, handler.unary_stream, parse), None, handler.response_serializer
+        )
+        return grpc_handler, LocalMethod(stream=_mapped_stream(method, handler.unary_stream))
+    return handler, None
 
-        async def unary_stream(raw, context):
-            started, key = _begin(context)
-            try:
-                async for response in inner_stream(parse(raw), context):
-                    yield response
-            except BaseException as exc:  # noqa: BLE001 - mapped (or passed on) by _finish
-                await _finish(method, context, started, key, exc)
-                raise
-            await _finish(method, context, started, key, None)
 
-        return grpc.unary_stream_rpc_method_handler(unary_stream, None, handler.response_serializer)
-    return handler
+def _mapped_unary(method: str, inner, parse=None):
+    """`inner` (a unary handler) mapped; `parse` turns the bytes from the network into the request."""
+
+    async def unary_unary(request, context):
+        started, key = _begin(context)
+        try:
+            response = await inner(parse(request) if parse else request, context)
+        except BaseException as exc:  # noqa: BLE001 - mapped (or passed on) by _finish
+            await _finish(method, context, started, key, exc)
+            raise
+        await _finish(method, context, started, key, None)
+        return response
+
+    return unary_unary
+
+
+def _mapped_stream(method: str, inner, parse=None):
+    """`inner` (an async generator handler) mapped, as _mapped_unary."""
+
+    async def unary_stream(request, context):
+        started, key = _begin(context)
+        try:
+            async for response in inner(parse(request) if parse else request, context):
+                yield response
+        except BaseException as exc:  # noqa: BLE001 - mapped (or passed on) by _finish
+            await _finish(method, context, started, key, exc)
+            raise
+        await _finish(method, context, started, key, None)
+
+    return unary_stream
 
 
 class _MappedGenericHandler(grpc.GenericRpcHandler):
@@ -272,14 +294,21 @@ class ErrorMappingServer:
     runs a coroutine and builds a new handler on every call (docs/benchmarks.md, "Model servers
     first, and where Route's CPU goes"). Everything else is the server's own."""
 
-    def __init__(self, server: grpc.aio.Server):
+    def __init__(self, server: grpc.aio.Server, local: dict[str, LocalMethod] | None = None):
         self.server = server
+        # The same mapped methods for callers in this process (local_calls.LocalChannel), by path.
+        self.local = {} if local is None else local
 
     def add_generic_rpc_handlers(self, handlers) -> None:
         self.server.add_generic_rpc_handlers([_MappedGenericHandler(h) for h in handlers])
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-        mapped = {name: mapped_handler(f"/{service}/{name}", h) for name, h in handlers.items()}
+        mapped = {}
+        for name, handler in handlers.items():
+            path = f"/{service}/{name}"
+            mapped[name], local = mapped_methods(path, handler)
+            if local is not None:
+                self.local[path] = local
         self.server.add_registered_method_handlers(service, mapped)
 
     def __getattr__(self, name: str):
@@ -291,9 +320,12 @@ class ErrorMappingServer:
 grpc.aio.Server.register(ErrorMappingServer)
 
 
-def error_mapping_server(options: list[tuple[str, typing.Any]] | None = None) -> ErrorMappingServer:
-    """A new grpc.aio server with the error mapping on every servicer added to it."""
-    return ErrorMappingServer(grpc.aio.server(options=options))
+def error_mapping_server(
+    options: list[tuple[str, typing.Any]] | None = None, local: dict[str, LocalMethod] | None = None
+) -> ErrorMappingServer:
+    """A new grpc.aio server with the error mapping on every servicer added to it; its methods
+    also go into `local`, for callers in this process."""
+    return ErrorMappingServer(grpc.aio.server(options=options), local)
 
 
 def remaining_s(context: grpc.aio.ServicerContext, default_s: float) -> float:

@@ -68,6 +68,23 @@ QUEUE_DEPTH = Gauge("capibara_queue_depth", "Generations waiting for a slot of t
 ACTIVE_GENERATIONS = Gauge(
     "capibara_active_generations", "Generations holding a slot of the model's backend", ["model"]
 )
+# The servers of a model whose replicas the inference service balances (backend.balance:
+# affinity; capibara_grpc/upstream/replicas.py), `replica` being the server's URL. Outcome of a
+# choice: affinity (the server that served the conversation last), fallback (that one was busy or
+# down), new (a conversation not seen yet).
+REPLICA_IN_FLIGHT = Gauge("capibara_replica_in_flight", "Generations in flight on each server", ["model", "replica"])
+REPLICA_PINNED = Gauge(
+    "capibara_replica_pinned_conversations", "Conversations whose next turn goes to each server", ["model", "replica"]
+)
+REPLICA_UP = Gauge("capibara_replica_up", "1 while a server takes chats (healthy, not refusing)", ["model", "replica"])
+REPLICA_CHOICES = Counter(
+    "capibara_replica_choices", "Chats sent to each server, by outcome", ["model", "replica", "outcome"]
+)
+REPLICA_LAST_CHOICE = Gauge(
+    "capibara_replica_last_choice_timestamp_seconds",
+    "When each server was last chosen, by the outcome of that choice",
+    ["model", "replica", "outcome"],
+)
 # The context service as an MCP client (context.mcp_servers): `name` is the tool or resource as
 # configured; outcome: ok, error (the server answered an error), timeout, unavailable (no session).
 MCP_CALLS = Counter(

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from capibara_grpc import metrics, services, tracing
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.errors import error_mapping_server
+from capibara_grpc.local_calls import LocalChannel, LocalMethod
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +57,13 @@ def internal_channel(config: MeshConfig, service: str) -> grpc.aio.Channel:
 
 def internal_channels(servers: MeshServers) -> dict[str, grpc.aio.Channel]:
     """A channel to every deployed service, closed when `servers` stop."""
-    channels = {name: internal_channel(servers.config, name) for name in servers.config.deployed_services}
-    for channel in channels.values():
-        servers.on_stop(channel.close)
-    return channels
+    return {name: servers.channel(name) for name in servers.config.deployed_services}
 
 
 def health_channel(config: MeshConfig, service: str, address: str | None = None) -> grpc.aio.Channel:
     """Straight to the service (or one replica): grpc.health.v1 asks about one process, and every
     service's Health/Check has the same path, so Envoy could not route it to the right one."""
     return grpc.aio.insecure_channel(address or config.services.address(service), options=CHANNEL_OPTIONS)
-
-
-def _new_server() -> grpc.aio.Server:
-    return error_mapping_server(SERVER_OPTIONS)
 
 
 def _listen(server: grpc.aio.Server, config: MeshConfig, service: str) -> None:
@@ -90,6 +84,8 @@ class MeshServers:
         self._stack = AsyncExitStack()
         self.servers: list[grpc.aio.Server] = []
         self._unstarted: dict[str, grpc.aio.Server] = {}
+        # The methods of this process's services, by path, for the others here (local_calls.py).
+        self.local_methods: dict[str, LocalMethod] = {}
 
     async def start(self) -> MeshServers:
         try:
@@ -97,7 +93,7 @@ class MeshServers:
             # ports (50050-50055) lie in Linux's ephemeral range, where an outgoing connection
             # could otherwise take one first.
             for service in self.services:
-                server = _new_server()
+                server = error_mapping_server(SERVER_OPTIONS, self.local_methods)
                 _listen(server, self.config, service)
                 self._unstarted[service] = server
             # Dependencies first, so the gateway's first call finds inference and router listening.
@@ -119,6 +115,15 @@ class MeshServers:
         await asyncio.gather(*(server.wait_for_termination() for server in self.servers))
 
     # -- for the services' start functions ----------------------------------------------------
+
+    def channel(self, service: str) -> grpc.aio.Channel:
+        """A channel to another service, closed when these services stop: in this process when
+        it runs here (services.local_calls), else over gRPC (internal_channel)."""
+        channel = internal_channel(self.config, service)
+        if self.config.services.local_calls and service in self.services:
+            channel = LocalChannel(self.local_methods, channel)
+        self.on_stop(channel.close)
+        return channel
 
     def on_stop(self, callback: typing.Callable[..., typing.Awaitable], *args) -> None:
         """Await callback(*args) when this process's services stop (the last registered first)."""

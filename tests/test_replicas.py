@@ -1,6 +1,6 @@
-"""Replicas behind Envoy on one machine: two llama-servers behind one logical model and two
-inference services, each balanced, health-checked and ejected when killed; new requests keep
-succeeding."""
+"""Replicas behind Envoy on one machine: two llama-servers behind one logical model (backend.balance:
+least_requests) and two inference services, each balanced, health-checked and ejected when killed;
+new requests keep succeeding."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ def replicated_mesh(tmp_path_factory):
     directory = tmp_path_factory.mktemp("replicas")
     model = launched_model(17080)
     model["backend"]["replicas"] = [REPLICA_SERVER]
+    # Envoy's balancing (the default, affinity, is the inference service's: test_replica_affinity).
+    model["backend"]["balance"] = "least_requests"
     config = mesh_config(directory / "state", 17000, {"gpt-oss-20b": model}, router=False)
     config["services"]["inference"]["replicas"] = [f"127.0.0.1:{INFERENCE_REPLICA}"]
     mesh = start_mesh(directory, config, split=True)

@@ -25,6 +25,7 @@ DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "capibara.yaml"
 PROTOCOLS = ("llama_cpp", "openai")
 # What a model server is, beyond the protocol it speaks (capibara_grpc/upstream/kinds.py).
 SERVER_KINDS = ("llama_server", "vllm", "ollama", "openai")
+BALANCES = ("affinity", "least_requests")
 CHAT_TEMPLATES = ("server", "raw")
 SPEECH_ENGINES = ("espeak", "coqui")
 CACHE_BACKENDS = ("memory", "redis")
@@ -128,6 +129,10 @@ class ServicesConfig:
     host: str = "127.0.0.1"
     # true: services call each other through Envoy's mesh listener (edge.mesh_port); false: directly.
     via_envoy: bool = True
+    # true: services in one process (`capibara up` without --split) call each other in that
+    # process, passing the messages themselves (capibara_grpc/local_calls.py): no Envoy, no
+    # socket, no serializing; between processes gRPC as via_envoy says.
+    local_calls: bool = True
     # One section per service of the mesh (capibara_grpc/services.py), named after it, beside
     # host and via_envoy in the YAML file; a service not named keeps its defaults.
     endpoints: dict[str, ServiceEndpoint] = field(default_factory=default_endpoints, metadata={"inline": True})
@@ -452,9 +457,17 @@ class BackendConfig:
     first_token_timeout_s: float = 120.0
     # Seconds a started stream may go without any data before it is ended with an error.
     idle_timeout_s: float = 60.0
-    # More servers of the same model (URLs). With any, calls go through Envoy (edge.models_port),
-    # which balances by least requests, health-checks /health and ejects failing servers.
+    # More servers of the same model (URLs), balanced as `balance` says.
     replicas: list[str] = field(default_factory=list)
+    # How chats are spread over backend.url and its replicas. `affinity`: the inference service
+    # sends a conversation's turns to the server that answered it last (it keeps the history's
+    # prompt in its KV cache; the conversation is known by its messages up to the first user
+    # message), unless that server is down or has every slot (launch.parallel, else 4) busy while
+    # another has a free one: then the least loaded server, which keeps the conversation from
+    # then on. A call that cannot reach a server (refused, reset, 503 while loading) before its
+    # first token goes to another. `least_requests`: through Envoy (edge.models_port), which
+    # balances by least requests, health-checks /health and ejects failing servers.
+    balance: str = "affinity"
 
     @property
     def env_names(self) -> list[str]:
@@ -511,8 +524,9 @@ class ModelConfig:
     # Tokens the model sees at once (prompt and answer); the context service fits memory and data
     # into it. 0 = as the server reports it (llama-server /props, vLLM max_model_len), else 4096.
     context_window: int = 0
-    # Admission: at most max_concurrent generations at the backend (0 = launch.parallel, else 4),
-    # at most max_queued waiting behind them; beyond that 429 / RESOURCE_EXHAUSTED + Retry-After.
+    # Admission: at most max_concurrent generations at the backend (0 = launch.parallel, else 4,
+    # per server: backend.url and each replica), at most max_queued waiting behind them; beyond
+    # that 429 / RESOURCE_EXHAUSTED + Retry-After.
     max_concurrent: int = 0
     max_queued: int = 16
     # Whether the model takes `tools` (function calling); unset = yes, unless chat_template is raw
@@ -531,8 +545,23 @@ class ModelConfig:
         return self.backend.server or ("llama_server" if launched else "openai")
 
     @property
+    def server_slots(self) -> int:
+        """Generations one of the model's servers serves at once."""
+        return self.launch.parallel if self.launch else 4
+
+    @property
     def slots(self) -> int:
-        return self.max_concurrent or (self.launch.parallel if self.launch else 4)
+        return self.max_concurrent or self.server_slots * len(self.server_urls)
+
+    @property
+    def balanced_by_envoy(self) -> bool:
+        """Whether its calls go through Envoy's models listener (replicas, least_requests)."""
+        return bool(self.backend.replicas) and self.backend.balance == "least_requests"
+
+    @property
+    def affinity_replicas(self) -> bool:
+        """Whether the inference service picks among its servers itself (replicas, affinity)."""
+        return bool(self.backend.replicas) and self.backend.balance == "affinity"
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -591,9 +620,10 @@ class MeshConfig:
 
     def backend_base_url(self, model_id: str) -> str:
         """Where to call the model, as configured (a llama-server's root, an OpenAI base URL):
-        its one server, or Envoy's route to its replicas."""
+        its one server (the first of them, for replicas it balances itself), or Envoy's route to
+        its replicas."""
         model = self.model(model_id)
-        if model.backend.replicas:
+        if model.balanced_by_envoy:
             return f"http://{self.edge.mesh_address}:{self.edge.models_port}/models/{model_id}{model.backend.url_path}"
         return model.backend.url.rstrip("/")
 

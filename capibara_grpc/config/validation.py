@@ -13,6 +13,7 @@ from capibara_grpc.config.model_files import resolve_model_file
 from capibara_grpc.config.parsing import ConfigError, line_of
 from capibara_grpc.config.routes import load_routes
 from capibara_grpc.config.schema import (
+    BALANCES,
     CACHE_BACKENDS,
     CHAT_TEMPLATES,
     PROTOCOLS,
@@ -350,7 +351,7 @@ def _validate_sockets(config: MeshConfig, claim, fail) -> None:
     claim(edge.admin_address, edge.admin_port, "edge.admin_port", line_of(edge, "admin_port"))
     if config.services.via_envoy:
         claim(edge.mesh_address, edge.mesh_port, "edge.mesh_port", line_of(edge, "mesh_port"))
-    if any(m.backend.replicas for m in config.models.values()):
+    if any(m.balanced_by_envoy for m in config.models.values()):
         claim(edge.mesh_address, edge.models_port, "edge.models_port", line_of(edge, "models_port"))
     for name in SERVICE_NAMES:
         endpoint = config.services.endpoint(name)
@@ -443,6 +444,8 @@ def _validate_backend(config: MeshConfig, model_id: str, fail, check_environment
             f"{where}.url: protocol llama_cpp takes the server's root URL; for a /v1 base URL set protocol: openai",
         )
     kind = config.models[model_id].server_kind
+    if backend.balance not in BALANCES:
+        fail(line_of(backend, "balance"), f"{where}.balance '{backend.balance}' must be one of {', '.join(BALANCES)}")
     if backend.replicas and (kind not in ("llama_server", "vllm") or not backend.url.startswith("http://")):
         fail(
             line_of(backend, "replicas"),

@@ -8,7 +8,7 @@ from capibara_grpc.consensus.core import ConsensusEngine
 from capibara_grpc.consensus.servicer import ConsensusServicer
 from capibara_grpc.inference.client import InferenceClient
 from capibara_grpc.sentence_encoder import shared_encoder
-from capibara_grpc.server import MeshServers, internal_channel
+from capibara_grpc.server import MeshServers
 from capibara_grpc.stubs import consensus_pb2_grpc
 
 
@@ -16,8 +16,7 @@ async def start(servers: MeshServers) -> None:
     config = servers.config
     # Groups answers by meaning; one encoder per model in a process, shared with the router here.
     encoder = await asyncio.to_thread(shared_encoder, config.consensus.encoder, config.router.cache_size)
-    inference = internal_channel(config, "inference")
-    servers.on_stop(inference.close)
+    inference = servers.channel("inference")
     servicer = ConsensusServicer(ConsensusEngine(config, InferenceClient(inference).generate, encoder.encode))
     await servers.serve(
         "consensus", lambda server: consensus_pb2_grpc.add_ConsensusServiceServicer_to_server(servicer, server)

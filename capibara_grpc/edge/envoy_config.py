@@ -43,7 +43,8 @@ MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 
 
 def _models_listener(config: MeshConfig, bind_all: bool = False) -> dict:
-    """Plain HTTP on loopback to the models that have replicas: /models/<id>/<path> -> a server."""
+    """Plain HTTP on loopback to the models whose replicas Envoy balances (backend.balance:
+    least_requests): /models/<id>/<path> -> a server."""
     routes = [
         {
             "match": {"prefix": f"/models/{model.model_id}/"},
@@ -64,7 +65,7 @@ def _models_listener(config: MeshConfig, bind_all: bool = False) -> dict:
             },
         }
         for model in config.models.values()
-        if model.backend.replicas
+        if model.balanced_by_envoy
     ]
     return _internal_listener("models", config, config.edge.models_port, "AUTO", routes, bind_all)
 
@@ -201,7 +202,8 @@ def build(
         keys_file = str(config.resolve_path(config.edge.api_keys_file)) if config.edge.api_keys_file else ""
     addresses = addresses or (lambda service: _service_addresses(config, service))
     deployed = config.deployed_services
-    replicated_models = [m for m in config.models.values() if m.backend.replicas]
+    # Models with backend.balance: affinity are balanced by the inference service itself.
+    replicated_models = [m for m in config.models.values() if m.balanced_by_envoy]
     routes = [
         _to_cluster(f"/{MESH_SERVICE}/", "gateway"),
         # The OpenAI-compatible API (/v1/...) is the gateway's, and generates: the chat limit.

@@ -9,12 +9,14 @@ server stops generating for a closed connection.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import secrets
 import time
 from collections.abc import AsyncIterator
 
+from capibara_grpc import metrics
 from capibara_grpc.chat.request import json_schema
 from capibara_grpc.chat.types import (
     Finished,
@@ -28,14 +30,16 @@ from capibara_grpc.chat.types import (
 from capibara_grpc.config import ModelConfig
 from capibara_grpc.errors import MeshError, Unavailable
 from capibara_grpc.inference.types import ModelStatus
-from capibara_grpc.upstream.client import Upstream
+from capibara_grpc.upstream.client import NotTaken, Upstream
+from capibara_grpc.upstream.replicas import ReplicaPicker, affinity_key
 
 _LLAMA_STOP_TYPES = {"eos": "stop", "limit": "length", "word": "stop_sequence"}
 _OPENAI_FINISH = {"stop": "stop", "length": "length", "eos": "stop"}
 
 
 class ModelBackend:
-    """One logical model served by one HTTP server (or Envoy's route to its replicas)."""
+    """One logical model served by one HTTP server (or Envoy's route to its replicas; or several
+    servers, ReplicatedBackend)."""
 
     def __init__(self, model: ModelConfig, upstream: Upstream):
         self.model = model
@@ -283,7 +287,100 @@ class LlamaCompletionBackend(ModelBackend):
         raise self._ended_early("a final event")
 
 
+class ReplicatedBackend(ModelBackend):
+    """A model whose servers (backend.url and its replicas) the inference service balances itself
+    (backend.balance: affinity): each chat goes to the server the picker chooses
+    (capibara_grpc/upstream/replicas.py), and to another one when the chosen server does not take
+    it (refused, reset, 503) before its first token. The choices are Prometheus metrics
+    (capibara_replica_*), which the status page reads."""
+
+    def __init__(self, model: ModelConfig, servers: list[ModelBackend]):
+        super().__init__(model, servers[0].upstream)
+        self.servers = servers
+        self.picker = ReplicaPicker([s.upstream.url for s in servers], model.server_slots)
+        names = [s.upstream.redact(s.upstream.url) for s in servers]
+        mid = model.model_id
+        self._in_flight = [metrics.REPLICA_IN_FLIGHT.labels(mid, name) for name in names]
+        self._pinned = [metrics.REPLICA_PINNED.labels(mid, name) for name in names]
+        self._up = [metrics.REPLICA_UP.labels(mid, name) for name in names]
+        self._names = names
+        for gauge in self._up:
+            gauge.set(1)
+
+    async def generate(self, messages, params):
+        key = affinity_key(messages)
+        tried: list[int] = []
+        while True:
+            choice = self.picker.choose(key, tried)
+            self._published(choice.index, choice.outcome, choice.at)
+            index = choice.index
+            self.picker.begin(index)
+            self._in_flight[index].inc()
+            try:
+                items = self.servers[index].generate(messages, params)
+                async with contextlib.aclosing(items):
+                    async for item in items:
+                        yield item
+                return
+            except NotTaken as exc:  # raised before any item: nothing was sent to the caller
+                self.picker.refused(index, exc.message)
+                self._up[index].set(0)
+                tried.append(index)
+                if len(tried) >= len(self.servers):
+                    raise
+            finally:
+                self.picker.end(index)
+                self._in_flight[index].dec()
+
+    def _published(self, index: int, outcome: str, at: float) -> None:
+        mid, name = self.model_id, self._names[index]
+        metrics.REPLICA_CHOICES.labels(mid, name, outcome).inc()
+        metrics.REPLICA_LAST_CHOICE.labels(mid, name, outcome).set(at)
+        for gauge, replica in zip(self._pinned, self.picker.replicas, strict=True):
+            gauge.set(replica.pinned)
+
+    async def status(self) -> ModelStatus:
+        verdicts = await asyncio.gather(*(s.upstream.healthy() for s in self.servers))
+        for index, (healthy, detail) in enumerate(verdicts):
+            self.picker.set_health(index, healthy, detail)
+            self._up[index].set(1 if self.picker.up(index) else 0)
+        down = [
+            f"{name}: {detail}" for name, (healthy, detail) in zip(self._names, verdicts, strict=True) if not healthy
+        ]
+        up = [s for s, (healthy, _) in zip(self.servers, verdicts, strict=True) if healthy]
+        if not up:
+            detail = "every server is down: " + "; ".join(down)
+        elif down:
+            detail = f"ok ({len(down)} of {len(self.servers)} servers down: {'; '.join(down)})"
+        else:
+            detail = "ok"
+        return ModelStatus(
+            model_id=self.model_id,
+            backend_url=self.upstream.redact(self.model.backend.url),
+            protocol=self.model.backend.protocol,
+            chat_template=self.model.chat_template,
+            healthy=bool(up),
+            status=detail,
+            context_window=await up[0].upstream.context_window() if up else 0,
+        )
+
+
+def server_urls(model: ModelConfig) -> list[str]:
+    """Where to call each of the model's servers: backend.url, then each replica with backend.url's
+    path (an OpenAI base URL's /v1)."""
+    return [model.backend.url.rstrip("/"), *(r.rstrip("/") + model.backend.url_path for r in model.backend.replicas)]
+
+
 def make_backend(model: ModelConfig, upstream: Upstream) -> ModelBackend:
+    if model.affinity_replicas:
+        urls = server_urls(model)
+        upstreams = [upstream if upstream.url == urls[0] else upstream.sibling(urls[0])]
+        upstreams += [upstream.sibling(url) for url in urls[1:]]
+        return ReplicatedBackend(model, [_one_server(model, u) for u in upstreams])
+    return _one_server(model, upstream)
+
+
+def _one_server(model: ModelConfig, upstream: Upstream) -> ModelBackend:
     if model.backend.protocol == "llama_cpp" and model.chat_template == "raw":
         return LlamaCompletionBackend(model, upstream)
     if model.backend.protocol in ("llama_cpp", "openai"):

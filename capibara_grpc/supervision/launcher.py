@@ -100,7 +100,7 @@ class Mesh:
             wanted.append((self.config.services.host, mcp_http_port(self.config), "gateway MCP over HTTP"))
         if self.config.services.via_envoy:
             wanted.append((self.config.edge.mesh_address, self.config.edge.mesh_port, "Envoy mesh listener"))
-        if any(m.backend.replicas for m in self.config.models.values()):
+        if any(m.balanced_by_envoy for m in self.config.models.values()):
             wanted.append((self.config.edge.mesh_address, self.config.edge.models_port, "Envoy models listener"))
         busy = wanted
         # A port can be held for a moment by an outgoing connection that the kernel gave it
@@ -127,7 +127,7 @@ class Mesh:
         ports = [(edge.listen_address, edge.port), (edge.admin_address, edge.admin_port)]
         if self.config.services.via_envoy:
             ports.append((edge.mesh_address, edge.mesh_port))
-        if any(m.backend.replicas for m in self.config.models.values()):
+        if any(m.balanced_by_envoy for m in self.config.models.values()):
             ports.append((edge.mesh_address, edge.models_port))
         return ports
 

@@ -49,17 +49,25 @@ MODELS_PROBE_S = 15.0
 TOKENIZER_RETRY_S = 30.0
 
 
+class NotTaken(Unavailable):
+    """The server did not take the call: it refused or reset the connection, or answered 503
+    (llama-server while loading its model), before any answer. Another server of the model may."""
+
+
 class Upstream:
     """One model's server (or Envoy's route to its replicas)."""
 
-    def __init__(self, config: MeshConfig, model_id: str, session: aiohttp.ClientSession):
+    def __init__(self, config: MeshConfig, model_id: str, session: aiohttp.ClientSession, url: str = ""):
+        """`url`: one of the model's servers (backend.url or a replica) instead of where the
+        configuration says to call the model."""
         model = config.model(model_id)
         backend = model.backend
+        self.config = config
         self.model_id = model_id
         self.model_name = backend.model_name or model_id
         self.kind = KINDS[model.server_kind]
         self.configured_window = model.context_window
-        self.url = config.backend_base_url(model_id)
+        self.url = url.rstrip("/") if url else config.backend_base_url(model_id)
         has_path = backend.protocol == "openai" and backend.url_path
         self.api_base = self.url if has_path else self.url + "/v1"
         self.root = self.api_base.removesuffix("/v1")
@@ -186,7 +194,7 @@ class Upstream:
                 f"model '{self.model_id}' is unavailable: backend {self.url} unreachable ({exc.__class__.__name__})"
             )
             self.failed(message)
-            raise Unavailable(message) from exc
+            raise NotTaken(message) from exc
         except TimeoutError as exc:
             message = f"model '{self.model_id}' backend {self.url} did not answer within {self.backend.first_token_timeout_s:g} s"
             self.failed(message)
@@ -221,7 +229,11 @@ class Upstream:
         if status == 404:
             message += f"; check backend.url (POST {self.redact(url)}) and model_name '{self.model_name}'"
         self.failed(message)
-        return Unavailable(message)
+        return NotTaken(message) if status == 503 else Unavailable(message)
+
+    def sibling(self, url: str) -> Upstream:
+        """The same model's server at `url` (a replica), sharing this one's connections."""
+        return Upstream(self.config, self.model_id, self.session, url)
 
     async def get_json(self, url: str, timeout_s: float = 2.0) -> tuple[int, dict]:
         """(status, JSON object body or {}); connection errors and timeouts propagate."""
