@@ -118,7 +118,38 @@ function modelCard(m, now) {
     ),
   );
   card.dataset.errors = String(m.errors || 0);
+  if ((m.replicas || []).length) card.append(replicaTable(m, now));
   return card;
+}
+
+// A model whose servers the inference service balances (backend.balance: affinity): per server,
+// chats in flight, conversations pinned to it, affinity hits and fallbacks; then the last choice.
+function replicaTable(m, now) {
+  const hits = m.replicas.reduce((sum, r) => sum + (r.affinity || 0), 0);
+  const fallbacks = m.replicas.reduce((sum, r) => sum + (r.fallback || 0), 0);
+  const last = m.last_replica;
+  const head = ["Server", "In flight", "Pinned", "Hits", "Fallbacks", "New"].map((h, i) =>
+    element("th", { class: i ? "number" : "" }, h),
+  );
+  const rows = m.replicas.map((r) =>
+    element(
+      "tr",
+      { "data-replica": r.url, "data-up": String(Boolean(r.up)), title: r.up ? "" : "down" },
+      element("td", {}, r.url.replace(/^https?:\/\//, ""), r.up ? "" : " (down)"),
+      ...[r.in_flight, r.pinned, r.affinity, r.fallback, r.new_conversations].map((v) =>
+        element("td", { class: "number" }, number(v)),
+      ),
+    ),
+  );
+  const lastText = last
+    ? `Last: ${last.url.replace(/^https?:\/\//, "")} (${last.outcome}), ${Math.max(0, Math.round(now - last.at))} s ago`
+    : "No chat yet";
+  return element(
+    "div",
+    { class: "replicas" },
+    element("table", {}, element("thead", {}, element("tr", {}, ...head)), element("tbody", {}, ...rows)),
+    element("p", { class: "muted" }, `Affinity hits ${hits} · fallbacks ${fallbacks} · ${lastText}`),
+  );
 }
 
 function renderRouting(status) {

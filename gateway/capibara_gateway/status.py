@@ -5,7 +5,8 @@ Two kinds of figures:
   token, tokens/s, routing, cache hits, in per-minute buckets over the last `window_minutes`;
 - what a sampler sees every few seconds (`MeshStatus.sample`, fed by status_probes.py): the health
   of every service and model with the time it last changed, the inference service's queue depth
-  and active generations, and the resident memory of the mesh's processes on this host.
+  and active generations (and, for a model with replicas it balances, each server's), and the
+  resident memory of the mesh's processes on this host.
 
 `MeshStatus.snapshot()` is plain data with the field names of capibara.gateway.v1.GetStatusResponse
 (whose comments document each figure).
@@ -255,6 +256,8 @@ class Sample:
 
     load: dict[str, tuple[float, float]] | None = None  # model -> (queue depth, active generations)
     memory: dict[str, tuple[int, float]] | None = None  # process name -> (pid, RSS MiB)
+    # model -> {"replicas": [...], "last_replica": {...}} (status_probes.parse_replicas)
+    replicas: dict[str, dict] | None = None
 
 
 class MeshStatus:
@@ -269,6 +272,7 @@ class MeshStatus:
         self.down: list[str] = []
         self._load: collections.deque = collections.deque(maxlen=MAX_SAMPLES)
         self._memory: collections.deque = collections.deque(maxlen=MAX_SAMPLES)
+        self._replicas: dict[str, dict] = {}
 
     def record_health(self, report: HealthReport) -> None:
         for entry in report.services:
@@ -287,6 +291,8 @@ class MeshStatus:
             self._load.append((now, sample.load))
         if sample.memory is not None:
             self._memory.append((now, sample.memory))
+        if sample.replicas is not None:
+            self._replicas = sample.replicas
 
     def _models(self, figures: dict[str, dict]) -> list[dict]:
         """`figures`: self.chats.models(self.model_ids), computed once by snapshot()."""
@@ -311,6 +317,7 @@ class MeshStatus:
                     "queue_depth": queue,
                     "active_generations": active,
                     "load": load,
+                    **self._replicas.get(model_id, {}),
                 }
             )
         return models

@@ -3,6 +3,9 @@
 - the inference service's queue depth and active generations per model, from its own Prometheus
   /metrics (capibara_queue_depth, capibara_active_generations), which is where admission counts
   them, whether inference runs in this process or in another (--split);
+- each server of a model whose replicas the inference service balances (backend.balance:
+  affinity): in-flight chats, pinned conversations, affinity hits, fallbacks and the last choice,
+  from the same /metrics (capibara_replica_*);
 - the resident memory (VmRSS) of the mesh's processes on this host: each process is found by the
   port it listens on (the services' gRPC ports, the Envoy edge, each model server's port), from
   /proc/net/tcp{,6} and /proc/<pid>/fd, so no pid file is needed and a restarted llama-server is
@@ -45,10 +48,51 @@ def parse_load(text: str) -> dict[str, tuple[float, float]]:
     return {model: (values[0], values[1]) for model, values in load.items()}
 
 
-async def scrape_load(session: aiohttp.ClientSession, url: str) -> dict[str, tuple[float, float]]:
+# capibara_replica_* family -> the ReplicaStatus field it fills (choices by outcome apart).
+_REPLICA_GAUGES = {
+    "capibara_replica_in_flight": "in_flight",
+    "capibara_replica_pinned_conversations": "pinned",
+    "capibara_replica_up": "up",
+}
+_OUTCOME_FIELDS = {"affinity": "affinity", "fallback": "fallback", "new": "new_conversations"}
+
+
+def parse_replicas(text: str) -> dict[str, dict]:
+    """model -> {"replicas": [ReplicaStatus as a dict, ...], "last_replica": ReplicaChoice as a
+    dict or absent}, for the models whose replicas the inference service balances."""
+    servers: dict[str, dict[str, dict]] = {}
+    last: dict[str, dict] = {}
+    for family in text_string_to_metric_families(text):
+        if not family.name.startswith("capibara_replica_"):
+            continue
+        for sample in family.samples:
+            model, url = sample.labels.get("model", ""), sample.labels.get("replica", "")
+            if not url:
+                continue
+            replica = servers.setdefault(model, {}).setdefault(url, {"url": url})
+            if field := _REPLICA_GAUGES.get(family.name):
+                replica[field] = bool(sample.value) if field == "up" else int(sample.value)
+            elif family.name == "capibara_replica_choices" and sample.name.endswith("_total"):
+                field = _OUTCOME_FIELDS.get(sample.labels.get("outcome", ""))
+                if field:
+                    replica[field] = replica.get(field, 0) + int(sample.value)
+            elif family.name == "capibara_replica_last_choice_timestamp_seconds":
+                if sample.value > last.get(model, {}).get("at", 0.0):
+                    last[model] = {"url": url, "outcome": sample.labels.get("outcome", ""), "at": sample.value}
+    result = {}
+    for model, replicas in servers.items():
+        result[model] = {"replicas": [replicas[url] for url in sorted(replicas)]}
+        if model in last:
+            result[model]["last_replica"] = last[model]
+    return result
+
+
+async def scrape_load(session: aiohttp.ClientSession, url: str) -> tuple[dict[str, tuple[float, float]], dict]:
+    """(load per model, replicas per model) from the inference service's /metrics."""
     async with session.get(url, timeout=aiohttp.ClientTimeout(total=2.0)) as response:
         response.raise_for_status()
-        return parse_load(await response.text())
+        text = await response.text()
+    return parse_load(text), parse_replicas(text)
 
 
 def listening_inodes(ports: set[int]) -> dict[str, int]:
@@ -143,7 +187,7 @@ async def run_sampler(status: MeshStatus, health: MeshHealth, config: MeshConfig
             sample = Sample()
             if metrics_url:
                 try:
-                    sample.load = await scrape_load(session, metrics_url)
+                    sample.load, sample.replicas = await scrape_load(session, metrics_url)
                 except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
                     log.debug("status sampler: %s unreadable: %s", metrics_url, exc)
             if tick % MEMORY_EVERY == 0:
