@@ -29,8 +29,10 @@ to first token with replica affinity comes from benchmarks/replica_affinity.py, 
     .venv/bin/python benchmarks/peers.py                 # everything (a few minutes; make bench)
     .venv/bin/python benchmarks/peers.py --quick         # mesh CPU/chat and req/s only (< 1 minute)
     .venv/bin/python benchmarks/peers.py --only cpu,litellm --seconds 10
-    options: --seconds N (each load phase), --skip-litellm, --skip-split, --skip-routed,
-             --skip-affinity, --only SECTIONS (cpu, sequential, stream, routed, litellm, split)
+    options: --seconds N (each load phase, default 6), --rounds N (each phase's runs, interleaved
+             between the gateways, default 2), --skip-litellm, --skip-split, --skip-routed,
+             --skip-affinity, --only SECTIONS (comma-separated: cpu, sequential, stream, routed,
+             litellm, split, affinity; `mesh` = the first three, without LiteLLM)
 
 A benchmark, not a test: it prints raw figures for this machine; on 2 cores, anything else running
 moves them (the load average before and after is printed).
@@ -41,7 +43,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import inspect
+import io
 import os
 import pathlib
 import platform
@@ -65,7 +69,8 @@ CHAT_MODEL, STREAM_MODEL = f"mock-{CHAT_TOKENS}", f"mock-{STREAM_TOKENS}"
 IN_FLIGHT = 32
 STREAM_IN_FLIGHT = 8
 PROMPT = "Tell me one thing about capybaras."
-SECTIONS = ("cpu", "sequential", "stream", "routed", "litellm", "split")
+SECTIONS = ("cpu", "sequential", "stream", "routed", "litellm", "split", "affinity")
+ALIASES = {"mesh": ("cpu", "sequential", "stream")}  # --only mesh: the one-process mesh alone
 PHASES = {"cpu", "sequential", "stream"}  # the load phases of a gateway; the rest: which gateways
 
 
@@ -125,6 +130,18 @@ def mesh(directory: pathlib.Path, base: int, routed: bool = False, split: bool =
         yield running
 
 
+@dataclasses.dataclass
+class Gateway:
+    name: str
+    url: str  # its root: /v1/chat/completions is below it
+    pids: list[int]  # the roots of its process tree, for its CPU
+    key: str = ""
+
+    @property
+    def chat_url(self) -> str:
+        return self.url + "/v1/chat/completions"
+
+
 class Bench:
     """The load phases, each a wrk run against one gateway; results land in self.report."""
 
@@ -138,26 +155,31 @@ class Bench:
         return wrk(url, body, self.directory, seconds, connections, api_key=key, cpu_of=pids)
 
     def warm(self, url: str, body: dict, key: str = "") -> None:
-        self.load(url, body, 1.5, IN_FLIGHT, key=key)
+        self.load(url, body, 3, IN_FLIGHT, key=key)
 
-    def gateway_phases(self, name: str, url: str, pids: list[int], key: str, seconds: float) -> None:
-        """Throughput + CPU, sequential, streaming for one gateway (`url` = its /v1 root)."""
-        chat_url = url + "/v1/chat/completions"
-        sections = self.phases
-        check_answer(chat_url, chat_body(), key, CHAT_TOKENS)
-        self.warm(chat_url, chat_body(), key)
-        if "cpu" in sections:
-            self.report.add(name, "chat", self.load(chat_url, chat_body(), seconds, IN_FLIGHT, pids, key))
-        if "sequential" in sections:
-            self.report.add(name, "sequential", self.load(chat_url, chat_body(), seconds, 1, pids, key))
-        if "stream" in sections:
-            check_answer(chat_url, stream_body(), key, STREAM_TOKENS)
-            self.report.add(name, "stream", self.load(chat_url, stream_body(), seconds, STREAM_IN_FLIGHT, pids, key))
+    def gateway_phases(self, gateways: list[Gateway], seconds: float, rounds: int) -> None:
+        """Throughput + CPU, sequential, streaming: each phase for every gateway in turn, `rounds`
+        times, so that each sees the machine as the others do (others' processes come and go)."""
+        for gateway in gateways:
+            check_answer(gateway.chat_url, chat_body(), gateway.key, CHAT_TOKENS)
+            check_answer(gateway.chat_url, stream_body(), gateway.key, STREAM_TOKENS)
+            self.warm(gateway.chat_url, chat_body(), gateway.key)
+        phases = [
+            ("chat", chat_body(), IN_FLIGHT),
+            ("sequential", chat_body(), 1),
+            ("stream", stream_body(), STREAM_IN_FLIGHT),
+        ]
+        for phase, body, in_flight in phases:
+            if (phase if phase != "chat" else "cpu") not in self.phases:
+                continue
+            for _ in range(rounds):
+                for g in gateways:
+                    self.report.add(g.name, phase, self.load(g.chat_url, body, seconds, in_flight, g.pids, g.key))
 
     def run(self) -> None:
         args, sections = self.args, self.args.sections
         with mock_upstream():
-            if "sequential" in self.phases or "routed" in sections:
+            if sections - {"affinity"} and ("sequential" in self.phases or "routed" in sections):
                 self.warm(MOCK_URL + "/v1/chat/completions", chat_body())
                 mock = self.load(MOCK_URL + "/v1/chat/completions", chat_body(), args.seconds, 1)
                 self.report.add("mock", "sequential", mock)
@@ -166,69 +188,81 @@ class Bench:
                 litellm = LiteLLM(self.directory, LITELLM_PORT, f"{MOCK_URL}/v1", [CHAT_MODEL, STREAM_MODEL])
                 litellm.launch()
             try:
-                if sections & PHASES:
-                    with mesh(self.directory, MESH_BASE) as running:
+                with contextlib.ExitStack() as stack:
+                    gateways = []
+                    if sections & PHASES:
+                        running = stack.enter_context(mesh(self.directory, MESH_BASE))
                         edge = f"https://127.0.0.1:{running.config['edge']['port']}"
-                        pids = [running.process.pid]
-                        if litellm:
-                            litellm.wait_ready()
-                        # Interleaved: each phase for the mesh, then for LiteLLM, on the same machine state.
-                        self.gateway_phases("mesh", edge, pids, "", args.seconds)
-                        if "sequential" in self.phases:
-                            body = {"message": PROMPT, "model": CHAT_MODEL, "max_tokens": CHAT_TOKENS}
-                            check_answer(edge + "/api/chat", body, "", CHAT_TOKENS)
-                            self.report.add(
-                                "mesh", "sequential /api/chat", self.load(edge + "/api/chat", body, args.seconds, 1)
-                            )
-                        if litellm:
-                            self.gateway_phases("LiteLLM", litellm.url, litellm.pids(), litellm.key, args.seconds)
-                elif litellm:
-                    litellm.wait_ready()
-                    self.gateway_phases("LiteLLM", litellm.url, litellm.pids(), litellm.key, args.seconds)
+                        gateways.append(Gateway("mesh", edge, [running.process.pid]))
+                    if litellm:
+                        litellm.wait_ready()
+                        gateways.append(Gateway("LiteLLM", litellm.url, litellm.pids(), litellm.key))
+                    self.gateway_phases(gateways, args.seconds, args.rounds)
+                    if gateways and gateways[0].name == "mesh" and "sequential" in self.phases:
+                        self.rest_phase(gateways[0])
             finally:
                 if litellm:
                     litellm.stop()
             if "routed" in sections:
                 with mesh(self.directory, ROUTED_BASE, routed=True) as running:
                     url = f"https://127.0.0.1:{running.config['edge']['port']}/v1/chat/completions"
-                    for label, model in (("named", "gpt-oss-20b"), ("auto", "auto")):
+                    models = (("named", "gpt-oss-20b"), ("auto", "auto"))
+                    for _, model in models:
                         check_answer(url, chat_body(model), "", CHAT_TOKENS)
                         self.warm(url, chat_body(model))
-                        self.report.add(
-                            "routed mesh", f"sequential {label}", self.load(url, chat_body(model), args.seconds, 1)
-                        )
+                    for _ in range(args.rounds):
+                        for label, model in models:
+                            result = self.load(url, chat_body(model), args.seconds, 1)
+                            self.report.add("routed mesh", f"sequential {label}", result)
             if "split" in sections:
                 with mesh(self.directory, SPLIT_BASE, split=True) as running:
                     edge = f"https://127.0.0.1:{running.config['edge']['port']}"
-                    self.gateway_phases("split mesh", edge, [running.process.pid], "", max(2.0, args.seconds / 2))
-        self.report.goals += affinity_goals(self.directory, args)
+                    self.gateway_phases([Gateway("split mesh", edge, [running.process.pid])], args.seconds / 2, 1)
+        self.report.goals += affinity_goals(self.directory, args, self.report.notes)
+
+    def rest_phase(self, mesh_gateway: Gateway) -> None:
+        """The native REST /api/chat, one at a time."""
+        url = mesh_gateway.url + "/api/chat"
+        body = {"message": PROMPT, "model": CHAT_MODEL, "max_tokens": CHAT_TOKENS}
+        check_answer(url, body, "", CHAT_TOKENS)
+        for _ in range(self.args.rounds):
+            self.report.add("mesh", "sequential /api/chat", self.load(url, body, self.args.seconds, 1))
 
 
 # -- the hook for turn 6's time to first token (benchmarks/replica_affinity.py) ------------------
 
 
-def affinity_goals(directory: pathlib.Path, args) -> list[Goal]:
+def affinity_goals(directory: pathlib.Path, args, notes: list[str]) -> list[Goal]:
     """Issue 29's cache-aware replicas goal, from benchmarks/replica_affinity.py when it exists:
-    its `measure(directory)` (sync or async) returns a dict with "goals" (a list of Goal, or of
-    (label, met, measured, target) tuples), or with "affinity_ttft_ms" and "balanced_ttft_ms"
-    (turn 6's time to first token p50 with affinity and with least-request balancing)."""
+    its `measure(directory)` (sync or async) returns a dict with "turn6_ttft_ms" ({"affinity": ms,
+    "least_requests": ms}: turn 6's time to first token with affinity and with least-request
+    balancing), or with "goals" (Goal, or (label, met, measured, target) tuples); what its
+    `report(result)` prints, if it has one, goes to `notes`."""
     label = "turn 6 TTFT, least-request / affinity (2 replicas)"
     if args.skip_affinity:
         return [Goal(label, None, "skipped (--skip-affinity)", ">= 2.0x")]
     try:
         from benchmarks import replica_affinity  # noqa: PLC0415 - written separately, may be absent
     except ImportError:
-        return [Goal(label, None, "not measured: benchmarks/replica_affinity.py is not there yet", ">= 2.0x")]
+        return [Goal(label, None, "not measured: no benchmarks/replica_affinity.py", ">= 2.0x")]
     where = directory / "affinity"
-    where.mkdir(exist_ok=True)
-    result = replica_affinity.measure(where)
-    if inspect.isawaitable(result):
-        result = asyncio.run(result)
-    if "goals" in result:
-        return [g if isinstance(g, Goal) else Goal(*g) for g in result["goals"]]
-    affinity, balanced = result["affinity_ttft_ms"], result["balanced_ttft_ms"]
+    try:
+        result = replica_affinity.measure(where)
+        if inspect.isawaitable(result):
+            result = asyncio.run(result)
+        if hasattr(replica_affinity, "report"):
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                replica_affinity.report(result)
+            notes.append(printed.getvalue().rstrip())
+        if "goals" in result:
+            return [g if isinstance(g, Goal) else Goal(*g) for g in result["goals"]]
+        ttft = result["turn6_ttft_ms"]
+        affinity, balanced = ttft["affinity"], ttft["least_requests"]
+    except Exception as exc:  # noqa: BLE001 - its failure is a line of the report, not the end of it
+        return [Goal(label, False, f"failed: {type(exc).__name__}: {exc}"[:120], ">= 2.0x")]
     ratio = balanced / affinity if affinity else float("nan")
-    return [Goal(label, ratio >= 2.0, f"{ratio:.2f}x ({balanced:.1f} ms / {affinity:.1f} ms)", ">= 2.0x")]
+    return [Goal(label, ratio >= 2.0, f"{ratio:.2f}x ({balanced:.1f} / {affinity:.1f} ms)", ">= 2.0x")]
 
 
 def load_average() -> str:
@@ -238,25 +272,28 @@ def load_average() -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=6.0, help="duration of each load phase (default 6)")
-    parser.add_argument("--only", help=f"comma-separated sections: {', '.join(SECTIONS)}")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="runs of each phase, interleaved between gateways (default 2)"
+    )
+    parser.add_argument("--only", help=f"comma-separated sections: {', '.join(SECTIONS)}; mesh = cpu,sequential,stream")
     parser.add_argument("--quick", action="store_true", help="mesh CPU/chat and req/s only, 5 s (< 1 minute)")
     for section in ("litellm", "split", "routed", "affinity"):
         parser.add_argument(f"--skip-{section}", action="store_true")
     args = parser.parse_args(argv)
     sections = set(SECTIONS)
     if args.only:
-        sections = {s.strip() for s in args.only.split(",")}
+        named = [s.strip() for s in args.only.split(",")]
+        sections = {section for name in named for section in ALIASES.get(name, (name,))}
         if unknown := sections - set(SECTIONS):
-            parser.error(f"unknown sections {sorted(unknown)}: choose from {', '.join(SECTIONS)}")
+            parser.error(f"unknown sections {sorted(unknown)}: choose from {', '.join(SECTIONS)}, mesh")
     if args.quick:
-        sections, args.skip_affinity = {"cpu"}, True
+        sections, args.rounds = {"cpu"}, 1
         if args.seconds == parser.get_default("seconds"):
             args.seconds = 5.0
-    for section in ("litellm", "split", "routed"):
+    for section in ("litellm", "split", "routed", "affinity"):
         if getattr(args, f"skip_{section}"):
             sections.discard(section)
-    if args.only and "affinity" not in args.only:
-        args.skip_affinity = True
+    args.skip_affinity = "affinity" not in sections
     args.sections = sections
     return args
 
