@@ -159,36 +159,46 @@ class ChatCompletionsBackend(ModelBackend):
         body = self.request_body(messages, params)
         first_token_at = first_reasoning_at = None
         finish_reason, usage, timings, backend_model, stop_type = None, {}, {}, "", ""
-        index = thoughts = tool_deltas = 0
+        pieces = thoughts = tool_deltas = 0  # what the server sent: content, reasoning, tool call deltas
+        # Pieces that arrived together go on as one Token (or Reasoning): one trip through the
+        # mesh's hops instead of one per piece, when the server writes faster than the mesh reads.
+        pending = _Pending()
         call_ids: dict[int, str] = {}
         events = self.upstream.stream(self.upstream.api_base + "/chat/completions", body, started)
         async with contextlib.aclosing(events):
-            async for event, watchdog in events:
-                backend_model = event.get("model") or backend_model
-                usage = event.get("usage") or usage
-                timings = event.get("timings") or timings
-                stop_type = (event.get("__verbose") or {}).get("stop_type") or stop_type
-                for choice in event.get("choices") or ():
-                    delta = choice.get("delta") or {}
-                    # Thinking: llama-server and DeepSeek `reasoning_content`, vLLM and Ollama `reasoning`.
-                    thought = delta.get("reasoning_content") or delta.get("reasoning")
-                    if thought and isinstance(thought, str):
-                        watchdog.output()
-                        first_reasoning_at = first_reasoning_at or time.perf_counter()
-                        yield Reasoning(thought, thoughts)
-                        thoughts += 1
-                    if text := delta.get("content"):
-                        watchdog.output()
-                        first_token_at = first_token_at or time.perf_counter()
-                        yield Token(text, index)
-                        index += 1
-                    for position, call in enumerate(delta.get("tool_calls") or ()):
-                        if item := _tool_call_delta(call, position, call_ids):
+            async for batch, watchdog in events:
+                for event in batch:
+                    backend_model = event.get("model") or backend_model
+                    usage = event.get("usage") or usage
+                    timings = event.get("timings") or timings
+                    stop_type = (event.get("__verbose") or {}).get("stop_type") or stop_type
+                    for choice in event.get("choices") or ():
+                        delta = choice.get("delta") or {}
+                        # Thinking: llama-server and DeepSeek `reasoning_content`, vLLM and Ollama `reasoning`.
+                        thought = delta.get("reasoning_content") or delta.get("reasoning")
+                        if thought and isinstance(thought, str):
+                            watchdog.output()
+                            first_reasoning_at = first_reasoning_at or time.perf_counter()
+                            if item := pending.add(Reasoning, thought):
+                                yield item
+                            thoughts += 1
+                        if text := delta.get("content"):
                             watchdog.output()
                             first_token_at = first_token_at or time.perf_counter()
-                            yield item
-                            tool_deltas += 1
-                    finish_reason = choice.get("finish_reason") or finish_reason
+                            if item := pending.add(Token, text):
+                                yield item
+                            pieces += 1
+                        for position, call in enumerate(delta.get("tool_calls") or ()):
+                            if item := _tool_call_delta(call, position, call_ids):
+                                watchdog.output()
+                                first_token_at = first_token_at or time.perf_counter()
+                                if held := pending.take():
+                                    yield held
+                                yield item
+                                tool_deltas += 1
+                        finish_reason = choice.get("finish_reason") or finish_reason
+                if held := pending.take():
+                    yield held
         if finish_reason is None:
             raise self._ended_early("a finish reason")
         self.upstream.succeeded()
@@ -205,13 +215,41 @@ class ChatCompletionsBackend(ModelBackend):
             first_token_at,
             first_reasoning_at,
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or index + thoughts + tool_deltas),
+            completion_tokens=int(usage.get("completion_tokens") or pieces + thoughts + tool_deltas),
             reasoning_tokens=int(details.get("reasoning_tokens") or 0),
             prompt_ms=float(timings.get("prompt_ms") or 0),
             generation_ms=float(timings.get("predicted_ms") or 0),
             tokens_per_second=float(timings.get("predicted_per_second") or 0),
             backend_model=backend_model,
         )
+
+
+class _Pending:
+    """Text pieces of one kind (Token or Reasoning) held to be passed on together, numbered per
+    kind as they are passed on."""
+
+    __slots__ = ("kind", "texts", "sent")
+
+    def __init__(self):
+        self.kind: type | None = None
+        self.texts: list[str] = []
+        self.sent = {Token: 0, Reasoning: 0}
+
+    def add(self, kind: type, text: str) -> Token | Reasoning | None:
+        """Hold `text`; what was held of the other kind comes back, to be passed on first."""
+        held = self.take() if self.kind is not kind else None
+        self.kind = kind
+        self.texts.append(text)
+        return held
+
+    def take(self) -> Token | Reasoning | None:
+        if not self.texts:
+            return None
+        kind, text = self.kind, "".join(self.texts) if len(self.texts) > 1 else self.texts[0]
+        self.texts = []
+        item = kind(text, self.sent[kind])
+        self.sent[kind] += 1
+        return item
 
 
 def _tool_call_delta(call: object, position: int, call_ids: dict[int, str]) -> ToolCallDelta | None:
@@ -262,7 +300,7 @@ class LlamaCompletionBackend(ModelBackend):
         index = 0
         events = self.upstream.stream(self.upstream.root + "/completion", body, started)
         async with contextlib.aclosing(events):
-            async for event, watchdog in events:
+            async for event, watchdog in _each(events):
                 if text := event.get("content", ""):
                     watchdog.output()
                     first_token_at = first_token_at or time.perf_counter()
@@ -285,6 +323,13 @@ class LlamaCompletionBackend(ModelBackend):
                     )
                     return
         raise self._ended_early("a final event")
+
+
+async def _each(batches):
+    """Upstream.stream's events one by one, each with the watchdog."""
+    async for batch, watchdog in batches:
+        for event in batch:
+            yield event, watchdog
 
 
 class ReplicatedBackend(ModelBackend):

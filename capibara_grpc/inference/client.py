@@ -31,6 +31,12 @@ class InferenceClient:
         )
         try:
             async for response in call:
+                if response.HasField("done"):
+                    # The last message: the call is read to its end (its status) before the
+                    # caller, who stops listening here, gets it. In this process that runs the
+                    # handler's own end (its slot freed, its call counted OK, not cancelled).
+                    async for _ in call:
+                        pass
                 yield chat_convert.chunk_from_pb(response)
         finally:
             # Ends the upstream generation when our caller stops listening (client gone).

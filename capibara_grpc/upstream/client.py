@@ -139,10 +139,12 @@ class Upstream:
 
     # -- calls -------------------------------------------------------------------------------------
 
-    async def stream(self, url: str, body: dict, started: float) -> AsyncIterator[tuple[dict, Watchdog]]:
+    async def stream(self, url: str, body: dict, started: float) -> AsyncIterator[tuple[list[dict], Watchdog]]:
         """POST a streaming request sent at `started` (time.perf_counter) and yield its SSE events
-        (`data: {...}`, until `data: [DONE]` or the end), each with the stream's watchdog, which the
-        caller tells of output (watchdog.output()). An in-band `{"error": ...}`, a cut or a timeout
+        (`data: {...}`, until `data: [DONE]` or the end) in batches: the events that arrived in one
+        read, several when the server writes faster than the mesh reads (the caller passes their
+        tokens on together). Each batch comes with the stream's watchdog, which the caller tells
+        of output (watchdog.output()). An in-band `{"error": ...}`, a cut or a timeout
         is UNAVAILABLE and counts against the server. Leaving early closes the response (iterate
         under contextlib.aclosing), and the dropped connection tells the server to stop."""
         response = await self._post(url, body)
@@ -150,14 +152,22 @@ class Upstream:
             response, started + self.backend.first_token_timeout_s - time.perf_counter(), self.backend.idle_timeout_s
         )
         try:
-            async for line in _lines(response, watchdog):
-                if not line.startswith(b"data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
+            done = False
+            async for lines in _line_batches(response, watchdog):
+                events = []
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        done = True
+                        break
+                    if (event := self._event(payload)) is not None:
+                        events.append(event)
+                if events:
+                    yield events, watchdog
+                if done:
                     break
-                if (event := self._event(payload)) is not None:
-                    yield event, watchdog
             if watchdog.expired:  # closed by the watchdog between two reads
                 raise Unavailable(f"model '{self.model_id}' backend {watchdog.expired}")
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
@@ -382,17 +392,18 @@ class Watchdog:
         self._handle.cancel()
 
 
-async def _lines(response: aiohttp.ClientResponse, watchdog: Watchdog) -> AsyncIterator[bytes]:
-    """The body's lines, stripped, however long (llama-server's verbose final event repeats the
-    whole prompt: longer than aiohttp's readline takes)."""
+async def _line_batches(response: aiohttp.ClientResponse, watchdog: Watchdog) -> AsyncIterator[list[bytes]]:
+    """The body's complete lines, stripped, however long (llama-server's verbose final event
+    repeats the whole prompt: longer than aiohttp's readline takes), as they arrived: one list
+    per read."""
     pending = b""
     async for data in response.content.iter_any():
         watchdog.data()
         *lines, pending = (pending + data).split(b"\n")
-        for line in lines:
-            yield line.strip()
+        if lines:
+            yield [line.strip() for line in lines]
     if pending.strip():
-        yield pending.strip()
+        yield [pending.strip()]
 
 
 def _retry_after_s(value: str | None) -> int:

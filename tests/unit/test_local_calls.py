@@ -91,10 +91,12 @@ async def refusal(awaitable) -> tuple[grpc.StatusCode, str, dict]:
 
 
 async def test_a_stream_and_its_failures_look_the_same_both_ways():
-    async with both_ways() as (_, stubs):
+    async with both_ways() as (servicer, stubs):
         seen = {}
         for way, stub in stubs.items():
+            servicer.ended.clear()
             answer = await tokens(stub, "one two three")
+            assert servicer.ended == ["done"], way  # read to its end, the handler ends, not cancelled
             cut = await refusal(tokens(stub, "a b fail-after-2 d"))
             busy = await refusal(tokens(stub, "busy"))
             seen[way] = (answer, cut, busy)
