@@ -260,7 +260,8 @@ def affinity_goals(directory: pathlib.Path, args, notes: list[str]) -> list[Goal
         ttft = result["turn6_ttft_ms"]
         affinity, balanced = ttft["affinity"], ttft["least_requests"]
     except Exception as exc:  # noqa: BLE001 - its failure is a line of the report, not the end of it
-        return [Goal(label, False, f"failed: {type(exc).__name__}: {exc}"[:120], ">= 2.0x")]
+        notes.append(f"benchmarks/replica_affinity.py failed: {type(exc).__name__}: {exc}".rstrip())
+        return [Goal(label, False, f"failed ({type(exc).__name__}: see above)", ">= 2.0x")]
     ratio = balanced / affinity if affinity else float("nan")
     return [Goal(label, ratio >= 2.0, f"{ratio:.2f}x ({balanced:.1f} / {affinity:.1f} ms)", ">= 2.0x")]
 
@@ -276,7 +277,9 @@ def parse_args(argv=None):
         "--rounds", type=int, default=2, help="runs of each phase, interleaved between gateways (default 2)"
     )
     parser.add_argument("--only", help=f"comma-separated sections: {', '.join(SECTIONS)}; mesh = cpu,sequential,stream")
-    parser.add_argument("--quick", action="store_true", help="mesh CPU/chat and req/s only, 5 s (< 1 minute)")
+    parser.add_argument(
+        "--quick", action="store_true", help="mesh CPU/chat and req/s only: 2 rounds of 5 s (< 1 minute)"
+    )
     for section in ("litellm", "split", "routed", "affinity"):
         parser.add_argument(f"--skip-{section}", action="store_true")
     args = parser.parse_args(argv)
@@ -287,7 +290,7 @@ def parse_args(argv=None):
         if unknown := sections - set(SECTIONS):
             parser.error(f"unknown sections {sorted(unknown)}: choose from {', '.join(SECTIONS)}, mesh")
     if args.quick:
-        sections, args.rounds = {"cpu"}, 1
+        sections = {"cpu"}
         if args.seconds == parser.get_default("seconds"):
             args.seconds = 5.0
     for section in ("litellm", "split", "routed", "affinity"):
