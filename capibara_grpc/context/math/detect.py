@@ -13,7 +13,7 @@ import re
 import unicodedata
 
 from capibara_grpc.context.math import categories, words
-from capibara_grpc.context.math.grammar import ParseError, has_operation, parse, render, variables
+from capibara_grpc.context.math.grammar import CONSTANTS, ParseError, has_operation, parse, render, variables
 
 MAX_MESSAGE = 1000  # characters; longer messages get nothing (a person's calculation is short)
 MAX_TASKS = 3
@@ -47,6 +47,8 @@ _TRAILING = re.compile(
 
 def normalize(text: str) -> str:
     text = text.lower()
+    if text.isascii():  # the same, quicker: "$" is the one ASCII symbol, and ASCII has no accents
+        return text.replace("$", "")
     for symbol, replacement in _SYMBOLS:
         text = text.replace(symbol, replacement)
     text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
@@ -55,8 +57,12 @@ def normalize(text: str) -> str:
 
 def clauses(message: str) -> list[tuple[str, bool]]:
     """Each clause, cue and courtesy removed, and whether a cue ("cuánto es", "what's") was there."""
+    return _clauses(normalize(message))
+
+
+def _clauses(text: str) -> list[tuple[str, bool]]:
     found = []
-    for part in _CLAUSES.split(normalize(message)):
+    for part in _CLAUSES.split(text):
         part = " ".join(part.split()).strip(" ,")
         if not part:
             continue
@@ -93,6 +99,48 @@ _NOT_ARITHMETIC = re.compile(
     r"\b\d{1,2}/\d{1,2}/\d{2,4}\b|\b\d{4}-\d{1,2}-\d{1,2}\b|\b\d{1,2}-\d{1,2}-\d{2,4}\b|^\+?\d{3}-\d{4}$"
     r"|^\d{2,4}(?:-\d{2,4}){2,}$|^(?:19|20)\d\d-(?:19|20)?\d\d$|\b\d{1,2}:\d\d\b"
 )
+
+
+# -- the pre-check: most messages ask for no computation, and cannot -----------------------------
+# Every task needs, in the normalized message: a digit (percentages, primes, combinatorics and
+# arithmetic on numbers all match digits), a word the clauses turn into digits (number words,
+# "half", "squared", "twice", ordinals), the constant pi or e (arithmetic without digits, "sqrt
+# pi"), "=" (equations), or the word of a kind that works on variables (factor, derivative,
+# integral). Variables alone are not enough: arithmetic refuses them. The clauses only cut text
+# at word boundaries, except the trailing courtesy, which can be glued on ("dosgracias" is
+# "dos"): a word counts before one too. tests/unit/test_math_precheck.py holds it to find_tasks.
+_DIGIT_WORDS = {
+    *words.NUMBER_WORDS, *words.ORDINALS, *CONSTANTS, "half", "mitad", "tercio", "third", "cuarto",
+    "quarter", "tercera", "cuarta", "cuadrado", "segunda", "squared", "cubo", "cubed", "doble", "double",
+    "twice", "triple", "thrice",
+}  # fmt: skip
+_KIND_WORDS = ("factor", "descompo", "deriv", "differen", "diferen", "d/d", "integr", "primitiva")
+_COURTESY_START = "por|please|pls|thank|gracias|exact|equals|es igual|is equal"
+
+
+def _alternation(options) -> str:
+    """The words as one regular expression, a trie by their letters: a search over a message tries
+    one branch per letter instead of every word in turn."""
+    branches: dict[str, list[str]] = {}
+    for option in options:
+        if option:
+            branches.setdefault(option[0], []).append(option[1:])
+    body = "|".join(re.escape(first) + _alternation(rest) for first, rest in sorted(branches.items()))
+    if not body:
+        return ""
+    body = f"(?:{body})" if len(branches) > 1 else body
+    return f"(?:{body})?" if "" in options else body
+
+
+_MAY_ASK = re.compile(
+    rf"[\d=]|{'|'.join(re.escape(w) for w in _KIND_WORDS)}"
+    rf"|\b{_alternation(_DIGIT_WORDS)}(?:\b|(?={_COURTESY_START}))"
+)
+
+
+def may_ask(text: str) -> bool:
+    """False when the normalized message cannot hold a task: find_tasks then skips the clauses."""
+    return _MAY_ASK.search(text) is not None
 
 
 def _meaningful(tree) -> bool:
@@ -146,11 +194,18 @@ def _grouped_numbers(clause: str, spanish, english) -> str | None:
 
 
 def find_tasks(message: str) -> list[dict]:
-    if len(message) > MAX_MESSAGE or _CODE.search(message.lower()):
+    if len(message) > MAX_MESSAGE:
         return []
-    tasks = []
     text = normalize(message)
-    for clause, cued in clauses(message):
+    if not may_ask(text) or _CODE.search(message.lower()):  # the pre-check first: it is the cheaper
+        return []
+    return _tasks(text)
+
+
+def _tasks(text: str) -> list[dict]:
+    """find_tasks after its checks: every clause of the normalized message through the matchers."""
+    tasks = []
+    for clause, cued in _clauses(text):
         if _THOUSANDS.search(clause):
             clause = _grouped_numbers(clause, _SPANISH.search(text), _ENGLISH.search(text))
             if clause is None:

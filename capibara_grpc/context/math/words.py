@@ -30,6 +30,7 @@ _UNITS = {
 }  # fmt: skip
 _SCALES = {"hundred": 100, "mil": 1000, "thousand": 1000, "millon": 10**6, "millones": 10**6, "million": 10**6}
 _JOINERS = {"y", "and"}
+NUMBER_WORDS = frozenset([*_UNITS, *_SCALES])  # every word numbers_to_digits reads
 _WORD = "|".join(sorted([*_UNITS, *_SCALES], key=len, reverse=True))
 # "un"/"una"/"a" count only before a scale ("un millón", "a hundred"): elsewhere they are articles.
 _NUMBER_WORDS = re.compile(
