@@ -7,12 +7,25 @@ from __future__ import annotations
 
 import ast
 import datetime
+import functools
 import operator
 import re
 import zoneinfo
 
 from capibara_grpc.context.addition import Addition
 from capibara_grpc.text import normalize
+
+
+@functools.lru_cache(maxsize=8)
+def _folded(message: str) -> str:
+    """normalize(message), once for the providers of one Enrich (each one asked for it)."""
+    return normalize(message)
+
+
+def _any_of(patterns: list[str]) -> re.Pattern:
+    """One search for "any of the patterns is in the text": a match of one is a match of the alternation."""
+    return re.compile("|".join(f"(?:{p})" for p in patterns))
+
 
 # -- date and time ------------------------------------------------------------------------------
 
@@ -26,12 +39,11 @@ _DATE_PATTERNS = [
     r"\bdia de la semana\b|\bday of the week\b",
     r"\b(cuanto falta|how long until|how long till)\b",
 ]
-_DATE_RE = [re.compile(p) for p in _DATE_PATTERNS]
+_DATE_RE = _any_of(_DATE_PATTERNS)
 
 
 def datetime_context(message: str, tz: str, now: datetime.datetime | None = None) -> Addition | None:
-    text = normalize(message)
-    if not any(p.search(text) for p in _DATE_RE):
+    if not _DATE_RE.search(_folded(message)):
         return None
     zone = zoneinfo.ZoneInfo(tz)
     now = (now or datetime.datetime.now(datetime.UTC)).astimezone(zone)
@@ -59,12 +71,11 @@ _IDENTITY_PATTERNS = [
     r"\bhablame de ti\b",
     r"\btell me about yourself\b",
 ]
-_IDENTITY_RE = [re.compile(p) for p in _IDENTITY_PATTERNS]
+_IDENTITY_RE = _any_of(_IDENTITY_PATTERNS)
 
 
 def identity_context(message: str, name: str, description: str) -> Addition | None:
-    text = normalize(message)
-    if not any(p.search(text) for p in _IDENTITY_RE):
+    if not _IDENTITY_RE.search(_folded(message)):
         return None
     return Addition("identity", f"You are {name}. {description}".strip(), "the user asks about the assistant")
 
