@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import struct
 import time
 import uuid
 from dataclasses import dataclass
+
+import orjson
 
 from capibara_gateway.events import ChatDone, ChatInput, RoutingDecision, ToolStep
 from capibara_grpc.chat.request import check_number
@@ -148,7 +151,7 @@ def _tools(value) -> list[str]:
             raise bad(f"tools[{i}]", "must be an object {'type': 'function', 'function': {...}}")
         if tool.get("type") != "function":
             raise bad(f"tools[{i}].type", f"only function tools are supported, got {tool.get('type')!r}")
-        texts.append(json.dumps(tool, ensure_ascii=False, separators=(",", ":")))
+        texts.append(dumps(tool).decode())
     return texts
 
 
@@ -169,10 +172,64 @@ def _tool_choice(value) -> str:
     return name
 
 
+# -- JSON on the /v1 path: orjson where it gives what json gives, json for the rest ----------------
+
+_LONG_DIGITS = re.compile(rb"\d{19}")  # an integer of 19 digits or more may be past 64 bits
+
+
+def loads(raw: bytes):
+    """json.loads(raw): the same value, or the same error. orjson parses first; it makes integers
+    past 64 bits floats (json keeps them exact: a run of 19 digits goes to json), and refuses what
+    json takes (NaN, Infinity, 1e400 as inf, a byte order mark, UTF-16, a lone surrogate): json
+    then answers, or raises its error as ever."""
+    if type(raw) is bytes and not _LONG_DIGITS.search(raw):
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(raw)
+
+
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_PLAIN = {str, int, bool, type(None)}
+
+
+def _orjson_writes_the_same(payload) -> bool:
+    """orjson writes dicts, lists and tuples of strings, ints, bools and None as json does; a float
+    only between 1e-4 and 1e16 (json writes 1e-05 where orjson writes 0.00001, and NaN where orjson
+    writes null). Anything else (a subclass, a dataclass) is left to json."""
+    stack = [payload]
+    while stack:
+        value = stack.pop()
+        kind = type(value)
+        if kind is dict:
+            stack.extend(value.values())
+        elif kind is list or kind is tuple:
+            stack.extend(value)
+        elif kind is float:
+            if not (value == 0 or 1e-4 <= abs(value) < 1e16):  # NaN compares false
+                return False
+        elif kind not in _PLAIN:
+            return False
+    return True
+
+
+def dumps(payload) -> bytes:
+    """json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode(), byte for byte, its
+    errors too; orjson writes it when it writes the same (an integer past 64 bits, a key that is not
+    a string or a lone surrogate make orjson refuse: json then writes it, or raises as ever)."""
+    if _orjson_writes_the_same(payload):
+        try:
+            return orjson.dumps(payload)
+        except orjson.JSONEncodeError:
+            pass
+    return _COMPACT.encode(payload).encode()
+
+
 def json_body(raw: bytes, supported: tuple[str, ...]) -> dict:
     """The body as a JSON object; a field outside `supported` is a 400 naming it."""
     try:
-        body = json.loads(raw or b"")
+        body = loads(raw or b"")
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidArgument(f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -464,8 +521,9 @@ class Completion:
 
 
 def sse(payload: dict | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-    return f"data: {data}\n\n".encode()
+    if isinstance(payload, str):
+        return f"data: {payload}\n\n".encode()
+    return b"data: " + dumps(payload) + b"\n\n"
 
 
 def stream_error(code: str, message: str) -> dict:

@@ -9,7 +9,6 @@ shape, written by the edge); after it, an in-band `data: {"error": ...}` frame e
 from __future__ import annotations
 
 import contextlib
-import json
 
 from google.api import httpbody_pb2
 
@@ -36,9 +35,7 @@ def _param_errors():
 
 
 def _json_body(payload: dict) -> httpbody_pb2.HttpBody:
-    return httpbody_pb2.HttpBody(
-        content_type=JSON, data=json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
-    )
+    return httpbody_pb2.HttpBody(content_type=JSON, data=openai_api.dumps(payload))
 
 
 class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
