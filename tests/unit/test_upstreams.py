@@ -209,7 +209,8 @@ async def test_a_stream_that_goes_silent_ends_with_an_error(engine_for):
         with pytest.raises(Unavailable) as stalled:
             async for item in engine.generate("m", [Message("user", "one two three four")], SamplingParams()):
                 items.append(item)
-    assert len(items) == 2 and "idle_timeout_s" in stalled.value.message
+    # The two pieces sent before the stall (they may arrive, and go on, together).
+    assert "".join(item.text for item in items) == "echo: one" and "idle_timeout_s" in stalled.value.message
 
 
 async def test_several_servers_down_in_a_row_mark_a_model_without_health_down(engine_for):
