@@ -313,20 +313,14 @@ class LocalChannel:
         self._channel = network
 
     def unary_unary(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
-        return _MultiCallable(
-            self._methods,
-            method,
-            lambda: self._channel.unary_unary(method, request_serializer, response_deserializer, _registered_method),
-            "unary",
-        )
+        return self._multi_callable("unary", method, request_serializer, response_deserializer, _registered_method)
 
     def unary_stream(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
-        return _MultiCallable(
-            self._methods,
-            method,
-            lambda: self._channel.unary_stream(method, request_serializer, response_deserializer, _registered_method),
-            "stream",
-        )
+        return self._multi_callable("stream", method, request_serializer, response_deserializer, _registered_method)
+
+    def _multi_callable(self, kind: str, method: str, *network_args) -> _MultiCallable:
+        make = self._channel.unary_unary if kind == "unary" else self._channel.unary_stream
+        return _MultiCallable(self._methods, method, lambda: make(method, *network_args), kind)
 
     def stream_unary(self, *args, **kwargs):
         return self._channel.stream_unary(*args, **kwargs)
