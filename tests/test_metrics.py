@@ -116,3 +116,25 @@ def test_a_request_id_travels_through_every_hop_into_json_logs(mesh):
             break
         time.sleep(0.1)
     assert access and access[0]["path"] == "/api/chat" and access[0]["status"] == 200
+
+
+def test_services_in_one_process_call_each_other_without_envoy_and_still_count_the_calls(mesh):
+    """`capibara up` runs every service in one process: a chat's inner hops are local calls
+    (services.local_calls), which Envoy's mesh listener never sees, and which each service still
+    counts as its own calls, with the same method and code as over gRPC."""
+    admin = mesh.config["edge"]["admin_port"]
+
+    def envoy_calls(cluster: str) -> float:
+        text = scrape(f"http://127.0.0.1:{admin}/stats/prometheus")
+        return value(text, "envoy_cluster_upstream_rq_total", envoy_cluster_name=cluster)
+
+    def generated(text: str) -> float:
+        labels = {"service": "capibara.inference.v1.InferenceService", "method": "Generate", "code": "OK"}
+        return value(text, "capibara_grpc_requests_total", **labels)
+
+    envoy_before = {name: envoy_calls(name) for name in ("inference", "context")}
+    counted_before = generated(scrape(mesh.metrics_url("inference")))
+    status, body, _ = mesh.request("POST", "/api/chat", {"message": "hola", "model": "phi", "max_tokens": 3})
+    assert status == 200, body
+    assert {name: envoy_calls(name) for name in ("inference", "context")} == envoy_before
+    assert generated(scrape(mesh.metrics_url("inference"))) == counted_before + 1
