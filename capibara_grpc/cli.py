@@ -9,6 +9,7 @@ import sys
 
 import grpc
 
+from capibara_grpc import event_loop
 from capibara_grpc.config import REPO_ROOT, SERVICE_NAMES, ConfigError, load_config
 from capibara_grpc.config.validation import EDGE_FILES
 
@@ -257,10 +258,10 @@ def _run(args: argparse.Namespace, config) -> int:
     if args.command == "up":
         from capibara_grpc.supervision.launcher import run_until_signalled
 
-        return asyncio.run(run_until_signalled(config, split=args.split))
+        return event_loop.run(run_until_signalled(config, split=args.split), config.services.event_loop)
     if args.command == "serve":
         try:
-            return asyncio.run(_serve(args.services, config))
+            return event_loop.run(_serve(args.services, config), config.services.event_loop)
         except KeyboardInterrupt:
             return 0
     if args.command == "chat":

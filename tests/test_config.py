@@ -100,7 +100,7 @@ def test_a_good_config_loads_into_typed_objects():
         ),
         (
             GOOD + "services:\n  gatway: {port: 50150}\n",
-            "mesh.yaml:10: unknown key 'gatway' in services (known: consensus, context, gateway, host, inference, router, speech, via_envoy)",
+            "mesh.yaml:10: unknown key 'gatway' in services (known: consensus, context, event_loop, gateway, host, inference, local_calls, router, speech, via_envoy)",
         ),
         (
             GOOD + "services:\n  router: {port: many}\n",
@@ -118,6 +118,10 @@ def test_a_good_config_loads_into_typed_objects():
         (GOOD + "edge:\n  port: many\n", "mesh.yaml:10: edge.port must be an integer, got 'many'"),
         (GOOD.replace('url: "http://127.0.0.1:8081"', 'url: "127.0.0.1:8081"'), "backend.url must be an http(s) URL"),
         (GOOD + "speech:\n  engine: festival\n", "mesh.yaml:10: speech.engine 'festival' must be one of espeak, coqui"),
+        (
+            GOOD + "services:\n  event_loop: trio\n",
+            "mesh.yaml:10: services.event_loop 'trio' must be one of uvloop, asyncio",
+        ),
         (
             GOOD + "speech:\n  engine: coqui\n",
             "mesh.yaml:10: speech.engine is coqui but speech.coqui names no model_name or model_path",

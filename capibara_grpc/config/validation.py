@@ -16,6 +16,7 @@ from capibara_grpc.config.schema import (
     BALANCES,
     CACHE_BACKENDS,
     CHAT_TEMPLATES,
+    EVENT_LOOPS,
     PROTOCOLS,
     SERVER_KINDS,
     SPEECH_ENGINES,
@@ -346,6 +347,11 @@ def _socket_claims(fail):
 
 
 def _validate_sockets(config: MeshConfig, claim, fail) -> None:
+    if config.services.event_loop not in EVENT_LOOPS:
+        fail(
+            line_of(config.services, "event_loop"),
+            f"services.event_loop '{config.services.event_loop}' must be one of {', '.join(EVENT_LOOPS)}",
+        )
     edge = config.edge
     claim(edge.listen_address, edge.port, "edge.port", line_of(edge, "port"))
     claim(edge.admin_address, edge.admin_port, "edge.admin_port", line_of(edge, "admin_port"))
