@@ -11,7 +11,7 @@ balancing then spreads a conversation's turns over both servers, as in a busy fl
 one conversation at a time, so that its time to first token is its own prompt processing. Every round and mode gets new text
 (nothing cached from another), and the modes' order alternates between rounds.
 
-    .venv/bin/python benchmarks/replica_affinity.py [--rounds 3] [--conversations 4]   # about 3 minutes
+    .venv/bin/python benchmarks/replica_affinity.py [--rounds 3] [--conversations 4] [--no-host-cache]   # ~3 min
 
 `measure(directory)` returns the figures (benchmarks/peers.py calls it); `report()` prints them
 with the goal: turn 6 starts at least 2x sooner with affinity.
@@ -53,10 +53,14 @@ VOCABULARY = (
 ).split()
 
 
-def config(directory: pathlib.Path) -> dict:
+def config(directory: pathlib.Path, host_cache: bool = True) -> dict:
     affinity = launched_model(SERVERS[0], parallel=2, threads=1, max_tokens=MAX_TOKENS, temperature=0)
     affinity["launch"]["ctx_size"] = 4096 * 2  # 4,096 tokens per slot: the whole conversation fits
     affinity["launch"]["extra_args"] = ["--metrics"]  # prompt tokens each server really processed
+    if not host_cache:
+        # Only the slots keep prompts, as when a bigger model's KV cache leaves no room for a
+        # host-memory copy of every conversation (SmolLM2's ~23 KB per token fits 8 GiB easily).
+        affinity["launch"]["extra_args"] += ["--cache-ram", "0"]
     servers = [f"http://127.0.0.1:{port}" for port in SERVERS]
     affinity["backend"]["replicas"] = servers[1:]
     least = {
@@ -143,10 +147,11 @@ def replica_choices(mesh) -> dict[str, int]:
     return counts
 
 
-async def measure(directory: pathlib.Path, rounds: int = 3, conversations: int = 4) -> dict:
-    """Start the mesh in `directory`, run both modes, stop it; the figures as a dict (ms)."""
+async def measure(directory: pathlib.Path, rounds: int = 3, conversations: int = 4, host_cache: bool = True) -> dict:
+    """Start the mesh in `directory`, run both modes, stop it; the figures as a dict (ms).
+    `host_cache` False: the llama-servers keep prompts in their slots only (--cache-ram 0)."""
     directory.mkdir(parents=True, exist_ok=True)
-    mesh = await asyncio.to_thread(start_mesh, directory, config(directory))
+    mesh = await asyncio.to_thread(start_mesh, directory, config(directory, host_cache))
     modes = {"affinity": "affinity", "least_requests": "least"}
     samples: dict[str, list[Conversation]] = {mode: [] for mode in modes}
     processed = dict.fromkeys(modes, 0.0)  # prompt tokens the servers processed, all turns
@@ -195,6 +200,7 @@ async def measure(directory: pathlib.Path, rounds: int = 3, conversations: int =
     p90 = {mode: sorted(values)[max(0, -(-9 * len(values) // 10) - 1)] for mode, values in turn6.items()}
     return {
         "servers": len(SERVERS),
+        "host_prompt_cache": host_cache,
         "rounds": rounds,
         "conversations_per_round": conversations,
         "turns": TURNS,
@@ -221,7 +227,9 @@ def report(result: dict) -> None:
     print(
         f"Cache-aware replicas: {result['servers']} llama-servers (SmolLM2), {result['rounds']} rounds x "
         f"{result['conversations_per_round']} concurrent conversations per mode, {result['turns']} turns each; "
-        f"turn 6 prompt ~{result['turn6_prompt_tokens']} tokens ({result['seconds']} s)"
+        f"turn 6 prompt ~{result['turn6_prompt_tokens']} tokens"
+        f"{'' if result.get('host_prompt_cache', True) else ', no host prompt cache (--cache-ram 0)'}"
+        f" ({result['seconds']} s)"
     )
     for mode in ("affinity", "least_requests"):
         turns = " ".join(f"{ms:7.1f}" for ms in result["ttft_by_turn_ms"][mode])
@@ -249,9 +257,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--conversations", type=int, default=4)
+    parser.add_argument(
+        "--no-host-cache",
+        action="store_true",
+        help="llama-servers keep prompts in their slots only (--cache-ram 0), as for a model too big to cache more",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="capibara-affinity-") as directory:
-        result = asyncio.run(measure(pathlib.Path(directory), args.rounds, args.conversations))
+        result = asyncio.run(measure(pathlib.Path(directory), args.rounds, args.conversations, not args.no_host_cache))
     report(result)
 
 

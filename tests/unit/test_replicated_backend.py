@@ -4,6 +4,8 @@ server's chats go to the other, health and Prometheus figures say so."""
 
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 import yaml
 from prometheus_client import REGISTRY
@@ -114,3 +116,28 @@ async def test_the_choices_are_prometheus_metrics(engine, servers):
     assert sample("capibara_replica_pinned_conversations", model="m", replica=choice.url) >= 1
     assert sample("capibara_replica_in_flight", model="m", replica=choice.url) == 0
     assert sample("capibara_replica_last_choice_timestamp_seconds", model="m", replica=choice.url, outcome="affinity")
+
+
+def test_least_requests_keeps_the_model_on_envoys_models_listener():
+    from capibara_grpc.edge.envoy_config import build
+
+    servers = ["http://127.0.0.1:7080", "http://127.0.0.1:7081"]
+
+    def config(balance: str):
+        backend = {"url": servers[0], "protocol": "llama_cpp", "replicas": servers[1:], "balance": balance}
+        text = yaml.safe_dump(
+            {"models": {"m": {"backend": backend}}, "gateway": {"default_model": "m"}, "router": {"enabled": False}}
+        )
+        return parse_config(text, source="unit.yaml", check_files=set())
+
+    least, affinity = config("least_requests"), config("affinity")
+    assert least.backend_base_url("m") == f"http://127.0.0.1:{least.edge.models_port}/models/m"
+    assert affinity.backend_base_url("m") == servers[0]
+    files = (pathlib.Path("capibara.pb"), pathlib.Path("edge.crt"), pathlib.Path("edge.key"))
+    clusters = {c["name"] for c in build(least, *files)["static_resources"]["clusters"]}
+    assert "model-m" in clusters
+    rendered = build(affinity, *files)["static_resources"]
+    assert "model-m" not in {c["name"] for c in rendered["clusters"]}
+    assert all(listener["name"] != "models" for listener in rendered["listeners"])
+    # Admission: the model's slots are every server's.
+    assert affinity.models["m"].slots == 8 and affinity.models["m"].server_slots == 4
