@@ -66,8 +66,7 @@ def _clauses(text: str) -> list[tuple[str, bool]]:
         part = " ".join(part.split()).strip(" ,")
         if not part:
             continue
-        for rule in words.FRACTION_WORDS:
-            part = re.sub(rule[0], rule[1], part)
+        part = words.FRACTION_WORDS.apply(part)
         part = words.numbers_to_digits(" ".join(part.split()))
         cued = False
         while True:
@@ -83,7 +82,7 @@ def _clauses(text: str) -> list[tuple[str, bool]]:
     return found
 
 
-_DECIMAL_COMMA = [(r"(?<=\d),(?=\d{3}(?!\d))", ""), (r"(?<=\d),(?=\d)", ".")]
+_DECIMAL_COMMA = words.Rules([(r"(?<=\d),(?=\d{3}(?!\d))", ""), (r"(?<=\d),(?=\d)", ".")])
 # A separator before exactly three digits: 1,250 is 1250 in English; 1.250 is 1.25. In Spanish
 # both are either, by country (Spain writes 1.250 for 1250 and 1,25 for 1.25; Mexico the English
 # way), so a Spanish message decides only 2.000 or 1,000,000 (groups of zeros: thousands, as nobody
@@ -152,8 +151,7 @@ def arithmetic(clause: str, cued: bool = True) -> dict | None:
     if _NOT_ARITHMETIC.search(clause) or (not cued and _BARE_PAIR.fullmatch(clause)):
         return None
     text = clause
-    for pattern, replacement in words.VERB_FORMS:
-        text = re.sub(pattern, replacement, text)
+    text = words.VERB_FORMS.apply(text)
     text = re.sub(r"^(\d+ ?/ ?\d+) (?:of|de|del) ", r"(\1) * ", text)  # "3/4 of 200"
     # A typed fraction is one number: "7/8 entre 1/4" is (7/8) / (1/4), not 7/8/1/4.
     text = _FRACTION.sub(r"(\1/\2)", text)

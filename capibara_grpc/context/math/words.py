@@ -72,12 +72,33 @@ def numbers_to_digits(text: str) -> str:
 
 
 # Before number words: phrases that would lose their meaning once "un"/"a" became numbers.
-FRACTION_WORDS = [
-    (r"\bpor ?ciento\b|\bper ?cent\b", "%"),  # before "ciento" becomes 100
-    (r"\b(?:la|the)?\s*mitad de\b|\bhalf of\b|\bhalf\b", " 1/2 * "),
-    (r"\b(?:un|a|one) (?:tercio|third) (?:de|of)\b|\bla tercera parte de\b", " 1/3 * "),
-    (r"\b(?:un|a|one) (?:cuarto|quarter) (?:de|of)\b|\bla cuarta parte de\b", " 1/4 * "),
-]
+class Rules(list):
+    """(pattern, replacement) rules, applied in order by `apply`. Each pattern is compiled once
+    (re.sub(text_pattern, ...) looks it up in re's cache on every call, dozens of times per
+    message), and one search for any of them (`guard`) comes first: most text matches none, and
+    then costs one search instead of one per rule. Exact: when no pattern matches the text, no
+    rule changes it, so none matches after either."""
+
+    def __init__(self, rules):
+        super().__init__((re.compile(p) if isinstance(p, str) else p, r) for p, r in rules)
+        self.guard = re.compile("|".join(f"(?:{pattern.pattern})" for pattern, _ in self))
+
+    def apply(self, text: str) -> str:
+        if self.guard.search(text) is None:
+            return text
+        for pattern, replacement in self:
+            text = pattern.sub(replacement, text)
+        return text
+
+
+FRACTION_WORDS = Rules(
+    [
+        (r"\bpor ?ciento\b|\bper ?cent\b", "%"),  # before "ciento" becomes 100
+        (r"\b(?:la|the)?\s*mitad de\b|\bhalf of\b|\bhalf\b", " 1/2 * "),
+        (r"\b(?:un|a|one) (?:tercio|third) (?:de|of)\b|\bla tercera parte de\b", " 1/3 * "),
+        (r"\b(?:un|a|one) (?:cuarto|quarter) (?:de|of)\b|\bla cuarta parte de\b", " 1/4 * "),
+    ]
+)
 
 ORDINALS = {
     "segunda": 2, "tercera": 3, "cuarta": 4, "quinta": 5, "sexta": 6, "septima": 7, "octava": 8,
@@ -86,47 +107,49 @@ ORDINALS = {
 }  # fmt: skip
 TIMES_X = r"(?<=\d) ?x ?(?=\d)"  # "3 x 4"; only where no variable is expected
 # After number words, on text that holds digits.
-OPERATOR_WORDS = [
-    (r"\bpor ?ciento\b|\bper ?cent\b", "%"),
-    (r"\b(?:(?:elevad[oa] )?al|to the) (?:cuadrado|segunda)\b|\bsquared\b", " ^ 2 "),
-    (r"\b(?:(?:elevad[oa] )?al|to the) (?:cubo|tercera)\b|\bcubed\b", " ^ 3 "),
-    (
-        r"\b(?:elevado|elevada) a(?: la(?: potencia)?)?\b|\b(?:raised )?to the power(?: of)?\b|\braised to(?: the)?\b",
-        " ^ ",
-    ),
-    (rf"(?<=\d) (?:a la|to the) (?=\d|(?:{'|'.join(ORDINALS)})\b)", " ^ "),
-    (r"\^\s*(\d+)(?:st|nd|rd|th|a)\b(?: power| potencia)?", r"^ \1"),
-    (rf"\^\s*({'|'.join(ORDINALS)})\b(?: power| potencia)?", lambda m: f"^ {ORDINALS[m.group(1)]}"),
-    (r"\b(?:la )?raiz cubica de\b|\b(?:the )?cube root of\b", " cbrt "),
-    (r"\b(?:la )?raiz(?: cuadrada)? de\b|\b(?:the )?square root of\b|\bsqrt of\b", " sqrt "),
-    (r"\bfactorial (?:de|of) (\d+)\b|\b(\d+) factorial\b", r"\1\2!"),
-    (r"\b(?:el )?doble de\b|\b(?:the )?double of\b|\btwice\b|\bdouble\b", " 2 * "),
-    (r"\b(?:el )?triple de\b|\b(?:the )?triple of\b|\bthrice\b|\btriple\b", " 3 * "),
-    (r"\bmultiplicad[oa] por\b|\bmultiplied by\b|\bpor\b|\btimes\b", " * "),
-    (TIMES_X, " * "),
-    (r"\bdividid[oa] (?:por|entre)\b|\bdivided by\b|\bentre\b|\bover\b", " / "),
-    (r"\bmas\b|\bplus\b", " + "),
-    (r"\bmenos\b|\bminus\b", " - "),
-    (r"\bmodulo\b", " mod "),
-]
+OPERATOR_WORDS = Rules(
+    [
+        (r"\bpor ?ciento\b|\bper ?cent\b", "%"),
+        (r"\b(?:(?:elevad[oa] )?al|to the) (?:cuadrado|segunda)\b|\bsquared\b", " ^ 2 "),
+        (r"\b(?:(?:elevad[oa] )?al|to the) (?:cubo|tercera)\b|\bcubed\b", " ^ 3 "),
+        (
+            r"\b(?:elevado|elevada) a(?: la(?: potencia)?)?\b|\b(?:raised )?to the power(?: of)?\b|\braised to(?: the)?\b",
+            " ^ ",
+        ),
+        (rf"(?<=\d) (?:a la|to the) (?=\d|(?:{'|'.join(ORDINALS)})\b)", " ^ "),
+        (r"\^\s*(\d+)(?:st|nd|rd|th|a)\b(?: power| potencia)?", r"^ \1"),
+        (rf"\^\s*({'|'.join(ORDINALS)})\b(?: power| potencia)?", lambda m: f"^ {ORDINALS[m.group(1)]}"),
+        (r"\b(?:la )?raiz cubica de\b|\b(?:the )?cube root of\b", " cbrt "),
+        (r"\b(?:la )?raiz(?: cuadrada)? de\b|\b(?:the )?square root of\b|\bsqrt of\b", " sqrt "),
+        (r"\bfactorial (?:de|of) (\d+)\b|\b(\d+) factorial\b", r"\1\2!"),
+        (r"\b(?:el )?doble de\b|\b(?:the )?double of\b|\btwice\b|\bdouble\b", " 2 * "),
+        (r"\b(?:el )?triple de\b|\b(?:the )?triple of\b|\bthrice\b|\btriple\b", " 3 * "),
+        (r"\bmultiplicad[oa] por\b|\bmultiplied by\b|\bpor\b|\btimes\b", " * "),
+        (TIMES_X, " * "),
+        (r"\bdividid[oa] (?:por|entre)\b|\bdivided by\b|\bentre\b|\bover\b", " / "),
+        (r"\bmas\b|\bplus\b", " + "),
+        (r"\bmenos\b|\bminus\b", " - "),
+        (r"\bmodulo\b", " mod "),
+    ]
+)
 # Verb forms: "suma 3 y 4", "add 2/5 and 1/10", "the sum of 3 and 4", "subtract 4 from 10".
 _N = r"(-?\d+(?:\.\d+)?(?: ?/ ?\d+)?)"
-VERB_FORMS = [
-    (
-        rf"^(?:suma|sumar|add|(?:la |the )?suma de|(?:the )?sum of) {_N} (?:y|and|to|con|\+|mas|plus) {_N}$",
-        r"(\1) + (\2)",
-    ),
-    (
-        rf"^(?:multiplica|multiplicar|multiply|(?:el |the )?producto de|(?:the )?product of) {_N} (?:y|and|by|\*|con|por|times|x) {_N}$",
-        r"(\1) * (\2)",
-    ),
-    (rf"^(?:divide|dividir) {_N} (?:by|/|y|entre|por) {_N}$", r"(\1) / (\2)"),
-    (rf"^(?:resta|restar|subtract|take) {_N} (?:de|from|away from|a) {_N}$", r"(\2) - (\1)"),
-    (rf"^(?:resta|restar) {_N} (?:menos|-) {_N}$", r"(\1) - (\2)"),
-]
+VERB_FORMS = Rules(
+    [
+        (
+            rf"^(?:suma|sumar|add|(?:la |the )?suma de|(?:the )?sum of) {_N} (?:y|and|to|con|\+|mas|plus) {_N}$",
+            r"(\1) + (\2)",
+        ),
+        (
+            rf"^(?:multiplica|multiplicar|multiply|(?:el |the )?producto de|(?:the )?product of) {_N} (?:y|and|by|\*|con|por|times|x) {_N}$",
+            r"(\1) * (\2)",
+        ),
+        (rf"^(?:divide|dividir) {_N} (?:by|/|y|entre|por) {_N}$", r"(\1) / (\2)"),
+        (rf"^(?:resta|restar|subtract|take) {_N} (?:de|from|away from|a) {_N}$", r"(\2) - (\1)"),
+        (rf"^(?:resta|restar) {_N} (?:menos|-) {_N}$", r"(\1) - (\2)"),
+    ]
+)
 
 
-def rewrite(text: str, rules) -> str:
-    for pattern, replacement in rules:
-        text = re.sub(pattern, replacement, text)
-    return " ".join(text.split())
+def rewrite(text: str, rules: Rules) -> str:
+    return " ".join(rules.apply(text).split())
