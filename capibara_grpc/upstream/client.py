@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator
 
 import aiohttp
+import orjson
 
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.config.schema import ENV_REFERENCE
@@ -79,6 +80,8 @@ class Upstream:
         }
         if backend.api_key_env:
             self.headers["Authorization"] = f"Bearer {values[backend.api_key_env]}"
+        # A chat's body is serialized here (orjson), so the type is said here too.
+        self.post_headers = {"Content-Type": "application/json", **self.headers}
         # Longest first, so that a secret containing another is masked whole.
         self._secrets = sorted({v for v in values.values() if len(v) >= 4}, key=len, reverse=True)
         self.ssl: ssl.SSLContext | bool = (
@@ -194,8 +197,8 @@ class Upstream:
             async with asyncio.timeout(self.backend.first_token_timeout_s):
                 response = await self.session.post(
                     url,
-                    json=body,
-                    headers=self.headers,
+                    data=orjson.dumps(body),
+                    headers=self.post_headers,
                     ssl=self.ssl,
                     timeout=aiohttp.ClientTimeout(sock_connect=self.backend.connect_timeout_s),
                 )
@@ -260,7 +263,7 @@ class Upstream:
         """One SSE `data:` payload as an event (None for one that is not an object); an in-band
         `{"error": ...}`, or text that is not JSON, is UNAVAILABLE."""
         try:
-            event = json.loads(payload)
+            event = _loads(payload)
         except ValueError:
             text = self.redact(payload[:200].decode(errors="replace"))
             raise Unavailable(f"model '{self.model_id}' backend sent an event that is not JSON: {text}") from None
@@ -404,6 +407,15 @@ async def _line_batches(response: aiohttp.ClientResponse, watchdog: Watchdog) ->
             yield [line.strip() for line in lines]
     if pending.strip():
         yield [pending.strip()]
+
+
+def _loads(payload: bytes):
+    """An SSE event's JSON: orjson (several times quicker, once per event), or the json module for
+    what orjson refuses and json reads (NaN, Infinity, numbers past 64 bits)."""
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return json.loads(payload)
 
 
 def _retry_after_s(value: str | None) -> int:
