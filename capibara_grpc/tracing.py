@@ -19,7 +19,6 @@ import typing
 import uuid
 
 import grpc
-import orjson
 
 REQUEST_ID = "x-request-id"
 # The caller's API key id (its name or short hash, never the key), set by the edge's guard once it
@@ -117,10 +116,7 @@ class JsonFormatter(logging.Formatter):
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        try:
-            return orjson.dumps(entry, default=str).decode()  # once per call: several times quicker
-        except TypeError:  # a field orjson cannot write (a key that is not a string)
-            return json.dumps(entry, ensure_ascii=False, default=str)
+        return json.dumps(entry, ensure_ascii=False)
 
 
 class TextFormatter(logging.Formatter):

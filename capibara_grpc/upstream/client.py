@@ -158,15 +158,22 @@ class Upstream:
             done = False
             async for lines in _line_batches(response, watchdog):
                 events = []
-                for line in lines:
-                    if not line.startswith(b"data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == b"[DONE]":
-                        done = True
-                        break
-                    if (event := self._event(payload)) is not None:
-                        events.append(event)
+                try:
+                    for line in lines:
+                        if not line.startswith(b"data:"):
+                            continue
+                        payload = line[5:].strip()
+                        if payload == b"[DONE]":
+                            done = True
+                            break
+                        if (event := self._event(payload)) is not None:
+                            events.append(event)
+                except Unavailable:
+                    # An in-band error after tokens of the same read: the tokens go first, so the
+                    # error ends a stream that has started (in band), as it would a read later.
+                    if events:
+                        yield events, watchdog
+                    raise
                 if events:
                     yield events, watchdog
                 if done:
