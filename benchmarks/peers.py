@@ -29,10 +29,12 @@ to first token with replica affinity comes from benchmarks/replica_affinity.py, 
     .venv/bin/python benchmarks/peers.py                 # everything (a few minutes; make bench)
     .venv/bin/python benchmarks/peers.py --quick         # mesh CPU/chat and req/s only (< 1 minute)
     .venv/bin/python benchmarks/peers.py --only cpu,litellm --seconds 10
+    .venv/bin/python benchmarks/peers.py --quick --set services.event_loop=asyncio   # one setting's worth
     options: --seconds N (each load phase, default 6), --rounds N (each phase's runs, interleaved
              between the gateways, default 2), --skip-litellm, --skip-split, --skip-routed,
              --skip-affinity, --only SECTIONS (comma-separated: cpu, sequential, stream, routed,
-             litellm, split, affinity; `mesh` = the first three, without LiteLLM)
+             litellm, split, affinity; `mesh` = the first three, without LiteLLM), --set KEY=VALUE
+             (a config value for every mesh, repeatable: services.local_calls=false)
 
 A benchmark, not a test: it prints raw figures for this machine; on 2 cores, anything else running
 moves them (the load average before and after is printed).
@@ -53,6 +55,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import yaml
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
@@ -117,6 +121,10 @@ def mock_upstream():
         process.wait(10)
 
 
+# Config values every mesh of the run gets (--set), to measure what one setting is worth.
+OVERRIDES: dict[str, object] = {}
+
+
 @contextlib.contextmanager
 def mesh(directory: pathlib.Path, base: int, routed: bool = False, split: bool = False):
     where = directory / f"mesh-{base}"
@@ -124,8 +132,15 @@ def mesh(directory: pathlib.Path, base: int, routed: bool = False, split: bool =
     models = mesh_models(routed)
     # Envoy's admin port within the base's hundred (mesh_config puts it at base + 901, which is
     # another base's edge port: 5600's admin would be 6500's edge).
-    edge = {**mesh_config(where / "state", base, models)["edge"], "admin_port": base + 99}
+    defaults = mesh_config(where / "state", base, models)
+    edge = {**defaults["edge"], "admin_port": base + 99}
     sections = {"supervision": {"mesh_nice": 0}, "edge": edge}
+    for dotted, value in OVERRIDES.items():  # --set: e.g. services.local_calls=false
+        top, *path = dotted.split(".")
+        section = sections.setdefault(top, dict(defaults.get(top) or {}))
+        for key in path[:-1]:
+            section = section.setdefault(key, {})
+        section[path[-1]] = value
     with running_mesh(where, base, models, router=routed, split=split, **sections) as running:
         yield running
 
@@ -282,7 +297,19 @@ def parse_args(argv=None):
     )
     for section in ("litellm", "split", "routed", "affinity"):
         parser.add_argument(f"--skip-{section}", action="store_true")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config value for every mesh, YAML (e.g. services.event_loop=asyncio, services.local_calls=false)",
+    )
     args = parser.parse_args(argv)
+    for item in args.set:
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        OVERRIDES[key] = yaml.safe_load(value)
     sections = set(SECTIONS)
     if args.only:
         named = [s.strip() for s in args.only.split(",")]
@@ -310,7 +337,8 @@ def main() -> None:
         bench.run()
     header = (
         f"peers.py: {platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-        f"at {commit[:60] or '?'}{' (uncommitted changes in the tree)' if dirty() else ''}; load average before "
+        f"at {commit[:60] or '?'}{' (uncommitted changes in the tree)' if dirty() else ''}"
+        f"{''.join(f'; {k}={v}' for k, v in OVERRIDES.items())}; load average before "
         f"{load_before}, after {load_average()}; {time.time() - started:.0f} s"
     )
     print_report(bench.report, header, IN_FLIGHT, STREAM_IN_FLIGHT, STREAM_TOKENS)
