@@ -117,10 +117,8 @@ def _metadata(metadata) -> Metadata:
 class _Call:
     """What unary and streaming local calls share: the context, the deadline, cancellation."""
 
-    def __init__(self, method: str, request, timeout: float | None, metadata):
+    def __init__(self, timeout: float | None, metadata):
         self._loop = asyncio.get_running_loop()
-        self._method = method
-        self._request = request
         deadline = None if timeout is None else self._loop.time() + timeout
         self._context = LocalContext(_metadata(metadata), deadline, self._loop)
         self._outcome: grpc.aio.AioRpcError | None = None
@@ -161,10 +159,10 @@ class _Call:
 class LocalUnaryCall(_Call):
     """A unary call: awaiting it runs the handler (in the caller's task) and returns its response."""
 
-    def __init__(self, handler, method, request, timeout, metadata):
-        super().__init__(method, request, timeout, metadata)
+    def __init__(self, handler, request, timeout, metadata):
+        super().__init__(timeout, metadata)
         self._handler = handler
-        self._task: asyncio.Task | None = None
+        self._request = request
 
     def __await__(self):
         return self._run().__await__()
@@ -196,8 +194,8 @@ class LocalStreamCall(_Call):
     One timer per call for the deadline; when it passes while the caller waits for the next
     message, the wait is cancelled and the caller gets DEADLINE_EXCEEDED."""
 
-    def __init__(self, handler, method, request, timeout, metadata):
-        super().__init__(method, request, timeout, metadata)
+    def __init__(self, handler, request, timeout, metadata):
+        super().__init__(timeout, metadata)
         self._stream = handler(request, self._context)
         self._waiting: asyncio.Task | None = None  # the caller's task, while it waits in __anext__
         self._expired = False
@@ -287,7 +285,8 @@ class _MultiCallable:
         self._method = method
         self._network = network
         self._kind = kind
-        self._target = None
+        self._target = None  # found at the first call: the local handler, or the network's
+        self._local = False
 
     def __call__(
         self, request, *, timeout=None, metadata=None, credentials=None, wait_for_ready=None, compression=None
@@ -301,7 +300,7 @@ class _MultiCallable:
         if not self._local:
             return target(request, timeout=timeout, metadata=metadata, wait_for_ready=wait_for_ready)
         call = LocalUnaryCall if self._kind == "unary" else LocalStreamCall
-        return call(target, self._method, request, timeout, metadata)
+        return call(target, request, timeout, metadata)
 
 
 class LocalChannel:
