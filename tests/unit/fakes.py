@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import pathlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import aiohttp
 import grpc
 
 from capibara_grpc.audio import AudioChunk
@@ -21,7 +23,12 @@ from capibara_grpc.chat.types import (
     ToolCallDelta,
 )
 from capibara_grpc.config import MeshConfig, parse_config
+from capibara_grpc.context.core import ContextEngine
+from capibara_grpc.context.memory import SqliteStore
+from capibara_grpc.context.servicer import ContextServicer
+from capibara_grpc.context.tokens import ModelTokens
 from capibara_grpc.errors import MeshError, Unavailable, error_mapping_server
+from capibara_grpc.stubs import context_pb2_grpc
 
 # Three models; "alpha" falls back to "beta". Backends point at a closed port (nothing listens on 9).
 CONFIG_YAML = """
@@ -195,6 +202,22 @@ async def serving(add_servicers):
     finally:
         await channel.close()
         await server.stop(0)
+
+
+@contextlib.asynccontextmanager
+async def context_service(config: MeshConfig, database: pathlib.Path):
+    """A ContextService stub to the real servicer and engine over `serving`, with its conversation
+    memory in an SQLite file at `database`."""
+    store = SqliteStore(database)
+    try:
+        async with aiohttp.ClientSession() as session:
+            servicer = ContextServicer(ContextEngine(config, store, ModelTokens(config, session)))
+            async with serving(
+                lambda server: context_pb2_grpc.add_ContextServiceServicer_to_server(servicer, server)
+            ) as channel:
+                yield context_pb2_grpc.ContextServiceStub(channel)
+    finally:
+        await store.close()
 
 
 async def status_of(call) -> tuple[grpc.StatusCode, str]:

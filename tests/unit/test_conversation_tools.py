@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import sqlite3
 
-import aiohttp
 import grpc
 import pytest
 
 from capibara_grpc.chat.types import Message, ToolCall
 from capibara_grpc.context.core import ContextEngine, turn_groups
 from capibara_grpc.context.memory import SqliteStore, Turn
-from capibara_grpc.context.servicer import ContextServicer
-from capibara_grpc.context.tokens import ModelTokens
 from capibara_grpc.errors import InvalidArgument
-from capibara_grpc.stubs import context_pb2, context_pb2_grpc, inference_pb2
-from tests.unit.fakes import mesh_config, serving, status_of
+from capibara_grpc.stubs import context_pb2, inference_pb2
+from tests.unit.fakes import context_service, mesh_config, status_of
 
 CONFIG = mesh_config()
 CALL = ToolCall("call_1", "get_weather", '{"city": "Paris"}')
@@ -171,14 +168,8 @@ async def test_tool_results_must_answer_the_newest_open_calls(tmp_path, turns, c
 
 @pytest.fixture
 async def context(tmp_path):
-    store = SqliteStore(tmp_path / "conversations.sqlite3")
-    async with aiohttp.ClientSession() as session:
-        servicer = ContextServicer(ContextEngine(CONFIG, store, ModelTokens(CONFIG, session)))
-        async with serving(
-            lambda server: context_pb2_grpc.add_ContextServiceServicer_to_server(servicer, server)
-        ) as ch:
-            yield context_pb2_grpc.ContextServiceStub(ch)
-    await store.close()
+    async with context_service(CONFIG, tmp_path / "conversations.sqlite3") as stub:
+        yield stub
 
 
 async def test_the_service_stores_and_shows_tool_turns(context):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import zlib
 
-import aiohttp
 import grpc
 import numpy as np
 import pytest
@@ -17,10 +16,6 @@ from capibara_grpc.chat.types import Finished, Token
 from capibara_grpc.config import parse_routes
 from capibara_grpc.consensus.core import ConsensusEngine
 from capibara_grpc.consensus.servicer import ConsensusServicer
-from capibara_grpc.context.core import ContextEngine
-from capibara_grpc.context.memory import SqliteStore
-from capibara_grpc.context.servicer import ContextServicer
-from capibara_grpc.context.tokens import ModelTokens
 from capibara_grpc.errors import Unavailable
 from capibara_grpc.inference.admission import Admission
 from capibara_grpc.inference.core import InferenceEngine
@@ -34,7 +29,6 @@ from capibara_grpc.stubs import (
     consensus_pb2,
     consensus_pb2_grpc,
     context_pb2,
-    context_pb2_grpc,
     inference_pb2,
     inference_pb2_grpc,
     router_pb2,
@@ -42,7 +36,7 @@ from capibara_grpc.stubs import (
     speech_pb2,
     speech_pb2_grpc,
 )
-from tests.unit.fakes import mesh_config, serving, status_of
+from tests.unit.fakes import context_service, mesh_config, serving, status_of
 
 CONFIG = mesh_config()
 INVALID, NOT_FOUND, UNAVAILABLE = (
@@ -154,14 +148,8 @@ async def test_router_errors_and_answers(router):
 
 @pytest.fixture
 async def context(tmp_path):
-    store = SqliteStore(tmp_path / "conversations.sqlite3")
-    async with aiohttp.ClientSession() as session:
-        servicer = ContextServicer(ContextEngine(CONFIG, store, ModelTokens(CONFIG, session)))
-        async with serving(
-            lambda server: context_pb2_grpc.add_ContextServiceServicer_to_server(servicer, server)
-        ) as ch:
-            yield context_pb2_grpc.ContextServiceStub(ch)
-    await store.close()
+    async with context_service(CONFIG, tmp_path / "conversations.sqlite3") as stub:
+        yield stub
 
 
 async def test_context_errors(context):
