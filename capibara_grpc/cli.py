@@ -197,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     openapi.add_argument("--check", action="store_true", help="fail if the file differs from what the protos give")
     docs = command("config-docs", "write the configuration reference (docs/configuration.md) from the config schema")
     docs.add_argument("--check", action="store_true", help="fail if the file differs from what the schema gives")
+    traces = command("traces", "receive OTLP/gRPC traces and print each one as a tree (a viewer without Docker)")
+    traces.add_argument(
+        "--listen", metavar="HOST:PORT", default="127.0.0.1:4317", help="where to receive (default: %(default)s)"
+    )
+    traces.add_argument("--json", action="store_true", help="print each span as one JSON line as it arrives")
     return parser
 
 
@@ -218,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "config-docs":  # documents the schema; reads no configuration
         return _config_docs(args.check)
+    if args.command == "traces":  # a local OTLP receiver; reads no configuration
+        from capibara_grpc.telemetry import trace_tree
+
+        return trace_tree.main(args.listen, args.json)
 
     from capibara_grpc.tracing import configure_logging
 
