@@ -18,6 +18,9 @@ import grpc
 
 from capibara_grpc import metrics, tracing
 from capibara_grpc.local_calls import LocalMethod
+from capibara_grpc.telemetry import server_spans
+from capibara_grpc.telemetry.server_spans import ServerCall
+from capibara_grpc.telemetry.spans import current as current_span
 
 log = logging.getLogger(__name__)
 # One line per finished call: method, code, duration, request id.
@@ -167,10 +170,18 @@ def _aborted_code(context: grpc.aio.ServicerContext) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
 
 
-async def _finish(method: str, context: grpc.aio.ServicerContext, started: float, key: str, exc: BaseException | None):
+async def _finish(
+    method: str,
+    context: grpc.aio.ServicerContext,
+    started: float,
+    key: str,
+    exc: BaseException | None,
+    traced: ServerCall | None = None,
+):
     """The end of one call, unary or streaming: its error mapped to a status (aborting the call),
-    its final code counted, timed and logged."""
+    its final code counted, timed, logged and put on its span."""
     code = "OK"
+    details = ""
     try:
         if exc is None:
             return
@@ -181,7 +192,7 @@ async def _finish(method: str, context: grpc.aio.ServicerContext, started: float
             code = _aborted_code(context)
             return
         error = to_mesh_error(exc, method)
-        code = error.code.name
+        code, details = error.code.name, error.message
         await _abort(context, error)  # raises AbortError, which ends the call
     finally:
         metrics.observe_call(method, code, started, key)
@@ -190,13 +201,17 @@ async def _finish(method: str, context: grpc.aio.ServicerContext, started: float
         if calls_log.isEnabledFor(level):
             fields = {"method": method, "code": code, "ms": round((time.perf_counter() - started) * 1000, 1)}
             calls_log.log(level, "%s %s", method, code, extra={"fields": fields})
+        if traced is not None:  # after the log line, which carries the span's trace id
+            traced.end(code, details, key)
 
 
-def _begin(context: grpc.aio.ServicerContext) -> tuple[float, str]:
-    """A call starts: its request id taken (tracing); (start time, the caller's API key id)."""
-    request_id, key = tracing.ids_from(context.invocation_metadata())
+def _begin(method: str, context: grpc.aio.ServicerContext) -> tuple[float, str, ServerCall | None]:
+    """A call starts: its request id taken (tracing), its span begun (telemetry); (start time,
+    the caller's API key id, the span)."""
+    metadata = context.invocation_metadata()
+    request_id, key = tracing.ids_from(metadata)
     tracing.current_request_id.set(request_id)
-    return time.perf_counter(), key
+    return time.perf_counter(), key, server_spans.begin(method, metadata)
 
 
 def mapped_handler(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -240,13 +255,13 @@ def _mapped_unary(method: str, inner, parse=None):
     """`inner` (a unary handler) mapped; `parse` turns the bytes from the network into the request."""
 
     async def unary_unary(request, context):
-        started, key = _begin(context)
+        started, key, traced = _begin(method, context)
         try:
             response = await inner(parse(request) if parse else request, context)
         except BaseException as exc:  # noqa: BLE001 - mapped (or passed on) by _finish
-            await _finish(method, context, started, key, exc)
+            await _finish(method, context, started, key, exc, traced)
             raise
-        await _finish(method, context, started, key, None)
+        await _finish(method, context, started, key, None, traced)
         return response
 
     return unary_unary
@@ -256,14 +271,22 @@ def _mapped_stream(method: str, inner, parse=None):
     """`inner` (an async generator handler) mapped, as _mapped_unary."""
 
     async def unary_stream(request, context):
-        started, key = _begin(context)
+        started, key, traced = _begin(method, context)
         try:
-            async for response in inner(parse(request) if parse else request, context):
-                yield response
+            if traced is None:
+                async for response in inner(parse(request) if parse else request, context):
+                    yield response
+            else:
+                async for response in inner(parse(request) if parse else request, context):
+                    # A local caller reads the message in this same context: its own span is
+                    # current while it does, this call's again when the handler goes on.
+                    current_span.set(traced.previous)
+                    yield response
+                    current_span.set(traced.span)
         except BaseException as exc:  # noqa: BLE001 - mapped (or passed on) by _finish
-            await _finish(method, context, started, key, exc)
+            await _finish(method, context, started, key, exc, traced)
             raise
-        await _finish(method, context, started, key, None)
+        await _finish(method, context, started, key, None, traced)
 
     return unary_stream
 

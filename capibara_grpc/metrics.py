@@ -40,6 +40,12 @@ TOKENS_PER_SECOND = Histogram(
     ["model"],
     buckets=(1, 5, 10, 20, 40, 60, 80, 100, 150, 200, 400),
 )
+TRACE_SPANS = Counter(
+    "capibara_trace_spans_total",
+    "Finished spans of sampled traces: exported to the OTLP collector, failed (the collector refused "
+    "or was down) or dropped (the queue was full)",
+    ["outcome"],
+)
 GENERATED_TOKENS = Counter("capibara_generated_tokens_total", "Tokens generated", ["model"])
 ROUTING_DECISIONS = Counter("capibara_routing_decisions_total", "Chat routing decisions", ["route", "model", "source"])
 FAILOVERS = Counter(

@@ -19,10 +19,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from capibara_grpc import metrics, services, tracing
+from capibara_grpc import metrics, services, telemetry, tracing
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.errors import error_mapping_server
 from capibara_grpc.local_calls import LocalChannel, LocalMethod
+from capibara_grpc.telemetry import spans
+from capibara_grpc.telemetry.channel import TracedChannel
+from capibara_grpc.telemetry.settings import resolve as resolve_tracing
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,10 @@ class MeshServers:
 
     async def start(self) -> MeshServers:
         try:
+            # Traced from the first call on (telemetry.settings: the file's `tracing:`, OTEL_* first).
+            uninstall = await telemetry.install(resolve_tracing(self.config.tracing), self.services[0])
+            if uninstall is not None:
+                self.on_stop(uninstall)
             # Every port is bound before any service opens outbound connections: the default
             # ports (50050-50055) lie in Linux's ephemeral range, where an outgoing connection
             # could otherwise take one first.
@@ -122,6 +129,8 @@ class MeshServers:
         channel = internal_channel(self.config, service)
         if self.config.services.local_calls and service in self.services:
             channel = LocalChannel(self.local_methods, channel)
+        if spans.TRACER is not None:
+            channel = TracedChannel(channel)
         self.on_stop(channel.close)
         return channel
 

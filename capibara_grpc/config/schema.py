@@ -31,6 +31,15 @@ CHAT_TEMPLATES = ("server", "raw")
 SPEECH_ENGINES = ("espeak", "coqui")
 CACHE_BACKENDS = ("memory", "redis")
 SUPERVISION_RESTART = ("on-failure", "always", "no")
+# OpenTelemetry's sampler names (OTEL_TRACES_SAMPLER), the ones that need no plugin.
+TRACE_SAMPLERS = (
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+    "always_on",
+    "always_off",
+    "traceidratio",
+)
 # ${NAME} in a backend header's value: that environment variable's value.
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -407,6 +416,42 @@ class SupervisionConfig:
 
 
 @dataclass
+class TracingConfig:
+    """OpenTelemetry traces: one trace per chat, from Envoy down to the model call, exported over
+    OTLP/gRPC (docs/tracing.md). Off while no endpoint is set. Each key's OpenTelemetry
+    environment variable, when set, wins over the file, in every process (Envoy's too)."""
+
+    # The OTLP/gRPC collector, e.g. http://127.0.0.1:4317 (https:// for TLS); "" = no traces.
+    # OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT.
+    endpoint: str = ""
+    # Headers sent with every export (a hosted backend's API key): a value may be ${NAME}, an
+    # environment variable, so the key stays out of the file. OTEL_EXPORTER_OTLP_HEADERS.
+    headers: dict[str, str] = field(default_factory=dict)
+    # Which chats are traced: parentbased_always_on | parentbased_always_off |
+    # parentbased_traceidratio | always_on | always_off | traceidratio. parentbased_*: a chat sent
+    # with a W3C traceparent follows the caller's choice. OTEL_TRACES_SAMPLER.
+    sampler: str = "parentbased_always_on"
+    # The fraction of chats the *traceidratio samplers keep, 0 to 1. OTEL_TRACES_SAMPLER_ARG.
+    sampler_arg: float = 1.0
+    # Spans carry service.name <prefix>-<service>: capibara-gateway, capibara-envoy, ...
+    # OTEL_SERVICE_NAME.
+    service_name_prefix: str = "capibara"
+    # More resource attributes on every span (deployment.environment, ...). OTEL_RESOURCE_ATTRIBUTES.
+    resource_attributes: dict[str, str] = field(default_factory=dict)
+    # Finished spans are sent every schedule_delay_ms, or as soon as max_export_batch_size wait;
+    # beyond max_queue_size waiting, new ones are dropped (and counted). OTEL_BSP_SCHEDULE_DELAY,
+    # OTEL_BSP_MAX_EXPORT_BATCH_SIZE, OTEL_BSP_MAX_QUEUE_SIZE, OTEL_BSP_EXPORT_TIMEOUT.
+    schedule_delay_ms: int = 5000
+    max_export_batch_size: int = 512
+    max_queue_size: int = 2048
+    export_timeout_ms: int = 30000
+    # Put the messages and the answer on the model call's span (gen_ai.input.messages,
+    # gen_ai.output.messages). Off: spans carry no text of a chat.
+    # OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT.
+    capture_content: bool = False
+
+
+@dataclass
 class SamplingDefaults:
     """Sampling of a request that does not set it."""
 
@@ -604,6 +649,7 @@ class MeshConfig:
     speech: SpeechConfig = field(default_factory=SpeechConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     # The logical models, by id (at least one).
     models: dict[str, ModelConfig] = field(default_factory=dict)
     # Where the file was read from, for messages and relative paths.

@@ -141,10 +141,24 @@ def validate(config: MeshConfig, *, check_files: set[str]) -> None:
     if config.gateway.max_message_bytes <= 0:
         fail(line_of(config.gateway, "max_message_bytes"), "gateway.max_message_bytes must be positive")
     _validate_supervision(config.supervision, fail)
+    _validate_tracing(config, fail)
     claim = _socket_claims(fail)
     _validate_sockets(config, claim, fail)
     for model_id in config.models:
         _validate_model(config, model_id, defined, claim, fail, "inference" in check_files)
+
+
+def _validate_tracing(config: MeshConfig, fail) -> None:
+    """The `tracing:` section with the OTEL_* variables that win over it (telemetry/settings.py):
+    a message naming the variable when one of those is wrong, else the key's line."""
+    from capibara_grpc.telemetry.settings import TracingSettingsError, resolve
+
+    try:
+        resolve(config.tracing)
+    except TracingSettingsError as exc:
+        message = str(exc)
+        key = message.removeprefix("tracing.").split(" ", 1)[0].split(".", 1)[0]
+        fail(line_of(config.tracing, key if message.startswith("tracing.") else None), message)
 
 
 def _validate_cache(config: MeshConfig, fail) -> None:
