@@ -20,6 +20,8 @@ import uuid
 
 import grpc
 
+from capibara_grpc.telemetry.spans import current as current_span
+
 REQUEST_ID = "x-request-id"
 # The caller's API key id (its name or short hash, never the key), set by the edge's guard once it
 # accepted the key; capibara_grpc/api_keys.py says why. Not copied onto internal calls: each call
@@ -93,7 +95,8 @@ def client_interceptors() -> list:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, request id (when there is one), message."""
+    """One JSON object per line: time, level, logger, request id and trace and span ids (when
+    there are), message."""
 
     def format(self, record: logging.LogRecord) -> str:
         # `capibara up` writes each record to stderr and to its log file: as JSON to both, it is
@@ -112,6 +115,10 @@ class JsonFormatter(logging.Formatter):
         request_id = current_request_id.get()
         if request_id:
             entry["request_id"] = request_id
+        active = current_span.get()
+        if active is not None:  # the line leads to its trace (docs/tracing.md)
+            entry["trace_id"] = f"{active.trace_id:032x}"
+            entry["span_id"] = f"{active.span_id:016x}"
         entry["message"] = record.getMessage()
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
@@ -130,6 +137,9 @@ class TextFormatter(logging.Formatter):
         request_id = current_request_id.get()
         if request_id:
             extras.append(f"request_id={request_id}")
+        active = current_span.get()
+        if active is not None:
+            extras.append(f"trace_id={active.trace_id:032x}")
         line = " ".join([stamp, f"{record.levelname:<7}", f"{record.name}:", message, *extras])
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)

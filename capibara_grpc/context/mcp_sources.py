@@ -24,6 +24,7 @@ from capibara_grpc.config import mcp_offer
 from capibara_grpc.config.schema import McpServerConfig
 from capibara_grpc.context import mcp_triggers as triggers
 from capibara_grpc.context.addition import Addition
+from capibara_grpc.telemetry import spans
 
 log = logging.getLogger(__name__)
 # The SDK's HTTP client logs every request at INFO: the idle checks would fill the logs.
@@ -156,8 +157,25 @@ class ServerSession:
             except Exception as exc:  # noqa: BLE001 - any other failure of the check means the session is gone
                 return f"the idle check failed ({_describe(exc)})"
 
+    def _span(self, method: str, target: str, attributes: dict):
+        """The span of one MCP request (OpenTelemetry's MCP conventions: "{method} {target}")."""
+        return spans.span(
+            f"{method} {target}",
+            spans.CLIENT,
+            {"mcp.method.name": method, "capibara.mcp.server": self.name, **attributes},
+        )
+
     async def use(self, use: triggers.Use, arguments: dict | None) -> str:
         """The text of one tool call or resource read; raises on failure or past the timeout."""
+        if use.is_resource:
+            with self._span("resources/read", use.uri, {"mcp.resource.uri": use.uri}):
+                return await self._use(use, arguments)
+        with self._span(
+            "tools/call", use.name, {"gen_ai.tool.name": use.name, "gen_ai.operation.name": "execute_tool"}
+        ):
+            return await self._use(use, arguments)
+
+    async def _use(self, use: triggers.Use, arguments: dict | None) -> str:
         client = self.client
         if client is None:
             raise Unavailable(f"no open session with {self.name}")
@@ -182,6 +200,15 @@ class ServerSession:
     async def call(self, tool: str, arguments: dict) -> tuple[str, bool]:
         """(text, is_error) of a call the model asked for (request mcp_tools): every failure is a
         result the model reads, never an exception."""
+        with self._span(
+            "tools/call", tool[:64], {"gen_ai.tool.name": tool[:64], "gen_ai.operation.name": "execute_tool"}
+        ) as span:
+            text, is_error = await self._call(tool, arguments)
+            if is_error:
+                span.fail(text[:200])
+        return text, is_error
+
+    async def _call(self, tool: str, arguments: dict) -> tuple[str, bool]:
         client = self.client
         if client is None:
             return f"the MCP server {self.name} is not connected", True

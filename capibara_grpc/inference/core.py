@@ -15,10 +15,12 @@ from capibara_grpc import metrics
 from capibara_grpc.chat.request import resolve, validate_messages, validate_params
 from capibara_grpc.chat.types import Finished, Generated, Message, Reasoning, SamplingParams, Token
 from capibara_grpc.config import MeshConfig
+from capibara_grpc.config.schema import url_host_port
 from capibara_grpc.errors import InvalidField
 from capibara_grpc.inference.admission import Admission
 from capibara_grpc.inference.backends import ModelBackend, make_backend
 from capibara_grpc.inference.types import ModelStatus
+from capibara_grpc.telemetry import genai, spans
 from capibara_grpc.upstream.client import Upstream
 
 log = logging.getLogger(__name__)
@@ -96,7 +98,13 @@ class InferenceEngine:
             raise InvalidField("params.tools", f"model '{model_id}' does not take tools (models.{model_id}.tools)")
         async with self.admission[model_id].slot():
             started, first_token, first_reasoning = time.perf_counter(), True, True
-            async for item in backend.generate(messages, params):
+            items = backend.generate(messages, params)
+            if spans.TRACER is not None and spans.current.get() is not None:
+                upstream = backend.upstream
+                host, port = url_host_port(upstream.url)
+                server = f"{host}:{port}"
+                items = genai.traced(backend.model, upstream.model_name, server, messages, params, items)
+            async for item in items:
                 # Time to first token is the answer's; a reasoning model's thinking has its own.
                 if first_token and isinstance(item, Token):
                     metrics.TIME_TO_FIRST_TOKEN.labels(model_id).observe(time.perf_counter() - started)

@@ -14,6 +14,7 @@ from capibara_grpc.config import MeshConfig, RoutesFile
 from capibara_grpc.errors import InvalidArgument
 from capibara_grpc.router.batching import MicroBatcher
 from capibara_grpc.router.classifier import DEFAULT, FitReport, RouteClassifier
+from capibara_grpc.telemetry import spans
 from capibara_grpc.text import normalize
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,21 @@ class Router:
         return await self.batcher.submit(text)
 
     async def route(self, query: str, history: list[str] | None = None) -> RouteDecision:
+        """The route and model for `query`, in a span of its own when traced (telemetry)."""
+        with spans.span("route decision") as span:
+            decision = await self._route(query, history)
+            span.update(
+                {
+                    "capibara.route": decision.route_name,
+                    "capibara.model_id": decision.model_id,
+                    "capibara.route.confidence": decision.confidence,
+                    "capibara.fallback": decision.fallback,
+                    "capibara.route.history_turns": len(history or ()),
+                }
+            )
+        return decision
+
+    async def _route(self, query: str, history: list[str] | None) -> RouteDecision:
         if not query.strip():
             raise InvalidArgument("query must not be empty")
         labels = self.classifier.labels

@@ -30,6 +30,7 @@ import orjson
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.config.schema import ENV_REFERENCE
 from capibara_grpc.errors import BackendRefusedKey, InvalidArgument, ResourceExhausted, Unavailable
+from capibara_grpc.telemetry import spans
 from capibara_grpc.upstream.kinds import DEFAULT_CONTEXT_WINDOW, KINDS, estimated_tokens
 
 # A server whose chats failed this many times in a row within FAILURE_WINDOW_S, with no success
@@ -191,6 +192,14 @@ class Upstream:
             watchdog.cancel()
             response.close()  # closing, not releasing: the connection is dropped
 
+    def _headers(self) -> dict[str, str]:
+        """The request's headers: with the model call's span as `traceparent` when traced
+        (telemetry/genai.py), so that a model server that traces joins the chat's trace."""
+        active = spans.current.get()
+        if active is None:
+            return self.post_headers
+        return {**self.post_headers, spans.TRACEPARENT: active.traceparent}
+
     async def _post(self, url: str, body: dict) -> aiohttp.ClientResponse:
         """POST and return the open 200 response; waiting for it counts towards
         first_token_timeout_s."""
@@ -205,7 +214,7 @@ class Upstream:
                 response = await self.session.post(
                     url,
                     data=orjson.dumps(body),
-                    headers=self.post_headers,
+                    headers=self._headers(),
                     ssl=self.ssl,
                     timeout=aiohttp.ClientTimeout(sock_connect=self.backend.connect_timeout_s),
                 )

@@ -47,6 +47,7 @@ from capibara_grpc.chat.types import (
 )
 from capibara_grpc.config import MeshConfig
 from capibara_grpc.errors import InvalidField, NotFound, StreamError, Unimplemented
+from capibara_grpc.telemetry import spans
 
 log = logging.getLogger(__name__)
 CONTEXT_TIMEOUT_S = 10.0
@@ -183,6 +184,7 @@ class ChatGateway:
         answering = await failover.first_to_answer(order, open_model)
         decision = failover.decided(decision, answering)
         metrics.ROUTING_DECISIONS.labels(decision.route_name, decision.model_id, decision.source).inc()
+        spans.annotate(_decision_attributes(decision))
         async with contextlib.aclosing(answering.stream) as stream:
             if self._remembers(chat):
                 # Stored once the answer has started: a request that fails before that returns an
@@ -221,6 +223,7 @@ class ChatGateway:
     async def _consensus(self, chat: ChatInput, timeout_s: float, started: float) -> AsyncIterator[ChatEvent]:
         """Every model answers, the consensus service combines (vote); the combined answer comes
         as one token delta, since it is only known once all candidates are in."""
+        spans.annotate({"capibara.consensus.strategy": "vote"})
         answer = await self.consensus(chat.message, chat.params, timeout_s)
         yield RoutingDecision(
             answer.chosen_model_id, "consensus", answer.agreement, "consensus", answer.reasoning, scores=answer.scores
@@ -370,10 +373,13 @@ class ChatGateway:
             metrics.CACHE_REQUESTS.labels("bypass", route).inc()
             return None, None
         try:
-            cached, slot = await self.cache.lookup(model_id, params, messages, route)
+            with spans.span("cache lookup", attributes={"capibara.cache.backend": self.cache.settings.backend}) as span:
+                cached, slot = await self.cache.lookup(model_id, params, messages, route)
+                span.set("capibara.cache.hit", cached is not None)
         except Exception:  # noqa: BLE001 - a cache that is down must not fail the chat
             log.exception("response cache lookup failed")
             return None, None
+        spans.annotate({"capibara.cache_hit": cached is not None})
         return (cached, None) if cached else (None, slot)
 
     async def _cache_answer(self, slot: CacheLookup, tokens: list[str], finished: Finished) -> None:
@@ -381,6 +387,19 @@ class ChatGateway:
             await self.cache.store_answer(slot, tokens, finished)
         except Exception:  # noqa: BLE001 - the answer is out; not caching it only costs speed
             log.exception("response cache store failed")
+
+
+def _decision_attributes(decision: RoutingDecision) -> dict:
+    """The routing decision as carried out, on the chat's span (the model call's own span has
+    the gen_ai.* attributes)."""
+    return {
+        "capibara.route": decision.route_name,
+        "capibara.route.confidence": decision.confidence,
+        "capibara.route.source": decision.source,
+        "capibara.model_id": decision.model_id,
+        "capibara.fallback": decision.fallback,
+        "capibara.failed_models": list(decision.failed_models),
+    }
 
 
 def _tool_results(chat: ChatInput) -> list[Message] | None:
