@@ -159,9 +159,10 @@ def cors_policy(origins: list[str]) -> dict:
             "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
             "allow_origin_string_match": [{"exact": origin} for origin in origins],
             "allow_methods": "GET, POST, DELETE, OPTIONS",
-            # The mcp-* and last-event-id ones: MCP clients in a browser (/mcp, Streamable HTTP).
+            # The mcp-* and last-event-id ones: MCP clients in a browser (/mcp, Streamable HTTP);
+            # traceparent and tracestate: a traced page's chat joins its trace (docs/tracing.md).
             "allow_headers": "authorization, x-api-key, content-type, grpc-timeout, x-grpc-web, x-user-agent, x-request-id, "
-            "mcp-protocol-version, mcp-session-id, mcp-method, mcp-name, last-event-id",
+            "traceparent, tracestate, mcp-protocol-version, mcp-session-id, mcp-method, mcp-name, last-event-id",
             "expose_headers": "retry-after, grpc-status, grpc-message, x-request-id, mcp-session-id",
             "max_age": "600",
             # No cookies: the API authenticates with keys in headers.

@@ -42,7 +42,8 @@ def _bootstrap(config: MeshConfig) -> dict:
     edge = config.edge
     cert = config.resolve_path(edge.tls_cert) if edge.tls_cert else state / "tls" / "edge.crt"
     key = config.resolve_path(edge.tls_key) if edge.tls_key else state / "tls" / "edge.key"
-    return envoy_config.build(config, state / "envoy" / "capibara.pb", cert, key)
+    # environ={}: the reference shows the config file's Envoy, whatever OTEL_* this shell has.
+    return envoy_config.build(config, state / "envoy" / "capibara.pb", cert, key, environ={})
 
 
 def render(config_path: pathlib.Path = DEFAULT_CONFIG_PATH) -> str:

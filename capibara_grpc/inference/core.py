@@ -99,7 +99,7 @@ class InferenceEngine:
         async with self.admission[model_id].slot():
             started, first_token, first_reasoning = time.perf_counter(), True, True
             items = backend.generate(messages, params)
-            if spans.TRACER is not None and spans.current.get() is not None:
+            if (parent := spans.current.get()) is not None and parent.recording and spans.TRACER:  # a sampled chat
                 upstream = backend.upstream
                 host, port = url_host_port(upstream.url)
                 server = f"{host}:{port}"

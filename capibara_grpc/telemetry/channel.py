@@ -16,7 +16,7 @@ import asyncio
 
 import grpc
 
-from capibara_grpc.telemetry.spans import CLIENT, TRACEPARENT, Span, start_child
+from capibara_grpc.telemetry.spans import CLIENT, TRACEPARENT, Span, current, start_child
 
 
 def rpc_attributes(method: str) -> dict:
@@ -38,9 +38,13 @@ def _with_parent(metadata, span: Span) -> tuple:
 
 
 def _start(method: str, attributes: dict) -> Span | None:
+    """The call's span; None outside a chat, and the caller's own span (not a new one) in a chat
+    that is not sampled: its `traceparent` still tells the next hop so."""
+    parent = current.get()
+    if parent is None or not parent.recording:
+        return parent
     span = start_child(method.lstrip("/"), CLIENT)
-    if span is not None and span.recording:
-        span.attributes.update(attributes)
+    span.attributes.update(attributes)
     return span
 
 
@@ -67,7 +71,8 @@ class _TracedUnary:
         span = _start(self._method, self._attributes)
         if span is None:
             return self._inner(request, timeout=timeout, metadata=metadata, **options)
-        return _unary(self._inner(request, timeout=timeout, metadata=_with_parent(metadata, span), **options), span)
+        call = self._inner(request, timeout=timeout, metadata=_with_parent(metadata, span), **options)
+        return _unary(call, span) if span.recording else call
 
 
 class _TracedStreamCall:
@@ -117,7 +122,7 @@ class _TracedStream:
         if span is None:
             return self._inner(request, timeout=timeout, metadata=metadata, **options)
         call = self._inner(request, timeout=timeout, metadata=_with_parent(metadata, span), **options)
-        return _TracedStreamCall(call, span)
+        return _TracedStreamCall(call, span) if span.recording else call
 
 
 class TracedChannel:

@@ -202,10 +202,10 @@ class _Current:
 
 
 def span(name: str, kind: int = INTERNAL, attributes: dict | None = None):
-    """A child of the current span for a `with` block; NO_SPAN when tracing is off or there is no
-    current span (work outside any chat is not traced)."""
+    """A child of the current span for a `with` block; NO_SPAN when tracing is off, outside any
+    chat, or in a chat that is not sampled."""
     parent = current.get()
-    if TRACER is None or parent is None:
+    if parent is None or not parent.recording or TRACER is None:
         return NO_SPAN
     child = TRACER.start(name, kind, parent)
     if attributes and child.recording:
@@ -228,6 +228,12 @@ def trace_ids() -> tuple[str, str] | None:
     if active is None:
         return None
     return f"{active.trace_id:032x}", f"{active.span_id:016x}"
+
+
+def recording() -> bool:
+    """Whether the current span records: worth building attributes for."""
+    active = current.get()
+    return active is not None and active.recording
 
 
 def annotate(attributes: dict) -> None:

@@ -184,7 +184,8 @@ class ChatGateway:
         answering = await failover.first_to_answer(order, open_model)
         decision = failover.decided(decision, answering)
         metrics.ROUTING_DECISIONS.labels(decision.route_name, decision.model_id, decision.source).inc()
-        spans.annotate(_decision_attributes(decision))
+        if spans.recording():
+            spans.annotate(_decision_attributes(decision))
         async with contextlib.aclosing(answering.stream) as stream:
             if self._remembers(chat):
                 # Stored once the answer has started: a request that fails before that returns an
@@ -379,7 +380,8 @@ class ChatGateway:
         except Exception:  # noqa: BLE001 - a cache that is down must not fail the chat
             log.exception("response cache lookup failed")
             return None, None
-        spans.annotate({"capibara.cache_hit": cached is not None})
+        if spans.recording():
+            spans.annotate({"capibara.cache_hit": cached is not None})
         return (cached, None) if cached else (None, slot)
 
     async def _cache_answer(self, slot: CacheLookup, tokens: list[str], finished: Finished) -> None:
