@@ -7,6 +7,9 @@ IMAGE = "ghcr.io/capibara-mesh/capibara:latest"  # built from deploy/Dockerfile
 ENVOY_IMAGE = "envoyproxy/envoy:v1.40-latest"
 LLAMA_IMAGE = "ghcr.io/ggml-org/llama.cpp:server"
 VLLM_IMAGE = "vllm/vllm-openai:latest"
+# Traces (tracing_objects.py): pinned, since a collector's config keys change between releases.
+COLLECTOR_IMAGE = "otel/opentelemetry-collector-contrib:0.150.1"
+JAEGER_IMAGE = "jaegertracing/jaeger:2.17.0"  # Jaeger v2: one binary, OTLP in, UI on 16686
 CONFIG_PATH = "/etc/capibara/capibara.yaml"
 KEYS_PATH = "/etc/capibara/api-keys/keys"
 MODEL_PORT = 8080
