@@ -48,7 +48,7 @@ class SpanExporter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._channel: grpc.aio.Channel | None = None
-        self._export = None
+        self._send = None  # the collector's Export method
         self._heads: dict[str, tuple[bytes, bytes]] = {}
         # One instance id per process: every service's spans from here share it.
         self._instance = str(uuid.uuid4())
@@ -72,7 +72,7 @@ class SpanExporter:
         else:
             self._channel = grpc.aio.insecure_channel(settings.target)
         # The request is already bytes (wire.py): sent as they are.
-        self._export = self._channel.unary_unary(
+        self._send = self._channel.unary_unary(
             EXPORT_METHOD,
             request_serializer=None,
             response_deserializer=trace_service_pb2.ExportTraceServiceResponse.FromString,
@@ -87,7 +87,11 @@ class SpanExporter:
             except TimeoutError:
                 pass
             self._wake.clear()
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # noqa: BLE001 - the exporter must outlive a bug in one batch
+                log.exception("span export failed")
+                self.pending.clear()
 
     async def flush(self) -> None:
         """Send everything waiting, a batch at a time."""
@@ -99,7 +103,7 @@ class SpanExporter:
     async def _export(self, batch: list) -> None:
         try:
             request = self.encode(batch)
-            await self._export(
+            await self._send(
                 request, timeout=self.settings.export_timeout_ms / 1000, metadata=self.settings.headers or None
             )
         except asyncio.CancelledError:
