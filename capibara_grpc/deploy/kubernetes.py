@@ -184,6 +184,7 @@ def _envoy(config: MeshConfig, pods: MeshConfig) -> list[dict]:
         keys_file=KEYS_PATH,
         addresses=dns,
         bind_all=True,
+        environ={},  # the manifests follow the config, never the OTEL_* of the shell that generates them
     )
     _point_static_files_at(bootstrap)
     ports = [("edge", pods.edge.port), ("mesh", pods.edge.mesh_port)]

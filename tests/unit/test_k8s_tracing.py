@@ -162,3 +162,11 @@ def test_the_collector_and_jaeger_manifests_say_how_to_open_them(config):
     for text in (jaeger, collector):
         assert all(doc["kind"] for doc in yaml.safe_load_all(text))  # the notes are comments
     assert tracing_objects.NOTES.keys() <= rendered.keys()
+
+
+def test_the_manifests_do_not_depend_on_the_generating_shells_otel_variables(config, monkeypatch):
+    before = kubernetes.render(config)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://elsewhere:4317")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "shell")
+    assert kubernetes.render(config) == before
