@@ -192,7 +192,7 @@ def test_a_streamed_chat_span_ends_after_its_last_token(mesh, receiver):
         extra_headers={"traceparent": header},
     )
     arrivals = [time.time_ns() for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
-    assert len(arrivals) >= 5
+    assert len(arrivals) >= 3
     spans = _complete_trace(receiver, trace_id)
     (generate,) = [s for s in spans if s.name.endswith("InferenceService/Generate") and s.kind == "SERVER"]
     (model_call,) = _model_calls(spans)
