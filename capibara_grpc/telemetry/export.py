@@ -44,7 +44,7 @@ class SpanExporter:
 
     def __init__(self, settings: TracingSettings):
         self.settings = settings
-        self.pending: list = []
+        self.pending: list[tuple[str, bytes]] = []  # (service, encoded span)
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._channel: grpc.aio.Channel | None = None
@@ -57,11 +57,14 @@ class SpanExporter:
         self._logged_failure_at = -FAILURE_LOG_INTERVAL_S
 
     def add(self, span) -> None:
+        """A finished span, encoded at once: waiting as bytes (which the garbage collector never
+        scans), not as objects, it costs the process nothing until it leaves. Measured: thousands
+        of waiting span objects made every collection slower, about 40 us a chat at 100 %."""
         pending = self.pending
         if len(pending) >= self.settings.max_queue_size:
             metrics.TRACE_SPANS.labels("dropped").inc()
             return
-        pending.append(span)
+        pending.append((span.service, wire.span(span)))
         if len(pending) == self.settings.max_export_batch_size:
             self._wake.set()
 
@@ -123,12 +126,12 @@ class SpanExporter:
             return
         metrics.TRACE_SPANS.labels("exported").inc(len(batch))
 
-    def encode(self, batch: list) -> bytes:
-        """An ExportTraceServiceRequest: one ResourceSpans per service, each with its own
-        service.name."""
+    def encode(self, batch: list[tuple[str, bytes]]) -> bytes:
+        """An ExportTraceServiceRequest of (service, encoded span) pairs: one ResourceSpans per
+        service, each with its own service.name."""
         by_service: dict[str, list[bytes]] = {}
-        for span in batch:
-            by_service.setdefault(span.service, []).append(wire.span(span))
+        for service, encoded in batch:
+            by_service.setdefault(service, []).append(encoded)
         return wire.export_request([(self._head(service), spans) for service, spans in by_service.items()])
 
     def _head(self, service: str) -> tuple[bytes, bytes]:

@@ -48,7 +48,9 @@ def test_spans_parse_back_with_the_collectors_own_messages():
         "chat phi", 0, "inference", **{"gen_ai.usage.input_tokens": 20, "gen_ai.response.finish_reasons": ["stop"]}
     )
     root.kind = spans.CLIENT
-    request = ExportTraceServiceRequest.FromString(exporter.encode([chat, root, chat]))
+    request = ExportTraceServiceRequest.FromString(
+        exporter.encode([(s.service, wire.span(s)) for s in (chat, root, chat)])
+    )
 
     by_service = {}
     for resource_spans in request.resource_spans:
