@@ -33,7 +33,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from benchmarks.peers import CHAT_TOKENS, IN_FLIGHT, chat_body, load_average, mesh_models, mock_upstream
-from benchmarks.peers_load import wrk
+from benchmarks.peers_load import tree_cpu, wrk
 from benchmarks.peers_report import check_answer
 from tests.support.mesh import mesh_config, running_mesh
 
@@ -60,7 +60,12 @@ def sink():
 
 def spans_received(process) -> int:
     process.send_signal(signal.SIGUSR1)
-    return int(process.stdout.readline().split()[1])
+    line = process.stdout.readline().split()
+    REQUESTS.append(int(line[3]))
+    return int(line[1])
+
+
+REQUESTS: list[int] = []
 
 
 @contextlib.contextmanager
@@ -90,6 +95,7 @@ def main() -> None:
     load_before, started = load_average(), time.time()
     rows: dict[str, list] = {name: [] for name in SETTINGS}
     spans: dict[str, list[float]] = {name: [] for name in SETTINGS}
+    sink_cpu: dict[str, list[float]] = {name: [] for name in SETTINGS}
     with tempfile.TemporaryDirectory(prefix="tracing-") as tmp, mock_upstream(), sink() as collector:
         directory = pathlib.Path(tmp)
         with contextlib.ExitStack() as stack:
@@ -104,10 +110,12 @@ def main() -> None:
             for _ in range(args.rounds):
                 for name, url in urls.items():
                     before = spans_received(collector)
+                    sink_before = sum(cpu for _, cpu in tree_cpu([collector.pid]).values())
                     result = wrk(
                         url, chat_body(), directory, args.seconds, IN_FLIGHT, cpu_of=[meshes[name].process.pid]
                     )
                     time.sleep(1.5)  # the round's last batch reaches the collector
+                    sink_cpu[name].append((sum(c for _, c in tree_cpu([collector.pid]).values()) - sink_before) / result.requests * 1e6)
                     rows[name].append(result)
                     spans[name].append((spans_received(collector) - before) / max(result.requests, 1))
     print(
@@ -129,6 +137,8 @@ def main() -> None:
             f"{cpu[name] - envoy:>9,.0f} {envoy:>6,.0f} {statistics.mean(r.rps for r in results):>8,.0f} {sum(r.errors for r in results):>7} "
             f"{statistics.mean(spans[name]):>11.2f}"
         )
+    print("exports received, running total:", REQUESTS)
+    print("the collector's own CPU per chat (not counted above): " + ", ".join(f"{n} {statistics.mean(v):,.0f} us" for n, v in sink_cpu.items()))
     for name in ("1 %", "100 %"):
         print(f"{name} over off: {100 * (cpu[name] / cpu['off'] - 1):+.1f} %")
     extra = cpu["100 %"] / cpu["off"] - 1

@@ -10,6 +10,7 @@ which builds the servicers and calls `servers.serve(...)`. This module imports n
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import typing
 from contextlib import AsyncExitStack
@@ -106,6 +107,11 @@ class MeshServers:
             # Dependencies first, so the gateway's first call finds inference and router listening.
             for service in services.start_order(self.services):
                 await services.start_function(service)(self)
+            # What startup made (modules, the router's model, the config) lives as long as the
+            # process: out of the garbage collector's way, a full collection no longer walks it
+            # (hundreds of ms with the router's torch loaded, every few thousand chats: measured
+            # in benchmarks/tracing_cost.py's runs, where spans made them more frequent).
+            gc.freeze()
         except BaseException:
             await self.stop()
             raise
@@ -127,10 +133,12 @@ class MeshServers:
         """A channel to another service, closed when these services stop: in this process when
         it runs here (services.local_calls), else over gRPC (internal_channel)."""
         channel = internal_channel(self.config, service)
-        if self.config.services.local_calls and service in self.services:
-            channel = LocalChannel(self.local_methods, channel)
-        if spans.TRACER is not None:
+        if spans.TRACER is not None:  # a CLIENT span for each call over the network
             channel = TracedChannel(channel)
+        if self.config.services.local_calls and service in self.services:
+            # A call in this process is a function call, not a gRPC one: no CLIENT span; the
+            # called service's SERVER span is the child of the caller's (telemetry/server_spans.py).
+            channel = LocalChannel(self.local_methods, channel)
         self.on_stop(channel.close)
         return channel
 

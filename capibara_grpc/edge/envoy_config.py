@@ -398,9 +398,10 @@ def build(
 #   sampled callers, and a client's own x-request-id that is no UUID drops its request. So it is not
 #   used (every request "traced", random_sampling unread) and the OpenTelemetry sampler decides:
 #   parent_based(trace_id_ratio_based), a caller's sampled flag honoured, is parentbased_traceidratio.
-# - Envoy's span is the child of the traceparent's (same trace id). With spawn_upstream_span, each
-#   attempt upstream is a CLIENT span under that SERVER span, and the traceparent sent upstream names
-#   it; tracestate passes on.
+# - Envoy's span is the child of the traceparent's (same trace id), and the traceparent sent
+#   upstream names it; tracestate passes on. No CLIENT span per attempt upstream
+#   (spawn_upstream_span): the gateway's SERVER span times the same call, and a second Envoy span a
+#   chat cost ~25 us of Envoy's CPU (benchmarks/tracing_cost.py).
 # - Finished spans wait in each worker until `tracing.opentelemetry.min_flush_spans` wait or every
 #   `tracing.opentelemetry.flush_interval_ms` (runtime keys, default 5 and 5000; not
 #   stats_flush_interval): OTEL_BSP_MAX_EXPORT_BATCH_SIZE and OTEL_BSP_SCHEDULE_DELAY set them.
@@ -478,10 +479,9 @@ def _tracing(settings: TracingSettings, listener: str) -> dict:
     the gateway may decide differently for one chat; the parentbased_* samplers never do.)"""
     return {
         "random_sampling": {"value": 100},  # unread (see above); the sampler decides
-        "spawn_upstream_span": True,
+        "spawn_upstream_span": False,
         # Formatted when the span ends: by then a REST call's path is its gRPC method's.
         "operation": "%REQ(:METHOD)% %PATH(NQ:PATH)%",
-        "upstream_operation": "%UPSTREAM_CLUSTER% %PATH(NQ:PATH)%",
         "provider": {
             "name": _OTEL,
             "typed_config": {

@@ -1,7 +1,8 @@
 """The SERVER span of each call a service of the mesh serves, made by the error mapping
 (errors.py) around every handler, network or local: its parent is the caller's `traceparent`
-metadata (Envoy's span, or the calling service's client span), and it is the current span while
-the handler runs, so everything the handler does becomes its child."""
+metadata (Envoy's span, or the calling service's CLIENT span) or, for a call from a service in
+the same process, the caller's own span; it is the current span while the handler runs, so
+everything the handler does becomes its child."""
 
 from __future__ import annotations
 
@@ -35,7 +36,10 @@ def begin(method: str, metadata) -> ServerCall | None:
     tracer = spans.TRACER
     if tracer is None or not method.startswith("/capibara."):
         return None
-    parent = None
+    # A call over the network names its parent in `traceparent`; a local call (local_calls.py)
+    # runs in its caller's context, where the caller's span is current.
+    previous = spans.current.get()
+    parent = previous
     for key, value in metadata or ():
         if key == spans.TRACEPARENT:
             parent = spans.parse_traceparent(value if isinstance(value, str) else value.decode())
@@ -47,6 +51,5 @@ def begin(method: str, metadata) -> ServerCall | None:
         if attributes is None:
             attributes = _ATTRIBUTES[method] = rpc_attributes(method)
         span.attributes.update(attributes)
-    previous = spans.current.get()
     spans.current.set(span)
     return ServerCall(span, previous)

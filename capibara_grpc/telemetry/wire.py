@@ -21,11 +21,14 @@ _attribute_cache: dict[tuple, bytes] = {}
 _name_cache: dict[str, bytes] = {}
 
 
+_SMALL = [bytes((n,)) for n in range(0x80)]
+
+
 def varint(value: int) -> bytes:
+    if 0 <= value < 0x80:
+        return _SMALL[value]
     if value < 0:
         value &= 0xFFFFFFFFFFFFFFFF  # int64 on the wire: two's complement, 10 bytes
-    if value < 0x80:
-        return bytes((value,))
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -36,6 +39,8 @@ def varint(value: int) -> bytes:
 
 def field(number: int, payload: bytes) -> bytes:
     """A length-delimited field (a string, bytes or a message)."""
+    if number < 16 and len(payload) < 0x80:  # one byte of tag, one of length: most fields
+        return bytes((number << 3 | 2, len(payload))) + payload
     return varint(number << 3 | 2) + varint(len(payload)) + payload
 
 
@@ -60,9 +65,12 @@ def key_value(key: str, value) -> bytes:
 
 
 def attribute(number: int, key: str, value) -> bytes:
-    """A KeyValue as field `number` of its message; strings and bools are written once."""
-    if isinstance(value, (str, bool)):
-        cache_key = (number, key, value)
+    """A KeyValue as field `number` of its message; a value seen before is not written again
+    (type in the key: True and 1 are different attributes)."""
+    if isinstance(value, (str, bool, int, float)) or (
+        isinstance(value, list) and len(value) == 1 and isinstance(value[0], str)
+    ):
+        cache_key = (number, key, type(value), value if not isinstance(value, list) else tuple(value))
         cached = _attribute_cache.get(cache_key)
         if cached is None:
             cached = field(number, key_value(key, value))

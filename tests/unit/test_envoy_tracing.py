@@ -89,7 +89,7 @@ def test_on_every_listener_traces_to_the_collector():
         assert config["grpc_service"]["timeout"] == "30s"  # OTEL_BSP_EXPORT_TIMEOUT's default
         assert config["max_cache_size"] == 2048  # OTEL_BSP_MAX_QUEUE_SIZE's
         # Envoy's own x-request-id based decision is not used: the sampler decides alone.
-        assert hcm["tracing"]["spawn_upstream_span"] is True
+        assert hcm["tracing"]["spawn_upstream_span"] is False  # one span a hop: the service's times the call
         assert hcm["tracing"]["random_sampling"] == {"value": 100}
         assert hcm["request_id_extension"]["typed_config"]["use_request_id_for_trace_sampling"] is False
     collector = clusters(bootstrap)[COLLECTOR_CLUSTER]
