@@ -96,7 +96,7 @@ def client_interceptors() -> list:
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, request id and trace and span ids (when
-    there are), message."""
+    there are: a chat that is sampled, whose trace exists), message."""
 
     def format(self, record: logging.LogRecord) -> str:
         # `capibara up` writes each record to stderr and to its log file: as JSON to both, it is
@@ -116,7 +116,7 @@ class JsonFormatter(logging.Formatter):
         if request_id:
             entry["request_id"] = request_id
         active = current_span.get()
-        if active is not None:  # the line leads to its trace (docs/tracing.md)
+        if active is not None and active.recording:  # the line leads to its trace (docs/tracing.md)
             entry["trace_id"] = f"{active.trace_id:032x}"
             entry["span_id"] = f"{active.span_id:016x}"
         entry["message"] = record.getMessage()
@@ -138,7 +138,7 @@ class TextFormatter(logging.Formatter):
         if request_id:
             extras.append(f"request_id={request_id}")
         active = current_span.get()
-        if active is not None:
+        if active is not None and active.recording:
             extras.append(f"trace_id={active.trace_id:032x}")
         line = " ".join([stamp, f"{record.levelname:<7}", f"{record.name}:", message, *extras])
         if record.exc_info:

@@ -27,9 +27,10 @@ def rpc_attributes(method: str) -> dict:
 
 def end_rpc_span(span: Span, code: grpc.StatusCode, details: str = "") -> None:
     """A call's span ends with its status (rpc.grpc.status_code; an error status unless OK)."""
-    span.set("rpc.grpc.status_code", code.value[0])
-    if code is not grpc.StatusCode.OK:
-        span.fail(f"{code.name}: {details}" if details else code.name)
+    if span.recording:
+        span.attributes["rpc.grpc.status_code"] = code.value[0]
+        if code is not grpc.StatusCode.OK:
+            span.fail(f"{code.name}: {details}" if details else code.name)
     span.end()
 
 

@@ -12,6 +12,7 @@ from capibara_grpc.telemetry import spans
 from capibara_grpc.telemetry.channel import end_rpc_span, rpc_attributes
 
 _ATTRIBUTES: dict[str, dict] = {}
+_CODES = {code.name: code for code in grpc.StatusCode}
 
 
 class ServerCall:
@@ -27,7 +28,7 @@ class ServerCall:
         spans.current.set(self.previous)
         if key_id:
             self.span.set("capibara.api_key.id", key_id)
-        end_rpc_span(self.span, grpc.StatusCode[code], details)
+        end_rpc_span(self.span, _CODES[code], details)
 
 
 def begin(method: str, metadata) -> ServerCall | None:
@@ -44,6 +45,9 @@ def begin(method: str, metadata) -> ServerCall | None:
         if key == spans.TRACEPARENT:
             parent = spans.parse_traceparent(value if isinstance(value, str) else value.decode())
             break
+    else:
+        if previous is not None and not previous.recording:
+            return None  # a local call in a chat that is not sampled: its caller's span will do
     service = method[10 : method.index(".", 10)]
     span = tracer.start(method[1:], spans.SERVER, parent, service)
     if span.recording:
