@@ -115,7 +115,9 @@ def main() -> None:
                         url, chat_body(), directory, args.seconds, IN_FLIGHT, cpu_of=[meshes[name].process.pid]
                     )
                     time.sleep(1.5)  # the round's last batch reaches the collector
-                    sink_cpu[name].append((sum(c for _, c in tree_cpu([collector.pid]).values()) - sink_before) / result.requests * 1e6)
+                    sink_cpu[name].append(
+                        (sum(c for _, c in tree_cpu([collector.pid]).values()) - sink_before) / result.requests * 1e6
+                    )
                     rows[name].append(result)
                     spans[name].append((spans_received(collector) - before) / max(result.requests, 1))
     print(
@@ -138,7 +140,10 @@ def main() -> None:
             f"{statistics.mean(spans[name]):>11.2f}"
         )
     print("exports received, running total:", REQUESTS)
-    print("the collector's own CPU per chat (not counted above): " + ", ".join(f"{n} {statistics.mean(v):,.0f} us" for n, v in sink_cpu.items()))
+    print(
+        "the collector's own CPU per chat (not counted above): "
+        + ", ".join(f"{n} {statistics.mean(v):,.0f} us" for n, v in sink_cpu.items())
+    )
     for name in ("1 %", "100 %"):
         print(f"{name} over off: {100 * (cpu[name] / cpu['off'] - 1):+.1f} %")
     extra = cpu["100 %"] / cpu["off"] - 1
