@@ -245,3 +245,36 @@ def test_without_an_endpoint_nothing_is_exported(tmp_path, upstreams):
             time.sleep(1.0)  # longer than a batch would wait, were spans made
         assert "opentelemetry" not in envoy_yaml and "trace_id" not in logs
         assert default_port.spans == []
+
+
+def test_split_processes_join_one_trace_over_grpc(tmp_path, upstreams, receiver):
+    """`capibara up --split`: each service in its own process, calling the others over gRPC
+    through Envoy's mesh listener. The gateway's calls are CLIENT spans whose traceparent makes
+    them the parents of the other processes' SERVER spans; each process has its own resource."""
+    models = {"gpt-oss-20b": _model(upstreams["one"], "model-one")}
+    tracing = {"endpoint": receiver.endpoint, "schedule_delay_ms": 200}
+    with running_mesh(tmp_path, BASE + 400, models, router=False, split=True, tracing=tracing) as split:
+        header, trace_id, _ = _traceparent()
+        _client(split).chat.completions.create(
+            model="gpt-oss-20b",
+            messages=[{"role": "user", "content": "Hello"}],
+            max_tokens=4,
+            extra_headers={"traceparent": header},
+        )
+        spans = _complete_trace(receiver, trace_id)
+        receiver.wait_for(lambda _: sum(s.service == "capibara-envoy" for s in receiver.trace(trace_id)) >= 2, 10)
+        spans = receiver.trace(trace_id)
+    by_id = {s.span_id: s for s in spans}
+    (generate,) = [s for s in spans if s.service == "capibara-inference" and s.kind == "SERVER"]
+    # inference's SERVER span <- Envoy's mesh listener <- the gateway's CLIENT span for Generate
+    envoy_hop = by_id[generate.parent_span_id]
+    assert envoy_hop.service == "capibara-envoy"
+    client = by_id[envoy_hop.parent_span_id]
+    assert (client.service, client.kind, client.name) == (
+        "capibara-gateway",
+        "CLIENT",
+        "capibara.inference.v1.InferenceService/Generate",
+    )
+    pids = {s.service: s.resource["process.pid"] for s in spans if "process.pid" in s.resource}
+    assert pids["capibara-gateway"] != pids["capibara-inference"] != pids["capibara-context"]
+    assert len(_model_calls(spans)) == 1
