@@ -1,5 +1,6 @@
-"""The `capibara` command: up, serve, chat, mcp, check, envoy-config and the generators (protoset, k8s,
-openapi, config-docs). Every command takes `--config FILE`, before or after its name."""
+"""The `capibara` command: up, serve, chat, mcp, check, envoy-config, traces (a terminal trace
+viewer) and the generators (protoset, k8s, openapi, config-docs). Every command takes `--config
+FILE`, before or after its name."""
 
 from __future__ import annotations
 
