@@ -3,11 +3,16 @@ service in its own process (`--split`, or speech under Coqui's environment), and
 
 from __future__ import annotations
 
+import os
 import pathlib
+import socket
 import sys
+import typing
+import uuid
 
 from capibara_grpc.config import MeshConfig, ModelConfig, resolve_model_file, url_host_port
 from capibara_grpc.supervision.install_check import llama_server_binary, venv_binary
+from capibara_grpc.telemetry.settings import resolve as resolve_tracing
 
 # The model's own chat template (--jinja), and a reasoning model's thinking parsed out of the
 # answer into `reasoning_content` (gpt-oss' harmony channels, DeepSeek's <think>): the mesh chats
@@ -70,3 +75,19 @@ def envoy_argv(envoy_yaml: pathlib.Path) -> list[str]:
         "warn",
         "--disable-hot-restart",
     ]
+
+
+def envoy_env(config: MeshConfig, environ: typing.Mapping[str, str] | None = None) -> dict[str, str] | None:
+    """What Envoy's environment adds to capibara up's (None: nothing). With tracing on, Envoy's
+    tracer reads OTEL_RESOURCE_ATTRIBUTES (its `environment` resource detector, edge/tracing.py)
+    and logs "Failed to detect resource attributes from the environment" when it starts while the
+    variable is unset. So Envoy gets it, naming its instance (made here, at launch) and host as the
+    services' resources do: the value already set, plus whichever of the two keys it lacks."""
+    environ = os.environ if environ is None else environ
+    if not resolve_tracing(config.tracing, environ).enabled:
+        return None
+    current = environ.get("OTEL_RESOURCE_ATTRIBUTES", "").strip().strip(",")
+    keys = {item.partition("=")[0].strip() for item in current.split(",")}
+    ours = {"service.instance.id": str(uuid.uuid4()), "host.name": socket.gethostname()}
+    added = [f"{key}={value}" for key, value in ours.items() if key not in keys]
+    return {"OTEL_RESOURCE_ATTRIBUTES": ",".join([current, *added] if current else added)}

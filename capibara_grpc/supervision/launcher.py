@@ -37,6 +37,7 @@ from capibara_grpc.supervision.install_check import MissingBinary
 from capibara_grpc.supervision.launch_commands import (
     StartupError,
     envoy_argv,
+    envoy_env,
     llama_server_argv,
     service_argv,
     speech_in_own_process,
@@ -193,6 +194,7 @@ class Mesh:
                 "envoy",
                 envoy_argv(envoy_yaml),
                 self.logs / "envoy.log",
+                env=envoy_env(self.config),
                 role="Envoy, the mesh's front door",
                 ports=self._envoy_ports(),
                 nice=self.config.supervision.mesh_nice,
