@@ -6,16 +6,21 @@ collector's cluster, with the settings' service name, sampler and batching, and 
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
+import socket
 import subprocess
 import sys
+import uuid
 
 import yaml
 
 from capibara_grpc.config import parse_config
 from capibara_grpc.edge import descriptor, envoy_config
+from capibara_grpc.edge import tracing as envoy_tracing
 from capibara_grpc.edge.clusters import COLLECTOR_CLUSTER
 from capibara_grpc.edge.tls import ensure_certificate
+from capibara_grpc.supervision.launch_commands import envoy_env
 
 HCM = "envoy.filters.network.http_connection_manager"
 ENDPOINT = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector.example:4317"}
@@ -211,12 +216,12 @@ def test_no_exporter_header_reaches_envoys_config(caplog, monkeypatch):
     """Headers are often a hosted backend's key: never written into Envoy's files. Envoy then does
     not trace (a backend that needs them would refuse its spans, leaving holes in every trace), and
     says so once, naming the headers but no value."""
-    envoy_config._warn_headers.cache_clear()  # "once" per process: this test's renders count
+    envoy_tracing._warn_headers.cache_clear()  # "once" per process: this test's renders count
     monkeypatch.setenv("TRACE_KEY", "s3cr3t-file")  # the file's ${TRACE_KEY} is checked as it loads
     off = render({})
     from_env = {**ENDPOINT, "OTEL_EXPORTER_OTLP_HEADERS": "x-honeycomb-team=s3cr3t-env,other=v%20two"}
     from_file = {"endpoint": "https://api.example.com", "headers": {"authorization": "Bearer ${TRACE_KEY}"}}
-    with caplog.at_level(logging.WARNING, logger=envoy_config.__name__):
+    with caplog.at_level(logging.WARNING, logger=envoy_tracing.__name__):
         for bootstrap in (
             render(from_env),
             render(from_env),
@@ -231,9 +236,26 @@ def test_no_exporter_header_reaches_envoys_config(caplog, monkeypatch):
     assert not any("s3cr3t" in w or "Bearer" in w for w in warnings)
 
 
+def test_capibara_up_gives_envoy_its_resource_attributes():
+    """With tracing on, Envoy's environment has OTEL_RESOURCE_ATTRIBUTES (read by its tracer's
+    `environment` detector, which warns while it is unset): an instance id and the host, added to
+    the value already set without overriding it. With tracing off Envoy's environment is untouched."""
+    config = mesh_config()
+    assert envoy_env(config, {}) is None
+    assert envoy_env(config, {"OTEL_SDK_DISABLED": "true", **ENDPOINT}) is None
+    attributes = dict(pair.split("=") for pair in envoy_env(config, ENDPOINT)["OTEL_RESOURCE_ATTRIBUTES"].split(","))
+    assert sorted(attributes) == ["host.name", "service.instance.id"]
+    assert attributes["host.name"] == socket.gethostname() and uuid.UUID(attributes["service.instance.id"])
+    own = {**ENDPOINT, "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=staging,host.name=pod-7"}
+    value = envoy_env(config, own)["OTEL_RESOURCE_ATTRIBUTES"]
+    assert value.startswith("deployment.environment=staging,host.name=pod-7,service.instance.id=")
+    assert value.count(",") == 2
+
+
 def test_envoy_accepts_the_rendered_config(tmp_path):
     """Envoy 1.40 itself checks the rendered file (`--mode validate`: nothing listens), plaintext
-    and TLS to the collector, a name and an address."""
+    and TLS to the collector, a name and an address; in the environment capibara up gives it, its
+    tracer's resource detectors find what they look for (no warning)."""
     config = mesh_config()
     config.state_dir = str(tmp_path / "state")
     cert, key = ensure_certificate(config)
@@ -246,7 +268,9 @@ def test_envoy_accepts_the_rendered_config(tmp_path):
         assert "tracing" in managers(bootstrap)["edge"]
         rendered = tmp_path / f"envoy-{i}.yaml"
         rendered.write_text(yaml.safe_dump(bootstrap, sort_keys=False, width=120))
+        env = {k: v for k, v in os.environ.items() if k != "OTEL_RESOURCE_ATTRIBUTES"} | envoy_env(config, environ)
         result = subprocess.run(
-            [str(envoy), "--mode", "validate", "-c", str(rendered)], capture_output=True, text=True, timeout=60
+            [str(envoy), "--mode", "validate", "-c", str(rendered)], capture_output=True, text=True, timeout=60, env=env
         )
         assert result.returncode == 0, (endpoint, result.stderr[-3000:])
+        assert "Failed to detect resource attributes" not in result.stdout + result.stderr
