@@ -206,6 +206,28 @@ def test_a_streamed_chat_span_ends_after_its_last_token(mesh, receiver):
     assert model_call.end_unix_nano - model_call.start_unix_nano >= (len(arrivals) - 1) * TOKEN_DELAY_S * 1e9 * 0.9
 
 
+def test_a_consensus_chat_is_one_trace_with_a_model_call_per_model(mesh, receiver):
+    header, trace_id, _ = _traceparent()
+    answer = _client(mesh).chat.completions.create(
+        model="consensus",
+        messages=[{"role": "user", "content": "Is the sky blue?"}],
+        max_tokens=6,
+        extra_headers={"traceparent": header},
+    )
+    assert answer.choices[0].message.content
+    spans = _complete_trace(receiver, trace_id, model_calls=3)
+    (decide,) = [s for s in spans if s.service == "capibara-consensus" and s.kind == "SERVER"]
+    assert decide.attributes["capibara.consensus.strategy"] == "vote"
+    calls = _model_calls(spans)
+    assert sorted(c.attributes["capibara.model_id"] for c in calls) == ["gpt-oss-20b", "mixtral", "phi"]
+    by_id = {s.span_id: s for s in spans}
+    for call in calls:  # model call <- inference's Generate <- consensus' Decide
+        generate = by_id[call.parent_span_id]
+        assert generate.name.endswith("InferenceService/Generate") and generate.parent_span_id == decide.span_id
+    chat = [s for s in spans if s.service == "capibara-gateway" and s.kind == "SERVER"]
+    assert chat[0].attributes["capibara.consensus.strategy"] == "vote" and decide.parent_span_id == chat[0].span_id
+
+
 def test_the_services_logs_carry_the_trace_id(mesh, receiver):
     header, trace_id, _ = _traceparent()
     _client(mesh).chat.completions.create(

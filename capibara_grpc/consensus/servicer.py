@@ -17,6 +17,7 @@ from capibara_grpc.consensus.core import (
 from capibara_grpc.errors import StreamError, remaining_s
 from capibara_grpc.stubs import consensus_pb2 as pb
 from capibara_grpc.stubs import consensus_pb2_grpc, inference_pb2
+from capibara_grpc.telemetry import spans
 
 STRATEGY_FROM_PB = {
     pb.STRATEGY_UNSPECIFIED: "vote",
@@ -35,10 +36,13 @@ def request_from_pb(request, context) -> Request:
     params = chat_convert.params_from_pb(request.params)
     if not tracing.validated(context.invocation_metadata()):
         validate_params(params)
+    strategy = STRATEGY_FROM_PB.get(request.strategy, f"#{request.strategy}")
+    if spans.recording():  # on the call's span (telemetry): which strategy, over which models
+        spans.annotate({"capibara.consensus.strategy": strategy, "capibara.consensus.models": list(request.models)})
     return Request(
         prompt=request.prompt,
         models=list(request.models),
-        strategy=STRATEGY_FROM_PB.get(request.strategy, f"#{request.strategy}"),
+        strategy=strategy,
         quorum=request.quorum,
         per_model_timeout_s=request.per_model_timeout_ms / 1000,
         params=params,
