@@ -78,7 +78,8 @@ def _sampler(settings: TracingSettings, follow_parent: bool) -> dict:
 def _resource(settings: TracingSettings) -> list[dict]:
     """The detectors of Envoy's resource (service.name is the tracer's own): the file's attributes
     and OTEL_RESOURCE_ATTRIBUTES as resolved here, then the variable as Envoy's own process has it
-    (a pod's, say), which wins. While it is unset, Envoy logs a warning when it starts."""
+    (a pod's, say), which wins. While it is unset, Envoy logs a warning when it starts (capibara up
+    sets it: launch_commands.envoy_env)."""
     try:
         version = metadata.version("capibara-mesh")
     except metadata.PackageNotFoundError:
