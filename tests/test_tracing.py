@@ -73,6 +73,19 @@ def _traceparent() -> tuple[str, str, str]:
     return f"00-{trace_id}-{span_id}-01", trace_id, span_id
 
 
+def _traced_chat(mesh, model: str, content: str, max_tokens: int, **options):
+    """(the answer, its trace id, the caller's span id) of one /v1 chat sent with a traceparent."""
+    header, trace_id, caller_span = _traceparent()
+    answer = _client(mesh).chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": content}],
+        max_tokens=max_tokens,
+        extra_headers={"traceparent": header},
+        **options,
+    )
+    return answer, trace_id, caller_span
+
+
 def _model_calls(spans):
     return [s for s in spans if "gen_ai.operation.name" in s.attributes]
 
@@ -94,12 +107,8 @@ def _complete_trace(receiver, trace_id: str, model_calls: int = 1):
 
 
 def test_a_chat_with_a_traceparent_is_one_trace_from_envoy_to_the_model_call(mesh, receiver):
-    header, trace_id, caller_span = _traceparent()
-    answer = _client(mesh).chat.completions.create(
-        model="auto",
-        messages=[{"role": "user", "content": "Write a Python function that reverses a linked list."}],
-        max_tokens=12,
-        extra_headers={"traceparent": header},
+    answer, trace_id, caller_span = _traced_chat(
+        mesh, "auto", "Write a Python function that reverses a linked list.", 12
     )
     spans = _complete_trace(receiver, trace_id)
     by_id = {s.span_id: s for s in spans}
@@ -183,14 +192,7 @@ def test_a_failover_shows_both_attempts(mesh, receiver, upstreams):
 def test_a_streamed_chat_span_ends_after_its_last_token(mesh, receiver):
     """phi's server writes a token every 50 ms: the inference span lasts the whole stream, its
     first token is an event, and it ends after the client has read the last token."""
-    header, trace_id, _ = _traceparent()
-    stream = _client(mesh).chat.completions.create(
-        model="phi",
-        messages=[{"role": "user", "content": "Count to ten."}],
-        max_tokens=10,
-        stream=True,
-        extra_headers={"traceparent": header},
-    )
+    stream, trace_id, _ = _traced_chat(mesh, "phi", "Count to ten.", 10, stream=True)
     arrivals = [time.time_ns() for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
     assert len(arrivals) >= 3
     spans = _complete_trace(receiver, trace_id)
@@ -207,13 +209,7 @@ def test_a_streamed_chat_span_ends_after_its_last_token(mesh, receiver):
 
 
 def test_a_consensus_chat_is_one_trace_with_a_model_call_per_model(mesh, receiver):
-    header, trace_id, _ = _traceparent()
-    answer = _client(mesh).chat.completions.create(
-        model="consensus",
-        messages=[{"role": "user", "content": "Is the sky blue?"}],
-        max_tokens=6,
-        extra_headers={"traceparent": header},
-    )
+    answer, trace_id, _ = _traced_chat(mesh, "consensus", "Is the sky blue?", 6)
     assert answer.choices[0].message.content
     spans = _complete_trace(receiver, trace_id, model_calls=3)
     (decide,) = [s for s in spans if s.service == "capibara-consensus" and s.kind == "SERVER"]
@@ -229,13 +225,7 @@ def test_a_consensus_chat_is_one_trace_with_a_model_call_per_model(mesh, receive
 
 
 def test_the_services_logs_carry_the_trace_id(mesh, receiver):
-    header, trace_id, _ = _traceparent()
-    _client(mesh).chat.completions.create(
-        model="mixtral",
-        messages=[{"role": "user", "content": "Hello"}],
-        max_tokens=4,
-        extra_headers={"traceparent": header},
-    )
+    _, trace_id, _ = _traced_chat(mesh, "mixtral", "Hello", 4)
     _complete_trace(receiver, trace_id)
     logs = pathlib.Path(mesh.config["state_dir"]) / "logs"
     lines = [line for path in logs.glob("*.log") for line in path.read_text(errors="replace").splitlines()]
@@ -254,13 +244,7 @@ def test_without_an_endpoint_nothing_is_exported(tmp_path, upstreams):
             pytest.skip("port 4317 is taken on this machine")
         models = {"gpt-oss-20b": _model(upstreams["one"], "model-one")}
         with running_mesh(tmp_path, BASE + 200, models, router=False) as untraced:
-            header, _, _ = _traceparent()
-            answer = _client(untraced).chat.completions.create(
-                model="gpt-oss-20b",
-                messages=[{"role": "user", "content": "Hello"}],
-                max_tokens=4,
-                extra_headers={"traceparent": header},
-            )
+            answer, _, _ = _traced_chat(untraced, "gpt-oss-20b", "Hello", 4)
             assert answer.choices[0].message.content
             envoy_yaml = (tmp_path / "state" / "envoy" / "envoy.yaml").read_text()
             logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "state" / "logs").glob("*.log"))
@@ -276,13 +260,7 @@ def test_split_processes_join_one_trace_over_grpc(tmp_path, upstreams, receiver)
     models = {"gpt-oss-20b": _model(upstreams["one"], "model-one")}
     tracing = {"endpoint": receiver.endpoint, "schedule_delay_ms": 200}
     with running_mesh(tmp_path, BASE + 400, models, router=False, split=True, tracing=tracing) as split:
-        header, trace_id, _ = _traceparent()
-        _client(split).chat.completions.create(
-            model="gpt-oss-20b",
-            messages=[{"role": "user", "content": "Hello"}],
-            max_tokens=4,
-            extra_headers={"traceparent": header},
-        )
+        _, trace_id, _ = _traced_chat(split, "gpt-oss-20b", "Hello", 4)
         spans = _complete_trace(receiver, trace_id)
         receiver.wait_for(lambda _: sum(s.service == "capibara-envoy" for s in receiver.trace(trace_id)) >= 2, 10)
         spans = receiver.trace(trace_id)

@@ -85,7 +85,7 @@ def mcp_cluster(addresses: list[tuple[str, int]]) -> dict:
     return _cluster("mcp", addresses, {"http_health_check": {"path": "/health"}}, 2)
 
 
-# Where Envoy's OpenTelemetry tracer sends its spans (envoy_config.py renders it when tracing is on).
+# Where Envoy's OpenTelemetry tracer sends its spans (edge/tracing.py renders it when tracing is on).
 COLLECTOR_CLUSTER = "opentelemetry_collector"
 
 

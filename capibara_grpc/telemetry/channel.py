@@ -62,20 +62,6 @@ async def _unary(call, span: Span):
     return response
 
 
-class _TracedUnary:
-    __slots__ = ("_inner", "_method", "_attributes")
-
-    def __init__(self, inner, method: str):
-        self._inner, self._method, self._attributes = inner, method, rpc_attributes(method)
-
-    def __call__(self, request, *, timeout=None, metadata=None, **options):
-        span = _start(self._method, self._attributes)
-        if span is None:
-            return self._inner(request, timeout=timeout, metadata=metadata, **options)
-        call = self._inner(request, timeout=timeout, metadata=_with_parent(metadata, span), **options)
-        return _unary(call, span) if span.recording else call
-
-
 class _TracedStreamCall:
     """A server-streaming call whose span ends with it; iterated and cancelled as the call is."""
 
@@ -112,18 +98,22 @@ class _TracedStreamCall:
         return getattr(self._call, name)
 
 
-class _TracedStream:
-    __slots__ = ("_inner", "_method", "_attributes")
+class _TracedMethod:
+    """One method of a TracedChannel: each call in a sampled chat sends its CLIENT span as the
+    `traceparent`, and `traced(call, span)` ends the span with the call (_unary, _TracedStreamCall)."""
 
-    def __init__(self, inner, method: str):
-        self._inner, self._method, self._attributes = inner, method, rpc_attributes(method)
+    __slots__ = ("_inner", "_method", "_attributes", "_traced")
+
+    def __init__(self, inner, method: str, traced):
+        self._inner, self._method, self._traced = inner, method, traced
+        self._attributes = rpc_attributes(method)
 
     def __call__(self, request, *, timeout=None, metadata=None, **options):
         span = _start(self._method, self._attributes)
         if span is None:
             return self._inner(request, timeout=timeout, metadata=metadata, **options)
         call = self._inner(request, timeout=timeout, metadata=_with_parent(metadata, span), **options)
-        return _TracedStreamCall(call, span) if span.recording else call
+        return self._traced(call, span) if span.recording else call
 
 
 class TracedChannel:
@@ -133,10 +123,10 @@ class TracedChannel:
         self._channel = channel
 
     def unary_unary(self, method, *args, **kwargs):
-        return _TracedUnary(self._channel.unary_unary(method, *args, **kwargs), method)
+        return _TracedMethod(self._channel.unary_unary(method, *args, **kwargs), method, _unary)
 
     def unary_stream(self, method, *args, **kwargs):
-        return _TracedStream(self._channel.unary_stream(method, *args, **kwargs), method)
+        return _TracedMethod(self._channel.unary_stream(method, *args, **kwargs), method, _TracedStreamCall)
 
     def __getattr__(self, name: str):
         return getattr(self._channel, name)
