@@ -144,6 +144,12 @@ def main() -> None:
         "the collector's own CPU per chat (not counted above): "
         + ", ".join(f"{n} {statistics.mean(v):,.0f} us" for n, v in sink_cpu.items())
     )
+    median = {name: statistics.median(r.cpu_us_per(r.requests) for r in results) for name, results in rows.items()}
+    print(
+        "medians of the rounds (a round that met a busy moment weighs less): "
+        + ", ".join(f"{name} {value:,.0f} us" for name, value in median.items())
+        + f"; 100 % over off {100 * (median['100 %'] / median['off'] - 1):+.1f} %"
+    )
     for name in ("1 %", "100 %"):
         print(f"{name} over off: {100 * (cpu[name] / cpu['off'] - 1):+.1f} %")
     extra = cpu["100 %"] / cpu["off"] - 1
