@@ -123,6 +123,14 @@ def test_a_good_config_loads_into_typed_objects():
             "mesh.yaml:10: services.event_loop 'trio' must be one of uvloop, asyncio",
         ),
         (
+            GOOD + "tracing:\n  sampler: jaeger\n",  # checked while tracing is off too
+            "mesh.yaml:10: tracing.sampler 'jaeger' must be one of parentbased_always_on,",
+        ),
+        (
+            GOOD + "tracing:\n  endpoint: http://collector:4318/v1/traces\n",
+            "mesh.yaml:10: tracing.endpoint 'http://collector:4318/v1/traces' has a path",
+        ),
+        (
             GOOD + "speech:\n  engine: coqui\n",
             "mesh.yaml:10: speech.engine is coqui but speech.coqui names no model_name or model_path",
         ),

@@ -71,7 +71,8 @@ async def traced(
             yield item
             spans.current.set(span)
     except GeneratorExit:
-        span.fail("the caller stopped reading")
+        if "gen_ai.response.finish_reasons" not in span.attributes:  # left before the answer ended
+            span.fail("the caller stopped reading")
         raise
     except BaseException as exc:
         span.fail(f"{type(exc).__name__}: {getattr(exc, 'message', exc)}")

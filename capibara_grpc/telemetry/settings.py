@@ -140,22 +140,23 @@ def resolve(config: TracingConfig, environ: typing.Mapping[str, str] | None = No
     environ = os.environ if environ is None else environ
     if _bool(environ.get("OTEL_SDK_DISABLED", "false") or "false", "OTEL_SDK_DISABLED"):
         return OFF
-    protocol = _first(environ, PROTOCOL_VARIABLES)
-    if protocol and protocol[1] != "grpc":
-        raise TracingSettingsError(f"{protocol[0]} '{protocol[1]}': the mesh exports over OTLP/gRPC only (grpc)")
     insecure_set = _first(environ, INSECURE_VARIABLES)
     insecure = _bool(insecure_set[1], insecure_set[0]) if insecure_set else None
     endpoint = _first(environ, ENDPOINT_VARIABLES) or ("tracing.endpoint", config.endpoint.strip())
-    if not endpoint[1]:
-        return OFF
-    host, port, tls = parse_endpoint(endpoint[1], endpoint[0], insecure)
-
-    header_text = _first(environ, HEADER_VARIABLES)
-    if header_text:
-        headers = _pairs(header_text[1], header_text[0])
-    else:
-        headers = tuple((k, _expand(v, f"tracing.headers.{k}", environ)) for k, v in config.headers.items())
-    headers = tuple((k.lower(), v) for k, v in headers)
+    # The sampler, batching and resource are checked even with no endpoint: a wrong value in the
+    # file is found before tracing is turned on. What only matters for sending is checked then.
+    host, port, tls, headers = "", 0, False, ()
+    if endpoint[1]:
+        protocol = _first(environ, PROTOCOL_VARIABLES)
+        if protocol and protocol[1] != "grpc":
+            raise TracingSettingsError(f"{protocol[0]} '{protocol[1]}': the mesh exports over OTLP/gRPC only (grpc)")
+        host, port, tls = parse_endpoint(endpoint[1], endpoint[0], insecure)
+        header_text = _first(environ, HEADER_VARIABLES)
+        if header_text:
+            headers = _pairs(header_text[1], header_text[0])
+        else:
+            headers = tuple((k, _expand(v, f"tracing.headers.{k}", environ)) for k, v in config.headers.items())
+        headers = tuple((k.lower(), v) for k, v in headers)
 
     sampler = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower() or config.sampler
     where = "OTEL_TRACES_SAMPLER" if environ.get("OTEL_TRACES_SAMPLER", "").strip() else "tracing.sampler"
@@ -190,6 +191,8 @@ def resolve(config: TracingConfig, environ: typing.Mapping[str, str] | None = No
     capture = config.capture_content
     if environ.get(CAPTURE_VARIABLE, "").strip():
         capture = _bool(environ[CAPTURE_VARIABLE], CAPTURE_VARIABLE)
+    if not endpoint[1]:
+        return OFF
     return TracingSettings(
         enabled=True,
         target=f"{host}:{port}",
