@@ -20,7 +20,7 @@ import uuid
 
 import grpc
 
-from capibara_grpc.telemetry.spans import current as current_span
+from capibara_grpc.telemetry.spans import trace_ids
 
 REQUEST_ID = "x-request-id"
 # The caller's API key id (its name or short hash, never the key), set by the edge's guard once it
@@ -115,10 +115,8 @@ class JsonFormatter(logging.Formatter):
         request_id = current_request_id.get()
         if request_id:
             entry["request_id"] = request_id
-        active = current_span.get()
-        if active is not None and active.recording:  # the line leads to its trace (docs/tracing.md)
-            entry["trace_id"] = f"{active.trace_id:032x}"
-            entry["span_id"] = f"{active.span_id:016x}"
+        if ids := trace_ids():  # the line leads to its trace (docs/tracing.md)
+            entry["trace_id"], entry["span_id"] = ids
         entry["message"] = record.getMessage()
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
@@ -137,9 +135,8 @@ class TextFormatter(logging.Formatter):
         request_id = current_request_id.get()
         if request_id:
             extras.append(f"request_id={request_id}")
-        active = current_span.get()
-        if active is not None and active.recording:
-            extras.append(f"trace_id={active.trace_id:032x}")
+        if ids := trace_ids():
+            extras.append(f"trace_id={ids[0]}")
         line = " ".join([stamp, f"{record.levelname:<7}", f"{record.name}:", message, *extras])
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)

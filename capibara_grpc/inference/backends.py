@@ -28,7 +28,6 @@ from capibara_grpc.chat.types import (
     ToolCallDelta,
 )
 from capibara_grpc.config import ModelConfig
-from capibara_grpc.config.schema import url_host_port
 from capibara_grpc.errors import MeshError, Unavailable
 from capibara_grpc.inference.types import ModelStatus
 from capibara_grpc.telemetry import spans
@@ -351,7 +350,6 @@ class ReplicatedBackend(ModelBackend):
         self._pinned = [metrics.REPLICA_PINNED.labels(mid, name) for name in names]
         self._up = [metrics.REPLICA_UP.labels(mid, name) for name in names]
         self._names = names
-        self._addresses = [url_host_port(s.upstream.url) for s in servers]
         for gauge in self._up:
             gauge.set(1)
 
@@ -362,7 +360,7 @@ class ReplicatedBackend(ModelBackend):
             choice = self.picker.choose(key, tried)
             self._published(choice.index, choice.outcome, choice.at)
             if (model_call := spans.current.get()) is not None:  # telemetry/genai.py's span: which server
-                host, port = self._addresses[choice.index]
+                host, port = self.servers[choice.index].upstream.address
                 model_call.update({"server.address": host, "server.port": port})
                 model_call.set("capibara.replica.choice", choice.outcome)
             index = choice.index

@@ -15,7 +15,6 @@ from capibara_grpc import metrics
 from capibara_grpc.chat.request import resolve, validate_messages, validate_params
 from capibara_grpc.chat.types import Finished, Generated, Message, Reasoning, SamplingParams, Token
 from capibara_grpc.config import MeshConfig
-from capibara_grpc.config.schema import url_host_port
 from capibara_grpc.errors import InvalidField
 from capibara_grpc.inference.admission import Admission
 from capibara_grpc.inference.backends import ModelBackend, make_backend
@@ -101,9 +100,7 @@ class InferenceEngine:
             items = backend.generate(messages, params)
             if (parent := spans.current.get()) is not None and parent.recording and spans.TRACER:  # a sampled chat
                 upstream = backend.upstream
-                host, port = url_host_port(upstream.url)
-                server = f"{host}:{port}"
-                items = genai.traced(backend.model, upstream.model_name, server, messages, params, items)
+                items = genai.traced(backend.model, upstream.model_name, upstream.address, messages, params, items)
             async for item in items:
                 # Time to first token is the answer's; a reasoning model's thinking has its own.
                 if first_token and isinstance(item, Token):

@@ -16,7 +16,8 @@ import asyncio
 
 import grpc
 
-from capibara_grpc.telemetry.spans import CLIENT, TRACEPARENT, Span, current, start_child
+from capibara_grpc.telemetry import spans
+from capibara_grpc.telemetry.spans import CLIENT, TRACEPARENT, Span, current
 
 
 def rpc_attributes(method: str) -> dict:
@@ -42,9 +43,9 @@ def _start(method: str, attributes: dict) -> Span | None:
     """The call's span; None outside a chat, and the caller's own span (not a new one) in a chat
     that is not sampled: its `traceparent` still tells the next hop so."""
     parent = current.get()
-    if parent is None or not parent.recording:
+    if parent is None or not parent.recording or spans.TRACER is None:
         return parent
-    span = start_child(method.lstrip("/"), CLIENT)
+    span = spans.TRACER.start(method.lstrip("/"), CLIENT, parent)
     span.attributes.update(attributes)
     return span
 

@@ -24,16 +24,21 @@ def _messages_json(messages: list[Message]) -> str:
 
 
 async def traced(
-    model, request_model: str, server: str, messages: list[Message], params: SamplingParams, items: AsyncIterator
+    model,
+    request_model: str,
+    server: tuple[str, int],
+    messages: list[Message],
+    params: SamplingParams,
+    items: AsyncIterator,
 ) -> AsyncIterator:
     """`items` (a backend's generation) inside its span, a child of the current one (the
     inference service's Generate). `model`: the ModelConfig; `request_model`: the name sent to
-    the server; `server`: its host:port."""
+    the server; `server`: its (host, port)."""
     parent = spans.current.get()
     operation = "text_completion" if model.chat_template == "raw" else "chat"
     span = spans.TRACER.start(f"{operation} {request_model}", spans.CLIENT, parent)
     if span.recording:
-        host, _, port = server.rpartition(":")
+        host, port = server
         system = SYSTEMS.get(model.server_kind, model.server_kind)
         span.attributes.update(
             {
@@ -45,7 +50,7 @@ async def traced(
                 "gen_ai.request.temperature": params.temperature,
                 "gen_ai.request.top_p": params.top_p,
                 "server.address": host,
-                "server.port": int(port) if port.isdigit() else 0,
+                "server.port": port,
                 "capibara.model_id": model.model_id,
             }
         )

@@ -23,7 +23,7 @@ import time
 import typing
 
 SERVER, CLIENT, INTERNAL = 2, 3, 1  # OTLP's Span.SpanKind numbers
-STATUS_OK, STATUS_ERROR = 1, 2  # OTLP's Status.StatusCode numbers
+STATUS_ERROR = 2  # OTLP's Status.StatusCode number
 TRACEPARENT = "traceparent"
 
 _random = random.Random()
@@ -93,10 +93,6 @@ class Span:
         """This span as the parent of the next hop's (W3C Trace Context, version 00)."""
         return f"00-{self.trace_id:032x}-{self.span_id:016x}-{'01' if self.recording else '00'}"
 
-    @property
-    def trace_id_hex(self) -> str:
-        return f"{self.trace_id:032x}"
-
 
 class RemoteParent(typing.NamedTuple):
     """A parent span of another process, read from a `traceparent` header."""
@@ -145,10 +141,6 @@ class Tracer:
 
 TRACER: Tracer | None = None
 current: contextvars.ContextVar[Span | None] = contextvars.ContextVar("span", default=None)
-
-
-def current_span() -> Span | None:
-    return current.get()
 
 
 class _NoSpan:
@@ -213,19 +205,11 @@ def span(name: str, kind: int = INTERNAL, attributes: dict | None = None):
     return _Current(child)
 
 
-def start_child(name: str, kind: int = CLIENT) -> Span | None:
-    """A child of the current span that is not made current (a call to another server, ended by
-    its caller); None when tracing is off or there is no current span."""
-    parent = current.get()
-    if TRACER is None or parent is None:
-        return None
-    return TRACER.start(name, kind, parent)
-
-
 def trace_ids() -> tuple[str, str] | None:
-    """(trace id, span id) in hex of the current span, for log lines; None without one."""
+    """(trace id, span id) in hex of the current span, for log lines; None outside a sampled chat
+    (an unsampled one has no trace to lead to)."""
     active = current.get()
-    if active is None:
+    if active is None or not active.recording:
         return None
     return f"{active.trace_id:032x}", f"{active.span_id:016x}"
 

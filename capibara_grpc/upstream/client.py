@@ -28,7 +28,7 @@ import aiohttp
 import orjson
 
 from capibara_grpc.config import MeshConfig
-from capibara_grpc.config.schema import ENV_REFERENCE
+from capibara_grpc.config.schema import ENV_REFERENCE, url_host_port
 from capibara_grpc.errors import BackendRefusedKey, InvalidArgument, ResourceExhausted, Unavailable
 from capibara_grpc.telemetry import spans
 from capibara_grpc.upstream.kinds import DEFAULT_CONTEXT_WINDOW, KINDS, estimated_tokens
@@ -70,6 +70,7 @@ class Upstream:
         self.kind = KINDS[model.server_kind]
         self.configured_window = model.context_window
         self.url = url.rstrip("/") if url else config.backend_base_url(model_id)
+        self.address = url_host_port(self.url)  # (host, port): the model call's span says it
         has_path = backend.protocol == "openai" and backend.url_path
         self.api_base = self.url if has_path else self.url + "/v1"
         self.root = self.api_base.removesuffix("/v1")

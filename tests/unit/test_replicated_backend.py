@@ -12,9 +12,13 @@ from prometheus_client import REGISTRY
 
 from capibara_grpc.chat.types import Finished, Message, SamplingParams
 from capibara_grpc.config import parse_config
+from capibara_grpc.config.schema import TracingConfig, url_host_port
 from capibara_grpc.errors import Unavailable
 from capibara_grpc.inference.backends import ReplicatedBackend
 from capibara_grpc.inference.core import InferenceEngine
+from capibara_grpc.telemetry import install, spans
+from capibara_grpc.telemetry.receiver import OtlpReceiver
+from capibara_grpc.telemetry.settings import resolve
 from tests.support.fake_upstreams import FakeUpstream, serving
 
 
@@ -141,3 +145,22 @@ def test_least_requests_keeps_the_model_on_envoys_models_listener():
     assert all(listener["name"] != "models" for listener in rendered["listeners"])
     # Admission: the model's slots are every server's.
     assert affinity.models["m"].slots == 8 and affinity.models["m"].server_slots == 4
+
+
+async def test_a_traced_chat_names_the_replica_that_answered_on_the_model_calls_span(engine, servers):
+    async with OtlpReceiver() as receiver:
+        uninstall = await install(resolve(TracingConfig(endpoint=receiver.endpoint, schedule_delay_ms=50), {}), "x")
+        try:
+            generate = spans.TRACER.start("Generate", spans.SERVER, None, "inference")
+            token = spans.current.set(generate)
+            await chat(engine, conversation("Hello", 0))
+            spans.current.reset(token)
+            generate.end()
+            received = await receiver.wait_for(lambda got: got if len(got) == 2 else None, 5)
+        finally:
+            await uninstall()
+    (call,) = [s for s in received if s.name.startswith("chat ")]
+    answered = "a" if served(servers)["a"] else "b"
+    host, port = url_host_port(servers[answered].root_url)
+    assert (call.attributes["server.address"], call.attributes["server.port"]) == (host, port)
+    assert call.attributes["capibara.replica.choice"] and call.attributes["gen_ai.usage.output_tokens"] > 0

@@ -104,7 +104,7 @@ async def test_finished_spans_reach_the_collector_in_batches_and_a_dead_one_cost
             with spans.span("cache lookup", attributes={"capibara.cache.hit": False}):
                 pass
             for _ in range(3):
-                spans.start_child("call", spans.CLIENT).end()
+                spans.TRACER.start("call", spans.CLIENT, root).end()
             spans.current.reset(token)
             root.end()
             received = await receiver.wait_for(lambda got: got if len(got) == 5 else None, 5)
