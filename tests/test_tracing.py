@@ -261,8 +261,15 @@ def test_split_processes_join_one_trace_over_grpc(tmp_path, upstreams, receiver)
     tracing = {"endpoint": receiver.endpoint, "schedule_delay_ms": 200}
     with running_mesh(tmp_path, BASE + 400, models, router=False, split=True, tracing=tracing) as split:
         _, trace_id, _ = _traced_chat(split, "gpt-oss-20b", "Hello", 4)
-        spans = _complete_trace(receiver, trace_id)
-        receiver.wait_for(lambda _: sum(s.service == "capibara-envoy" for s in receiver.trace(trace_id)) >= 2, 10)
+        _complete_trace(receiver, trace_id)
+
+        def every_process_sent(_):
+            # Each process exports on its own schedule: Envoy's two listeners and every service.
+            sent = [s.service for s in receiver.trace(trace_id)]
+            services = {"capibara-gateway", "capibara-context", "capibara-inference"}
+            return sent.count("capibara-envoy") >= 2 and services <= set(sent)
+
+        receiver.wait_for(every_process_sent, 10)
         spans = receiver.trace(trace_id)
     by_id = {s.span_id: s for s in spans}
     (generate,) = [s for s in spans if s.service == "capibara-inference" and s.kind == "SERVER"]
