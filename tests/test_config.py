@@ -127,6 +127,10 @@ def test_a_good_config_loads_into_typed_objects():
             "mesh.yaml:10: tracing.sampler 'jaeger' must be one of parentbased_always_on,",
         ),
         (
+            GOOD + "tracing:\n  sampler: traceidratio\n  sampler_arg: 2\n",
+            "mesh.yaml:11: tracing.sampler_arg 2.0 must be from 0 to 1",
+        ),
+        (
             GOOD + "tracing:\n  endpoint: http://collector:4318/v1/traces\n",
             "mesh.yaml:10: tracing.endpoint 'http://collector:4318/v1/traces' has a path",
         ),

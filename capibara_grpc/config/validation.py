@@ -156,9 +156,7 @@ def _validate_tracing(config: MeshConfig, fail) -> None:
     try:
         resolve(config.tracing)
     except TracingSettingsError as exc:
-        message = str(exc)
-        key = message.removeprefix("tracing.").split(" ", 1)[0].split(".", 1)[0]
-        fail(line_of(config.tracing, key if message.startswith("tracing.") else None), message)
+        fail(line_of(config.tracing, exc.key), str(exc))
 
 
 def _validate_cache(config: MeshConfig, fail) -> None:

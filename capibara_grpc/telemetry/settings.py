@@ -30,7 +30,12 @@ CAPTURE_VARIABLE = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 
 
 class TracingSettingsError(ValueError):
-    """A tracing setting that cannot be used; the message names the variable or key."""
+    """A tracing setting that cannot be used. `where` is what the message names: the variable,
+    or tracing.<key> for a value from the file, whose key (`key`) gives the message its line."""
+
+    def __init__(self, where: str, message: str):
+        super().__init__(message)
+        self.key = where.removeprefix("tracing.").split(".", 1)[0] if where.startswith("tracing.") else None
 
 
 @dataclass(frozen=True)
@@ -70,15 +75,31 @@ class TracingSettings:
         return {"always_on": 1.0, "always_off": 0.0}.get(base, self.ratio)
 
 
+_DEFAULTS = TracingConfig()
 OFF = TracingSettings(
-    False, "", "", 0, False, (), "parentbased_always_on", 1.0, "capibara", (), 5000, 512, 2048, 30000, False
+    enabled=False,
+    target="",
+    host="",
+    port=0,
+    tls=False,
+    headers=(),
+    sampler=_DEFAULTS.sampler,
+    ratio=_DEFAULTS.sampler_arg,
+    service_name_prefix=_DEFAULTS.service_name_prefix,
+    resource_attributes=(),
+    capture_content=_DEFAULTS.capture_content,
+    **{key: getattr(_DEFAULTS, key) for key in _NUMBERS},
 )
+
+
+def _variable(environ: typing.Mapping[str, str], name: str) -> str:
+    """A variable's value; "" when unset or blank (the spec: then it is as if unset)."""
+    return environ.get(name, "").strip()
 
 
 def _first(environ: typing.Mapping[str, str], names: tuple[str, ...]) -> tuple[str, str] | None:
     for name in names:
-        value = environ.get(name, "").strip()
-        if value:
+        if value := _variable(environ, name):
             return name, value
     return None
 
@@ -90,15 +111,16 @@ def parse_endpoint(value: str, where: str, insecure: bool | None = None) -> tupl
         value = ("https://" if insecure is False else "http://") + value
     parsed = urllib.parse.urlsplit(value)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise TracingSettingsError(f"{where} '{value}' must be http://host:port or https://host:port")
+        raise TracingSettingsError(where, f"{where} '{value}' must be http://host:port or https://host:port")
     if parsed.path not in ("", "/"):
         raise TracingSettingsError(
-            f"{where} '{value}' has a path: OTLP over gRPC takes host:port only (the mesh does not speak OTLP/HTTP)"
+            where,
+            f"{where} '{value}' has a path: OTLP over gRPC takes host:port only (the mesh does not speak OTLP/HTTP)",
         )
     try:
         port = parsed.port or (443 if parsed.scheme == "https" else 4317)
     except ValueError:
-        raise TracingSettingsError(f"{where} '{value}' has no valid port") from None
+        raise TracingSettingsError(where, f"{where} '{value}' has no valid port") from None
     tls = parsed.scheme == "https" and insecure is not True
     return parsed.hostname, port, tls
 
@@ -113,7 +135,7 @@ def _pairs(text: str, where: str) -> tuple[tuple[str, str], ...]:
         key, equals, value = item.partition("=")
         if not equals or not key.strip():
             # The value may be a secret: never echoed.
-            raise TracingSettingsError(f"{where}: each entry must be key=value (entry {len(pairs) + 1} is not)")
+            raise TracingSettingsError(where, f"{where}: each entry must be key=value (entry {len(pairs) + 1} is not)")
         pairs.append((key.strip(), urllib.parse.unquote(value.strip())))
     return tuple(pairs)
 
@@ -121,7 +143,7 @@ def _pairs(text: str, where: str) -> tuple[tuple[str, str], ...]:
 def _expand(value: str, where: str, environ: typing.Mapping[str, str]) -> str:
     def variable(match) -> str:
         if match.group(1) not in environ:
-            raise TracingSettingsError(f"{where} refers to ${{{match.group(1)}}}, which is not set")
+            raise TracingSettingsError(where, f"{where} refers to ${{{match.group(1)}}}, which is not set")
         return environ[match.group(1)]
 
     return ENV_REFERENCE.sub(variable, value)
@@ -130,7 +152,7 @@ def _expand(value: str, where: str, environ: typing.Mapping[str, str]) -> str:
 def _bool(value: str, where: str) -> bool:
     lowered = value.strip().lower()
     if lowered not in ("true", "false"):
-        raise TracingSettingsError(f"{where} '{value}' must be true or false")
+        raise TracingSettingsError(where, f"{where} '{value}' must be true or false")
     return lowered == "true"
 
 
@@ -138,7 +160,7 @@ def resolve(config: TracingConfig, environ: typing.Mapping[str, str] | None = No
     """The settings of `config` with the environment's OTEL_* variables winning; OFF when no
     endpoint is set or OTEL_SDK_DISABLED is true. TracingSettingsError names what is wrong."""
     environ = os.environ if environ is None else environ
-    if _bool(environ.get("OTEL_SDK_DISABLED", "false") or "false", "OTEL_SDK_DISABLED"):
+    if _bool(_variable(environ, "OTEL_SDK_DISABLED") or "false", "OTEL_SDK_DISABLED"):
         return OFF
     insecure_set = _first(environ, INSECURE_VARIABLES)
     insecure = _bool(insecure_set[1], insecure_set[0]) if insecure_set else None
@@ -149,7 +171,9 @@ def resolve(config: TracingConfig, environ: typing.Mapping[str, str] | None = No
     if endpoint[1]:
         protocol = _first(environ, PROTOCOL_VARIABLES)
         if protocol and protocol[1] != "grpc":
-            raise TracingSettingsError(f"{protocol[0]} '{protocol[1]}': the mesh exports over OTLP/gRPC only (grpc)")
+            raise TracingSettingsError(
+                protocol[0], f"{protocol[0]} '{protocol[1]}': the mesh exports over OTLP/gRPC only (grpc)"
+            )
         host, port, tls = parse_endpoint(endpoint[1], endpoint[0], insecure)
         header_text = _first(environ, HEADER_VARIABLES)
         if header_text:
@@ -158,39 +182,38 @@ def resolve(config: TracingConfig, environ: typing.Mapping[str, str] | None = No
             headers = tuple((k, _expand(v, f"tracing.headers.{k}", environ)) for k, v in config.headers.items())
         headers = tuple((k.lower(), v) for k, v in headers)
 
-    sampler = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower() or config.sampler
-    where = "OTEL_TRACES_SAMPLER" if environ.get("OTEL_TRACES_SAMPLER", "").strip() else "tracing.sampler"
+    sampler, where = _variable(environ, "OTEL_TRACES_SAMPLER").lower(), "OTEL_TRACES_SAMPLER"
+    if not sampler:
+        sampler, where = config.sampler, "tracing.sampler"
     if sampler not in TRACE_SAMPLERS:
-        raise TracingSettingsError(f"{where} '{sampler}' must be one of {', '.join(TRACE_SAMPLERS)}")
-    ratio = config.sampler_arg
-    if environ.get("OTEL_TRACES_SAMPLER_ARG", "").strip() and "traceidratio" in sampler:
+        raise TracingSettingsError(where, f"{where} '{sampler}' must be one of {', '.join(TRACE_SAMPLERS)}")
+    ratio, where = config.sampler_arg, "tracing.sampler_arg"
+    if (text := _variable(environ, "OTEL_TRACES_SAMPLER_ARG")) and "traceidratio" in sampler:
+        where = "OTEL_TRACES_SAMPLER_ARG"
         try:
-            ratio = float(environ["OTEL_TRACES_SAMPLER_ARG"])
+            ratio = float(text)
         except ValueError:
-            raise TracingSettingsError(
-                f"OTEL_TRACES_SAMPLER_ARG '{environ['OTEL_TRACES_SAMPLER_ARG']}' must be a number from 0 to 1"
-            ) from None
+            raise TracingSettingsError(where, f"{where} '{text}' must be a number from 0 to 1") from None
     if not 0.0 <= ratio <= 1.0:
-        raise TracingSettingsError(f"the sampler's ratio {ratio} must be from 0 to 1 (OTEL_TRACES_SAMPLER_ARG)")
+        raise TracingSettingsError(where, f"{where} {ratio} must be from 0 to 1")
 
     numbers = {}
     for key, variable in _NUMBERS.items():
-        text = environ.get(variable, "").strip()
-        value = getattr(config, key)
-        if text:
+        value, where = getattr(config, key), f"tracing.{key}"
+        if text := _variable(environ, variable):
             if not text.isdigit():
-                raise TracingSettingsError(f"{variable} '{text}' must be a whole number")
-            value = int(text)
+                raise TracingSettingsError(variable, f"{variable} '{text}' must be a whole number")
+            value, where = int(text), variable
         if value <= 0:
-            raise TracingSettingsError(f"{variable if text else 'tracing.' + key} must be above 0")
+            raise TracingSettingsError(where, f"{where} must be above 0")
         numbers[key] = value
 
     resource = dict(config.resource_attributes)
-    if environ.get("OTEL_RESOURCE_ATTRIBUTES", "").strip():
-        resource.update(_pairs(environ["OTEL_RESOURCE_ATTRIBUTES"], "OTEL_RESOURCE_ATTRIBUTES"))
+    if text := _variable(environ, "OTEL_RESOURCE_ATTRIBUTES"):
+        resource.update(_pairs(text, "OTEL_RESOURCE_ATTRIBUTES"))
     capture = config.capture_content
-    if environ.get(CAPTURE_VARIABLE, "").strip():
-        capture = _bool(environ[CAPTURE_VARIABLE], CAPTURE_VARIABLE)
+    if text := _variable(environ, CAPTURE_VARIABLE):
+        capture = _bool(text, CAPTURE_VARIABLE)
     if not endpoint[1]:
         return OFF
     return TracingSettings(
@@ -202,7 +225,7 @@ def resolve(config: TracingConfig, environ: typing.Mapping[str, str] | None = No
         headers=headers,
         sampler=sampler,
         ratio=ratio,
-        service_name_prefix=environ.get("OTEL_SERVICE_NAME", "").strip() or config.service_name_prefix,
+        service_name_prefix=_variable(environ, "OTEL_SERVICE_NAME") or config.service_name_prefix,
         resource_attributes=tuple(resource.items()),
         capture_content=capture,
         **numbers,
