@@ -165,14 +165,15 @@ class ServerSession:
             {"mcp.method.name": method, "capibara.mcp.server": self.name, **attributes},
         )
 
+    def _tool_span(self, tool: str):
+        return self._span("tools/call", tool, {"gen_ai.tool.name": tool, "gen_ai.operation.name": "execute_tool"})
+
     async def use(self, use: triggers.Use, arguments: dict | None) -> str:
         """The text of one tool call or resource read; raises on failure or past the timeout."""
         if use.is_resource:
             with self._span("resources/read", use.uri, {"mcp.resource.uri": use.uri}):
                 return await self._use(use, arguments)
-        with self._span(
-            "tools/call", use.name, {"gen_ai.tool.name": use.name, "gen_ai.operation.name": "execute_tool"}
-        ):
+        with self._tool_span(use.name):
             return await self._use(use, arguments)
 
     async def _use(self, use: triggers.Use, arguments: dict | None) -> str:
@@ -200,9 +201,7 @@ class ServerSession:
     async def call(self, tool: str, arguments: dict) -> tuple[str, bool]:
         """(text, is_error) of a call the model asked for (request mcp_tools): every failure is a
         result the model reads, never an exception."""
-        with self._span(
-            "tools/call", tool[:64], {"gen_ai.tool.name": tool[:64], "gen_ai.operation.name": "execute_tool"}
-        ) as span:
+        with self._tool_span(tool[:64]) as span:
             text, is_error = await self._call(tool, arguments)
             if is_error:
                 span.fail(text[:200])

@@ -109,10 +109,11 @@ def collector_cluster(host: str, port: int, tls: bool) -> dict:
     endpoint is https://, checked against the system's trusted CAs and the collector's host name
     (Envoy checks a certificate's names only when told which to expect). No health checks: a
     collector that is down costs only the spans it would have received."""
+    is_ip = _is_ip(host)
     cluster = {
         "name": COLLECTOR_CLUSTER,
         # A name is resolved (and re-resolved) by DNS; an address literal, v4 or v6, is used as is.
-        "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
+        "type": "STATIC" if is_ip else "STRICT_DNS",
         "connect_timeout": "1s",
         "typed_extension_protocol_options": _http2(),
         "load_assignment": {
@@ -124,14 +125,14 @@ def collector_cluster(host: str, port: int, tls: bool) -> dict:
         validation = {
             "trusted_ca": {"filename": _ca_bundle()},
             "match_typed_subject_alt_names": [
-                {"san_type": "IP_ADDRESS" if _is_ip(host) else "DNS", "matcher": {"exact": host}}
+                {"san_type": "IP_ADDRESS" if is_ip else "DNS", "matcher": {"exact": host}}
             ],
         }
         context = {
             "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
             "common_tls_context": {"alpn_protocols": ["h2"], "validation_context": validation},
         }
-        if not _is_ip(host):  # SNI carries host names only (RFC 6066)
+        if not is_ip:  # SNI carries host names only (RFC 6066)
             context["sni"] = host
         cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": context}
     return cluster

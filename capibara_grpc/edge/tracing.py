@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from importlib import metadata
 
 from capibara_grpc.edge.clusters import COLLECTOR_CLUSTER, collector_cluster
 from capibara_grpc.telemetry.settings import TracingSettings
@@ -80,18 +79,13 @@ def _resource(settings: TracingSettings) -> list[dict]:
     and OTEL_RESOURCE_ATTRIBUTES as resolved here, then the variable as Envoy's own process has it
     (a pod's, say), which wins. While it is unset, Envoy logs a warning when it starts (capibara up
     sets it: launch_commands.envoy_env)."""
-    try:
-        version = metadata.version("capibara-mesh")
-    except metadata.PackageNotFoundError:
-        version = "0+unknown"
-    namespace = {"service.namespace": settings.service_name_prefix} if settings.service_name_prefix else {}
     detectors = f"{_OTEL_TYPES}.resource_detectors.v3"
     return [
         {
             "name": f"{_OTEL}.resource_detectors.static_config",
             "typed_config": {
                 "@type": f"{detectors}.StaticConfigResourceDetectorConfig",
-                "attributes": {**namespace, "service.version": version, **dict(settings.resource_attributes)},
+                "attributes": settings.resource(),
             },
         },
         {

@@ -361,8 +361,9 @@ class ReplicatedBackend(ModelBackend):
             self._published(choice.index, choice.outcome, choice.at)
             if (model_call := spans.current.get()) is not None:  # telemetry/genai.py's span: which server
                 host, port = self.servers[choice.index].upstream.address
-                model_call.update({"server.address": host, "server.port": port})
-                model_call.set("capibara.replica.choice", choice.outcome)
+                model_call.update(
+                    {"server.address": host, "server.port": port, "capibara.replica.choice": choice.outcome}
+                )
             index = choice.index
             self.picker.begin(index)
             self._in_flight[index].inc()

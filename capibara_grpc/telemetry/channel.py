@@ -1,10 +1,11 @@
 """Client spans for the mesh's calls between its services: a channel wrapper, so that the
 generated stubs and every client built on them stay as they are.
 
-A `TracedChannel` wraps a grpc.aio.Channel or a LocalChannel (local_calls.py): each unary or
-server-streaming call made inside a traced chat gets a CLIENT span, a child of the caller's
-current span, and sends it as the `traceparent` metadata, which the called service's error
-mapping (errors.py) makes the parent of its SERVER span. A stream's span ends with the stream:
+A `TracedChannel` wraps a grpc.aio.Channel (server.py): each unary or server-streaming call
+made inside a traced chat gets a CLIENT span, a child of the caller's current span, and sends it
+as the `traceparent` metadata, which the called service's error mapping (errors.py) makes the
+parent of its SERVER span. A LocalChannel (local_calls.py) goes around it, not inside: a call to
+a service in the same process is a function call, with no CLIENT span. A stream's span ends with the stream:
 its last message read, its error, or its cancellation. Calls outside any chat (health checks,
 status probes) are passed on untouched. Only used when tracing is on: otherwise the channel is
 not wrapped at all.

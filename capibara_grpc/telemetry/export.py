@@ -16,27 +16,19 @@ import os
 import socket
 import time
 import uuid
-from importlib import metadata
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from capibara_grpc import metrics
 from capibara_grpc.telemetry import wire
-from capibara_grpc.telemetry.settings import TracingSettings
+from capibara_grpc.telemetry.settings import TracingSettings, mesh_version
 
 log = logging.getLogger(__name__)
 SCOPE = "capibara_grpc"
 EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 # Failures are logged at most this often: a collector that is down would fill the log.
 FAILURE_LOG_INTERVAL_S = 60.0
-
-
-def _version() -> str:
-    try:
-        return metadata.version("capibara-mesh")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 class SpanExporter:
@@ -53,7 +45,7 @@ class SpanExporter:
         # One instance id per process: every service's spans from here share it.
         self._instance = str(uuid.uuid4())
         self._host = socket.gethostname()
-        self._version = _version()
+        self._version = mesh_version()
         self._logged_failure_at = -FAILURE_LOG_INTERVAL_S
 
     def add(self, span) -> None:
@@ -141,15 +133,13 @@ class SpanExporter:
         if head is None:
             attributes = {
                 "service.name": self.settings.service_name(service),
-                "service.namespace": self.settings.service_name_prefix,
-                "service.version": self._version,
                 "service.instance.id": self._instance,
                 "host.name": self._host,
                 "process.pid": os.getpid(),
                 "telemetry.sdk.name": "capibara_grpc",
                 "telemetry.sdk.language": "python",
                 "telemetry.sdk.version": self._version,
-                **dict(self.settings.resource_attributes),
+                **self.settings.resource(),
             }
             head = self._heads[service] = wire.resource_spans_head(attributes, SCOPE, self._version)
         return head

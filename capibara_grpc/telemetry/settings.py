@@ -12,6 +12,7 @@ import os
 import typing
 import urllib.parse
 from dataclasses import dataclass
+from importlib import metadata
 
 from capibara_grpc.config.schema import ENV_REFERENCE, TRACE_SAMPLERS, TracingConfig
 
@@ -59,6 +60,12 @@ class TracingSettings:
     export_timeout_ms: int
     capture_content: bool
 
+    def resource(self) -> dict[str, str]:
+        """The resource attributes of every process's spans, Envoy's too: the namespace, the
+        mesh's version, and the configured ones, which win."""
+        namespace = {"service.namespace": self.service_name_prefix} if self.service_name_prefix else {}
+        return {**namespace, "service.version": mesh_version(), **dict(self.resource_attributes)}
+
     def service_name(self, service: str) -> str:
         """The `service.name` of one service's spans (`service`: gateway, router, envoy, ...)."""
         return f"{self.service_name_prefix}-{service}" if self.service_name_prefix else service
@@ -73,6 +80,13 @@ class TracingSettings:
         random_sampling is set to)."""
         base = self.sampler.removeprefix("parentbased_")
         return {"always_on": 1.0, "always_off": 0.0}.get(base, self.ratio)
+
+
+def mesh_version() -> str:
+    try:
+        return metadata.version("capibara-mesh")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 _DEFAULTS = TracingConfig()

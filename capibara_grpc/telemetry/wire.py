@@ -2,7 +2,7 @@
 
 Why not the generated messages: building one opentelemetry-proto Span message per span and
 serializing it cost ~16 us a span, the largest part of what tracing costs the mesh (a chat makes
-about ten spans; benchmarks/tracing_cost.py). Most of a span repeats from chat to chat (its name,
+four or five; benchmarks/tracing_cost.py). Most of a span repeats from chat to chat (its name,
 `rpc.*` attributes, model names): written once, its bytes are reused. The layout follows
 opentelemetry/proto/trace/v1/trace.proto and common/v1/common.proto (field numbers below);
 tests/unit/test_telemetry_wire.py parses the output with the generated messages and compares.
