@@ -37,6 +37,7 @@ async def traced(
     parent = spans.current.get()
     operation = "text_completion" if model.chat_template == "raw" else "chat"
     span = spans.TRACER.start(f"{operation} {request_model}", spans.CLIENT, parent)
+    capture = span.recording and spans.TRACER.exporter.settings.capture_content
     if span.recording:
         host, port = server
         system = SYSTEMS.get(model.server_kind, model.server_kind)
@@ -56,7 +57,7 @@ async def traced(
         )
         if params.seed is not None:
             span.attributes["gen_ai.request.seed"] = params.seed
-        if spans.TRACER.exporter.settings.capture_content:
+        if capture:
             span.attributes["gen_ai.input.messages"] = _messages_json(messages)
     answer: list[str] = []
     first = True
@@ -68,7 +69,7 @@ async def traced(
                 span.event("gen_ai.first_token")
                 if parent is not None:
                     parent.event("gen_ai.first_token")
-            if isinstance(item, Token) and span.recording:
+            if capture and isinstance(item, Token):  # the answer's text, only to be put on the span
                 answer.append(item.text)
             elif isinstance(item, Finished):
                 _finished(span, item, answer)

@@ -4,11 +4,14 @@ context, the samplers, and spans exported over OTLP/gRPC to the real receiver on
 from __future__ import annotations
 
 import asyncio
+import json
+import types
 
 import pytest
 
+from capibara_grpc.chat.types import Finished, Message, SamplingParams, Token
 from capibara_grpc.config.schema import TracingConfig
-from capibara_grpc.telemetry import install, spans
+from capibara_grpc.telemetry import genai, install, spans
 from capibara_grpc.telemetry.receiver import OtlpReceiver
 from capibara_grpc.telemetry.settings import TracingSettingsError, resolve
 
@@ -126,3 +129,36 @@ async def test_finished_spans_reach_the_collector_in_batches_and_a_dead_one_cost
         assert spans.TRACER.exporter.pending == []
     finally:
         await asyncio.wait_for(uninstall(), 5)
+
+
+async def test_the_model_calls_span_carries_the_chat_only_when_capture_content_is_on():
+    model = types.SimpleNamespace(chat_template="server", server_kind="vllm", model_id="phi")
+    messages = [Message("user", "¿Qué es un capibara?")]
+
+    async def answer():
+        yield Token("Un roedor", 0)
+        yield Token(" grande.", 1)
+        yield Finished("stop", prompt_tokens=9, completion_tokens=2, backend_model="phi-3")
+
+    async with OtlpReceiver() as receiver:
+        for capture in (True, False):
+            config = TracingConfig(endpoint=receiver.endpoint, schedule_delay_ms=50, capture_content=capture)
+            uninstall = await install(resolve(config, {}), "inference")
+            try:
+                root = spans.TRACER.start("generate", spans.SERVER, None)
+                token = spans.current.set(root)
+                items = genai.traced(model, "phi-3", ("127.0.0.1", 8000), messages, SamplingParams(), answer())
+                assert [type(item) async for item in items] == [Token, Token, Finished]
+                spans.current.reset(token)
+                root.end()
+            finally:
+                await uninstall()
+        received = await receiver.wait_for(lambda got: got if len(got) == 4 else None, 5)
+    captured, plain = (s.attributes for s in received if s.name == "chat phi-3")
+    assert json.loads(captured["gen_ai.input.messages"]) == [{"role": "user", "content": "¿Qué es un capibara?"}]
+    assert json.loads(captured["gen_ai.output.messages"]) == [
+        {"role": "assistant", "content": "Un roedor grande.", "finish_reason": "stop"}
+    ]
+    assert captured["gen_ai.usage.output_tokens"] == 2 and captured["gen_ai.response.model"] == "phi-3"
+    assert "gen_ai.input.messages" not in plain and "gen_ai.output.messages" not in plain
+    assert plain["gen_ai.response.finish_reasons"] == ["stop"]
